@@ -1,0 +1,22 @@
+"""Errors that reach the user as one line (the CLI prints ``error: <message>``).
+
+Raise these for bad input (config keys and values, checkpoints, files, datasets): the message
+names the thing that is wrong and says how to fix it. Anything else is a bug and keeps its
+traceback.
+"""
+
+
+class TunelabError(Exception):
+    """Base class: bad user input, reported as one line without a traceback."""
+
+
+class ConfigError(TunelabError, ValueError):
+    """A config key or value is unknown, mistyped or out of range."""
+
+
+class CheckpointError(TunelabError, ValueError):
+    """A checkpoint folder or file is missing, corrupt or unsupported."""
+
+
+class DataError(TunelabError, ValueError):
+    """A dataset or tokenizer cannot be used (e.g. no usable row)."""
