@@ -1,1 +1,1 @@
-
+"""`tune` command line (entry point: tunelab.cli.main:main)."""

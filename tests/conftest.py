@@ -103,3 +103,270 @@ def load_hf_model():
         return LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
 
     return load
+
+
+# --------------------------------------------------------------------------------------------
+# fake_hub: a local stand-in for the Hugging Face Hub (appended by the cli helper)
+# --------------------------------------------------------------------------------------------
+
+
+class _FakeHubRepo:
+    """Files of one fake repo plus the ids the Hub derives from them."""
+
+    def __init__(self, repo_id: str, files: dict, repo_type: str, token: str | None):
+        import hashlib
+
+        self.repo_id = repo_id
+        self.repo_type = repo_type
+        self.token = token
+        self.files = {
+            path: (data.encode() if isinstance(data, str) else bytes(data))
+            for path, data in files.items()
+        }
+        digest = hashlib.sha1()
+        for path in sorted(self.files):
+            digest.update(path.encode() + b"\0" + self.files[path])
+        self.sha = digest.hexdigest()  # 40 hex chars, like a git commit id
+
+    def blob_id(self, path: str) -> str:
+        import hashlib
+
+        data = self.files[path]
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git blob id
+
+    def etag(self, path: str) -> str:
+        import hashlib
+
+        return hashlib.sha256(self.files[path]).hexdigest()
+
+    def tree(self, prefix: str, recursive: bool) -> list[dict]:
+        import hashlib
+
+        prefix = prefix.strip("/")
+        entries: dict[str, dict] = {}
+        for path in sorted(self.files):
+            if prefix and not path.startswith(prefix + "/"):
+                continue
+            rel = path[len(prefix) + 1 :] if prefix else path
+            parts = rel.split("/")
+            # folders on the way (all of them when recursive, else only the first level)
+            for depth in range(1, len(parts) if recursive else min(len(parts), 2)):
+                folder = "/".join(([prefix] if prefix else []) + parts[:depth])
+                oid = hashlib.sha1(folder.encode()).hexdigest()
+                entries.setdefault(folder, {"type": "directory", "path": folder, "oid": oid})
+            if recursive or len(parts) == 1:
+                entries[path] = {
+                    "type": "file",
+                    "path": path,
+                    "size": len(self.files[path]),
+                    "oid": self.blob_id(path),
+                }
+        return list(entries.values())
+
+
+class FakeHub:
+    """Handle returned by the ``fake_hub`` fixture.
+
+    Attributes:
+        url: the endpoint (``http://127.0.0.1:PORT``), also set as ``HF_ENDPOINT``.
+        requests: ``(method, path, authorization header or None)`` of every request served.
+    """
+
+    def __init__(self):
+        self.url = ""
+        self.repos: dict[tuple[str, str], _FakeHubRepo] = {}
+        self.requests: list[tuple[str, str, str | None]] = []
+
+    def add_repo(
+        self, repo_id: str, files: dict, repo_type: str = "model", token: str | None = None
+    ) -> str:
+        """Serve ``files`` ({path: bytes | str}) as repo ``repo_id``; returns its commit sha.
+
+        Args:
+            repo_type: "model" or "dataset" (or "space").
+            token: if set, the repo is gated: requests without ``Bearer <token>`` get 401
+                with ``X-Error-Code: GatedRepo``.
+        """
+        repo = _FakeHubRepo(repo_id, files, repo_type, token)
+        self.repos[(repo_type, repo_id)] = repo
+        return repo.sha
+
+
+def _make_fake_hub_handler(hub: FakeHub):
+    import json
+    import re
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    api_re = re.compile(r"^/api/(models|datasets|spaces)/(.+?)(?:/(revision|tree)/([^/]+)(/.*)?)?$")
+    resolve_re = re.compile(r"^/(?:(datasets|spaces)/)?(.+?)/resolve/([^/]+)/(.+)$")
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # keep test output clean
+            pass
+
+        def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head=False):
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            if "Content-Length" not in (headers or {}):
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head and body:
+                self.wfile.write(body)
+
+        def _error(self, status: int, code: str, message: str, head=False, commit=None):
+            headers = {"X-Error-Code": code, "X-Error-Message": message,
+                       "Content-Type": "application/json"}
+            if commit:
+                headers["X-Repo-Commit"] = commit
+            self._send(status, json.dumps({"error": message}).encode(), headers, head=head)
+
+        def _repo(self, kind: str, repo_id: str, head=False):
+            repo = hub.repos.get((kind, repo_id))
+            if repo is None:
+                self._error(404, "RepoNotFound", "Repository not found", head=head)
+                return None
+            auth = self.headers.get("authorization")
+            if repo.token is not None and auth != f"Bearer {repo.token}":
+                self._error(401, "GatedRepo", "Access to this repo is restricted", head=head)
+                return None
+            return repo
+
+        def _revision_ok(self, repo: _FakeHubRepo, revision: str, head=False) -> bool:
+            if revision in ("main", repo.sha):
+                return True
+            self._error(404, "RevisionNotFound", "Invalid rev id", head=head)
+            return False
+
+        def _handle(self, head: bool):
+            url = urlsplit(self.path)
+            path = unquote(url.path)
+            hub.requests.append((self.command, path, self.headers.get("authorization")))
+            m = api_re.match(path)
+            if m and not head:
+                kind = m.group(1)[:-1]
+                repo = self._repo(kind, m.group(2))
+                if repo is None:
+                    return
+                revision = m.group(4) or "main"
+                if not self._revision_ok(repo, revision):
+                    return
+                if m.group(3) == "tree":
+                    query = parse_qs(url.query)
+                    recursive = query.get("recursive", ["false"])[0].lower() == "true"
+                    body = repo.tree(m.group(5) or "", recursive)
+                else:
+                    body = {
+                        "id": repo.repo_id,
+                        "sha": repo.sha,
+                        "private": False,
+                        "gated": bool(repo.token),
+                        "siblings": [
+                            {"rfilename": p, "size": len(d)} for p, d in sorted(repo.files.items())
+                        ],
+                    }
+                self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                return
+            m = resolve_re.match(path)
+            if m:
+                kind = m.group(1)[:-1] if m.group(1) else "model"
+                repo = self._repo(kind, m.group(2), head=head)
+                if repo is None or not self._revision_ok(repo, m.group(3), head=head):
+                    return
+                filename = m.group(4)
+                if filename not in repo.files:
+                    self._error(404, "EntryNotFound", "Entry not found", head=head, commit=repo.sha)
+                    return
+                data = repo.files[filename]
+                status = 200
+                rng = re.match(r"bytes=(\d+)-$", self.headers.get("range", ""))
+                if rng and not head:  # resumed download
+                    start = int(rng.group(1))
+                    data = data[start:]
+                    status = 206
+                headers = {
+                    "X-Repo-Commit": repo.sha,
+                    "ETag": f'"{repo.etag(filename)}"',
+                    "Content-Length": str(len(data)),
+                    "Content-Type": "application/octet-stream",
+                    "Accept-Ranges": "bytes",
+                }
+                self._send(status, data, headers, head=head)
+                return
+            self._error(404, "NotFound", f"no route for {path}", head=head)
+
+        def do_GET(self):
+            self._handle(head=False)
+
+        def do_HEAD(self):
+            self._handle(head=True)
+
+    return Handler
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A local fake of the Hugging Face Hub for ``snapshot_download`` / ``hf_hub_download``.
+
+    Serves ``/api/{models,datasets}/{repo}/revision/{rev}``, ``.../tree/{rev}`` and
+    ``[/datasets]/{repo}/resolve/{rev}/{path}`` (HEAD + GET with X-Repo-Commit, ETag,
+    Content-Length) from a threaded server on 127.0.0.1. Sets ``HF_ENDPOINT`` (environment
+    AND the copies huggingface_hub took at import), moves the hub cache and token file into
+    tmp, and disables xet, telemetry and offline mode. Returns a ``FakeHub``: ``.url``,
+    ``.add_repo(repo_id, files, repo_type="model", token=None)``, ``.requests``.
+    The server stops at teardown.
+    """
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    hub = FakeHub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_fake_hub_handler(hub))
+    server.daemon_threads = True
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake_hub", daemon=True
+    )
+    thread.start()
+
+    hf_home = tmp_path / "hf_home"
+    env = {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_CACHE": str(hf_home / "hub"),
+        "HF_TOKEN_PATH": str(hf_home / "token"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(k, raising=False)
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        constants = None
+    if constants is not None:
+        # huggingface_hub copies these from the environment at import time.
+        patched = {
+            "ENDPOINT": hub.url,
+            "HUGGINGFACE_CO_URL_TEMPLATE": hub.url + "/{repo_id}/resolve/{revision}/{filename}",
+            "HF_HOME": str(hf_home),
+            "HF_HUB_CACHE": str(hf_home / "hub"),
+            "HUGGINGFACE_HUB_CACHE": str(hf_home / "hub"),
+            "HF_TOKEN_PATH": str(hf_home / "token"),
+            "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens"),
+            "HF_HUB_OFFLINE": False,
+            "HF_HUB_DISABLE_XET": True,
+            "HF_HUB_DISABLE_TELEMETRY": True,
+        }
+        for name, value in patched.items():
+            if hasattr(constants, name):
+                monkeypatch.setattr(constants, name, value)
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -1,0 +1,389 @@
+"""LoRA adapters on disk in the Hugging Face PEFT format.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``; PEFT's
+``PeftModel.from_pretrained(hf_model, folder)`` loads what ``save_adapter`` writes, and
+``load_adapter`` loads what PEFT's ``save_pretrained`` writes (plain LoRA only).
+
+Tensor names use the HF module paths under PEFT's ``base_model.model.`` prefix::
+
+    native  layers.0.attn.q_proj.lora_a.weight   [r, in]
+    PEFT    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    native  output.lora_b.weight                 [vocab, r]
+    PEFT    base_model.model.lm_head.lora_B.weight
+
+The math is the same on both sides (``W0 x + (lora_alpha / r) B A x``), so the adapter
+tensors are written as they are, in the adapter's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunelab.errors import CheckpointError
+from tunelab.models.checkpoint import hf_to_native_key, native_to_hf_key
+from tunelab.modules.peft.lora import (
+    LoRALinear,
+    apply_lora_to_modules,
+    linear_layer_names,
+    lora_modules,
+)
+
+__all__ = ["save_adapter", "load_adapter", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+# base_model.model.<hf path>.lora_A[.<adapter name>].weight; PEFT writes no adapter name, but
+# some versions/tools keep it (".default.").
+_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+# adapter_config.json settings that change the math or the set of trained tensors; tunelab
+# loads plain LoRA only, so any of these being set is refused rather than silently ignored.
+_UNSUPPORTED = {
+    "use_dora": "DoRA adds a magnitude vector",
+    "use_rslora": "rsLoRA scales by alpha/sqrt(r)",
+    "fan_in_fan_out": "transposed (Conv1D) weights",
+    "lora_bias": "LoRA-B bias terms",
+    "modules_to_save": "fully trained extra modules",
+    "rank_pattern": "per-layer ranks",
+    "alpha_pattern": "per-layer alphas",
+    "layers_to_transform": "layer subsets",
+    "layer_replication": "layer replication",
+    "exclude_modules": "excluded modules",
+    "target_parameters": "parameter targets",
+    "trainable_token_indices": "trainable token rows",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
+# Initialisations that also rewrite the base weights: the adapter only fits the modified base.
+_BASE_MODIFYING_INIT = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _hf_module(native_module: str) -> str:
+    """``layers.0.attn.q_proj`` -> ``model.layers.0.self_attn.q_proj`` (through the weight name)."""
+    return native_to_hf_key(f"{native_module}.weight").removesuffix(".weight")
+
+
+def _native_module(hf_module: str) -> str:
+    return hf_to_native_key(f"{hf_module}.weight").removesuffix(".weight")
+
+
+def _cfg_value(lora_cfg: Any, name: str) -> Any:
+    if lora_cfg is None:
+        return None
+    if isinstance(lora_cfg, Mapping):
+        return lora_cfg.get(name)
+    return getattr(lora_cfg, name, None)
+
+
+def _json_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str,
+    lora_cfg: Any = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    dropout: float | None = None,
+    targets: str | Iterable[str] | None = None,
+) -> Path:
+    """Write the model's LoRA adapters as a PEFT folder (config + safetensors).
+
+    Rank, alpha, dropout and the targeted layers are read from the model's ``LoRALinear``
+    layers; ``lora_cfg`` (an object or mapping with ``rank``/``alpha``/``dropout``/``targets``)
+    or the matching keywords, when given, are checked against them so a config that does not
+    describe the model cannot be written.
+
+    Args:
+        model: a model with LoRA applied (native names).
+        out_dir: folder to write (created if needed; existing adapter files are replaced).
+        base_model_name_or_path: recorded in adapter_config.json (hub id or local folder).
+        lora_cfg: optional LoRA settings to cross-check.
+        rank, alpha, dropout, targets: optional, same as in ``lora_cfg``.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        ValueError: the model has no LoRA layers, mixed ranks/alphas, adapters on the meta
+            device, or settings that disagree with the model (a caller bug, not user input).
+    """
+    modules = list(lora_modules(model))
+    if not modules:
+        raise ValueError("save_adapter: the model has no LoRALinear layers (call apply_lora first)")
+    ranks = {m.rank for _, m in modules}
+    alphas = {float(m.alpha) for _, m in modules}
+    dropouts = {m.dropout_p for _, m in modules}
+    if len(ranks) > 1 or len(alphas) > 1 or len(dropouts) > 1:
+        raise ValueError(
+            f"save_adapter: mixed LoRA settings (ranks {sorted(ranks)}, alphas {sorted(alphas)}, "
+            f"dropouts {sorted(dropouts)}); the PEFT config holds one r/alpha/dropout"
+        )
+    r, a, p = ranks.pop(), alphas.pop(), dropouts.pop()
+    native_leaves = {name.rpartition(".")[2] for name, _ in modules}
+
+    given = dict(
+        rank=rank if rank is not None else _cfg_value(lora_cfg, "rank"),
+        alpha=alpha if alpha is not None else _cfg_value(lora_cfg, "alpha"),
+        dropout=dropout if dropout is not None else _cfg_value(lora_cfg, "dropout"),
+    )
+    actual = dict(rank=r, alpha=a, dropout=p)
+    for key, value in given.items():
+        if value is not None and float(value) != float(actual[key]):
+            raise ValueError(
+                f"save_adapter: {key}={value} but the model's LoRA layers have {actual[key]}"
+            )
+    want_targets = targets if targets is not None else _cfg_value(lora_cfg, "targets")
+    if want_targets is not None and not isinstance(want_targets, str):
+        if set(want_targets) != native_leaves:
+            raise ValueError(
+                f"save_adapter: targets {sorted(want_targets)} but the model has LoRA on "
+                f"{sorted(native_leaves)}"
+            )
+
+    tensors: dict[str, torch.Tensor] = {}
+    hf_paths = []
+    for name, m in modules:
+        if m.lora_a.weight.is_meta:
+            raise ValueError(f"save_adapter: {name} adapter weights are on the meta device")
+        hf = _hf_module(name)
+        hf_paths.append(hf)
+        tensors[f"{_PREFIX}{hf}.lora_A.weight"] = m.lora_a.weight.detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{hf}.lora_B.weight"] = m.lora_b.weight.detach().cpu().contiguous()
+
+    # PEFT matches a target name against the end of each module path. Leaf names describe the
+    # model when every layer with that leaf is adapted; otherwise list the exact paths.
+    all_linear = linear_layer_names(model)
+    adapted = {name for name, _ in modules}
+    target_modules = set()
+    for hf, (name, _) in zip(hf_paths, modules):
+        leaf = name.rpartition(".")[2]
+        full_cover = all(n in adapted for n in all_linear if n.rpartition(".")[2] == leaf)
+        target_modules.add(hf.rpartition(".")[2] if full_cover else hf)
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": _json_number(a),
+        "lora_dropout": p,
+        "target_modules": sorted(target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "lora_bias": False,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _read_config(adapter_dir: Path) -> tuple[Path, dict]:
+    if not adapter_dir.is_dir():
+        raise CheckpointError(f"adapter folder {adapter_dir} does not exist")
+    cfg_path = adapter_dir / ADAPTER_CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{adapter_dir} has no {ADAPTER_CONFIG_NAME}; point adapter_dir at a folder written "
+            "by tunelab (step_N/adapter) or by PEFT's save_pretrained"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object")
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        raise CheckpointError(
+            f"{cfg_path}: peft_type is {peft_type!r}; only LORA adapters can be loaded"
+        )
+    bias = cfg.get("bias", "none")
+    if bias != "none":
+        raise CheckpointError(
+            f"{cfg_path}: bias={bias!r} is not supported; only bias='none' LoRA loads"
+        )
+    for key, what in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise CheckpointError(
+                f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported; "
+                "tunelab loads plain LoRA"
+            )
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INIT):
+        raise CheckpointError(
+            f"{cfg_path}: init_lora_weights={init!r} changes the base weights; convert the adapter "
+            "to plain LoRA with PEFT (path_initial_model_for_weight_conversion) first"
+        )
+    for key in ("r", "lora_alpha", "target_modules"):
+        if cfg.get(key) is None:
+            raise CheckpointError(f"{cfg_path}: missing {key!r}")
+    r = cfg["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CheckpointError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+    alpha = cfg["lora_alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise CheckpointError(f"{cfg_path}: lora_alpha must be a positive number, got {alpha!r}")
+    return cfg_path, cfg
+
+
+def _targeted_modules(model: nn.Module, target_modules: Any, cfg_path: Path) -> set[str]:
+    """Native names of the linear layers PEFT would adapt for ``target_modules``."""
+    linears = {}
+    for name in linear_layer_names(model):
+        try:
+            linears[name] = _hf_module(name)
+        except KeyError:
+            continue  # a layer with no HF name cannot be targeted by a PEFT adapter
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return {n for n, hf in linears.items() if hf != "lm_head"}
+        return {n for n, hf in linears.items() if re.fullmatch(target_modules, hf)}
+    if not isinstance(target_modules, list) or not all(isinstance(t, str) for t in target_modules):
+        raise CheckpointError(f"{cfg_path}: target_modules must be a list of names or a string")
+    return {
+        n for n, hf in linears.items()
+        if any(hf == t or hf.endswith("." + t) for t in target_modules)
+    }
+
+
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path, *, adapter_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Apply LoRA as described by a PEFT adapter folder and load its weights (in place).
+
+    Layers that already are ``LoRALinear`` (same rank and alpha) are reused; plain
+    ``nn.Linear`` layers are wrapped. Everything is checked before the model is changed, so a
+    failed load leaves it as it was.
+
+    Args:
+        model: a native model (e.g. from ``from_pretrained``).
+        adapter_dir: folder with adapter_config.json and adapter_model.safetensors.
+        adapter_dtype: dtype for the adapter weights (default: each base weight's dtype).
+
+    Returns:
+        The same model.
+
+    Raises:
+        CheckpointError: missing files, a non-LoRA or unsupported LoRA variant, keys the model
+            has no layer for, missing A/B pairs or shape mismatches (the message names the file
+            and key).
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg_path, cfg = _read_config(adapter_dir)
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+
+    weights_path = adapter_dir / ADAPTER_WEIGHTS_NAME
+    if not weights_path.is_file():
+        hint = " (pickle .bin adapters are not loaded; re-save with safetensors)" if (
+            adapter_dir / "adapter_model.bin"
+        ).is_file() else ""
+        raise CheckpointError(f"{adapter_dir} has no {ADAPTER_WEIGHTS_NAME}{hint}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_path} cannot be read ({e})") from None
+
+    # group the file's tensors by native module: {module: {"A": (key, tensor), "B": ...}}
+    found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    adapter_names = set()
+    for key, tensor in tensors.items():
+        m = _KEY_RE.match(key.removeprefix(_PREFIX)) if key.startswith(_PREFIX) else None
+        if m is None:
+            raise CheckpointError(
+                f"{weights_path}: unexpected key {key!r} "
+                "(want base_model.model.<module>.lora_A/B.weight)"
+            )
+        adapter_names.add(m["adapter"])
+        try:
+            native = _native_module(m["module"])
+        except KeyError:
+            raise CheckpointError(
+                f"{weights_path}: key {key!r} names no layer of a Llama model"
+            ) from None
+        found.setdefault(native, {})[m["which"]] = (key, tensor)
+    if len(adapter_names) > 1:
+        names = sorted(map(str, adapter_names))
+        raise CheckpointError(f"{weights_path}: holds several adapters {names}; keep one")
+
+    targeted = _targeted_modules(model, cfg["target_modules"], cfg_path)
+    for native, pair in sorted(found.items()):
+        key = next(iter(pair.values()))[0]
+        if native not in targeted:
+            raise CheckpointError(
+                f"{weights_path}: key {key!r} is for a layer the model does not have or "
+                f"target_modules {cfg['target_modules']!r} does not name (different base model?)"
+            )
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise CheckpointError(f"{weights_path}: key {key!r} has no matching {missing} tensor")
+    missing = sorted(targeted - set(found))
+    if missing:
+        raise CheckpointError(
+            f"{weights_path}: no adapter weights for {_PREFIX}{_hf_module(missing[0])} "
+            f"({len(missing)} targeted layer(s) missing); wrong base model or truncated file?"
+        )
+
+    for native, pair in found.items():
+        layer = model.get_submodule(native)
+        if isinstance(layer, LoRALinear):
+            in_dim, out_dim = layer.in_dim, layer.out_dim
+            if layer.rank != r or float(layer.alpha) != float(alpha):
+                raise CheckpointError(
+                    f"{cfg_path}: r={r}, lora_alpha={alpha} but {native} already has LoRA with "
+                    f"rank={layer.rank}, alpha={layer.alpha}"
+                )
+        else:
+            in_dim, out_dim = layer.in_features, layer.out_features
+        for which, want in (("A", (r, in_dim)), ("B", (out_dim, r))):
+            key, tensor = pair[which]
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(
+                    f"{weights_path}: {key} has shape {list(tensor.shape)}, expected {list(want)} "
+                    f"(r={r} from {ADAPTER_CONFIG_NAME}, layer {in_dim}->{out_dim})"
+                )
+
+    to_wrap = [n for n in found if not isinstance(model.get_submodule(n), LoRALinear)]
+    apply_lora_to_modules(model, to_wrap, r, alpha, dropout, adapter_dtype=adapter_dtype)
+    with torch.no_grad():
+        for native, pair in found.items():
+            layer = model.get_submodule(native)
+            for which, lin in (("A", layer.lora_a), ("B", layer.lora_b)):
+                tensor = pair[which][1]
+                if lin.weight.is_meta:  # copy_ into meta is a no-op: put a real tensor there
+                    lin.weight = nn.Parameter(
+                        tensor.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad
+                    )
+                else:
+                    lin.weight.copy_(tensor)
+    return model

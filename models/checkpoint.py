@@ -1,0 +1,393 @@
+"""HF safetensors checkpoints <-> native ``TransformerDecoder``.
+
+Loading builds the model on the meta device, reads tensors one at a time with safetensors'
+``safe_open`` (memory-mapped), casts each to the target dtype/device and hands the result to
+``load_state_dict(assign=True)``: peak host memory stays about one copy of the weights, and no
+pickle is ever executed. Saving writes what ``transformers.LlamaForCausalLM.from_pretrained``
+reads: config.json, ``model.safetensors`` or ``model-0000i-of-0000N.safetensors`` shards plus
+``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from tunelab.errors import CheckpointError
+from tunelab.models.hf_config import args_from_hf_config, hf_config_from_args
+from tunelab.models.llama.args import ModelArgs
+from tunelab.models.llama.builders import build_model
+from tunelab.modules.transformer import TransformerDecoder
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Copied verbatim from source_dir by save_pretrained (whichever exist).
+AUX_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "original/tokenizer.model",
+)
+
+# (native regex, HF template) and the reverse; {i} is the layer index.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_NATIVE_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_HF_TO_NATIVE_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_HF_TO_NATIVE_TOP = {v: k for k, v in _TOP_NAMES.items()}
+# Old transformers versions saved this computed buffer; it is recomputed, never loaded.
+_IGNORED_HF = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+def native_to_hf_key(name: str) -> str:
+    """``layers.0.attn.q_proj.weight`` -> ``model.layers.0.self_attn.q_proj.weight``.
+
+    Raises:
+        KeyError: the name is not a native Llama weight (e.g. a LoRA adapter weight).
+    """
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    m = _NATIVE_LAYER.match(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    raise KeyError(f"{name!r} is not a native Llama weight name")
+
+
+def hf_to_native_key(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``layers.0.attn.q_proj.weight``.
+
+    Raises:
+        KeyError: the name is not an HF Llama weight.
+    """
+    if name in _HF_TO_NATIVE_TOP:
+        return _HF_TO_NATIVE_TOP[name]
+    m = _HF_LAYER.match(name)
+    if m and m.group(2) in _HF_TO_NATIVE_LAYER:
+        return f"layers.{m.group(1)}.{_HF_TO_NATIVE_LAYER[m.group(2)]}"
+    raise KeyError(f"{name!r} is not an HF Llama weight name")
+
+
+# ---------------------------------------------------------------------------- reading
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _check_dir(checkpoint_dir) -> Path:
+    path = Path(checkpoint_dir).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint_dir {str(path)!r} does not exist; download one with `tune download REPO_ID --output-dir DIR`"
+        )
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint_dir {str(path)!r} is a file; pass the folder that holds config.json")
+    return path
+
+
+def read_hf_config(checkpoint_dir) -> dict:
+    """Parse ``checkpoint_dir/config.json``, with a one-line CheckpointError on any problem."""
+    path = _check_dir(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a HF checkpoint folder needs its config.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({_one_line(e)}); re-download it") from None
+
+
+def safetensors_files(checkpoint_dir) -> dict[str, Path]:
+    """Map each HF tensor name to the safetensors file that holds it.
+
+    Reads ``model.safetensors`` or the ``weight_map`` of ``model.safetensors.index.json``.
+    """
+    path = _check_dir(checkpoint_dir)
+    single = path / SINGLE_FILE
+    index = path / INDEX_FILE
+    if single.is_file():
+        return {name: single for name in _tensor_names(single)}
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} has no readable weight_map ({_one_line(e)}); re-download it") from None
+        files = {}
+        for name, shard in weight_map.items():
+            shard_path = path / shard
+            if not shard_path.is_file():
+                raise CheckpointError(
+                    f"{shard_path} is listed in {INDEX_FILE} but missing; re-download the checkpoint"
+                )
+            files[name] = shard_path
+        return files
+    if list(path.glob("*.bin")) or list(path.glob("*.pth")) or list(path.glob("original/*.pth")):
+        raise CheckpointError(
+            f"{path} holds only .bin/.pth weights, which tunelab does not load (pickle); convert them to "
+            "safetensors (e.g. re-download the safetensors files, or save_pretrained(safe_serialization=True))"
+        )
+    raise CheckpointError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in {path}; download the safetensors weights "
+        "(.bin is unsupported: convert to safetensors)"
+    )
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError (or OSError) on a bad header
+        raise CheckpointError(f"{file} is not a valid safetensors file ({_one_line(e)}); re-download it") from None
+
+
+def _tensor_names(file: Path) -> list[str]:
+    with _open(file) as f:
+        return list(f.keys())
+
+
+def _iter_hf_tensors(checkpoint_dir):
+    """Yield (hf_name, tensor) file by file, one tensor in memory at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in safetensors_files(checkpoint_dir).items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as f:
+            available = set(f.keys())
+            for name in names:
+                if name not in available:
+                    raise CheckpointError(
+                        f"{file} lacks tensor {name!r} that {INDEX_FILE} puts there; re-download the checkpoint"
+                    )
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(
+                        f"{file}: cannot read tensor {name!r} ({_one_line(e)}); re-download it"
+                    ) from None
+                yield name, tensor
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device)
+
+
+def load_hf_state_dict(
+    checkpoint_dir,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    tie_word_embeddings: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read an HF Llama checkpoint's weights with native names.
+
+    Args:
+        checkpoint_dir: HF folder (``model.safetensors`` or sharded with an index).
+        dtype: cast floating tensors to it (None keeps the stored dtype).
+        device: where to put the tensors (cast tensor by tensor).
+        tie_word_embeddings: drop ``lm_head.weight`` when True (default: from config.json).
+
+    Raises:
+        CheckpointError: missing files, corrupt safetensors, or a tensor name that is not a
+            Llama weight.
+    """
+    if tie_word_embeddings is None:
+        tie_word_embeddings = bool(read_hf_config(checkpoint_dir).get("tie_word_embeddings", False))
+    out: dict[str, torch.Tensor] = {}
+    for hf_name, tensor in _iter_hf_tensors(checkpoint_dir):
+        if _IGNORED_HF.match(hf_name) or (tie_word_embeddings and hf_name == "lm_head.weight"):
+            continue
+        try:
+            name = hf_to_native_key(hf_name)
+        except KeyError:
+            raise CheckpointError(
+                f"{checkpoint_dir}: unexpected tensor {hf_name!r}; not a plain LlamaForCausalLM checkpoint"
+            ) from None
+        out[name] = _cast(tensor, dtype, device)
+        del tensor
+    return out
+
+
+def from_pretrained(
+    checkpoint_dir,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> TransformerDecoder:
+    """Load an HF Llama checkpoint folder as a native ``TransformerDecoder`` (eval mode).
+
+    The architecture comes from ``config.json``; weights are read tensor by tensor from the
+    safetensors files into a meta-built model (no random init, ~1x host memory).
+
+    Args:
+        checkpoint_dir: HF folder with config.json and safetensors weights.
+        dtype: parameter dtype (floating tensors are cast on load).
+        device: parameter device.
+
+    Raises:
+        CheckpointError: the folder, config or weights are missing, corrupt, unsupported or do
+            not match the config (names and shapes are checked).
+    """
+    path = _check_dir(checkpoint_dir)
+    args = args_from_hf_config(read_hf_config(path))
+    model = build_model(args, device="meta", dtype=dtype)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state_dict = load_hf_state_dict(path, dtype=dtype, device=device, tie_word_embeddings=args.tie_word_embeddings)
+    _check_state_dict(state_dict, expected, path)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    # Computed buffers were built on meta; rebuild them where the weights now live.
+    model.rope.reset_parameters(device=device)
+    return model.eval()
+
+
+def _check_state_dict(state_dict: dict, expected: dict[str, tuple], where) -> None:
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        hf = [native_to_hf_key(k) for k in missing]
+        more = f" (+{len(hf) - 3} more)" if len(hf) > 3 else ""
+        raise CheckpointError(
+            f"{where}: missing tensors {', '.join(hf[:3])}{more}; the weights do not match config.json"
+        )
+    unexpected = [k for k in state_dict if k not in expected]
+    if unexpected:
+        hf = [native_to_hf_key(k) for k in unexpected]
+        more = f" (+{len(hf) - 3} more)" if len(hf) > 3 else ""
+        raise CheckpointError(
+            f"{where}: unexpected tensors {', '.join(hf[:3])}{more}; the weights do not match config.json"
+        )
+    for k, shape in expected.items():
+        got = tuple(state_dict[k].shape)
+        if got != shape:
+            raise CheckpointError(
+                f"{where}: tensor {native_to_hf_key(k)!r} has shape {list(got)}, config.json expects "
+                f"{list(shape)}; the weights do not match config.json"
+            )
+
+
+# ---------------------------------------------------------------------------- writing
+def _plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """Greedy split in order: a shard closes when the next tensor would overflow it."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if shards[-1] and used + nbytes > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def save_pretrained(
+    model_or_state_dict: nn.Module | dict[str, torch.Tensor],
+    out_dir,
+    source_dir=None,
+    max_shard_size: int = 5 * 10**9,
+    args: ModelArgs | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write an HF Llama folder that ``transformers`` (and ``from_pretrained``) loads.
+
+    Args:
+        model_or_state_dict: a ``TransformerDecoder`` or a native state dict (merge LoRA
+            first, e.g. with ``merge_lora_state_dict``).
+        out_dir: folder to write (created; earlier weight files in it are replaced).
+        source_dir: checkpoint the model came from: its config.json extras are kept and its
+            tokenizer / generation files are copied.
+        max_shard_size: bytes per safetensors file; one file -> ``model.safetensors``.
+        args: the architecture (default: ``model.args``, else source_dir's config.json).
+        dtype: cast floating tensors before writing (default: as they are).
+
+    Returns:
+        The output folder.
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        state_dict = model_or_state_dict.state_dict()
+        if args is None:
+            args = getattr(model_or_state_dict, "args", None)
+    else:
+        state_dict = dict(model_or_state_dict)
+    source_config = read_hf_config(source_dir) if source_dir is not None else None
+    if args is None:
+        if source_config is None:
+            raise CheckpointError("save_pretrained needs args= or source_dir= to write config.json")
+        args = args_from_hf_config(source_config)
+
+    lora = [k for k in state_dict if ".lora_" in k]
+    if lora:
+        raise CheckpointError(
+            f"state dict holds LoRA weights ({lora[0]}); merge them first "
+            "(tunelab.modules.peft.merge_lora_state_dict(model)) or save the adapter with save_adapter"
+        )
+    if args.tie_word_embeddings:
+        state_dict.pop("output.weight", None)
+    hf_state: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        try:
+            hf_state[native_to_hf_key(name)] = tensor
+        except KeyError:
+            raise CheckpointError(f"cannot save {name!r}: not a native Llama weight name") from None
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    # A stale model.safetensors from an earlier save would shadow a new index (and vice versa).
+    for old in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        if old.is_file():
+            old.unlink()
+
+    def nbytes(t: torch.Tensor) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size() if dtype and t.is_floating_point() else t.element_size()
+        return t.numel() * itemsize
+
+    shards = _plan_shards([(k, nbytes(t)) for k, t in hf_state.items()], max_shard_size)
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(shards, start=1):
+        fname = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        # One shard in host memory at a time; clone() so no two names share storage.
+        tensors = {k: _cast(hf_state[k].detach(), dtype, "cpu").contiguous().clone() for k in names}
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+        weight_map.update({k: fname for k in names})
+    if n > 1:
+        total = sum(nbytes(t) for t in hf_state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    config = hf_config_from_args(args, source_config)
+    saved_dtype = dtype or next((t.dtype for t in hf_state.values() if t.is_floating_point()), None)
+    if saved_dtype is not None:
+        dtype_name = str(saved_dtype).removeprefix("torch.")
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name
+        config["dtype"] = dtype_name
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    if source_dir is not None:
+        src = Path(source_dir)
+        for rel in AUX_FILES:
+            if (src / rel).is_file() and (src / rel).resolve() != (out / rel).resolve():
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / rel, out / rel)
+    return out

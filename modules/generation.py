@@ -1,0 +1,112 @@
+"""Autoregressive decoding with the KV cache (greedy, temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.modules.transformer import TransformerDecoder
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Pick one token id from ``logits`` [vocab].
+
+    Args:
+        logits: scores of the next token.
+        temperature: 0 = greedy (argmax); otherwise logits are divided by it before softmax.
+        top_k: keep only the k most likely tokens.
+        top_p: keep the smallest set of most likely tokens whose probability reaches top_p.
+        generator: RNG for sampling; it may live on any device (probabilities are moved to it).
+    """
+    if temperature <= 0.0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Drop a token if the tokens ranked above it already reach top_p (the top one stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum()
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerDecoder,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens=(),
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Generate up to ``max_new_tokens`` ids after ``prompt_ids`` (batch of one).
+
+    The prompt is prefilled in one forward, then one token per step through the KV cache.
+    The model is put in eval mode for the call (LoRA dropout off) and restored afterwards;
+    caches the call sets up are torn down again.
+
+    Args:
+        model: a ``TransformerDecoder`` (with or without LoRA).
+        prompt_ids: the prompt's token ids (non-empty).
+        max_new_tokens: most ids to generate.
+        temperature: 0 = greedy; see ``sample_next_token`` for the sampling options.
+        top_k: top-k filter when sampling.
+        top_p: nucleus filter when sampling.
+        stop_tokens: ids that end generation; the stop id is not returned.
+        generator: RNG for sampling (reproducible outputs).
+
+    Returns:
+        The generated ids only (prompt excluded).
+    """
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: generation needs at least one token (e.g. BOS)")
+    if max_new_tokens <= 0:
+        return []
+    stop = set(int(t) for t in stop_tokens)
+    device = model.tok_embeddings.weight.device
+    total = len(prompt_ids) + max_new_tokens
+
+    own_caches = not model.caches_are_enabled() or model.causal_mask.shape[0] < total
+    if own_caches:
+        model.setup_caches(1, total, device=device)
+    else:
+        model.reset_caches()
+    was_training = model.training
+    model.eval()
+    out: list[int] = []
+    try:
+        tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, p)
+        input_pos = torch.arange(len(prompt_ids), device=device)
+        for _ in range(max_new_tokens):
+            # Only the last position's logits are needed: skip the [p, vocab] prompt logits.
+            hidden = model(tokens, input_pos=input_pos, return_hidden=True)[:, -1:]  # (1, 1, dim)
+            logits = model.logits_from_hidden(hidden)[0, 0]  # (vocab,)
+            next_id = sample_next_token(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            if next_id in stop:
+                break
+            out.append(next_id)
+            tokens = torch.tensor([[next_id]], dtype=torch.long, device=device)  # (1, 1)
+            input_pos = input_pos[-1:] + 1
+    finally:
+        model.train(was_training)
+        if own_caches:
+            model.teardown_caches()
+    return out

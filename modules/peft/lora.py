@@ -1,0 +1,396 @@
+"""LoRA: a frozen linear layer plus a trainable low-rank update.
+
+``LoRALinear`` computes ``y = x W0^T + (alpha / r) * B(A(dropout(x)))`` (Hu et al., 2021). The
+helpers in this file put LoRA into a model by leaf name (``apply_lora``), pick out the adapter
+parameters, switch the adapters off (the DPO reference model is the same model with adapters
+disabled) and merge them into plain weights for export.
+
+Parameter names follow the native layout: the base stays ``<module>.weight`` and the adapter adds
+``<module>.lora_a.weight`` ([r, in]) and ``<module>.lora_b.weight`` ([out, r]), so a LoRA model's
+state dict loads base checkpoints by name with ``strict=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.errors import ConfigError
+
+__all__ = [
+    "LoRALinear",
+    "apply_lora",
+    "apply_lora_to_modules",
+    "resolve_lora_targets",
+    "lora_modules",
+    "linear_layer_names",
+    "get_adapter_params",
+    "set_trainable_params",
+    "disable_adapters",
+    "merge_lora_state_dict",
+    "merge_lora_",
+]
+
+# The "all-linear" shorthand (as in PEFT) targets every linear layer except the output head:
+# adapting the [vocab, dim] head costs many parameters and is rarely wanted.
+ALL_LINEAR = "all-linear"
+_OUTPUT_LEAF = "output"
+
+
+class LoRALinear(nn.Module):
+    """A bias-free linear layer with a frozen base weight and a trainable low-rank adapter.
+
+    .. math::
+
+        y = x W_0^T + \\frac{\\alpha}{r} \\, B A \\, \\mathrm{dropout}(x)
+
+    where ``W0`` ([out, in]) is frozen, ``A = lora_a.weight`` ([r, in]) starts kaiming-uniform
+    (as ``nn.Linear`` does) and ``B = lora_b.weight`` ([out, r]) starts at zero, so a fresh
+    adapter leaves the output unchanged. Dropout acts on the adapter's input only (train mode).
+
+    Args:
+        in_dim: input features.
+        out_dim: output features.
+        rank: adapter rank ``r`` (>= 1).
+        alpha: scaling numerator; the update is scaled by ``alpha / rank``.
+        dropout: dropout probability on the adapter path.
+        weight: optional existing base weight [out_dim, in_dim] to use as-is (no copy; may be on
+            the meta device). Default: a new kaiming-uniform weight.
+        adapter_dtype: dtype of ``lora_a``/``lora_b`` (default: the base weight's dtype). Inputs
+            are cast to it on the adapter path and the update is cast back, so fp32 adapters
+            work on a bf16 base.
+
+    Shapes: ``x`` [..., in_dim] -> [..., out_dim].
+
+    Attributes:
+        disabled: when True the adapter is skipped and the layer is the frozen base linear.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        weight: torch.Tensor | None = None,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_lora_args(rank, alpha, dropout)
+        if weight is None:
+            weight = torch.empty(out_dim, in_dim)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        elif tuple(weight.shape) != (out_dim, in_dim):
+            raise ValueError(
+                f"base weight has shape {tuple(weight.shape)}, want {(out_dim, in_dim)}"
+            )
+        if isinstance(weight, nn.Parameter):
+            weight.requires_grad_(False)  # reuse the caller's Parameter object (no copy)
+        else:
+            weight = nn.Parameter(weight, requires_grad=False)
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.weight = weight
+        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        self.lora_a = nn.Linear(in_dim, rank, bias=False, **factory)
+        self.lora_b = nn.Linear(rank, out_dim, bias=False, **factory)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> "LoRALinear":
+        """Wrap an existing bias-free ``nn.Linear``, reusing its weight Parameter (no copy).
+
+        Works when the weight is on the meta device (the adapter is then created on meta too;
+        call ``reset_lora_parameters()`` after materialising it).
+        """
+        if linear.bias is not None:
+            raise ValueError("LoRALinear supports bias-free linear layers only")
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            rank,
+            alpha,
+            dropout,
+            weight=linear.weight,
+            adapter_dtype=adapter_dtype,
+        )
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def reset_lora_parameters(self) -> None:
+        """(Re)initialise the adapter: A kaiming-uniform(a=sqrt(5)) like nn.Linear, B zeros."""
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    # The two paths are separate methods so that a quantized base weight (NF4) or a fused
+    # autograd function can replace one without touching the other.
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen path ``x W0^T``."""
+        return F.linear(x, self.weight)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Adapter path ``scaling * B A dropout(x)`` in the adapter dtype, cast back to x's."""
+        h = self.dropout(x)
+        if h.dtype != self.lora_a.weight.dtype:
+            h = h.to(self.lora_a.weight.dtype)
+        out = self.lora_b(self.lora_a(h)) * self.scaling  # [..., r] -> [..., out]
+        return out.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        if self.disabled:
+            return out
+        return out + self.adapter_forward(x)
+
+    def dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a plain dense tensor (a quantized subclass dequantizes here)."""
+        return self.weight
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W0 + scaling * B @ A`` computed in fp32, returned in the base weight's dtype."""
+        base = self.dense_base_weight()
+        delta = self.lora_b.weight.float() @ self.lora_a.weight.float()  # [out, r] @ [r, in]
+        merged = base.float() + self.scaling * delta.to(base.device)
+        return merged.to(base.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, "
+            f"alpha={self.alpha}, dropout={self.dropout_p}, disabled={self.disabled}"
+        )
+
+
+def _check_lora_args(rank: int, alpha: float, dropout: float) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"lora.rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ConfigError(f"lora.alpha must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {dropout!r}")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Full names of the model's linear layers (``nn.Linear`` or ``LoRALinear``), not counting
+    the ``lora_a``/``lora_b`` inside a LoRALinear."""
+    lora_parents = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return [
+        name
+        for name, m in model.named_modules()
+        if name
+        and isinstance(m, (nn.Linear, LoRALinear))
+        and name.rpartition(".")[0] not in lora_parents
+    ]
+
+
+def _linear_leaf_names(model: nn.Module) -> set[str]:
+    return {name.rpartition(".")[2] for name in linear_layer_names(model)}
+
+
+def resolve_lora_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Full module names of the linear layers that ``targets`` selects.
+
+    Args:
+        model: the model to search.
+        targets: leaf attribute names (e.g. ``["q_proj", "v_proj", "output"]``) or
+            ``"all-linear"`` (every linear layer except ``output``).
+
+    Raises:
+        ConfigError: a target name matches no linear layer (the message lists the valid ones).
+    """
+    linears = [
+        n for n in linear_layer_names(model) if not isinstance(model.get_submodule(n), LoRALinear)
+    ]
+    if isinstance(targets, str):
+        if targets != ALL_LINEAR:
+            raise ConfigError(
+                f"lora.targets must be a list of layer names or '{ALL_LINEAR}', got {targets!r}"
+            )
+        return [n for n in linears if n.rpartition(".")[2] != _OUTPUT_LEAF]
+    wanted = list(dict.fromkeys(targets))
+    if not wanted:
+        raise ConfigError("lora.targets is empty; name at least one layer, e.g. [q_proj, v_proj]")
+    valid = sorted(_linear_leaf_names(model))
+    unknown = [t for t in wanted if t not in valid]
+    if unknown:
+        hints = []
+        for t in unknown:
+            close = difflib.get_close_matches(str(t), valid, n=1)
+            hints.append(f"{t!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"lora.targets: unknown layer name(s) {', '.join(hints)}; valid: {', '.join(valid)}"
+        )
+    chosen = [n for n in linears if n.rpartition(".")[2] in wanted]
+    already = [t for t in wanted if t not in {n.rpartition(".")[2] for n in chosen}]
+    if already:
+        raise ConfigError(f"lora.targets: {', '.join(already)} already have LoRA applied")
+    return chosen
+
+
+def apply_lora_to_modules(
+    model: nn.Module,
+    module_names: Iterable[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    *,
+    adapter_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Replace the named ``nn.Linear`` modules (full dotted names) by ``LoRALinear`` in place."""
+    _check_lora_args(rank, alpha, dropout)
+    for name in module_names:
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{name} is {type(linear).__name__}, not nn.Linear")
+        lora = LoRALinear.from_linear(linear, rank, alpha, dropout, adapter_dtype=adapter_dtype)
+        lora.train(linear.training)
+        _set_submodule(model, name, lora)
+    return model
+
+
+def apply_lora(
+    model: nn.Module,
+    targets: str | Iterable[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    *,
+    adapter_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Put LoRA on every ``nn.Linear`` whose attribute name is in ``targets`` (in place).
+
+    The base weight Parameters are reused (no copy, meta tensors stay meta) and frozen; the
+    adapters are created on the base weight's device. Other parameters keep their
+    ``requires_grad``; call ``set_trainable_params`` to train the adapters only.
+
+    Args:
+        model: e.g. a native ``TransformerDecoder``.
+        targets: leaf names such as ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+            "up_proj", "down_proj"]`` (add ``"output"`` for the LM head), or ``"all-linear"``.
+        rank: adapter rank.
+        alpha: the update is scaled by ``alpha / rank``.
+        dropout: dropout on the adapter input.
+        adapter_dtype: dtype of the adapter weights (default: the base weight's dtype).
+
+    Returns:
+        The same model.
+
+    Raises:
+        ConfigError: a target matches no linear layer, or rank/alpha/dropout is out of range.
+    """
+    _check_lora_args(rank, alpha, dropout)
+    names = resolve_lora_targets(model, targets)
+    return apply_lora_to_modules(model, names, rank, alpha, dropout, adapter_dtype=adapter_dtype)
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Yield ``(name, module)`` for every LoRALinear in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield name, m
+
+
+def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter Parameters by full name, e.g. ``layers.0.attn.q_proj.lora_a.weight``."""
+    params = {}
+    for name, m in lora_modules(model):
+        prefix = f"{name}." if name else ""
+        params[f"{prefix}lora_a.weight"] = m.lora_a.weight
+        params[f"{prefix}lora_b.weight"] = m.lora_b.weight
+    return params
+
+
+def set_trainable_params(model: nn.Module) -> int:
+    """Make the adapter weights the only parameters that require grad.
+
+    Returns:
+        The number of trainable elements (sum of ``numel`` over the adapter weights).
+    """
+    adapter = {id(p) for p in get_adapter_params(model).values()}
+    total = 0
+    for p in model.parameters():
+        trainable = id(p) in adapter
+        p.requires_grad_(trainable)
+        total += p.numel() if trainable else 0
+    return total
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: run ``model`` without its LoRA adapters (e.g. the DPO reference).
+
+    Each module's previous ``disabled`` flag is restored on exit, also after an exception.
+    """
+    modules = [m for _, m in lora_modules(model)]
+    previous = [m.disabled for m in modules]
+    try:
+        for m in modules:
+            m.disabled = True
+        yield model
+    finally:
+        for m, flag in zip(modules, previous):
+            m.disabled = flag
+
+
+@torch.no_grad()
+def merge_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every adapter merged into its base weight.
+
+    Keys are the native names without any ``lora_*`` entries; each merged weight is
+    ``W0 + (alpha/r) B @ A`` computed in fp32 and cast to the base weight's dtype. Adapters that
+    are ``disabled`` are merged as well (the flag is a runtime switch, not part of the weights).
+    The model is not modified.
+    """
+    state = model.state_dict()
+    for name, m in lora_modules(model):
+        prefix = f"{name}." if name else ""
+        for key in ("lora_a.weight", "lora_b.weight"):
+            state.pop(prefix + key, None)
+        state[prefix + "weight"] = m.merged_weight()
+    return state
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by an ``nn.Linear`` holding the merged weight (in place).
+
+    The new linear layers are frozen like the base weights were. Returns the same model.
+    """
+    for name, m in list(lora_modules(model)):
+        merged = m.merged_weight()
+        linear = nn.Linear(m.in_dim, m.out_dim, bias=False, device="meta")
+        linear.weight = nn.Parameter(merged, requires_grad=False)
+        linear.train(m.training)
+        if name:
+            _set_submodule(model, name, linear)
+        else:
+            raise ValueError("merge_lora_ needs a model that contains LoRALinear layers")
+    return model

@@ -1,0 +1,119 @@
+"""Rotary position embeddings (RoPE) in Hugging Face's rotate-half layout.
+
+The head dimension is split in two halves ``[x1, x2]`` and rotated as
+``x * cos + [-x2, x1] * sin`` with frequency ``inv_freq[i]`` shared by element ``i`` of each
+half. This is the layout of HF Llama checkpoints, so q/k weights load without permutation.
+
+Frequencies are either plain (``theta ** (-2i / head_dim)``) or Llama 3.1's ``llama3``
+scaling, which divides the low frequencies by ``factor`` and interpolates smoothly in between.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    rope_scaling: dict | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in fp32.
+
+    Args:
+        head_dim: size of one attention head (even).
+        theta: RoPE base (1e4 for Llama 2, 5e5 for Llama 3).
+        rope_scaling: None for plain RoPE, or ``{"rope_type": "llama3", "factor",
+            "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``.
+        device: where to build the tensor.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if rope_scaling is None:
+        return inv_freq
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope_type {rope_type!r}: only default and llama3")
+    factor = float(rope_scaling["factor"])
+    low_freq_factor = float(rope_scaling["low_freq_factor"])
+    high_freq_factor = float(rope_scaling["high_freq_factor"])
+    old_context = float(rope_scaling["original_max_position_embeddings"])
+
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) were never seen whole during pretraining: stretch them.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    # In between, blend the stretched and original frequency (same formula as Meta / HF).
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` on the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [b, n_heads, s, hd] and k [b, n_kv_heads, s, hd] by cos/sin [b, s, hd]."""
+    cos = cos.unsqueeze(1)  # (b, 1, s, hd): broadcast over heads
+    sin = sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes RoPE cos/sin for arbitrary positions (no length limit, no cache to outgrow).
+
+    ``inv_freq`` is a non-persistent fp32 buffer: it is never saved in checkpoints, and it is
+    recomputed whenever the module is moved or cast (``.to(dtype)`` would otherwise round it to
+    bf16, and ``to_empty()`` after a meta-device build would leave garbage in it).
+
+    Args:
+        head_dim: size of one attention head.
+        theta: RoPE base.
+        rope_scaling: None or a ``llama3`` scaling dict (see ``rope_inv_freq``).
+    """
+
+    def __init__(self, head_dim: int, theta: float, rope_scaling: dict | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.rope_scaling = dict(rope_scaling) if rope_scaling is not None else None
+        self.register_buffer("inv_freq", self._compute(None), persistent=False)
+
+    def _compute(self, device) -> torch.Tensor:
+        return rope_inv_freq(self.head_dim, self.theta, self.rope_scaling, device=device)
+
+    def reset_parameters(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute ``inv_freq`` in fp32 on ``device`` (default: where it is now)."""
+        device = self.inv_freq.device if device is None else device
+        self.inv_freq = self._compute(device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Casting or materialising must not change the frequencies: rebuild them in fp32.
+        self.inv_freq = self._compute(self.inv_freq.device)
+        return self
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [b, s] int -> (cos, sin) [b, s, head_dim] in ``dtype``.
+
+        Angles are computed in fp32 (positions up to 128k need it) and cast at the end.
+        """
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (b, s, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (b, s, hd): same frequency for both halves
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}, rope_scaling={self.rope_scaling}"

@@ -1,0 +1,192 @@
+"""The Llama decoder: embeddings, pre-norm decoder layers, final norm, output head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.modules.attention import Attention, KVCache
+from tunelab.modules.feed_forward import FeedForward
+from tunelab.modules.rms_norm import RMSNorm
+from tunelab.modules.rope import RotaryEmbedding
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + attn(attn_norm(x)); out = h + mlp(mlp_norm(h))``.
+
+    Args:
+        dim: model width.
+        n_heads: query heads.
+        n_kv_heads: key/value heads.
+        head_dim: size of one head.
+        hidden_dim: MLP inner width.
+        norm_eps: RMSNorm epsilon.
+    """
+
+    def __init__(
+        self, *, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, hidden_dim: int, norm_eps: float
+    ) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, n_heads, n_kv_heads, head_dim)
+        self.mlp_norm = RMSNorm(dim, eps=norm_eps)
+        self.mlp = FeedForward(dim, hidden_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask=mask, input_pos=input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class TransformerDecoder(nn.Module):
+    """A Llama-family decoder-only model.
+
+    State-dict names: ``tok_embeddings.weight``, ``layers.{i}.attn_norm.weight``,
+    ``layers.{i}.attn.{q,k,v,o}_proj.weight``, ``layers.{i}.mlp_norm.weight``,
+    ``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``norm.weight`` and ``output.weight``
+    (absent with tied embeddings: logits then use ``tok_embeddings.weight``). RoPE frequencies
+    are a computed, non-persistent buffer.
+
+    Args:
+        args: the architecture, normally a ``tunelab.models.llama.ModelArgs`` (any object with
+            its fields works: vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim,
+            hidden_dim, norm_eps, rope_theta, rope_scaling, tie_word_embeddings). Kept as
+            ``model.args``.
+    """
+
+    def __init__(self, args: Any) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(
+            TransformerDecoderLayer(
+                dim=args.dim,
+                n_heads=args.n_heads,
+                n_kv_heads=args.n_kv_heads,
+                head_dim=args.head_dim,
+                hidden_dim=args.hidden_dim,
+                norm_eps=args.norm_eps,
+            )
+            for _ in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        if not args.tie_word_embeddings:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
+        self.causal_mask: torch.Tensor | None = None  # set by setup_caches
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The [vocab, dim] matrix that maps final hidden states to logits (tied or not)."""
+        if self.args.tie_word_embeddings:
+            return self.tok_embeddings.weight
+        return self.output.weight
+
+    # ---------------------------------------------------------------- KV cache
+    def setup_caches(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate a KV cache in every layer (replacing any previous one).
+
+        Args:
+            batch_size: largest batch that will be decoded.
+            max_seq_len: prompt + generated positions the cache holds.
+            dtype: cache dtype (default: the embedding dtype).
+            device: cache device (default: the embedding device).
+        """
+        ref = self.tok_embeddings.weight
+        dtype = ref.dtype if dtype is None else dtype
+        device = ref.device if device is None else device
+        for layer in self.layers:
+            attn = layer.attn
+            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, device)
+        # Query at position p may see cached keys 0..p; rows are indexed by input_pos.
+        self.causal_mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
+
+    def reset_caches(self) -> None:
+        """Zero the KV caches (start a new sequence) without reallocating them."""
+        if not self.caches_are_enabled():
+            raise RuntimeError("reset_caches() called before setup_caches()")
+        for layer in self.layers:
+            layer.attn.kv_cache.reset()
+
+    def teardown_caches(self) -> None:
+        """Free the KV caches; the model goes back to full-sequence (training) mode."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+        self.causal_mask = None
+
+    def caches_are_enabled(self) -> bool:
+        return self.causal_mask is not None
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """tokens [b, s] int64 -> logits [b, s, vocab] (or final-normed hidden [b, s, dim]).
+
+        Args:
+            tokens: token ids [b, s].
+            position_ids: RoPE positions [b, s] (default ``arange(s)``, or ``input_pos`` when
+                decoding with a cache). Packed rows restart them at each document.
+            document_ids: [b, s] ids of packed documents; attention is causal and confined to
+                positions with the same id. Not supported together with a KV cache.
+            input_pos: [s] positions to write into / attend over in the KV cache; required
+                when caches are set up, ignored otherwise.
+            return_hidden: return the final-normed hidden states instead of logits (a fused
+                or chunked loss then multiplies by ``model.output_weight`` itself).
+        """
+        b, s = tokens.shape
+        h = self.tok_embeddings(tokens)  # (b, s, dim)
+
+        mask = None
+        if self.caches_are_enabled():
+            if input_pos is None:
+                raise ValueError("input_pos [s] is required when KV caches are set up")
+            if document_ids is not None:
+                raise ValueError("document_ids (packing) cannot be combined with a KV cache")
+            mask = self.causal_mask[None, None, input_pos]  # (1, 1, s, cache_len)
+            if position_ids is None:
+                position_ids = input_pos[None].expand(b, s)
+        else:
+            input_pos = None
+            if document_ids is not None:
+                same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (b, s, s)
+                causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
+                mask = (same_doc & causal)[:, None]  # (b, 1, s, s): broadcast over heads
+        if position_ids is None:
+            position_ids = torch.arange(s, device=tokens.device)[None].expand(b, s)
+
+        cos, sin = self.rope(position_ids, dtype=h.dtype)  # (b, s, head_dim) each
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask=mask, input_pos=input_pos)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        return self.logits_from_hidden(h)
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [..., dim] -> logits [..., vocab] (the output head)."""
+        if self.args.tie_word_embeddings:
+            return F.linear(h, self.tok_embeddings.weight)
+        # Call the module (not its weight) so a LoRA/NF4 layer swapped in for `output` applies.
+        return self.output(h)

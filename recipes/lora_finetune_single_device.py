@@ -1,0 +1,358 @@
+"""LoRA fine-tuning of a Llama-family model on one device (cuda or cpu).
+
+    tune run lora_finetune_single_device --config llama3_1/8B_lora_single_device
+    tune run lora_finetune_single_device --config tiny/lora          # ~1 min on a laptop CPU
+    python lora_finetune_single_device.py --config my.yaml lora.rank=8 max_steps=100
+
+Read top to bottom: settings, helpers, setup, the training loop, the final save. The base
+weights stay frozen; only the LoRA A/B matrices (kept in fp32) train. The loss of one optimizer
+step is the sum of the per-token cross-entropies over all its micro-batches divided by the
+number of label tokens in the whole step, so gradient accumulation gives the same update as
+one big batch. Checkpoints (PEFT adapter, merged HF folder, resume state) and metrics go to
+``output_dir`` in the layout of docs/architecture.md; ``resume=true`` continues from the
+newest complete ``step_N`` with exactly the losses an uninterrupted run would have had.
+
+``builtin:tiny`` (checkpoint) and ``builtin:tiny/<file>`` (packaged data) are resolved by
+``tunelab.training.builtin``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
+
+from tunelab.data.collate import packed_collate, padded_collate
+from tunelab.data.packing import PackedDataset
+from tunelab.data.tokenizers import load_tokenizer
+from tunelab.errors import CheckpointError, ConfigError, DataError, TunelabError
+from tunelab.models import from_pretrained
+from tunelab.modules.generation import generate
+from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
+from tunelab.training.builtin import resolve_builtin
+from tunelab.training.checkpointing import (
+    CheckpointManager,
+    ResumableSampler,
+    TrainingProgress,
+    adapter_writer,
+    load_state,
+    merged_writer,
+    state_writer,
+)
+from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
+from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
+from tunelab.training.schedules import build_lr_scheduler
+from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
+
+IGNORE_INDEX = -100
+SAMPLE_NEW_TOKENS = 32  # length of the greedy completion printed at the end
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclass(kw_only=True)
+class LRSchedulerConfig:
+    warmup_steps: int
+    schedule: Literal["cosine", "linear", "constant"]
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+
+
+@dataclass(kw_only=True)
+class RecipeConfig:
+    """Every key is required in the YAML (the configs are the one source of defaults)."""
+
+    checkpoint_dir: str  # HF folder (architecture from its config.json) or builtin:tiny
+    output_dir: str
+    tokenizer: str | None  # null = the tokenizer inside checkpoint_dir
+    dataset: dict = component_field(provided=("tokenizer", "max_seq_len"))
+    seed: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    epochs: int
+    max_steps: int | None  # cap on optimizer steps
+    max_seq_len: int
+    packing: bool
+    optimizer: dict = component_field(provided=("params",))
+    lr_scheduler: LRSchedulerConfig
+    lora: LoRAConfig
+    quantize: Literal["nf4"] | None
+    device: str  # auto | cpu | cuda | cuda:N
+    dtype: Literal["bf16", "fp32"]
+    activation_checkpointing: bool
+    compile: bool
+    max_grad_norm: float | None  # null = no clipping (the norm is still logged)
+    log_every_n_steps: int
+    save_every_n_steps: int | None  # plus always at the end
+    save_merged: Literal["final", "always", "never"]
+    keep_last_n_checkpoints: int
+    validation: dict | None = component_field(provided=("tokenizer", "max_seq_len"))
+    eval_every_n_steps: int | None
+    resume: bool
+
+
+class NonFiniteLossError(TunelabError):
+    """The loss or gradient norm became nan/inf; training stopped before the optimizer step."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def check_settings(cfg: RecipeConfig) -> None:
+    """Value ranges the types cannot express; one line per problem."""
+    if cfg.quantize == "nf4":
+        raise ConfigError("quantize: nf4 (QLoRA) is not implemented yet in this recipe; set quantize=null")
+    positive = dict(batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                    epochs=cfg.epochs, max_seq_len=cfg.max_seq_len, log_every_n_steps=cfg.log_every_n_steps,
+                    keep_last_n_checkpoints=cfg.keep_last_n_checkpoints, max_steps=cfg.max_steps,
+                    save_every_n_steps=cfg.save_every_n_steps, eval_every_n_steps=cfg.eval_every_n_steps)
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1 (or null where allowed), got {value}")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise ConfigError(f"max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
+
+
+def prepare_output_dir(cfg: RecipeConfig) -> tuple[CheckpointManager, Path | None]:
+    """Check output_dir is writable and never overwrite finished work; returns the manager and
+    the step folder to resume from (None = start fresh)."""
+    out = Path(cfg.output_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); pick another output_dir") from None
+    manager = CheckpointManager(out, cfg.keep_last_n_checkpoints)
+    latest = manager.latest_complete()
+    if latest is not None and not cfg.resume:
+        raise ConfigError(f"output_dir {out} already holds checkpoints (newest {latest.name}); "
+                          "pass resume=true to continue them or pick another output_dir")
+    if cfg.resume and latest is None:
+        print(f"notice: resume=true but {out} holds no complete checkpoint; starting from step 0")
+    return manager, latest if cfg.resume else None
+
+
+def resolve_paths(cfg: RecipeConfig) -> None:
+    """Resolve ``builtin:`` names and check the checkpoint folder before any work starts."""
+    cfg.checkpoint_dir = resolve_builtin(cfg.checkpoint_dir)
+    if cfg.tokenizer is not None:
+        cfg.tokenizer = resolve_builtin(cfg.tokenizer)
+    for node in (cfg.dataset, cfg.validation):
+        if node is not None and isinstance(node.get("source"), str):
+            node["source"] = resolve_builtin(node["source"])
+    if not (Path(cfg.checkpoint_dir).expanduser() / "config.json").is_file():
+        raise CheckpointError(f"checkpoint_dir {cfg.checkpoint_dir} has no config.json (missing or not an HF "
+                              "model folder); download one with `tune download` or use builtin:tiny")
+
+
+def setup_model(cfg: RecipeConfig, device: torch.device, dtype: torch.dtype, compile_layers: bool):
+    """Base model (frozen) + fp32 LoRA adapters, with the checkpointing/compile switches."""
+    model = from_pretrained(cfg.checkpoint_dir, dtype=dtype, device=device)
+    apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, adapter_dtype=torch.float32)
+    set_trainable_params(model)
+    for layer in model.layers:
+        if cfg.activation_checkpointing:
+            # recompute each layer in backward; non-reentrant keeps dropout RNG and kwargs right
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        if compile_layers:
+            layer.compile()  # in place: parameter names (and so checkpoints) do not change
+    return model.train()
+
+
+def build_dataset(node: dict, tokenizer, max_seq_len: int, what: str):
+    dataset = instantiate(node, tokenizer=tokenizer, max_seq_len=max_seq_len)
+    skipped = getattr(dataset, "num_skipped", 0)
+    detail = f" (skipped {skipped}: {dataset.describe_skips()})" if skipped else ""
+    print(f"{what}: {len(dataset)} samples{detail}")
+    return dataset
+
+
+def make_loader(dataset, batch_size: int, sampler, pad_id: int, packed: bool) -> DataLoader:
+    def collate(samples):
+        batch = packed_collate(samples) if packed else padded_collate(samples, pad_id)
+        batch["num_tokens"] = sum(len(s["tokens"]) for s in samples)  # real tokens, for tok/s
+        return batch
+
+    # a private generator: iter(DataLoader) otherwise draws a seed from the global RNG, which
+    # would shift the dropout masks of a resumed run
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Sum (not mean) of the token cross-entropies of one micro-batch, in fp32."""
+    tokens = batch["tokens"].to(device)
+    labels = batch["labels"].to(device)
+    extra = {k: batch[k].to(device) for k in ("position_ids", "document_ids") if k in batch}
+    logits = model(tokens, **extra)  # (b, s, vocab)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, device: torch.device) -> float:
+    """Mean token loss over the whole loader (dropout off)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        total += loss_sum(model, batch, device).item()
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+def prompt_of(sample: dict) -> list[int]:
+    """The prompt part of a sample: tokens up to the first trained target."""
+    labels = sample["labels"]
+    first = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels) - 1)
+    return list(sample["tokens"][: first + 1])
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv: list[str]) -> None:
+    cfg = parse_recipe_args(argv, RecipeConfig)
+    check_settings(cfg)
+    manager, resume_dir = prepare_output_dir(cfg)
+    out = manager.output_dir
+    save_config(cfg, out / "config.yaml")  # as given (builtin: names kept), before resolving
+    resolve_paths(cfg)
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    compile_layers = cuda_only_settings_notice(device, compile=cfg.compile)["compile"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
+    model = setup_model(cfg, device, dtype, compile_layers)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
+                          f"{model.args.vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
+    params = list(get_adapter_params(model).values())
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+          f"(LoRA rank {cfg.lora.rank}) on {device} in {cfg.dtype}")
+
+    dataset = build_dataset(cfg.dataset, tokenizer, cfg.max_seq_len, "dataset")
+    train_data = PackedDataset(dataset, cfg.max_seq_len, pad_id=tokenizer.pad_id) if cfg.packing else dataset
+    sampler = ResumableSampler(len(train_data), seed=cfg.seed)
+    loader = make_loader(train_data, cfg.batch_size, sampler, tokenizer.pad_id, cfg.packing)
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = len(train_data) // cfg.batch_size // accum
+    if steps_per_epoch == 0:
+        raise DataError(f"dataset has {len(train_data)} {'packed rows' if cfg.packing else 'samples'}, fewer than "
+                        f"batch_size x gradient_accumulation_steps = {cfg.batch_size * accum}; lower them")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    val_loader = None
+    if cfg.validation is not None:
+        val_data = build_dataset(cfg.validation, tokenizer, cfg.max_seq_len, "validation")
+        val_loader = make_loader(val_data, cfg.batch_size, ResumableSampler(len(val_data), 0, shuffle=False),
+                                 tokenizer.pad_id, packed=False)
+
+    optimizer = instantiate(cfg.optimizer, params)
+    scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
+                                   total_steps=total_steps, schedule=cfg.lr_scheduler.schedule)
+    progress = TrainingProgress(sampler_seed=cfg.seed)
+    if resume_dir is not None:
+        progress = load_state(resume_dir / "state", model=model, optimizer=optimizer, scheduler=scheduler)
+        sampler.seed = progress.sampler_seed
+        print(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
+
+    def save_checkpoint(final: bool) -> Path:
+        writers = {"adapter": adapter_writer(model, base_model_name_or_path=cfg.checkpoint_dir, lora_cfg=cfg.lora)}
+        if cfg.save_merged == "always" or (final and cfg.save_merged == "final"):
+            writers["merged"] = merged_writer(model, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
+        writers["state"] = state_writer(progress, model=model, optimizer=optimizer, scheduler=scheduler)
+        return manager.save(progress.step, writers)
+
+    # -------------------------------------------------------------------------------- loop
+    metrics = MetricsLogger(out)
+    metrics.truncate_after(progress.step)  # rows a killed run logged after its last checkpoint
+    display = ProgressDisplay(total_steps, initial=progress.step)
+    print(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} samples each)")
+    last_saved = resume_dir
+    timer, tokens_seen = time.perf_counter(), 0
+    try:
+        while progress.step < total_steps:
+            if progress.batches_consumed // accum >= steps_per_epoch:  # epoch finished
+                progress.epoch, progress.batches_consumed = progress.epoch + 1, 0
+            sampler.set_epoch(progress.epoch, start_sample=progress.batches_consumed * cfg.batch_size)
+            batches = iter(loader)
+            while progress.step < total_steps and progress.batches_consumed // accum < steps_per_epoch:
+                micro_batches = [next(batches) for _ in range(accum)]
+                # normalise by the label tokens of the whole optimizer step, not per micro-batch
+                n_labels = max(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches), 1)
+                step_loss = torch.zeros((), device=device)
+                for batch in micro_batches:
+                    loss = loss_sum(model, batch, device)
+                    (loss / n_labels).backward()
+                    step_loss += loss.detach()
+                loss_value = step_loss.item() / n_labels
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+                    raise NonFiniteLossError(
+                        f"loss {loss_value} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
+                        f"stopped without saving ({kept}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                progress.batches_consumed += accum
+                tokens_seen += sum(b["num_tokens"] for b in micro_batches)
+
+                step = progress.step
+                if step % cfg.log_every_n_steps == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - timer
+                    row = {"step": step, "epoch": progress.epoch, "loss": loss_value,
+                           "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                           "grad_norm": grad_norm}
+                    if (mem := peak_memory_gib(device)) is not None:
+                        row["peak_mem_gib"] = mem
+                    metrics.log(row)
+                    display.update(row)
+                    timer, tokens_seen = time.perf_counter(), 0
+                if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
+                                               or step == total_steps):
+                    eval_row = {"step": step, "epoch": progress.epoch, "eval_loss": evaluate(model, val_loader, device)}
+                    metrics.log(eval_row)
+                    display.write(f"step {step}: eval_loss={eval_row['eval_loss']:.4f}")
+                    timer = time.perf_counter()
+                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
+                    last_saved = save_checkpoint(final=False)
+                    timer = time.perf_counter()
+    finally:
+        display.close()
+        metrics.close()
+
+    # -------------------------------------------------------------------------------- final save
+    final_dir = save_checkpoint(final=True) if last_saved is None or last_saved.name != f"step_{total_steps}" else last_saved
+    print(f"adapter: {final_dir / 'adapter'}")
+    if (final_dir / "merged").is_dir():
+        print(f"merged model: {final_dir / 'merged'}")
+    sample_source = val_data if val_loader is not None else dataset
+    prompt = prompt_of(sample_source[0])
+    completion = generate(model, prompt, max_new_tokens=SAMPLE_NEW_TOKENS, stop_tokens=tokenizer.stop_tokens)
+    print(f"sample prompt: {tokenizer.decode(prompt)!r}")
+    # a model vocab padded past the tokenizer's can emit ids the tokenizer cannot decode
+    completion = [t for t in completion if t < tokenizer.vocab_size]
+    print(f"sample completion (greedy): {tokenizer.decode(completion)!r}")
+
+
+if __name__ == "__main__":
+    recipe_entry(main)

@@ -1,0 +1,46 @@
+"""generate(): greedy decoding vs transformers, stop tokens, sampling options."""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.models import from_pretrained
+from tunelab.modules.generation import generate, sample_next_token
+
+
+def test_greedy_matches_transformers(make_hf_checkpoint, load_hf_model):
+    path = make_hf_checkpoint("llama3_1")
+    native, hf = from_pretrained(path), load_hf_model(path)
+    prompt = torch.randint(3, 1024, (9,)).tolist()
+    n = 70  # runs past original_max_position_embeddings (64)
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt):].tolist()
+    assert generate(native, prompt, max_new_tokens=n) == ref
+    assert not native.caches_are_enabled()  # generate cleans up the caches it made
+
+    # A stop token ends generation and is not returned.
+    stop = ref[5]
+    out = generate(native, prompt, max_new_tokens=n, stop_tokens=[stop])
+    assert out == ref[: ref.index(stop)]
+
+
+def test_sampling_is_reproducible_and_filters(make_hf_checkpoint):
+    native = from_pretrained(make_hf_checkpoint("llama3"))
+    prompt = [1, 10, 20, 30]
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9)
+    a = generate(native, prompt, generator=torch.Generator().manual_seed(0), **kw)
+    b = generate(native, prompt, generator=torch.Generator().manual_seed(0), **kw)
+    assert a == b and len(a) == 12
+    # top_k=1 is greedy whatever the temperature.
+    greedy = generate(native, prompt, max_new_tokens=12)
+    assert generate(native, prompt, max_new_tokens=12, temperature=2.0, top_k=1) == greedy
+
+
+def test_sample_next_token_top_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    gen = torch.Generator().manual_seed(0)
+    seen = {sample_next_token(logits, temperature=1.0, top_p=0.7, generator=gen) for _ in range(200)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is cut
+    assert sample_next_token(logits) == 0

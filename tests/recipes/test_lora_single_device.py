@@ -1,0 +1,169 @@
+"""lora_finetune_single_device end to end on transformers-written checkpoints (CPU, fp32)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.training.checkpointing import COMPLETE
+
+
+# with the LM head adapted too (PEFT: lm_head), the loss of a random model falls quickly
+ALL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,output"
+
+
+def _tokens(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 700, (2, n), generator=g)
+
+
+def test_end_to_end_adapter_and_merged_match_transformers(tmp_path, make_hf_checkpoint, load_hf_model, rt, capsys):
+    """Loss falls; the PEFT adapter and the merged folder reproduce tunelab's logits in
+    transformers. Tolerance 1e-4: fp32, same math, only summation order differs."""
+    from peft import PeftModel
+
+    from tunelab.models import from_pretrained
+    from tunelab.models.adapters import load_adapter
+
+    ckpt = make_hf_checkpoint("llama3")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
+    out = tmp_path / "out"
+    rows = rt.run_lora(rt.lora_argv(ckpt, out, data, "epochs=4", "optimizer.lr=1.0e-2",
+                                       f"lora.targets=[{ALL_TARGETS}]"))
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 17))
+    assert set(train_rows[0]) >= {"step", "epoch", "loss", "lr", "tokens_per_s", "grad_norm"}
+    first, last = train_rows[0]["loss"], sum(r["loss"] for r in train_rows[-4:]) / 4
+    assert last < first - 1.0, (first, last)
+
+    step_dir = out / "step_16"
+    assert (step_dir / COMPLETE).is_file() and (out / "config.yaml").is_file()
+    assert sorted(p.name for p in step_dir.iterdir()) == ["COMPLETE", "adapter", "merged", "state"]
+    stdout = capsys.readouterr().out
+    assert str(step_dir / "adapter") in stdout and "sample completion" in stdout
+    cfg = json.loads((step_dir / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 16 and cfg["task_type"] == "CAUSAL_LM"
+
+    tokens = _tokens()
+    ours = load_adapter(from_pretrained(ckpt), step_dir / "adapter").eval()
+    with torch.no_grad():
+        expected = ours(tokens)
+        peft_model = PeftModel.from_pretrained(load_hf_model(ckpt), step_dir / "adapter").eval()
+        torch.testing.assert_close(peft_model(tokens).logits, expected, atol=1e-4, rtol=1e-4)
+        merged = load_hf_model(step_dir / "merged")
+        torch.testing.assert_close(merged(tokens).logits, expected, atol=1e-4, rtol=1e-4)
+    # the training changed something (B starts at zero)
+    base = load_hf_model(ckpt)
+    with torch.no_grad():
+        assert (base(tokens).logits - expected).abs().max() > 1e-3
+    assert (step_dir / "merged" / "tokenizer.model").is_file()  # the tokenizer travels along
+
+
+def test_resume_gives_identical_losses_and_adapter(tmp_path, make_hf_checkpoint, rt):
+    """6 steps straight vs 3 + resume to 6 (crossing an epoch, with LoRA dropout so the RNG
+    state matters): bit-identical on CPU fp32."""
+    ckpt = make_hf_checkpoint("llama2")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
+    extra = ("max_steps=6", "epochs=3", "save_every_n_steps=3", "lora.dropout=0.1", "save_merged=never")
+    straight = rt.run_lora(rt.lora_argv(ckpt, tmp_path / "a", data, *extra))
+
+    out = tmp_path / "b"
+    rt.run_lora(rt.lora_argv(ckpt, out, data, *extra))
+    import shutil
+
+    shutil.rmtree(out / "step_6")  # as if killed after the step-3 checkpoint
+    resumed = rt.run_lora(rt.lora_argv(ckpt, out, data, *extra, "resume=true"))
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
+    a = load_file(tmp_path / "a" / "step_6" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "step_6" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accumulation_normalises_by_tokens(tmp_path, make_hf_checkpoint, rt):
+    """batch 4 x accum 1 == batch 2 x accum 2 with unequal sample lengths: same losses, grad
+    norms and adapter (fp32; 1e-5 covers the different summation order)."""
+    ckpt = make_hf_checkpoint("llama3")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16, seed=3))
+    common = ("max_steps=3", "save_merged=never", "optimizer.lr=1.0e-2")
+    one = rt.run_lora(rt.lora_argv(ckpt, tmp_path / "one", data, *common, "batch_size=4"))
+    two = rt.run_lora(rt.lora_argv(ckpt, tmp_path / "two", data, *common, "batch_size=2",
+                                   "gradient_accumulation_steps=2"))
+    for r1, r2 in zip(one, two):
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4, abs=1e-6)
+    a = load_file(tmp_path / "one" / "step_3" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "step_3" / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, make_hf_checkpoint, rt):
+    from tunelab.errors import TunelabError
+
+    ckpt = make_hf_checkpoint("llama3")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
+    out = tmp_path / "out"
+    argv = rt.lora_argv(ckpt, out, data, "max_steps=4", "save_every_n_steps=1", "optimizer.lr=1.0e30",
+                        "max_grad_norm=null", "lr_scheduler.schedule=constant", "lr_scheduler.warmup_steps=0")
+    with pytest.raises(TunelabError, match="not finite") as info:
+        rt.run_lora(argv)
+    msg = str(info.value)
+    assert "\n" not in msg and "last good checkpoint" in msg
+    steps = sorted(int(p.name.split("_")[1]) for p in out.glob("step_*"))
+    assert steps and all((out / f"step_{s}" / COMPLETE).is_file() for s in steps)
+    assert f"step_{steps[-1]}" in msg
+
+
+def test_keep_last_n_and_complete_marker(tmp_path, make_hf_checkpoint, rt, capsys):
+    ckpt = make_hf_checkpoint("llama3")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
+    out = tmp_path / "out"
+    argv = rt.lora_argv(ckpt, out, data, "max_steps=4", "save_every_n_steps=1", "keep_last_n_checkpoints=2",
+                        "save_merged=never")
+    rt.run_lora(argv)
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_3", "step_4"]
+    # a folder without COMPLETE is ignored: resume starts from step_3 and redoes step 4
+    (out / "step_4" / COMPLETE).unlink()
+    rows = rt.run_lora(argv + ["resume=true"])
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (out / "step_4" / COMPLETE).is_file()
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path, make_hf_checkpoint, rt, capsys):
+    ckpt = make_hf_checkpoint("llama3")
+    rows = rt.alpaca_rows(12) + ["{not json", {"instruction": "x", "input": "", "output": ""}]
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rows)
+    rt.run_lora(rt.lora_argv(ckpt, tmp_path / "out", data, "max_steps=1", "save_merged=never"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("dataset:"))
+    assert "12 samples" in line and "skipped 2" in line
+
+
+@pytest.mark.parametrize(
+    "config,kind",
+    [
+        ("llama2/7B_lora_single_device", "llama2"),
+        ("llama3/8B_lora_single_device", "llama3"),
+        ("llama3_1/8B_lora_single_device", "llama3_1"),
+        ("llama3_2/1B_lora_single_device", "llama3_2"),
+        ("llama3_2/3B_lora_single_device", "llama3_2"),
+    ],
+)
+def test_shipped_configs_run_on_cpu(config, kind, tmp_path, make_hf_checkpoint, rt, capsys):
+    """The shipped configs run unchanged on a tiny checkpoint; CUDA-only settings switch off
+    with a one-line notice."""
+    from tunelab.recipes import lora_finetune_single_device as recipe
+    from tunelab.training.config import load_config
+
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(40))
+    out = tmp_path / "out"
+    recipe.main(["--config", config, "device=cpu", f"checkpoint_dir={make_hf_checkpoint(kind)}",
+                 f"tokenizer={rt.TINY_TOKENIZER}", f"dataset.source={data}", "max_steps=1", "max_seq_len=64",
+                 f"output_dir={out}"])
+    assert (out / "step_1" / COMPLETE).is_file()
+    stdout = capsys.readouterr().out
+    if load_config(config).compile:
+        assert "notice: compile switched off on cpu (needs CUDA)" in stdout.splitlines()

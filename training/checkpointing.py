@@ -1,0 +1,402 @@
+"""One home for training state: checkpoint folders, resume, RNG and data position.
+
+Every recipe saves and resumes through this file, so the copies cannot drift apart.
+
+Layout written by :class:`CheckpointManager` (see docs/architecture.md)::
+
+    output_dir/step_N/adapter/    PEFT adapter (adapter_model.safetensors + adapter_config.json)
+    output_dir/step_N/merged/     HF folder with the LoRA weights merged in (per save_merged)
+    output_dir/step_N/state/      everything resume needs, safetensors + json, no pickle:
+        trainable.safetensors     trainable parameters by native name (exact resume)
+        optimizer.safetensors     optimizer tensors, keys "state.<param index>.<name>"
+        optimizer.json            param_groups + non-tensor optimizer state
+        scheduler.json            lr scheduler state_dict
+        rng.safetensors/rng.json  torch cpu (+cuda) generator states, python random, numpy
+        progress.json             step, epoch, batches consumed in the epoch, sampler seed
+    output_dir/step_N/COMPLETE    written last; a folder without it is ignored
+
+A step folder is first written as ``output_dir/.tmp_step_N_<pid>`` and renamed into place, then
+``COMPLETE`` is written (to a temp name + rename), so a killed run never leaves a folder that
+resume would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Sampler
+
+from tunelab.errors import CheckpointError
+
+COMPLETE = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+# --------------------------------------------------------------------------- data position
+@dataclass
+class TrainingProgress:
+    """Where training is: ``step`` optimizer steps done; ``batches_consumed`` micro-batches of
+    epoch ``epoch`` already used (the data position); ``sampler_seed`` orders the data."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_consumed: int = 0
+    sampler_seed: int = 0
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffles ``range(num_samples)`` with a fresh permutation per epoch, seeded by
+    ``seed + epoch`` (independent of the global RNG), and can start part-way into an epoch.
+
+    Args:
+        num_samples: dataset length.
+        seed: base seed of the permutations.
+        shuffle: False keeps the dataset order.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Iterate epoch ``epoch`` beginning with its ``start_sample``-th sample."""
+        self.epoch = epoch
+        self.start = start_sample
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.num_samples, generator=gen).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+# --------------------------------------------------------------------------- RNG
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Generator states as (tensors for safetensors, json-able metadata)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda.{i}"] = state
+    version, internal, gauss = random.getstate()
+    meta: dict[str, Any] = {"python": [version, list(internal), gauss]}
+    try:
+        import numpy as np
+    except ImportError:
+        return tensors, meta
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
+    meta["numpy"] = [name, int(pos), int(has_gauss), float(cached)]
+    return tensors, meta
+
+
+def restore_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda."))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in meta:
+        import numpy as np
+
+        name, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((name, tensors["numpy_keys"].numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+# --------------------------------------------------------------------------- optimizer
+def flatten_optimizer_state(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``state.<idx>.<name>``) and json."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state_dict["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], current_groups: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`; json lists become tuples where the live
+    optimizer holds tuples (e.g. AdamW's betas)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = []
+    for saved, live in zip(meta["param_groups"], current_groups):
+        group = dict(saved)
+        for k, v in group.items():
+            if isinstance(live.get(k), tuple) and isinstance(v, list):
+                group[k] = tuple(v)
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------- state folder
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+
+
+def save_state(
+    state_dir: str | Path,
+    *,
+    progress: TrainingProgress,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+) -> None:
+    """Write everything resume needs into ``state_dir`` (safetensors + json, no pickle).
+
+    Args:
+        state_dir: folder to create.
+        progress: step / epoch / data position.
+        model: its trainable parameters (requires_grad) are saved by name.
+        optimizer: saved via its state_dict, tensors flattened.
+        scheduler: anything with a json-able ``state_dict()`` (e.g. LambdaLR).
+    """
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(state_dir / "trainable.safetensors"))
+    if optimizer is not None:
+        tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        save_file(tensors, str(state_dir / "optimizer.safetensors"))
+        _write_json(state_dir / "optimizer.json", meta)
+    if scheduler is not None:
+        _write_json(state_dir / "scheduler.json", scheduler.state_dict())
+    rng_tensors, rng_meta = capture_rng_state()
+    save_file(rng_tensors, str(state_dir / "rng.safetensors"))
+    _write_json(state_dir / "rng.json", rng_meta)
+    _write_json(state_dir / "progress.json", dataclasses.asdict(progress))
+
+
+def load_state(
+    state_dir: str | Path,
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    restore_rng: bool = True,
+) -> TrainingProgress:
+    """Restore what :func:`save_state` wrote into live objects; returns the progress.
+
+    Raises:
+        CheckpointError: missing files, or trainable parameters that do not match the model.
+    """
+    state_dir = Path(state_dir)
+    if not (state_dir / "progress.json").is_file():
+        raise CheckpointError(f"{state_dir} has no progress.json; it is not a tunelab state folder")
+    try:
+        if model is not None:
+            saved = load_file(str(state_dir / "trainable.safetensors"))
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            if set(saved) != set(params):
+                missing = sorted(set(params) - set(saved))[:3]
+                extra = sorted(set(saved) - set(params))[:3]
+                raise CheckpointError(
+                    f"{state_dir}: trainable parameters do not match the model (missing {missing}, "
+                    f"unexpected {extra}); resume with the same lora settings"
+                )
+            with torch.no_grad():
+                for name, p in params.items():
+                    if saved[name].shape != p.shape:
+                        raise CheckpointError(
+                            f"{state_dir}: {name} has shape {tuple(saved[name].shape)}, the model "
+                            f"{tuple(p.shape)}; resume with the same lora settings"
+                        )
+                    p.copy_(saved[name])
+        if optimizer is not None:
+            meta = json.loads((state_dir / "optimizer.json").read_text(encoding="utf-8"))
+            tensors = load_file(str(state_dir / "optimizer.safetensors"))
+            optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta, optimizer.param_groups))
+        if scheduler is not None:
+            scheduler.load_state_dict(json.loads((state_dir / "scheduler.json").read_text(encoding="utf-8")))
+        if restore_rng:
+            restore_rng_state(
+                load_file(str(state_dir / "rng.safetensors")),
+                json.loads((state_dir / "rng.json").read_text(encoding="utf-8")),
+            )
+        progress = json.loads((state_dir / "progress.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{state_dir} is incomplete ({Path(e.filename).name} missing); resume from another step") from None
+    return TrainingProgress(**progress)
+
+
+# --------------------------------------------------------------------------- step folders
+Writer = Callable[[Path], None]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Creates, lists and prunes ``output_dir/step_N`` folders.
+
+    Args:
+        output_dir: the run folder.
+        keep_last_n: complete step folders kept after each save (>= 1); older ones are
+            deleted, the newest complete one never is.
+    """
+
+    def __init__(self, output_dir: str | Path, keep_last_n: int):
+        if keep_last_n < 1:
+            raise CheckpointError(f"keep_last_n_checkpoints must be >= 1, got {keep_last_n}")
+        self.output_dir = Path(output_dir)
+        self.keep_last_n = keep_last_n
+
+    def step_dirs(self) -> dict[int, Path]:
+        """All ``step_N`` folders (complete or not) by step."""
+        if not self.output_dir.is_dir():
+            return {}
+        found = {}
+        for child in self.output_dir.iterdir():
+            m = _STEP_RE.match(child.name)
+            if m and child.is_dir():
+                found[int(m.group(1))] = child
+        return found
+
+    def complete_steps(self) -> list[int]:
+        """Steps whose folder has the COMPLETE marker, ascending."""
+        return sorted(s for s, d in self.step_dirs().items() if (d / COMPLETE).is_file())
+
+    def latest_complete(self) -> Path | None:
+        """The newest complete step folder (what resume uses), or None."""
+        steps = self.complete_steps()
+        return self.output_dir / f"step_{steps[-1]}" if steps else None
+
+    def save(self, step: int, writers: Mapping[str, Writer]) -> Path:
+        """Write ``step_N/<name>`` with each writer (called with the folder to create), then
+        the COMPLETE marker, then prune. Returns the step folder.
+
+        Args:
+            step: optimizer step number (folder name).
+            writers: subfolder name -> function writing that subfolder, e.g.
+                ``{"adapter": ..., "merged": ..., "state": ...}``.
+        """
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        final = self.output_dir / f"step_{step}"
+        tmp = self.output_dir / f".tmp_step_{step}_{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for name, write in writers.items():
+                write(tmp / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():  # an incomplete leftover of a killed run, or a re-save of this step
+            trash = self.output_dir / f".trash_step_{step}_{os.getpid()}"
+            final.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp.rename(final)
+        marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": sorted(writers)}
+        _write_atomic(final / COMPLETE, json.dumps(marker) + "\n")
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_last_n`` complete folders; drop incomplete folders older than
+        the newest complete one and temp folders of dead writers."""
+        complete = self.complete_steps()
+        if not complete:
+            return
+        keep = set(complete[-self.keep_last_n :])
+        for step, folder in self.step_dirs().items():
+            if step not in keep and step < complete[-1]:
+                shutil.rmtree(folder, ignore_errors=True)
+        for child in self.output_dir.iterdir():
+            if child.name.startswith((".tmp_step_", ".trash_step_")) and not child.name.endswith(f"_{os.getpid()}"):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- writers
+def state_writer(
+    progress: TrainingProgress,
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+) -> Writer:
+    """A writer for ``CheckpointManager.save`` that calls :func:`save_state`."""
+    progress = dataclasses.replace(progress)  # freeze the values at call time
+    return lambda folder: save_state(folder, progress=progress, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def adapter_writer(model: torch.nn.Module, *, base_model_name_or_path: str, lora_cfg: Any) -> Writer:
+    """A writer saving the LoRA adapter in PEFT format (``tunelab.models.adapters.save_adapter``)."""
+
+    def write(folder: Path) -> None:
+        from tunelab.models.adapters import save_adapter
+
+        save_adapter(model, folder, base_model_name_or_path=base_model_name_or_path, lora_cfg=lora_cfg)
+
+    return write
+
+
+def merged_writer(model: torch.nn.Module, *, source_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Writer:
+    """A writer saving an HF folder with the LoRA weights merged in.
+
+    Args:
+        model: the native model with LoRA layers (left unchanged).
+        source_dir: the base checkpoint (config.json read, tokenizer/generation files copied).
+        tokenizer_dir: a separately given tokenizer (file or folder) whose files are copied too.
+    """
+
+    def write(folder: Path) -> None:
+        from tunelab.models import save_pretrained
+        from tunelab.modules.peft import merge_lora_state_dict
+
+        save_pretrained(merge_lora_state_dict(model), folder, source_dir=source_dir, args=model.args)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, folder)
+
+    return write
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer_files(tokenizer_path: str | Path, out_dir: str | Path) -> None:
+    """Copy tokenizer files from a tokenizer file or folder (or its original/) into out_dir."""
+    src = Path(tokenizer_path)
+    out_dir = Path(out_dir)
+    if src.is_file():
+        name = "tokenizer.model" if src.suffix == ".model" else src.name
+        shutil.copyfile(src, out_dir / name)
+        return
+    for folder in (src, src / "original"):
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file() and not (out_dir / name).exists():
+                shutil.copyfile(folder / name, out_dir / name)

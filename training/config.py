@@ -1,0 +1,810 @@
+"""Configs that refuse typos: YAML + command-line overrides -> a typed dataclass.
+
+A recipe declares its settings as ``@dataclass(kw_only=True)`` classes and calls::
+
+    cfg = parse_recipe_args(argv, RecipeConfig)   # argv = ["--config", X, "key.sub=v", "~key"]
+    save_config(cfg, output_dir / "config.yaml")  # the resolved config, defaults filled in
+    optimizer = instantiate(cfg.optimizer, model.parameters())
+    dataset = instantiate(cfg.dataset, tokenizer=tok, max_seq_len=cfg.max_seq_len)
+
+The pieces, usable on their own:
+
+* ``load_config(name_or_path) -> DictConfig``: a built-in name (``tiny/lora``, resolved to
+  ``tunelab/configs/tiny/lora.yaml``) or a path to a YAML file.
+* ``apply_overrides(cfg, ["lora.rank=8", "~validation"]) -> DictConfig``: values are typed
+  by YAML (``1e-4`` is a float, ``[q_proj,v_proj]`` a list, ``null`` None); ``~key`` removes.
+* ``load_recipe_config(argv) -> DictConfig``: ``--config`` + overrides, interpolations resolved.
+* ``parse_config(cfg, schema) -> schema instance``: every key must be a field (a typo gets a
+  did-you-mean), every required field present, every value of the declared type, and every
+  ``_component_`` node must name an importable target that accepts the node's keys. All
+  problems are collected and raised together as one ``ConfigErrors`` (one line each).
+* ``instantiate(node, *args, **kwargs)`` / ``check_component(node, key_path, provided)``.
+* ``recipe_entry(main)``: runs ``main(sys.argv[1:])``; a ``TunelabError`` becomes
+  ``error: <message>`` on stderr and exit code 1, Ctrl-C exit code 130.
+
+Schema typing rules. Supported field types: ``int``, ``float`` (an int or a string such as
+``"1e-4"`` is accepted), ``bool`` (only true/false), ``str`` (numbers are turned into strings),
+``pathlib.Path``, ``Literal[...]``, ``X | None`` / ``Optional[X]`` (None only there),
+``list[X]`` / ``tuple[X, ...]``, nested dataclasses (groups like ``lora``), ``dict`` (plain
+mappings or ``_component_`` nodes; keys under a component node are the target's keyword
+arguments) and ``Any``. Fields without a default are required in the YAML. A component field
+may say which arguments the recipe passes itself, so that missing required arguments are
+reported before any work starts::
+
+    dataset: dict = component_field(provided=("tokenizer", "max_seq_len"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tunelab.errors import ConfigError, TunelabError
+
+__all__ = [
+    "COMPONENT_KEY",
+    "ConfigErrors",
+    "apply_overrides",
+    "builtin_config_names",
+    "check_component",
+    "component_field",
+    "config_to_dict",
+    "configs_dir",
+    "error_lines",
+    "instantiate",
+    "load_config",
+    "load_recipe_config",
+    "parse_config",
+    "parse_recipe_args",
+    "parse_value",
+    "recipe_entry",
+    "resolve_config_path",
+    "save_config",
+]
+
+COMPONENT_KEY = "_component_"
+T = TypeVar("T")
+
+
+class ConfigErrors(ConfigError):
+    """Several config problems found at once; ``.errors`` holds one line per problem."""
+
+    def __init__(self, errors: Sequence[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+def error_lines(exc: BaseException) -> list[str]:
+    """The one-line messages of an error (several for ``ConfigErrors``)."""
+    if isinstance(exc, ConfigErrors):
+        return list(exc.errors)
+    return [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" — did you mean '{match[0]}'?" if match else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading YAML and applying overrides
+# --------------------------------------------------------------------------------------------
+
+
+def configs_dir() -> Path:
+    """Folder of the built-in configs (``tunelab/configs``, shipped as package data)."""
+    import tunelab.configs
+
+    return Path(tunelab.configs.__file__).resolve().parent
+
+
+def builtin_config_names() -> list[str]:
+    """All built-in config names (``family/name`` without ``.yaml``), sorted."""
+    root = configs_dir()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """Path of a config given as a YAML file path or a built-in name like ``tiny/lora``.
+
+    Raises:
+        ConfigError: neither an existing file nor a built-in name.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    name = text[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else text
+    builtin = configs_dir() / f"{name}.yaml"
+    if not path.is_absolute() and builtin.is_file():
+        return builtin
+    hint = _did_you_mean(name, builtin_config_names())
+    raise ConfigError(
+        f"config '{text}' not found: not a YAML file and not a built-in config name{hint} "
+        "(run `tune ls` to see the built-in names)"
+    )
+
+
+def load_config(name_or_path: str | Path) -> DictConfig:
+    """Load a config by built-in name (``llama3_1/8B_lora_single_device``) or YAML path.
+
+    Args:
+        name_or_path: built-in name (resolved under ``tunelab/configs``) or a YAML file path.
+
+    Returns:
+        The config as an OmegaConf ``DictConfig`` (interpolations not yet resolved).
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or a top level that is not a mapping.
+    """
+    path = resolve_config_path(name_or_path)
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"config {path} is not valid YAML: {detail}") from None
+    if cfg is None or not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config {path} must be a mapping of keys to values at the top level")
+    return cfg
+
+
+class _OverrideLoader(yaml.SafeLoader):
+    """SafeLoader typing values like OmegaConf's YAML loader does for config files: ``1e-4``
+    / ``5e3`` are floats (plain YAML 1.1 wants ``1.0e-4``), dates stay strings."""
+
+
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_OverrideLoader.yaml_implicit_resolvers = {
+    # OmegaConf keeps dates as strings; floats get the more lenient pattern below.
+    k: [(tag, r) for tag, r in v if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_OverrideLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    """Type an override value the way YAML would (plus ``1e-4`` as a float).
+
+    A value that is not valid YAML on its own (e.g. ``a: b`` inside a prompt) stays a string.
+    """
+    try:
+        return yaml.load(text, Loader=_OverrideLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Apply ``key.sub=value`` and ``~key.sub`` overrides in order (modifies and returns cfg).
+
+    Setting a key that does not exist yet is allowed here (a keyword argument under a
+    ``_component_`` node is legitimate); typed validation (``parse_config``) rejects it when
+    it is not a field. Removing a key that does not exist is an error.
+
+    Args:
+        cfg: the loaded config.
+        overrides: strings like ``optimizer.lr=1e-4``, ``lora.targets=[q_proj,v_proj]``,
+            ``tokenizer=null`` or ``~validation``.
+
+    Raises:
+        ConfigError: malformed override, removal of a missing key, or a path through a
+            scalar value.
+    """
+    for item in overrides:
+        if item.startswith("~"):
+            _remove_key(cfg, item[1:], item)
+            continue
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or key.startswith("-"):
+            raise ConfigError(
+                f"bad override '{item}': expected key.sub=value (set) or ~key.sub (remove)"
+            )
+        if key.startswith("+"):  # accept Hydra's "+new.key=value" spelling for adding keys
+            key = key[1:]
+        _set_key(cfg, key, parse_value(raw), item)
+    return cfg
+
+
+def _split_key(key: str, item: str) -> list[str]:
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"bad override '{item}': empty part in key '{key}'")
+    return parts
+
+
+def _set_key(cfg: DictConfig, key: str, value: Any, item: str) -> None:
+    parts = _split_key(key, item)
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part) if part in node else None
+        if child is None:
+            # Creating a group that is null/absent: e.g. validation._component_=... on
+            # `validation: null`.
+            node[part] = {}
+            child = node[part]
+        elif not isinstance(child, DictConfig):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(
+                f"bad override '{item}': '{where}' is a value ({child!r}), not a group of keys"
+            )
+        node = child
+    try:
+        node[parts[-1]] = value
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override '{item}': {' '.join(str(e).split())}") from None
+
+
+def _remove_key(cfg: DictConfig, key: str, item: str) -> None:
+    parts = _split_key(key, item)
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig) or part not in node:
+            parent = ".".join(parts[:i])
+            choices = [f"{parent}.{k}" if parent else str(k) for k in node] if isinstance(
+                node, DictConfig
+            ) else []
+            raise ConfigError(
+                f"cannot remove '{key}': no such key in the config{_did_you_mean(key, choices)}"
+            )
+        if i == len(parts) - 1:
+            del node[part]
+        else:
+            node = node[part]
+
+
+def _split_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
+    config = None
+    overrides: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a value: a config name or a YAML path")
+            config = args[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg.startswith("-") and "=" not in arg:
+            raise ConfigError(
+                f"unknown option '{arg}': recipes take --config CONFIG then key=value overrides"
+            )
+        else:
+            overrides.append(arg)
+        i += 1
+    if not config:
+        raise ConfigError("missing --config: pass --config NAME_OR_PATH (see `tune ls`)")
+    return config, overrides
+
+
+def load_recipe_config(argv: Sequence[str]) -> DictConfig:
+    """Load ``--config X`` from argv, apply the remaining overrides, resolve interpolations.
+
+    Args:
+        argv: ``["--config", NAME_OR_PATH, *overrides]`` (``--config`` may appear anywhere).
+
+    Returns:
+        The resolved ``DictConfig`` (no ``${...}`` left).
+    """
+    config, overrides = _split_argv(argv)
+    cfg = apply_overrides(load_config(config), overrides)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve interpolation in config: {' '.join(str(e).split())}")
+    return cfg
+
+
+def parse_recipe_args(argv: Sequence[str], schema: type[T]) -> T:
+    """Command line of a recipe -> validated settings.
+
+    Args:
+        argv: ``["--config", NAME_OR_PATH, "key.sub=value", "~key", ...]``.
+        schema: the recipe's ``@dataclass(kw_only=True)`` settings class.
+
+    Returns:
+        An instance of ``schema``. ``config_to_dict(instance)`` / ``save_config(instance,
+        path)`` give the resolved config (defaults filled in) for saving next to outputs.
+
+    Raises:
+        ConfigErrors: every problem found, one line each.
+    """
+    return parse_config(load_recipe_config(argv), schema)
+
+
+# --------------------------------------------------------------------------------------------
+# Typed parsing
+# --------------------------------------------------------------------------------------------
+
+
+def component_field(
+    *, provided: Sequence[str] = (), default: Any = dataclasses.MISSING
+) -> Any:
+    """A dataclass field holding a ``_component_`` node.
+
+    Args:
+        provided: arguments the recipe passes itself (e.g. ``("tokenizer", "max_seq_len")``
+            or ``("params",)``); validation then reports required arguments that are neither
+            in the node nor provided, and rejects provided ones set in the node.
+        default: optional default (e.g. ``None`` for an optional component).
+    """
+    return dataclasses.field(default=default, metadata={"component": True, "provided": tuple(provided)})
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (list, tuple, Sequence) and args:
+        return f"list of {_type_name(args[0])}"
+    if origin in (dict, Mapping):
+        return "mapping"
+    return str(tp).replace("typing.", "")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+class _Fail(Exception):
+    """Internal: a value does not fit a type (message is the 'expected ...' part)."""
+
+
+def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """Convert ``value`` to ``tp`` or raise _Fail; nested structures report into ``errors``."""
+    if tp is Any or tp is object:
+        return _plain(value)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Fail
+        options = [a for a in args if a is not type(None)]
+        for opt in options:
+            sub_errors: list[str] = []
+            try:
+                out = _coerce(value, opt, key, sub_errors)
+            except _Fail:
+                continue
+            errors.extend(sub_errors)
+            return out
+        raise _Fail
+    if value is None:
+        if tp is type(None):
+            return None
+        raise _Fail
+    if origin is Literal:
+        for choice in args:  # exact type match: `true` must not pass for Literal[1]
+            if type(choice) is type(value) and choice == value:
+                return value
+        raise _Fail
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, (Mapping, DictConfig)):
+            raise _Fail
+        return _parse_dataclass(value, tp, key, errors)
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple, ListConfig)):
+            raise _Fail
+        elem = args[0] if args else Any
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_coerce(v, elem, f"{key}[{i}]", errors))
+            except _Fail:
+                errors.append(f"config key '{key}[{i}]' = {_show(v)}: expected {_type_name(elem)}")
+        return tuple(out) if origin is tuple or tp is tuple else out
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, (Mapping, DictConfig)):
+            raise _Fail
+        return _plain(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Fail
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Fail
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Fail from None
+        raise _Fail
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Fail
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value).expanduser()
+        raise _Fail
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _Fail
+    return _plain(value)  # an annotation we do not understand: pass through unchecked
+
+
+def _show(value: Any) -> str:
+    value = _plain(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _schema_hints(schema: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(schema)
+    except Exception:  # unresolvable forward reference: fall back to the raw annotations
+        return {f.name: f.type for f in dataclasses.fields(schema)}
+
+
+def _parse_dataclass(data: Any, schema: type, prefix: str, errors: list[str]) -> Any:
+    hints = _schema_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+    keys = [str(k) for k in data]
+    kwargs: dict[str, Any] = {}
+    for k in keys:
+        if k not in fields:
+            full = f"{prefix}.{k}" if prefix else k
+            choices = [f"{prefix}.{n}" if prefix else n for n in fields]
+            hint = _did_you_mean(full, choices)
+            if not hint:
+                shown = ", ".join(fields) if len(fields) <= 12 else ", ".join(list(fields)[:12]) + ", ..."
+                hint = f" (known keys{' under ' + repr(prefix) if prefix else ''}: {shown})"
+            errors.append(f"unknown config key '{full}'{hint}")
+    for name, f in fields.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if name not in keys:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(
+                    f"missing config key '{full}' (expected {_type_name(hints.get(name, Any))}); "
+                    f"add it to the YAML or pass {full}=VALUE"
+                )
+            continue
+        try:
+            raw = data[name]
+        except OmegaConfBaseException as e:
+            errors.append(f"config key '{full}': {' '.join(str(e).split())}")
+            continue
+        tp = hints.get(name, Any)
+        try:
+            value = _coerce(raw, tp, full, errors)
+        except _Fail:
+            errors.append(
+                f"config key '{full}' = {_show(raw)}: expected {_type_name(tp)}"
+                + _literal_hint(raw, tp)
+            )
+            continue
+        if isinstance(value, dict):
+            is_component = COMPONENT_KEY in value
+            if f.metadata.get("component") and not is_component:
+                errors.append(
+                    f"config key '{full}' needs a '{COMPONENT_KEY}' entry naming what to build"
+                )
+            elif is_component:
+                provided = f.metadata.get("provided") if f.metadata.get("component") else None
+                errors.extend(_component_errors(value, full, provided))
+        kwargs[name] = value
+    if any(n not in kwargs for n, f in fields.items() if _required(f)):
+        return None  # cannot build the instance; errors already say why
+    try:
+        return schema(**kwargs)
+    except (TypeError, ValueError) as e:  # __post_init__ checks of the recipe
+        if isinstance(e, TunelabError):
+            errors.extend(error_lines(e))
+        else:
+            errors.append(f"config {'group ' + repr(prefix) if prefix else ''}: {e}".strip())
+        return None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _literal_hint(value: Any, tp: Any) -> str:
+    """A did-you-mean among Literal choices, or how to write a list."""
+    choices: list[str] = []
+    is_list = False
+    stack = [tp]
+    while stack:
+        t = stack.pop()
+        origin = typing.get_origin(t)
+        if origin is Literal:
+            choices += [str(a) for a in typing.get_args(t)]
+        elif origin in (Union, types.UnionType):
+            stack += list(typing.get_args(t))
+        elif origin in (list, tuple, Sequence) or t in (list, tuple):
+            is_list = True
+    if choices and isinstance(value, str):
+        return _did_you_mean(value, choices)
+    if is_list and isinstance(value, str):
+        return " (write a list as [a,b])"
+    return ""
+
+
+def parse_config(cfg: DictConfig | Mapping[str, Any], schema: type[T]) -> T:
+    """Validate a config against a recipe's settings dataclass and build it.
+
+    Args:
+        cfg: the loaded (and overridden) config.
+        schema: a dataclass; nested dataclass fields are groups.
+
+    Returns:
+        An instance of ``schema``.
+
+    Raises:
+        ConfigErrors: all unknown keys (with a did-you-mean), missing required keys, values
+            of the wrong type and bad ``_component_`` nodes, one line each.
+    """
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"schema must be a dataclass, got {schema!r}")
+    errors: list[str] = []
+    if isinstance(cfg, DictConfig):
+        try:
+            data: Any = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigErrors([f"cannot resolve config: {' '.join(str(e).split())}"]) from None
+    else:
+        data = dict(cfg)
+    result = _parse_dataclass(data, schema, "", errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return result
+
+
+def config_to_dict(instance: Any) -> dict[str, Any]:
+    """A parsed settings instance as plain data (nested dicts/lists), for saving."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(dataclasses.asdict(instance))
+
+
+def save_config(instance: Any, path: str | Path) -> Path:
+    """Write the resolved settings (defaults filled in) as YAML; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(instance), sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# _component_ nodes
+# --------------------------------------------------------------------------------------------
+
+
+def _import_target(target: Any, key_path: str) -> Any:
+    where = f"{key_path}.{COMPONENT_KEY}" if key_path else COMPONENT_KEY
+    if not isinstance(target, str) or not target or "." not in target:
+        raise ConfigError(
+            f"'{where}' = {target!r} must be a dotted import path like torch.optim.AdamW"
+        )
+    parts = target.split(".")
+    module = None
+    split = len(parts)
+    # Longest importable module prefix, then attributes (handles pkg.mod.Class.method).
+    for split in range(len(parts) - 1, 0, -1):
+        mod_name = ".".join(parts[:split])
+        try:
+            module = importlib.import_module(mod_name)
+            break
+        except ModuleNotFoundError as e:
+            if e.name and not (mod_name == e.name or mod_name.startswith(e.name + ".")):
+                # The module exists but one of ITS imports is missing: a real problem to show.
+                raise ConfigError(
+                    f"cannot import '{target}' for '{where}': {e} (install the missing package)"
+                ) from None
+            continue
+    if module is None:
+        raise ConfigError(f"cannot import '{target}' for '{where}': no module '{parts[0]}'")
+    obj: Any = module
+    for i, attr in enumerate(parts[split:], start=split):
+        if not hasattr(obj, attr):
+            owner = ".".join(parts[:i])
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            raise ConfigError(
+                f"cannot import '{target}' for '{where}': '{owner}' has no '{attr}'"
+                + _did_you_mean(attr, names)
+            )
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise ConfigError(f"'{where}' = '{target}' is not callable")
+    return obj
+
+
+def _component_errors(
+    node: Mapping[str, Any], key_path: str, provided: Sequence[str] | None
+) -> list[str]:
+    errors: list[str] = []
+    try:
+        target = _import_target(node.get(COMPONENT_KEY), key_path)
+    except ConfigError as e:
+        return [str(e)]
+    name = node[COMPONENT_KEY]
+    keys = [k for k in node if k != COMPONENT_KEY]
+    for k in keys:  # nested component nodes are checked too
+        v = node[k]
+        if isinstance(v, Mapping) and COMPONENT_KEY in v:
+            errors.extend(_component_errors(v, f"{key_path}.{k}", None))
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # some builtins have no signature: cannot check further
+        return errors
+    params = sig.parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [
+        n
+        for n, p in params.items()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    provided_set = set(provided or ())
+    for k in keys:
+        if k in provided_set:
+            errors.append(
+                f"config key '{key_path}.{k}' is passed by the recipe itself; remove it"
+            )
+        elif k not in params and not takes_kwargs:
+            choices = [f"{key_path}.{n}" for n in named if n not in provided_set]
+            hint = _did_you_mean(f"{key_path}.{k}", choices)
+            if not hint:
+                hint = f" (accepted: {', '.join(n for n in named if n not in provided_set)})"
+            errors.append(f"unknown config key '{key_path}.{k}' for {name}{hint}")
+        elif k in params and params[k].kind is inspect.Parameter.POSITIONAL_ONLY:
+            errors.append(
+                f"config key '{key_path}.{k}': {name} takes '{k}' only by position"
+            )
+    if provided is not None:
+        for n, p in params.items():
+            if (
+                p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+                and n not in node
+                and n not in provided_set
+            ):
+                errors.append(
+                    f"missing config key '{key_path}.{n}' (required by {name}); "
+                    f"pass {key_path}.{n}=VALUE"
+                )
+    return errors
+
+
+def check_component(
+    node: Mapping[str, Any] | DictConfig,
+    key_path: str,
+    provided: Sequence[str] | None = (),
+) -> None:
+    """Check a ``_component_`` node without building anything.
+
+    Args:
+        node: mapping with ``_component_`` (dotted import path) and keyword arguments.
+        key_path: where the node lives in the config (``optimizer``), for messages.
+        provided: arguments the recipe passes itself (e.g. ``("params",)``). Required
+            arguments of the target must be in the node or in ``provided``; pass ``None``
+            to skip that check (only unknown keys and the import are checked).
+
+    Raises:
+        ConfigErrors: target not importable, unknown keyword (with did-you-mean), a key the
+            recipe provides itself, or a missing required argument.
+    """
+    node = _plain(node)
+    if not isinstance(node, Mapping) or COMPONENT_KEY not in node:
+        raise ConfigErrors([f"config key '{key_path}' needs a '{COMPONENT_KEY}' entry"])
+    errors = _component_errors(node, key_path, provided)
+    if errors:
+        raise ConfigErrors(errors)
+
+
+def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, **extra_kwargs: Any) -> Any:
+    """Build the object a ``_component_`` node describes.
+
+    ``{"_component_": "torch.optim.AdamW", "lr": 2e-4}`` with ``instantiate(node, params)``
+    calls ``torch.optim.AdamW(params, lr=2e-4)``. Nested nodes with ``_component_`` are built
+    first. ``extra_kwargs`` are added to (and may not repeat) the node's keys.
+
+    Args:
+        node: the component node (None returns None, for optional components).
+        *args: positional arguments (e.g. model parameters for an optimizer).
+        **extra_kwargs: arguments the recipe provides (tokenizer, max_seq_len, ...).
+
+    Returns:
+        Whatever the target returns.
+
+    Raises:
+        ConfigError: no ``_component_``, target not importable, or a key given twice.
+    """
+    if node is None:
+        return None
+    node = _plain(node)
+    if not isinstance(node, Mapping) or COMPONENT_KEY not in node:
+        raise ConfigError(f"cannot instantiate {_show(node)}: it has no '{COMPONENT_KEY}' entry")
+    target = _import_target(node[COMPONENT_KEY], "")
+    kwargs = {}
+    for k, v in node.items():
+        if k == COMPONENT_KEY:
+            continue
+        kwargs[k] = instantiate(v) if isinstance(v, Mapping) and COMPONENT_KEY in v else v
+    dup = sorted(set(kwargs) & set(extra_kwargs))
+    if dup:
+        raise ConfigError(
+            f"config for {node[COMPONENT_KEY]} sets {', '.join(dup)}, which the recipe passes "
+            "itself; remove it from the config"
+        )
+    return target(*args, **kwargs, **extra_kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point of a recipe script
+# --------------------------------------------------------------------------------------------
+
+
+def recipe_entry(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
+    """Run a recipe's ``main(argv)`` with user-facing error handling.
+
+    ``TunelabError`` (bad config, checkpoint or data) prints ``error: <message>`` per line on
+    stderr and exits 1, without a traceback; Ctrl-C exits 130. A non-zero int returned by
+    ``main`` becomes the exit code; otherwise this returns normally.
+
+    Args:
+        main: the recipe's ``main(argv: list[str])``.
+        argv: arguments (default ``sys.argv[1:]``).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = main(args)
+    except TunelabError as e:
+        for line in error_lines(e):
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); stopping", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+        sys.exit(code)

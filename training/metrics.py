@@ -1,0 +1,112 @@
+"""Metric logging: ``output_dir/metrics.jsonl`` (one JSON object per logged step) + a progress bar.
+
+Rows look like ``{"step": 3, "epoch": 0, "loss": 2.31, "lr": 1e-4, "tokens_per_s": 812.5,
+"grad_norm": 0.41, "peak_mem_gib": 3.2}`` (peak_mem_gib only on cuda); evaluation adds rows
+``{"step": 10, "epoch": 0, "eval_loss": 2.05}``. Each line is flushed as it is written, so a
+killed run keeps every row it logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MetricsLogger:
+    """Appends one JSON object per call to ``output_dir/metrics.jsonl``.
+
+    Args:
+        output_dir: the run folder (created if missing).
+        filename: file name inside output_dir.
+    """
+
+    def __init__(self, output_dir: str | Path, filename: str = "metrics.jsonl"):
+        self.path = Path(output_dir) / filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows with ``step > step`` (rows of a crashed run past the checkpoint we resume)."""
+        self._file.close()
+        rows = read_metrics(self.path)
+        with open(self.path, "w", encoding="utf-8") as f:
+            for row in rows:
+                if row.get("step", 0) <= step:
+                    f.write(json.dumps(row) + "\n")
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Write one row; floats that are not finite are written as null (JSON has no nan)."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a metrics.jsonl file (empty list if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak allocated CUDA memory in GiB since the start (None on cpu)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+class ProgressDisplay:
+    """A tqdm bar over optimizer steps showing loss / lr / tokens per second.
+
+    Falls back to plain lines when stderr is not a terminal (CI logs stay readable).
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        initial: steps already done (resume).
+    """
+
+    def __init__(self, total_steps: int, initial: int = 0):
+        from tqdm import tqdm
+
+        self._interactive = sys.stderr.isatty()
+        self._bar = tqdm(total=total_steps, initial=initial, dynamic_ncols=True, disable=not self._interactive)
+        self.total = total_steps
+
+    def update(self, row: dict[str, Any]) -> None:
+        text = format_row(row)
+        if self._interactive:
+            self._bar.set_postfix_str(text, refresh=False)
+            self._bar.update(row["step"] - self._bar.n)
+        else:
+            print(f"step {row['step']}/{self.total} {text}", flush=True)
+
+    def write(self, line: str) -> None:
+        """Print a line without breaking the bar."""
+        if self._interactive:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def format_row(row: dict[str, Any]) -> str:
+    parts = []
+    for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
+                     ("tokens_per_s", "{:.0f}"), ("peak_mem_gib", "{:.2f}")):
+        value = row.get(key)
+        if value is not None:
+            name = {"tokens_per_s": "tok/s", "peak_mem_gib": "mem_gib"}.get(key, key)
+            parts.append(f"{name}={fmt.format(value)}")
+    return " ".join(parts)
