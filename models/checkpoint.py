@@ -234,6 +234,7 @@ def from_pretrained(
     checkpoint_dir,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    quantize: str | None = None,
 ) -> TransformerDecoder:
     """Load an HF Llama checkpoint folder as a native ``TransformerDecoder`` (eval mode).
 
@@ -244,13 +245,21 @@ def from_pretrained(
         checkpoint_dir: HF folder with config.json and safetensors weights.
         dtype: parameter dtype (floating tensors are cast on load).
         device: parameter device.
+        quantize: ``"nf4"`` stores the decoder-block projections in 4-bit NF4 (QLoRA),
+            quantized tensor by tensor while loading (``tunelab.models.quantize``). A
+            pre-quantized bitsandbytes nf4 checkpoint loads either way (dequantized when None).
 
     Raises:
         CheckpointError: the folder, config or weights are missing, corrupt, unsupported or do
             not match the config (names and shapes are checked).
     """
     path = _check_dir(checkpoint_dir)
-    args = args_from_hf_config(read_hf_config(path))
+    config = read_hf_config(path)
+    if quantize is not None or "quantization_config" in config:
+        from tunelab.models.quantize import from_pretrained_quantized  # imports modules.nf4
+
+        return from_pretrained_quantized(path, dtype=dtype, device=device, quantize=quantize)
+    args = args_from_hf_config(config)
     model = build_model(args, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state_dict = load_hf_state_dict(path, dtype=dtype, device=device, tie_word_embeddings=args.tie_word_embeddings)
@@ -376,6 +385,7 @@ def save_pretrained(
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     config = hf_config_from_args(args, source_config)
+    config.pop("quantization_config", None)  # the weights written here are always dense
     saved_dtype = dtype or next((t.dtype for t in hf_state.values() if t.is_floating_point()), None)
     if saved_dtype is not None:
         dtype_name = str(saved_dtype).removeprefix("torch.")

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from tunelab.kernels import rope
+
 
 def rope_inv_freq(
     head_dim: int,
@@ -67,9 +69,7 @@ def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [b, n_heads, s, hd] and k [b, n_kv_heads, s, hd] by cos/sin [b, s, hd]."""
-    cos = cos.unsqueeze(1)  # (b, 1, s, hd): broadcast over heads
-    sin = sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rope(q, cos, sin), rope(k, cos, sin)  # Triton on CUDA, PyTorch elsewhere
 
 
 class RotaryEmbedding(nn.Module):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.errors import ConfigError
 from tunelab.modules.attention import Attention, KVCache
 from tunelab.modules.feed_forward import FeedForward
 from tunelab.modules.rms_norm import RMSNorm
@@ -86,9 +87,19 @@ class TransformerDecoder(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """The [vocab, dim] matrix that maps final hidden states to logits (tied or not)."""
+        """The [vocab, dim] matrix that maps final hidden states to logits (tied or not).
+
+        Raises:
+            ConfigError: ``output`` is not a plain linear layer (LoRA or quantized), so its
+                logits are not ``hidden @ output_weight.T`` and a fused loss would be wrong.
+        """
         if self.args.tie_word_embeddings:
             return self.tok_embeddings.weight
+        if type(self.output) is not nn.Linear:
+            raise ConfigError(
+                f"the output layer is a {type(self.output).__name__}, so output_weight alone does "
+                "not give the logits; drop 'output' from lora.targets or use the unfused loss"
+            )
         return self.output.weight
 
     # ---------------------------------------------------------------- KV cache

@@ -1,7 +1,7 @@
 """LoRA fine-tuning of a Llama-family model on one device (cuda or cpu).
 
     tune run lora_finetune_single_device --config llama3_1/8B_lora_single_device
-    tune run lora_finetune_single_device --config tiny/lora          # ~1 min on a laptop CPU
+    tune run lora_finetune_single_device --config tiny/lora          # ~20 s on 2 CPU cores
     python lora_finetune_single_device.py --config my.yaml lora.rank=8 max_steps=100
 
 Read top to bottom: settings, helpers, setup, the training loop, the final save. The base
@@ -34,9 +34,10 @@ from tunelab.data.collate import packed_collate, padded_collate
 from tunelab.data.packing import PackedDataset
 from tunelab.data.tokenizers import load_tokenizer
 from tunelab.errors import CheckpointError, ConfigError, DataError, TunelabError
+from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
 from tunelab.models import from_pretrained
 from tunelab.modules.generation import generate
-from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
+from tunelab.modules.peft import LoRALinear, apply_lora, get_adapter_params, set_trainable_params
 from tunelab.training.builtin import resolve_builtin
 from tunelab.training.checkpointing import (
     CheckpointManager,
@@ -111,8 +112,6 @@ class NonFiniteLossError(TunelabError):
 # ------------------------------------------------------------------------------------ helpers
 def check_settings(cfg: RecipeConfig) -> None:
     """Value ranges the types cannot express; one line per problem."""
-    if cfg.quantize == "nf4":
-        raise ConfigError("quantize: nf4 (QLoRA) is not implemented yet in this recipe; set quantize=null")
     positive = dict(batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                     epochs=cfg.epochs, max_seq_len=cfg.max_seq_len, log_every_n_steps=cfg.log_every_n_steps,
                     keep_last_n_checkpoints=cfg.keep_last_n_checkpoints, max_steps=cfg.max_steps,
@@ -159,16 +158,22 @@ def resolve_paths(cfg: RecipeConfig) -> None:
 
 
 def setup_model(cfg: RecipeConfig, device: torch.device, dtype: torch.dtype, compile_layers: bool):
-    """Base model (frozen) + fp32 LoRA adapters, with the checkpointing/compile switches."""
-    model = from_pretrained(cfg.checkpoint_dir, dtype=dtype, device=device)
+    """Base model (frozen; NF4 decoder projections with quantize=nf4, i.e. QLoRA) + fp32 LoRA
+    adapters, with the checkpointing/compile switches."""
+    model = from_pretrained(cfg.checkpoint_dir, dtype=dtype, device=device, quantize=cfg.quantize)
     apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, adapter_dtype=torch.float32)
     set_trainable_params(model)
     for layer in model.layers:
+        # Swapping the forward (not wrapping the module) keeps parameter names, so checkpoints
+        # do not change. Compile goes inside the checkpoint: dynamo does not trace into
+        # torch.utils.checkpoint, so a compiled layer around it would compile nothing.
+        forward = layer.forward
+        if compile_layers:
+            forward = torch.compile(forward)
         if cfg.activation_checkpointing:
             # recompute each layer in backward; non-reentrant keeps dropout RNG and kwargs right
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-        if compile_layers:
-            layer.compile()  # in place: parameter names (and so checkpoints) do not change
+            forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        layer.forward = forward
     return model.train()
 
 
@@ -193,12 +198,20 @@ def make_loader(dataset, batch_size: int, sampler, pad_id: int, packed: bool) ->
 
 
 def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
-    """Sum (not mean) of the token cross-entropies of one micro-batch, in fp32."""
+    """Sum (not mean) of the token cross-entropies of one micro-batch, in fp32.
+
+    With a plain output head the fused, chunked kernel never materialises the [b, s, vocab]
+    fp32 logits on CUDA (same numbers as the full-logits path, which runs on CPU); a LoRA'd head
+    (``output`` in lora.targets) needs the model's own logits."""
     tokens = batch["tokens"].to(device)
     labels = batch["labels"].to(device)
     extra = {k: batch[k].to(device) for k in ("position_ids", "document_ids") if k in batch}
-    logits = model(tokens, **extra)  # (b, s, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if isinstance(getattr(model, "output", None), LoRALinear):
+        logits = model(tokens, **extra)  # (b, s, vocab)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    hidden = model(tokens, return_hidden=True, **extra)  # (b, s, dim)
+    return fused_loss_sum(hidden, model.output_weight, labels, ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
@@ -267,9 +280,12 @@ def main(argv: list[str]) -> None:
     optimizer = instantiate(cfg.optimizer, params)
     scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
                                    total_steps=total_steps, schedule=cfg.lr_scheduler.schedule)
-    progress = TrainingProgress(sampler_seed=cfg.seed)
+    progress = TrainingProgress(sampler_seed=cfg.seed, batch_size=cfg.batch_size)
     if resume_dir is not None:
         progress = load_state(resume_dir / "state", model=model, optimizer=optimizer, scheduler=scheduler)
+        if progress.batch_size not in (None, cfg.batch_size):  # the data position counts batches
+            raise ConfigError(f"resume: {resume_dir.name} was written with batch_size={progress.batch_size}, "
+                              f"not {cfg.batch_size}; resume with the same batch_size")
         sampler.seed = progress.sampler_seed
         print(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
 
@@ -309,6 +325,7 @@ def main(argv: list[str]) -> None:
                     raise NonFiniteLossError(
                         f"loss {loss_value} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
                         f"stopped without saving ({kept}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
+                lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it next)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -317,10 +334,10 @@ def main(argv: list[str]) -> None:
                 tokens_seen += sum(b["num_tokens"] for b in micro_batches)
 
                 step = progress.step
-                if step % cfg.log_every_n_steps == 0 or step == total_steps:
+                if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
                     elapsed = time.perf_counter() - timer
                     row = {"step": step, "epoch": progress.epoch, "loss": loss_value,
-                           "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                           "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                            "grad_norm": grad_norm}
                     if (mem := peak_memory_gib(device)) is not None:
                         row["peak_mem_gib"] = mem

@@ -48,12 +48,14 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 @dataclass
 class TrainingProgress:
     """Where training is: ``step`` optimizer steps done; ``batches_consumed`` micro-batches of
-    epoch ``epoch`` already used (the data position); ``sampler_seed`` orders the data."""
+    epoch ``epoch`` already used (the data position), each of ``batch_size`` samples;
+    ``sampler_seed`` orders the data."""
 
     step: int = 0
     epoch: int = 0
     batches_consumed: int = 0
     sampler_seed: int = 0
+    batch_size: int | None = None
 
 
 class ResumableSampler(Sampler[int]):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError
+from tunelab.kernels import lora_linear, use_triton
 
 __all__ = [
     "LoRALinear",
@@ -160,10 +161,22 @@ class LoRALinear(nn.Module):
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
         if self.disabled:
-            return out
-        return out + self.adapter_forward(x)
+            return self.base_forward(x)
+        if self._fused_path_applies(x):
+            # One autograd node that reuses x for both paths and skips W0's gradient.
+            return lora_linear(x, self.weight, self.lora_a.weight, self.lora_b.weight, self.scaling)
+        return self.base_forward(x) + self.adapter_forward(x)
+
+    def _fused_path_applies(self, x: torch.Tensor) -> bool:
+        """The fused function covers a dense base (not a subclass's own base path, e.g. NF4)
+        without active dropout, where the kernels are switched on for x's device."""
+        return (
+            use_triton(x)
+            and type(self).base_forward is LoRALinear.base_forward
+            and (self.dropout_p == 0.0 or not self.training)
+            and self.weight.dtype == x.dtype
+        )
 
     def dense_base_weight(self) -> torch.Tensor:
         """The base weight as a plain dense tensor (a quantized subclass dequantizes here)."""

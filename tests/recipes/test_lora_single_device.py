@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tunelab.errors import ConfigError
 from tunelab.training.checkpointing import COMPLETE
 
 
@@ -34,6 +35,8 @@ def test_end_to_end_adapter_and_merged_match_transformers(tmp_path, make_hf_chec
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 17))
     assert set(train_rows[0]) >= {"step", "epoch", "loss", "lr", "tokens_per_s", "grad_norm"}
+    assert train_rows[0]["lr"] == pytest.approx(1e-2)  # the lr step 1 used (warmup_steps=1)
+    assert train_rows[-1]["lr"] < 1e-3  # cosine decay towards 0 at the last step
     first, last = train_rows[0]["loss"], sum(r["loss"] for r in train_rows[-4:]) / 4
     assert last < first - 1.0, (first, last)
 
@@ -127,6 +130,8 @@ def test_keep_last_n_and_complete_marker(tmp_path, make_hf_checkpoint, rt, capsy
     assert sorted(p.name for p in out.glob("step_*")) == ["step_3", "step_4"]
     # a folder without COMPLETE is ignored: resume starts from step_3 and redoes step 4
     (out / "step_4" / COMPLETE).unlink()
+    with pytest.raises(ConfigError, match="batch_size=4"):  # the data position counts batches of 4
+        rt.run_lora(argv + ["resume=true", "batch_size=2"])
     rows = rt.run_lora(argv + ["resume=true"])
     assert "resumed from" in capsys.readouterr().out
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -1,0 +1,129 @@
+"""NF4 dequantization throughput (tunelab's Triton kernel) against the device copy bandwidth.
+
+For the weight matrices of Llama-3.1-8B ([4096, 4096], [1024, 4096], [14336, 4096],
+[4096, 14336]) quantized with ``to_nf4``, time ``NF4Weight.dequantize(bf16)`` and count the
+bytes it must move: read the packed codes (n/2), the 8-bit scales (n/64) and the fp32 scales,
+write n bf16 values (2n). Bandwidth = bytes / time; the ceiling is a plain device-to-device
+copy of a 1 GiB buffer (read + write bytes / time). The issue's target is >= 80% of it. Also
+times the PyTorch reference (the CPU path) and, if installed, bitsandbytes' dequantize_4bit of
+the same bytes, for context. Prints one JSON line (append it to bench/results/).
+
+    python bench/nf4_dequant.py                      # GPU
+    SHAPE=tiny ITERS=2 python bench/nf4_dequant.py   # CPU smoke run (small matrices)
+    Env: SHAPE=8b|tiny, ITERS (50), PROFILE (name in the row), OUT (also append the line here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from tunelab.kernels import backend
+from tunelab.modules.nf4 import to_nf4
+
+SHAPES_8B = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
+             "down_proj": (4096, 14336)}
+SHAPES_TINY = {"square": (256, 256), "wide": (128, 640)}
+
+
+def commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def timed(fn, iters: int, device: torch.device) -> float:
+    """Seconds per call (median of 3 rounds of ``iters`` calls after a warm-up call)."""
+    fn()
+    rounds = []
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - start) / iters)
+    return sorted(rounds)[1]
+
+
+def main() -> None:
+    shape_set = os.environ.get("SHAPE", "8b")
+    iters = int(os.environ.get("ITERS", 50))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = SHAPES_8B if shape_set == "8b" else SHAPES_TINY
+
+    copy_bytes = 2**30 if device.type == "cuda" else 2**24
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * copy_bytes / timed(lambda: dst.copy_(src), max(iters // 5, 2), device) / 1e9
+    del src, dst
+
+    per_shape = {}
+    total_bytes = total_time = ref_time = 0.0
+    bnb_time = None
+    try:  # context only: the bench runs without bitsandbytes
+        import bitsandbytes.functional as bnb
+    except ImportError:
+        bnb = None
+    if bnb is not None:
+        bnb_time = 0.0
+    for name, (rows, cols) in shapes.items():
+        w4 = to_nf4(torch.randn(rows, cols, device=device, dtype=torch.bfloat16) * 0.02)
+        n = rows * cols
+        moved = n // 2 + n // 64 + 4 * w4.absmax_scale.numel() + 2 * n
+        t = timed(lambda: w4.dequantize(torch.bfloat16), iters, device)
+        with backend("reference"):
+            t_ref = timed(lambda: w4.dequantize(torch.bfloat16), max(iters // 10, 1), device)
+        per_shape[name] = {"shape": [rows, cols], "us": round(t * 1e6, 1), "gb_per_s": round(moved / t / 1e9, 1)}
+        total_bytes += moved
+        total_time += t
+        ref_time += t_ref
+        if bnb is not None and bnb_time is not None:
+            try:
+                packed, state = bnb.quantize_4bit(torch.randn(rows, cols, device=device, dtype=torch.bfloat16),
+                                                  blocksize=64, quant_type="nf4", compress_statistics=True)
+                bnb_time += timed(lambda: bnb.dequantize_4bit(packed, state), iters, device)
+            except Exception as e:  # e.g. a bitsandbytes build without this GPU's kernels
+                print(f"notice: bitsandbytes timing skipped ({type(e).__name__}: {e})", flush=True)
+                bnb_time = None
+
+    gbs = total_bytes / total_time / 1e9
+    row = {
+        "commit": commit(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "system": "tunelab",
+        "profile": os.environ.get("PROFILE") or "nf4_dequant",
+        "config": f"{shape_set} llama3.1-8b linear shapes, bf16 out, kernel={'triton' if device.type == 'cuda' else 'reference'}",
+        "tokens_per_s": None,  # not a training workload
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "gb_per_s": round(gbs, 1),
+        "copy_gb_per_s": round(copy_gbs, 1),
+        "fraction_of_copy": round(gbs / copy_gbs, 3),
+        "reference_gb_per_s": round(total_bytes / ref_time / 1e9, 1),
+        "bitsandbytes_gb_per_s": round(total_bytes / bnb_time / 1e9, 1) if bnb_time else None,
+        "per_shape": per_shape,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    line = json.dumps(row)
+    print(line, flush=True)
+    if os.environ.get("OUT"):
+        with open(os.environ["OUT"], "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

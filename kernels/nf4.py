@@ -1,0 +1,160 @@
+"""NF4 dequantization: packed 4-bit codes + double-quantized block scales -> dense weight.
+
+The storage layout is bitsandbytes' (``quantize_4bit(..., quant_type="nf4",
+compress_statistics=True)``), so the same function reads weights we quantized and weights from
+pre-quantized HF checkpoints. For element ``i`` of the flattened weight::
+
+    nibble   = codes[i // 2] >> 4          if i is even (high nibble first)
+             = codes[i // 2] & 0xF         if i is odd
+    b        = i // block_size             (64-element block)
+    absmax_b = absmax_code[absmax_q[b]] * absmax_scale[b // scaler_block_size] + absmax_offset
+    w[i]     = code[nibble] * absmax_b     (fp32, then cast to the output dtype)
+
+``code`` is the 16-entry NF4 code book, ``absmax_code`` the 256-entry signed dynamic 8-bit map
+used for the block scales. The arithmetic (fp32 multiply, then add the offset, then multiply)
+is bitsandbytes' own, so the reference reproduces its dequantized values exactly; the Triton
+kernel may fuse the multiply-add (one fp32 rounding apart).
+
+One Triton program turns ``_BYTES`` packed bytes into ``2 * _BYTES`` outputs: a single pass that
+reads 0.5 byte and writes 2 bytes (bf16) per weight, which is what bounds it on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.kernels._dispatch import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["dequantize_nf4", "dequantize_nf4_reference", "dequantize_absmax_reference"]
+
+_BYTES = 1024  # packed bytes per Triton program (2048 outputs)
+
+
+def dequantize_absmax_reference(
+    absmax_q: torch.Tensor,
+    absmax_code: torch.Tensor,
+    absmax_scale: torch.Tensor,
+    absmax_offset: torch.Tensor,
+    scaler_block_size: int,
+) -> torch.Tensor:
+    """The fp32 per-block scales from their 8-bit codes: ``code[q] * scale[block] + offset``."""
+    nb = absmax_q.numel()
+    vals = absmax_code[absmax_q.long()]  # [nb] fp32 in [-1, 1]
+    scale = absmax_scale.repeat_interleave(scaler_block_size)[:nb]
+    return vals * scale + absmax_offset  # two roundings, as bitsandbytes does
+
+
+def dequantize_nf4_reference(
+    codes: torch.Tensor,
+    absmax_q: torch.Tensor,
+    absmax_scale: torch.Tensor,
+    absmax_offset: torch.Tensor,
+    code: torch.Tensor,
+    absmax_code: torch.Tensor,
+    *,
+    numel: int,
+    block_size: int,
+    scaler_block_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """PyTorch dequantization (the oracle and the CPU path); returns a flat [numel] tensor.
+
+    Args:
+        codes: uint8 [ceil(numel / 2)], two 4-bit codes per byte, high nibble first.
+        absmax_q: uint8 [ceil(numel / block_size)], 8-bit codes of ``absmax - offset``.
+        absmax_scale: fp32 [ceil(n_blocks / scaler_block_size)], one scale per 256 blocks.
+        absmax_offset: fp32 scalar, the mean absmax subtracted before quantizing.
+        code: fp32 [16], the NF4 code book.
+        absmax_code: fp32 [256], the signed dynamic map of the block scales.
+        numel: number of weights.
+        block_size: weights per absmax (64).
+        scaler_block_size: absmax values per scale (256).
+        dtype: output dtype.
+    """
+    absmax = dequantize_absmax_reference(absmax_q, absmax_code, absmax_scale, absmax_offset, scaler_block_size)
+    # one lookup per byte: a 256-row table of (high nibble's level, low nibble's level)
+    byte = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)  # [256, 2]
+    vals = pairs[codes.long()].reshape(-1)  # [2 * n_bytes]
+    n_blocks = absmax.numel()
+    padded = n_blocks * block_size
+    if vals.numel() < padded:  # the last block is short: pad so every block is a row
+        vals = torch.cat([vals, vals.new_zeros(padded - vals.numel())])
+    out = (vals[:padded].view(n_blocks, block_size) * absmax[:, None]).reshape(-1)  # [n_blocks * bs]
+    return out[:numel].to(dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dequantize_nf4_kernel(
+        CODES,
+        ABSMAX_Q,
+        ABSMAX_SCALE,
+        ABSMAX_OFFSET,
+        CODE,
+        ABSMAX_CODE,
+        OUT,
+        numel,
+        n_bytes,
+        BLOCK_SIZE: tl.constexpr,
+        SCALER_BLOCK_SIZE: tl.constexpr,
+        BYTES: tl.constexpr,
+    ):
+        byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+        in_range = byte < n_bytes
+        packed = tl.load(CODES + byte, mask=in_range, other=0).to(tl.int32)
+        # both nibbles of a byte share a block: block_size is even
+        block = (byte * 2) // BLOCK_SIZE
+        q = tl.load(ABSMAX_Q + block, mask=in_range, other=0).to(tl.int32)
+        scale = tl.load(ABSMAX_SCALE + block // SCALER_BLOCK_SIZE, mask=in_range, other=0.0)
+        offset = tl.load(ABSMAX_OFFSET)
+        absmax = tl.load(ABSMAX_CODE + q) * scale + offset
+        hi = tl.load(CODE + (packed >> 4)) * absmax
+        lo = tl.load(CODE + (packed & 0xF)) * absmax
+        vals = tl.interleave(hi, lo)  # [2 * BYTES]: element 2i from the high nibble
+        out = tl.program_id(0).to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+        tl.store(OUT + out, vals.to(OUT.dtype.element_ty), mask=out < numel)
+
+
+def _dequantize_nf4_triton(codes, absmax_q, absmax_scale, absmax_offset, code, absmax_code, *, numel, block_size,
+                           scaler_block_size, dtype) -> torch.Tensor:
+    out = torch.empty(numel, dtype=dtype, device=codes.device)
+    n_bytes = codes.numel()
+    if numel:
+        grid = (triton.cdiv(n_bytes, _BYTES),)
+        _dequantize_nf4_kernel[grid](
+            codes, absmax_q, absmax_scale, absmax_offset.reshape(1), code, absmax_code, out, numel, n_bytes,
+            BLOCK_SIZE=block_size, SCALER_BLOCK_SIZE=scaler_block_size, BYTES=_BYTES, num_warps=4,
+        )
+    return out
+
+
+def dequantize_nf4(
+    codes: torch.Tensor,
+    absmax_q: torch.Tensor,
+    absmax_scale: torch.Tensor,
+    absmax_offset: torch.Tensor,
+    code: torch.Tensor,
+    absmax_code: torch.Tensor,
+    *,
+    numel: int,
+    block_size: int = 64,
+    scaler_block_size: int = 256,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Dequantize NF4 storage to a flat [numel] tensor of ``dtype`` (no autograd).
+
+    The Triton kernel runs for CUDA tensors when triton imports (see ``tunelab.kernels``'
+    backend switch), the PyTorch reference otherwise. Arguments as in
+    :func:`dequantize_nf4_reference`; all tensors must be contiguous and on one device.
+    """
+    args = (codes, absmax_q, absmax_scale, absmax_offset, code, absmax_code)
+    kwargs = dict(numel=numel, block_size=block_size, scaler_block_size=scaler_block_size, dtype=dtype)
+    if use_triton(codes) and block_size % 2 == 0:
+        return _dequantize_nf4_triton(*args, **kwargs)
+    return dequantize_nf4_reference(*args, **kwargs)
