@@ -3,7 +3,8 @@
 Llama-3.1-8B shape with random bf16 weights (no checkpoint can be downloaded on the GPU box;
 compute and memory equal the real model's), batch 2 x 2048 random tokens, LoRA r16 / alpha 32 on
 all seven projections with fp32 adapters, fused AdamW on the adapters, activation checkpointing
-per decoder layer, 2 warm-up + 6 timed steps; tokens/s = batch * seq * steps / time,
+per decoder layer (optionally torch.compile per layer, as the 8B configs), the recipe's fused
+chunked linear + cross-entropy, 2 warm-up + 6 timed steps; tokens/s = batch * seq * steps / time,
 peak = torch.cuda.max_memory_allocated. Prints one JSON line (append it to bench/results/).
 
     python bench/lora_step.py                      # 8B, the default "lean" profile
@@ -20,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from tunelab.kernels import loss_sum
 from tunelab.models import build_model, llama3_1_8b, tiny
 from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
-from tunelab.training.utils import enable_activation_checkpointing
+from tunelab.training.steps import wrap_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-ac", dest="ac", action="store_false", help="no activation checkpointing")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (as the 8B configs)")
+    ap.add_argument("--adapter-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="dtype of the LoRA A/B weights (the recipe keeps them fp32)")
     ap.add_argument("--profile", default=None, help="name recorded in the JSON line")
     ap.add_argument("--out", default=None, help="also append the JSON line to this file")
     opts = ap.parse_args()
@@ -72,10 +76,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(opts.shape, device, dtype)
-    apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=torch.float32)
+    adapter_dtype = torch.float32 if opts.adapter_dtype == "fp32" else torch.bfloat16
+    apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=adapter_dtype)
     set_trainable_params(model)
-    if opts.ac:
-        enable_activation_checkpointing(model)
+    wrap_layers(model, activation_checkpointing=opts.ac, compile_layers=opts.compile)
     model.train()
     params = list(get_adapter_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -86,8 +90,9 @@ def main() -> None:
     labels = torch.randint(0, vocab, (opts.batch, opts.seq), generator=gen).to(device)
 
     def step() -> float:
-        logits = model(tokens)  # (b, s, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        # the recipe's loss: fused chunked linear + cross-entropy on CUDA, summed, / label count
+        hidden = model(tokens, return_hidden=True)  # (b, s, dim)
+        loss = loss_sum(hidden, model.output_weight, labels) / labels.numel()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -114,8 +119,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "system": "tunelab",
-        "profile": opts.profile or ("lora_lean" if opts.ac else "lora_no_ac"),
-        "config": f"{opts.shape} bs{opts.batch} seq{opts.seq} lora r16 all-linear ac={opts.ac} eager",
+        "profile": opts.profile or ("lora_lean" if opts.ac else "lora_fast"),
+        "config": f"{opts.shape} bs{opts.batch} seq{opts.seq} lora r16 all-linear ac={opts.ac} "
+                  f"compile={opts.compile} fused-ce adapters={opts.adapter_dtype}",
         "tokens_per_s": round(tokens_per_s, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "step_ms": round(1000 * elapsed / opts.steps, 1),

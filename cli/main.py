@@ -6,6 +6,8 @@
     tune cat CONFIG
     tune validate CONFIG [key.sub=value ...] [--recipe RECIPE]
     tune download REPO_ID --output-dir DIR [--hf-token T] [--repo-type model|dataset]
+    tune board [--runs DIR] [--host 127.0.0.1] [--port 8080]
+    tune plot OUTPUT_DIR [--out loss.png]
 
 Each subcommand lives in its own module with ``add_parser(subparsers)``, which registers the
 arguments and sets ``func(args) -> int``. Bad input (a ``TunelabError``) is printed as
@@ -31,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tunelab.cli import download, files, run, validate
+    from tunelab.cli import board, download, files, plot, run, validate
 
     parser = _Parser(
         prog="tune",
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_parsers(subparsers)
     validate.add_parser(subparsers)
     download.add_parser(subparsers)
+    board.add_parser(subparsers)
+    plot.add_parser(subparsers)
     return parser
 
 

@@ -13,7 +13,8 @@ Accepted record shapes (TRL's "standard" and "conversational" preference formats
 * message lists: ``{"prompt": [{role, content}, ...], "chosen": [{"role": "assistant", ...}],
   "rejected": [...]}``; the prompt must end with a user (or system/tool) turn;
 * implicit prompt: no prompt column and chosen/rejected are whole conversations; their longest
-  common run of leading messages is the prompt.
+  common run of leading messages is the prompt. When a prompt column is given and chosen /
+  rejected start with the same messages, that repeated prefix is dropped from them.
 
 Too long pairs: the prompt is always kept whole and each response is cut to fit
 ``max_seq_len`` (the same rule for both sides). A row whose prompt alone leaves no room for a
@@ -143,6 +144,9 @@ def preference_dataset(
         rejected = _messages(row[cmap["rejected"]], cmap["rejected"], "assistant")
         if row.get(cmap["prompt"]) is not None:
             prompt = _messages(row[cmap["prompt"]], cmap["prompt"], "user")
+            # some sets repeat the prompt inside chosen/rejected (HuggingFaceH4/ultrafeedback_binarized)
+            chosen, rejected = (msgs[len(prompt):] if msgs[: len(prompt)] == prompt else msgs
+                                for msgs in (chosen, rejected))
         elif isinstance(row.get(cmap["chosen"]), list) and isinstance(row.get(cmap["rejected"]), list):
             prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
         else:

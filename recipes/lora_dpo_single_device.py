@@ -1,6 +1,7 @@
 """Preference tuning (DPO, IPO, hinge, SimPO) with LoRA on one device (cuda or cpu).
 
     tune run lora_dpo_single_device --config llama3_1/8B_lora_dpo
+    tune run lora_dpo_single_device --config llama3_1/8B_qlora_dpo  # NF4 base (QLoRA)
     tune run lora_dpo_single_device --config tiny/dpo               # ~1 min on a laptop CPU
     python lora_dpo_single_device.py --config my.yaml loss.type=ipo loss.beta=0.5
 
@@ -183,7 +184,8 @@ def pair_losses(model, batch: dict, cfg: RecipeConfig, device: torch.device):
     """Per-pair losses [b] and (detached) rewards of one micro-batch, reference included."""
     ref = None
     if cfg.loss.type != "simpo":
-        ref = batch["ref_log_probs"].to(device) if "ref_log_probs" in batch else reference_log_probs(model, batch, device)
+        precomputed = batch.get("ref_log_probs")
+        ref = precomputed.to(device) if precomputed is not None else reference_log_probs(model, batch, device)
     logps, n_tokens = policy_log_probs(model, batch, device)
     return preference_loss(cfg.loss.type, logps, ref, n_tokens, beta=cfg.loss.beta,
                            label_smoothing=cfg.loss.label_smoothing, gamma=cfg.loss.gamma)
@@ -205,7 +207,8 @@ def evaluate(model, loader: DataLoader, cfg: RecipeConfig, device: torch.device)
         for acc, value in zip((losses, chosen, rejected), out):
             acc.append(value.float().cpu())
     model.train()
-    return {"eval_loss": torch.cat(losses).mean().item(), **reward_stats(torch.cat(chosen), torch.cat(rejected), "eval_")}
+    stats = reward_stats(torch.cat(chosen), torch.cat(rejected), prefix="eval_")
+    return {"eval_loss": torch.cat(losses).mean().item(), **stats}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -339,7 +342,8 @@ def main(argv: list[str]) -> None:
         metrics.close()
 
     # -------------------------------------------------------------------------------- final save
-    final_dir = save_checkpoint(final=True) if last_saved is None or last_saved.name != f"step_{total_steps}" else last_saved
+    done = last_saved is not None and last_saved.name == f"step_{total_steps}"  # resumed a finished run
+    final_dir = last_saved if done else save_checkpoint(final=True)
     print(f"adapter: {final_dir / 'adapter'}")
     if (final_dir / "merged").is_dir():
         print(f"merged model: {final_dir / 'merged'}")

@@ -37,6 +37,7 @@ from tunelab.errors import CheckpointError, ConfigError, DataError, TunelabError
 from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
 from tunelab.models import from_pretrained
 from tunelab.modules.generation import generate
+from tunelab.modules.nf4 import NF4Weight, apply_lora_nf4
 from tunelab.modules.peft import LoRALinear, apply_lora, get_adapter_params, set_trainable_params
 from tunelab.training.builtin import resolve_builtin
 from tunelab.training.checkpointing import (
@@ -161,7 +162,9 @@ def setup_model(cfg: RecipeConfig, device: torch.device, dtype: torch.dtype, com
     """Base model (frozen; NF4 decoder projections with quantize=nf4, i.e. QLoRA) + fp32 LoRA
     adapters, with the checkpointing/compile switches."""
     model = from_pretrained(cfg.checkpoint_dir, dtype=dtype, device=device, quantize=cfg.quantize)
-    apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, adapter_dtype=torch.float32)
+    # QLoRA: the decoder projections are NF4Linear, which apply_lora_nf4 turns into NF4LoRALinear
+    add_lora = apply_lora_nf4 if cfg.quantize == "nf4" else apply_lora
+    add_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, adapter_dtype=torch.float32)
     set_trainable_params(model)
     for layer in model.layers:
         # Swapping the forward (not wrapping the module) keeps parameter names, so checkpoints
@@ -256,6 +259,7 @@ def main(argv: list[str]) -> None:
                           f"{model.args.vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
     params = list(get_adapter_params(model).values())
     n_params = sum(p.numel() for p in model.parameters())
+    n_params += sum(w.numel() for w in model.modules() if isinstance(w, NF4Weight))  # 4-bit base: buffers
     print(f"model: {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
           f"(LoRA rank {cfg.lora.rank}) on {device} in {cfg.dtype}")
 

@@ -90,10 +90,18 @@ RECIPES: dict[str, RecipeSpec] = {
         ),
         RecipeSpec(
             name="lora_finetune_distributed",
-            configs=("llama3_1/8B_lora_distributed", "llama3_1/70B_lora_distributed"),
+            configs=(
+                "llama3_1/8B_lora_distributed",
+                "llama3_1/70B_lora_distributed",
+                "llama3_1/70B_qlora_distributed",
+                "tiny/lora_distributed",
+            ),
             distributed=True,
         ),
-        RecipeSpec(name="lora_dpo_single_device", configs=("llama3_1/8B_lora_dpo", "tiny/dpo")),
+        RecipeSpec(
+            name="lora_dpo_single_device",
+            configs=("llama3_1/8B_lora_dpo", "llama3_1/8B_qlora_dpo", "tiny/dpo"),
+        ),
         RecipeSpec(name="generate", configs=("generate",)),
     ]
 }

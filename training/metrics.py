@@ -103,10 +103,13 @@ class ProgressDisplay:
 
 def format_row(row: dict[str, Any]) -> str:
     parts = []
-    for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
+    # rewards/* are the preference (DPO) recipes' metrics; keys a row lacks are skipped
+    for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("rewards/accuracy", "{:.2f}"),
+                     ("rewards/margins", "{:.3f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
                      ("tokens_per_s", "{:.0f}"), ("peak_mem_gib", "{:.2f}")):
         value = row.get(key)
         if value is not None:
-            name = {"tokens_per_s": "tok/s", "peak_mem_gib": "mem_gib"}.get(key, key)
+            name = {"tokens_per_s": "tok/s", "peak_mem_gib": "mem_gib", "rewards/accuracy": "acc",
+                    "rewards/margins": "margin"}.get(key, key)
             parts.append(f"{name}={fmt.format(value)}")
     return " ".join(parts)

@@ -67,15 +67,16 @@ def sequence_log_probs_from_hidden(
     labels: torch.Tensor,
     lm_head: Callable[[torch.Tensor], torch.Tensor],
     *,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sequence_log_probs` from final hidden states, without materialising all logits.
 
     Only the labelled positions go through the output head (for DPO that skips the prompt
     half), ``chunk_size`` positions at a time; with autograd on, each chunk is checkpointed so
-    only one chunk's [chunk, vocab] fp32 logits live at once (recomputed in backward). For an
-    8B model with a 128k vocab that is 2 GiB per 4096 positions instead of per-sequence logits.
+    only one chunk's [chunk, vocab] logits live at once (recomputed in backward). For a 128k
+    vocab and the default 1024 positions: 0.25 GiB of bf16 logits + 0.5 GiB of fp32 copy,
+    instead of [b, s, vocab] logits for the whole micro-batch.
 
     Args:
         hidden: [b, s, dim] final-normed hidden states (``model(tokens, return_hidden=True)``).
@@ -107,8 +108,9 @@ def sequence_log_probs_from_hidden(
 
 
 # ------------------------------------------------------------------------------ losses
-def _logratio_rewards(beta: float, policy: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return beta * (policy - ref).detach()
+def _logratio_rewards(beta: float, policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+    """(chosen, rejected) rewards ``beta * (log pi - log pi_ref)``, detached: for logging only."""
+    return beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
 def _smoothed_logsigmoid(x: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -138,7 +140,7 @@ def dpo_loss(
     """
     z = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     losses = _smoothed_logsigmoid(beta * z, label_smoothing)
-    return losses, _logratio_rewards(beta, policy_chosen, ref_chosen), _logratio_rewards(beta, policy_rejected, ref_rejected)
+    return losses, *_logratio_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
 
 
 def ipo_loss(
@@ -161,7 +163,7 @@ def ipo_loss(
     chosen_avg = (policy_chosen - ref_chosen) / chosen_lengths.clamp(min=1)
     rejected_avg = (policy_rejected - ref_rejected) / rejected_lengths.clamp(min=1)
     losses = (chosen_avg - rejected_avg - 1.0 / (2.0 * beta)) ** 2
-    return losses, _logratio_rewards(beta, policy_chosen, ref_chosen), _logratio_rewards(beta, policy_rejected, ref_rejected)
+    return losses, *_logratio_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
 
 
 def hinge_loss(
@@ -175,7 +177,7 @@ def hinge_loss(
     """Hinge (SLiC / RSO) loss ``relu(1 - beta z)``; arguments as in :func:`dpo_loss`."""
     z = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     losses = torch.relu(1.0 - beta * z)
-    return losses, _logratio_rewards(beta, policy_chosen, ref_chosen), _logratio_rewards(beta, policy_rejected, ref_rejected)
+    return losses, *_logratio_rewards(beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
 
 
 def simpo_loss(

@@ -53,9 +53,14 @@ def test_string_and_message_rows_share_the_prompt_and_mask_it(tmp_path, tok):
                     {"role": "assistant", "content": "5"}],
          "rejected": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."},
                       {"role": "assistant", "content": "seven"}]},
+        # prompt column AND the prompt repeated inside chosen/rejected
+        {"prompt": "Add 2 and 3.",
+         "chosen": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}],
+         "rejected": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "7"}]},
     ]
     ds = preference_dataset(tok, source=write_jsonl(tmp_path / "p.jsonl", rows), max_seq_len=64)
-    assert len(ds) == 3 and ds.num_skipped == 0
+    assert len(ds) == 4 and ds.num_skipped == 0
+    assert ds[3] == ds[0]
     user = [{"role": "user", "content": "Add 2 and 3."}]
     (c, r), n_prompt = expected_pair(tok, user, [{"role": "assistant", "content": "5"}],
                                      [{"role": "assistant", "content": "7"}])

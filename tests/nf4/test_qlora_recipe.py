@@ -63,25 +63,3 @@ def test_tiny_qlora_end_to_end(tmp_path, make_hf_checkpoint, load_hf_model, caps
     torch.testing.assert_close(peft_logits, merged_logits, rtol=1e-4, atol=1e-4)
     assert (peft_logits - base_logits).abs().max() > 1e-3  # the adapter learned something
 
-
-def test_tiny_qlora_as_shipped(tmp_path, tmp_path_factory, monkeypatch):
-    """The shipped config runs as is (builtin:tiny checkpoint and data); 2 steps."""
-    from tunelab.modules.nf4 import NF4LoRALinear
-    from tunelab.recipes import lora_finetune_single_device as recipe
-    from tunelab.training.metrics import read_metrics
-
-    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path_factory.getbasetemp() / "tunelab_cache"))  # not ~/.cache
-    seen = []
-    real_setup = recipe.setup_model
-
-    def setup_and_look(*args, **kwargs):
-        model = real_setup(*args, **kwargs)
-        seen.append(type(model.layers[0].attn.q_proj))
-        return model
-
-    monkeypatch.setattr(recipe, "setup_model", setup_and_look)
-    out = tmp_path / "out"
-    recipe.main(["--config", "tiny/qlora", f"output_dir={out}", "max_steps=2", "validation=null",
-                 "eval_every_n_steps=null", "save_merged=never"])
-    assert seen == [NF4LoRALinear]
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2]

@@ -117,18 +117,20 @@ def test_precomputed_reference_matches_in_step_reference(tmp_path, make_hf_check
             assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-5), key
 
 
-def test_reference_is_the_base_model_exactly(tmp_path, make_hf_checkpoint):
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_reference_is_the_base_model_exactly(tmp_path, make_hf_checkpoint, quantize):
     """With trained-looking (non-zero) adapters, the reference log-probs equal the plain base
-    model's bit for bit, and the policy's differ."""
+    model's (dense, or the same NF4 base for QLoRA) bit for bit, and the policy's differ."""
     from tunelab.data import load_tokenizer, preference_collate, preference_dataset
     from tunelab.models import from_pretrained
-    from tunelab.modules.peft import apply_lora
+    from tunelab.modules.nf4 import apply_lora_nf4
 
     ckpt = make_hf_checkpoint("llama3")
     tok = load_tokenizer(TINY_TOKENIZER)
     ds = preference_dataset(tok, source=pairs_file(tmp_path, 4), max_seq_len=64)
     batch = preference_collate([ds[i] for i in range(4)], tok.pad_id)
-    model = apply_lora(from_pretrained(ckpt), ["q_proj", "v_proj", "down_proj", "output"], 8, 16.0)
+    targets = ["q_proj", "v_proj", "down_proj", "output"]
+    model = apply_lora_nf4(from_pretrained(ckpt, quantize=quantize), targets, 8, 16.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_b" in name:
@@ -136,11 +138,21 @@ def test_reference_is_the_base_model_exactly(tmp_path, make_hf_checkpoint):
     cpu = torch.device("cpu")
     ref = recipe.reference_log_probs(model, batch, cpu)
     with torch.no_grad():
-        base, _ = recipe.policy_log_probs(from_pretrained(ckpt), batch, cpu)
+        base, _ = recipe.policy_log_probs(from_pretrained(ckpt, quantize=quantize), batch, cpu)
         policy, _ = recipe.policy_log_probs(model, batch, cpu)
     assert torch.equal(ref, base)
     assert (policy - ref).abs().max() > 1e-3
     assert all(not m.disabled for m in model.modules() if hasattr(m, "disabled"))  # adapters back on
+
+
+def test_qlora_dpo_trains_and_saves(tmp_path, make_hf_checkpoint):
+    """quantize=nf4 (QLoRA): the same recipe, NF4 base, reference = NF4 base with adapters off."""
+    out = tmp_path / "out"
+    rows = run(dpo_argv(make_hf_checkpoint("llama3"), out, pairs_file(tmp_path, 8), "quantize=nf4", "max_steps=2",
+                        "optimizer.lr=1.0e-2"))
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert math.isfinite(rows[1]["loss"]) and rows[1]["grad_norm"] > 0
+    assert (out / "step_2" / COMPLETE).is_file() and (out / "step_2" / "adapter" / "adapter_config.json").is_file()
 
 
 @pytest.mark.parametrize("loss", ["ipo", "hinge", "simpo"])
@@ -169,7 +181,7 @@ def test_bad_loss_settings_fail_before_work(tmp_path, override, match):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("step_*"))
 
 
-def test_tiny_dpo_as_shipped(tmp_path):
+def test_tiny_dpo_as_shipped(tmp_path, capsys):
     out = tmp_path / "out"
     recipe.main(["--config", "tiny/dpo", f"output_dir={out}", "max_steps=2"])
     rows = read_metrics(out / "metrics.jsonl")
@@ -177,3 +189,5 @@ def test_tiny_dpo_as_shipped(tmp_path):
     assert [r["step"] for r in rows if "eval_loss" in r] == [2]  # and the final evaluation
     assert (out / "step_2" / COMPLETE).is_file() and (out / "step_2" / "merged" / "config.json").is_file()
     assert "builtin:tiny/preferences.jsonl" in (out / "config.yaml").read_text()
+    printed = capsys.readouterr().out  # the progress lines (stderr is no terminal under pytest)
+    assert "step 2/2 loss=" in printed and "acc=" in printed and "margin=" in printed

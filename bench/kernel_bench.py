@@ -10,7 +10,7 @@ one JSON line per (kernel, implementation):
      "gpu_ms", "gpu_gbps"/"gpu_tflops" (the same call replayed as a CUDA graph: GPU time only),
      "peak_extra_mib" (allocated on top of the inputs during one fwd+bwd), "vs_eager" (by ms)}
 
-Usage (CUDA only):  python bench/kernels.py [--commit SHA] [--only rms_norm,rope,...]
+Usage (CUDA only):  python bench/kernel_bench.py [--commit SHA] [--only rms_norm,rope,...]
     [--no-compile] [--out results.jsonl]
 Times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up excluded).
 """
@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU")
+        sys.exit("bench/kernel_bench.py needs a CUDA GPU")
     import triton
     from triton.testing import do_bench, do_bench_cudagraph
 

@@ -1,0 +1,366 @@
+"""LoRA fine-tuning of a Llama-family model on several GPUs (or CPU processes) with FSDP2.
+
+    tune run --nproc_per_node 8 lora_finetune_distributed --config llama3_1/70B_lora_distributed
+    tune run --nproc_per_node 2 lora_finetune_distributed --config tiny/lora_distributed   # CPU/gloo
+    torchrun --nproc_per_node 2 lora_finetune_distributed.py --config my.yaml lora.rank=8
+
+The single-device recipe's shape and numbers, sharded: the model is built on the meta device,
+LoRA is applied, each decoder layer and then the root are wrapped by ``fully_shard`` (bf16
+compute with fp32 gradient reduction on CUDA; fp32 on CPU), each rank allocates only its shard
+and reads only its rows of the HF safetensors files, file by file. With ``quantize: nf4``
+(QLoRA) the decoder projections are NF4 and FSDP shards and all-gathers their packed 4-bit
+storage. The LoRA weights are initialised with exactly the values one device would draw (same
+seed), so a run on N ranks with ``batch_size`` b matches one device with ``batch_size`` b*N
+step for step (within float summation order). Each rank takes every N-th sample of the shared
+seeded order; the loss is the sum of token cross-entropies over the whole global step divided
+by its label tokens (an all-reduced count); FSDP averages gradients over ranks, so each rank
+scales its part by N. Non-final micro-batches skip the gradient reduce-scatter
+(``set_requires_gradient_sync(False)``). LoRA dropout masks are seeded by (seed, step, rank).
+
+Checkpoints have the single-device layout (``tunelab.training.checkpointing``): all ranks
+gather the full adapter (and, for a merged export, the full model) onto rank 0, which writes
+the step folder with COMPLETE last while the others wait at a barrier. The data position is
+counted in global micro-batches, so a checkpoint resumes on any world size (and with the
+single-device recipe) when ``batch_size x world size`` stays the same. ``metrics.jsonl``
+is written by rank 0; its ``tokens_per_s`` counts all ranks together.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from tunelab.data.packing import PackedDataset
+from tunelab.data.tokenizers import load_tokenizer
+from tunelab.errors import ConfigError, DataError
+from tunelab.models.checkpoint import read_hf_config
+from tunelab.models.hf_config import args_from_hf_config
+from tunelab.modules.nf4 import NF4Weight
+from tunelab.modules.peft import get_adapter_params
+from tunelab.recipes.lora_finetune_single_device import (
+    IGNORE_INDEX,
+    LoRAConfig,
+    LRSchedulerConfig,
+    NonFiniteLossError,
+    build_dataset,
+    check_settings,
+    loss_sum,
+    make_loader,
+    prepare_output_dir,
+    resolve_paths,
+)
+from tunelab.training import distributed as dist_utils
+from tunelab.training.checkpointing import (
+    CheckpointManager,
+    TrainingProgress,
+    adapter_writer,
+    load_state,
+    merged_writer,
+    state_writer,
+)
+from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
+from tunelab.training.distributed import RankSampler, all_reduce_sum, barrier, is_rank0
+from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
+from tunelab.training.schedules import build_lr_scheduler
+from tunelab.training.steps import wrap_layers
+from tunelab.training.utils import cuda_only_settings_notice, resolve_dtype, seed_everything
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclass(kw_only=True)
+class FSDPConfig:
+    reshard_after_forward: bool  # true: gather each layer again in backward (least memory)
+    cpu_offload: bool  # sharded params/grads/optimizer state in host memory (CUDA only)
+
+
+@dataclass(kw_only=True)
+class RecipeConfig:
+    """Every key is required in the YAML (the configs are the one source of defaults)."""
+
+    checkpoint_dir: str  # HF folder (architecture from its config.json) or builtin:tiny
+    output_dir: str  # must be on a filesystem every node sees for multi-node resume
+    tokenizer: str | None  # null = the tokenizer inside checkpoint_dir
+    dataset: dict = component_field(provided=("tokenizer", "max_seq_len"))
+    seed: int
+    batch_size: int  # per rank; global = batch_size x gradient_accumulation_steps x world size
+    gradient_accumulation_steps: int
+    epochs: int
+    max_steps: int | None  # cap on optimizer steps
+    max_seq_len: int
+    packing: bool
+    optimizer: dict = component_field(provided=("params",))
+    lr_scheduler: LRSchedulerConfig
+    lora: LoRAConfig
+    quantize: Literal["nf4"] | None
+    device: str  # auto | cpu | cuda (each rank uses cuda:LOCAL_RANK)
+    dtype: Literal["bf16", "fp32"]
+    fsdp: FSDPConfig
+    dist_timeout_s: int  # a collective waiting longer than this fails the job instead of hanging
+    activation_checkpointing: bool
+    compile: bool
+    max_grad_norm: float | None  # null = no clipping (the norm is still logged)
+    log_every_n_steps: int
+    save_every_n_steps: int | None  # plus always at the end
+    save_merged: Literal["final", "always", "never"]  # merged export holds the full model on rank 0
+    keep_last_n_checkpoints: int
+    validation: dict | None = component_field(provided=("tokenizer", "max_seq_len"))
+    eval_every_n_steps: int | None
+    resume: bool
+
+
+# ------------------------------------------------------------------------------------ helpers
+def say(*args) -> None:
+    if is_rank0():
+        print(*args, flush=True)
+
+
+def setup_model(cfg: RecipeConfig, args, device: torch.device, dtype: torch.dtype, compile_layers: bool):
+    """Meta build (NF4 decoder projections with quantize=nf4) -> LoRA -> fully_shard per layer
+    and root -> allocate the shards -> base weights read shard by shard -> LoRA initialised as
+    on one device."""
+    model = dist_utils.build_meta_model(args, dtype, cfg.lora, cfg.quantize)
+    wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers)
+    dist_utils.shard_model(model, param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
+                           reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload)
+    model.to_empty(device="cpu" if cfg.fsdp.cpu_offload else device)
+    dist_utils.load_hf_weights_sharded(model, cfg.checkpoint_dir)
+    dist_utils.init_lora_sharded(model)
+    model.rope.reset_parameters(device=device)
+    return model.train()
+
+
+def export_model(cfg: RecipeConfig, args, dtype: torch.dtype, full_state: dict[str, torch.Tensor]):
+    """A CPU model (rank 0) holding gathered full tensors, for the single-device writers;
+    parameters not in ``full_state`` stay on meta (no memory)."""
+    model = dist_utils.build_meta_model(args, dtype, cfg.lora, cfg.quantize)
+    model.load_state_dict(full_state, strict=False, assign=True)
+    return model
+
+
+def load_resume_state(state_dir: Path, model, optimizer, scheduler) -> TrainingProgress:
+    """``load_state`` into CPU stand-ins of the adapter and optimizer (full tensors), then
+    each rank copies its rows into the sharded parameters and optimizer state."""
+    params = get_adapter_params(model)
+    full = {n: torch.empty(p.shape, dtype=p.dtype, requires_grad=True) for n, p in params.items()}
+    captured: dict = {}
+    stand_in_model = types.SimpleNamespace(named_parameters=lambda: iter(full.items()))
+    stand_in_opt = types.SimpleNamespace(param_groups=optimizer.param_groups, load_state_dict=captured.update)
+    progress = load_state(state_dir, model=stand_in_model, optimizer=stand_in_opt, scheduler=scheduler)
+    for name, p in params.items():
+        dist_utils.load_full_into_sharded(p, full[name])
+    ordered = list(params.values())  # optimizer index i <-> i-th adapter parameter, as on one device
+    state = {i: {k: (dist_utils.shard_like(v, ordered[i]) if torch.is_tensor(v) and k != "step" else v)
+                 for k, v in per_param.items()} for i, per_param in captured["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": captured["param_groups"]})
+    return progress
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device) -> float:
+    """Mean token loss over every rank's validation batches (dropout off)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        total += loss_sum(model, batch, device).item()
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+    model.train()
+    total, count = all_reduce_sum([total, count], device)
+    return total / max(count, 1)
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv: list[str]) -> None:
+    cfg = parse_recipe_args(argv, RecipeConfig)
+    check_settings(cfg)
+    if cfg.dist_timeout_s < 1:
+        raise ConfigError(f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
+    device = dist_utils.init_distributed(cfg.device, cfg.dist_timeout_s)
+    try:
+        train(cfg, device)
+    except BaseException as e:
+        if dist_utils.world_size() > 1:  # torchrun interleaves the ranks' output: say which one failed
+            print(f"error: rank {dist_utils.rank()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        dist_utils.destroy_distributed()
+
+
+def train(cfg: RecipeConfig, device: torch.device) -> None:
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    if is_rank0():
+        manager, resume_dir = prepare_output_dir(cfg)
+        save_config(cfg, manager.output_dir / "config.yaml")  # as given (builtin: names kept)
+    barrier()  # the other ranks read what rank 0 checked and created
+    if not is_rank0():
+        manager = CheckpointManager(Path(cfg.output_dir).expanduser(), cfg.keep_last_n_checkpoints)
+        resume_dir = manager.latest_complete() if cfg.resume else None
+    out = manager.output_dir
+    resolve_paths(cfg)
+
+    seed_everything(cfg.seed)
+    dtype = resolve_dtype(cfg.dtype, device)
+    flags = cuda_only_settings_notice(device, compile=cfg.compile, cpu_offload=cfg.fsdp.cpu_offload) \
+        if is_rank0() else {"compile": cfg.compile and device.type == "cuda",
+                            "cpu_offload": cfg.fsdp.cpu_offload and device.type == "cuda"}
+    cfg.fsdp.cpu_offload = flags["cpu_offload"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
+    hf_config = read_hf_config(cfg.checkpoint_dir)
+    if "quantization_config" in hf_config:
+        raise ConfigError(f"{cfg.checkpoint_dir} is pre-quantized, which lora_finetune_distributed does not load; "
+                          "use the dense checkpoint (with quantize=nf4 for QLoRA)")
+    args = args_from_hf_config(hf_config)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
+                          f"{args.vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
+    model = setup_model(cfg, args, device, dtype, flags["compile"])
+    params = list(get_adapter_params(model).values())
+    nf4 = [w for w in model.modules() if isinstance(w, NF4Weight)]  # 4-bit storage: count weights, not bytes
+    n_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for w in nf4 for p in w.parameters())
+    n_params += sum(w.numel() for w in nf4)
+    say(f"model: {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+        f"(LoRA rank {cfg.lora.rank}), FSDP over {world} rank(s) on {device.type} in {cfg.dtype}")
+    mib = [sum(t.numel() * t.element_size() for t in ts) / 2**20
+           for ts in ([p.to_local() for p in model.parameters()], list(model.parameters()))]
+    say(f"parameters held by rank 0: {mib[0]:.2f} MiB of {mib[1]:.2f} MiB (sharded storage)")
+
+    dataset = build_dataset(cfg.dataset, tokenizer, cfg.max_seq_len, "dataset") if is_rank0() else \
+        instantiate(cfg.dataset, tokenizer=tokenizer, max_seq_len=cfg.max_seq_len)
+    train_data = PackedDataset(dataset, cfg.max_seq_len, pad_id=tokenizer.pad_id) if cfg.packing else dataset
+    sampler = RankSampler(len(train_data), seed=cfg.seed, rank=rank, world_size=world)
+    loader = make_loader(train_data, cfg.batch_size, sampler, tokenizer.pad_id, cfg.packing)
+    accum, global_batch = cfg.gradient_accumulation_steps, cfg.batch_size * world
+    steps_per_epoch = len(train_data) // global_batch // accum
+    if steps_per_epoch == 0:
+        raise DataError(f"dataset has {len(train_data)} {'packed rows' if cfg.packing else 'samples'}, fewer than "
+                        f"batch_size x gradient_accumulation_steps x world size = {global_batch * accum}; lower them")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    val_loader = None
+    if cfg.validation is not None:
+        val_data = instantiate(cfg.validation, tokenizer=tokenizer, max_seq_len=cfg.max_seq_len)
+        even = len(val_data) // world * world  # equal batch counts on every rank (collectives must match)
+        val_loader = make_loader(val_data, cfg.batch_size, RankSampler(even, 0, rank, world, shuffle=False),
+                                 tokenizer.pad_id, packed=False)
+
+    optimizer = instantiate(cfg.optimizer, params)
+    scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
+                                   total_steps=total_steps, schedule=cfg.lr_scheduler.schedule)
+    # batch_size here is the GLOBAL micro-batch: the data position is world-size independent
+    progress = TrainingProgress(sampler_seed=cfg.seed, batch_size=global_batch)
+    if resume_dir is not None:
+        progress = load_resume_state(resume_dir / "state", model, optimizer, scheduler)
+        if progress.batch_size not in (None, global_batch):  # the data position counts global batches
+            raise ConfigError(f"resume: {resume_dir.name} was written with a global micro-batch of "
+                              f"{progress.batch_size} (batch_size x world size), not {global_batch}; "
+                              f"set batch_size={progress.batch_size // world} for {world} rank(s)")
+        sampler.seed = progress.sampler_seed
+        say(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
+
+    def save_checkpoint(final: bool) -> Path:
+        """All ranks gather; rank 0 writes the step folder (COMPLETE last); all wait for it."""
+        merged = cfg.save_merged == "always" or (final and cfg.save_merged == "final")
+        full_state = dist_utils.gather_full_state(model, trainable_only=not merged)
+        full_optimizer = dist_utils.gathered_optimizer_state(optimizer)
+        if is_rank0():
+            export = export_model(cfg, args, dtype, full_state)
+            writers = {"adapter": adapter_writer(export, base_model_name_or_path=cfg.checkpoint_dir, lora_cfg=cfg.lora)}
+            if merged:
+                writers["merged"] = merged_writer(export, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
+            frozen_optimizer = types.SimpleNamespace(state_dict=lambda: full_optimizer)
+            writers["state"] = state_writer(progress, model=export, optimizer=frozen_optimizer, scheduler=scheduler)
+            manager.save(progress.step, writers)
+        barrier()
+        return out / f"step_{progress.step}"
+
+    # -------------------------------------------------------------------------------- loop
+    metrics = MetricsLogger(out) if is_rank0() else None
+    if metrics is not None:
+        metrics.truncate_after(progress.step)  # rows a killed run logged after its last checkpoint
+    display = ProgressDisplay(total_steps, initial=progress.step) if is_rank0() else None
+    say(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} x {world} samples each)")
+    last_saved = resume_dir
+    timer, tokens_seen = time.perf_counter(), 0
+    try:
+        while progress.step < total_steps:
+            if progress.batches_consumed // accum >= steps_per_epoch:  # epoch finished
+                progress.epoch, progress.batches_consumed = progress.epoch + 1, 0
+            sampler.set_epoch(progress.epoch, start_sample=progress.batches_consumed * global_batch)
+            batches = iter(loader)
+            while progress.step < total_steps and progress.batches_consumed // accum < steps_per_epoch:
+                micro_batches = [next(batches) for _ in range(accum)]
+                # dropout masks from (seed, step, rank): exact resume without per-rank RNG files
+                torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 1_009 + rank)
+                # normalise by the label tokens of the whole global step, not per micro-batch or rank
+                local_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+                n_labels, n_tokens = all_reduce_sum([local_labels, sum(b["num_tokens"] for b in micro_batches)], device)
+                n_labels = max(n_labels, 1.0)
+                step_loss = torch.zeros((), device=device)
+                for i, batch in enumerate(micro_batches):
+                    model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
+                    loss = loss_sum(model, batch, device)
+                    (loss * (world / n_labels)).backward()  # x world: FSDP averages over ranks
+                    step_loss += loss.detach()
+                loss_value = all_reduce_sum([step_loss.item()], device)[0] / n_labels
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+                grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+                    raise NonFiniteLossError(
+                        f"loss {loss_value} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
+                        f"stopped without saving ({kept}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
+                lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it next)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                progress.batches_consumed += accum
+                tokens_seen += n_tokens
+
+                step = progress.step
+                if is_rank0() and (step % cfg.log_every_n_steps == 0 or step in (1, total_steps)):
+                    elapsed = time.perf_counter() - timer
+                    row = {"step": step, "epoch": progress.epoch, "loss": loss_value, "lr": lr,
+                           "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # all ranks together
+                           "grad_norm": grad_norm}
+                    if (mem := peak_memory_gib(device)) is not None:
+                        row["peak_mem_gib"] = mem  # rank 0's
+                    metrics.log(row)
+                    display.update(row)
+                    timer, tokens_seen = time.perf_counter(), 0
+                if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
+                                               or step == total_steps):
+                    eval_loss = evaluate(model, val_loader, device)
+                    if is_rank0():
+                        metrics.log({"step": step, "epoch": progress.epoch, "eval_loss": eval_loss})
+                        display.write(f"step {step}: eval_loss={eval_loss:.4f}")
+                    timer = time.perf_counter()
+                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
+                    last_saved = save_checkpoint(final=False)
+                    timer = time.perf_counter()
+    finally:
+        if is_rank0():
+            display.close()
+            metrics.close()
+
+    # -------------------------------------------------------------------------------- final save
+    final_dir = save_checkpoint(final=True) if last_saved is None or last_saved.name != f"step_{total_steps}" else last_saved
+    say(f"adapter: {final_dir / 'adapter'}")
+    if (final_dir / "merged").is_dir():
+        say(f"merged model: {final_dir / 'merged'}")
+
+
+if __name__ == "__main__":
+    # record: torchrun's end-of-job summary then shows the failing rank's exception, not just its exit code
+    recipe_entry(record(main))

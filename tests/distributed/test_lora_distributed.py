@@ -1,0 +1,173 @@
+"""lora_finetune_distributed on CPU with gloo: 2 ranks vs one device, resume on 1 rank,
+a failing rank, and the FSDP benchmark's smoke run.
+
+Tolerances: fp32 throughout; the 2-rank run sums the same per-token losses and gradients in a
+different order (per rank, then across ranks), so losses agree to ~1e-6 relative and the
+adapters, after 4 AdamW steps, to ~1e-6 absolute: we allow 1e-5 for both.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.training.checkpointing import COMPLETE
+from tunelab.training.distributed import RankSampler
+from tunelab.training.metrics import read_metrics
+
+TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"  # plain head: the fused-loss path
+
+
+def common(ckpt, out, data, tokenizer) -> list[str]:
+    return [
+        f"checkpoint_dir={ckpt}", f"tokenizer={tokenizer}", f"output_dir={out}", f"dataset.source={data}",
+        "validation=null", "eval_every_n_steps=null", "max_seq_len=64", "log_every_n_steps=1",
+        "lr_scheduler.warmup_steps=1", "max_steps=4", "epochs=2", "gradient_accumulation_steps=2",
+        f"lora.targets={TARGETS}", "optimizer.lr=3.0e-3",
+    ]
+
+
+def losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def assert_same_tensors(dir_a, dir_b, name, atol):
+    a, b = load_file(str(dir_a / name)), load_file(str(dir_b / name))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=atol, msg=k)
+
+
+def test_rank_sampler_micro_batches_equal_one_device():
+    """Rank r takes every world-th sample: micro-batch k of all ranks = micro-batch k of one
+    device with batch_size x world, also from a mid-epoch start."""
+    n, b, world = 23, 2, 3
+    one = RankSampler(n, seed=5, rank=0, world_size=1)
+    ranks = [RankSampler(n, seed=5, rank=r, world_size=world) for r in range(world)]
+    for s in [one, *ranks]:
+        s.set_epoch(1, start_sample=6)
+    single = list(one)
+    streams = [list(s) for s in ranks]
+    for k in range(len(single) // (b * world)):
+        together = sorted(i for stream in streams for i in stream[k * b:(k + 1) * b])
+        assert together == sorted(single[k * b * world:(k + 1) * b * world])
+    assert sum(len(s) for s in ranks) == len(one) == n - 6
+
+
+def test_without_torchrun_the_error_says_how_to_launch(tmp_path, monkeypatch):
+    from tunelab.errors import ConfigError
+    from tunelab.recipes import lora_finetune_distributed as recipe
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match="launched by torchrun.*--nproc_per_node"):
+        recipe.main(["--config", "tiny/lora_distributed", f"output_dir={tmp_path}"])
+
+
+def test_two_ranks_match_one_device_and_resume_on_one_rank(tmp_path, make_hf_checkpoint, dt):
+    """2 ranks x batch 2 (gradient accumulation 2, activation checkpointing) == one device x
+    batch 4: same losses, same adapter, same merged model. Then the 2-rank step-2 checkpoint
+    resumes on 1 rank (batch 4) and continues with the 2-rank losses."""
+    from tunelab.recipes import lora_finetune_single_device as single_recipe
+
+    ckpt = make_hf_checkpoint("llama3")
+    data = dt.alpaca_jsonl(tmp_path / "train.jsonl", 24)
+    dist_out, single_out = tmp_path / "dist", tmp_path / "single"
+    base = common(ckpt, dist_out, data, dt.TINY_TOKENIZER)
+    run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed", *base, "batch_size=2",
+                      "save_every_n_steps=2", "activation_checkpointing=true")
+    assert run.returncode == 0, run.stderr[-3000:]
+    single_recipe.main(["--config", "tiny/lora", *common(ckpt, single_out, data, dt.TINY_TOKENIZER), "batch_size=4"])
+
+    dist_losses, single_losses = losses(dist_out), losses(single_out)
+    assert list(dist_losses) == [1, 2, 3, 4]
+    assert dist_losses == pytest.approx(single_losses, rel=1e-5)
+    final = dist_out / "step_4"
+    assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "adapter", "merged", "state"]
+    assert sorted(p.name for p in (dist_out / "step_2").iterdir()) == ["COMPLETE", "adapter", "state"]
+    assert_same_tensors(final / "adapter", single_out / "step_4" / "adapter", "adapter_model.safetensors", 1e-5)
+    assert_same_tensors(final / "merged", single_out / "step_4" / "merged", "model.safetensors", 1e-5)
+    assert json.loads((final / "adapter" / "adapter_config.json").read_text())["r"] == 16
+
+    # resume the 2-rank step-2 checkpoint on 1 rank with the same global batch (1 x 4)
+    resumed_out = tmp_path / "resumed"
+    shutil.copytree(dist_out, resumed_out)
+    shutil.rmtree(resumed_out / "step_4")
+    run = dt.torchrun(1, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",
+                      *common(ckpt, resumed_out, data, dt.TINY_TOKENIZER), "batch_size=4", "resume=true")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed from" in run.stdout
+    assert losses(resumed_out) == pytest.approx(dist_losses, rel=1e-5)
+    assert (resumed_out / "step_4" / COMPLETE).is_file()
+    assert_same_tensors(resumed_out / "step_4" / "adapter", final / "adapter", "adapter_model.safetensors", 1e-5)
+
+
+def test_qlora_two_ranks_shard_the_packed_base_and_match_one_device(tmp_path, make_hf_checkpoint, dt):
+    """quantize=nf4: the packed 4-bit storage is sharded (rank 0 holds about half of all
+    parameter bytes), and 2 ranks x batch 2 give one device's QLoRA losses and adapter."""
+    import re
+
+    from tunelab.recipes import lora_finetune_single_device as single_recipe
+
+    ckpt = make_hf_checkpoint("llama3_1")
+    data = dt.alpaca_jsonl(tmp_path / "train.jsonl", 16)
+    dist_out, single_out = tmp_path / "dist", tmp_path / "single"
+    extra = ("quantize=nf4", "max_steps=2", "gradient_accumulation_steps=1", "save_merged=never")
+    run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",
+                      *common(ckpt, dist_out, data, dt.TINY_TOKENIZER), *extra, "batch_size=2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    held, total = map(float, re.search(r"held by rank 0: ([\d.]+) MiB of ([\d.]+) MiB", run.stdout).groups())
+    assert held < 0.55 * total
+    single_recipe.main(["--config", "tiny/qlora", *common(ckpt, single_out, data, dt.TINY_TOKENIZER), *extra,
+                        "batch_size=4"])
+    assert losses(dist_out) == pytest.approx(losses(single_out), rel=1e-5)
+    assert_same_tensors(dist_out / "step_2" / "adapter", single_out / "step_2" / "adapter",
+                        "adapter_model.safetensors", 1e-5)
+
+
+FAILING_DATA = '''
+import os
+from tunelab.data import instruct_dataset
+
+def rank1_fails(tokenizer, *, source, max_seq_len):
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("rank 1 cannot read its data (injected failure)")
+    return instruct_dataset(tokenizer, source=source, max_seq_len=max_seq_len)
+'''
+
+
+def test_failing_rank_ends_the_job_with_its_error(tmp_path, make_hf_checkpoint, dt):
+    """Launched like a user does (`tune run --nproc_per_node 2 ...`, which execs torchrun). Rank 1
+    raises while rank 0 waits in the first collective: torchrun stops the job, the output names
+    rank 1 and its error, nothing hangs (bounded by the subprocess timeout)."""
+    (tmp_path / "failing_data.py").write_text(FAILING_DATA)
+    ckpt = make_hf_checkpoint("llama2")
+    data = dt.alpaca_jsonl(tmp_path / "train.jsonl", 8)
+    start = time.monotonic()
+    run = dt.torchrun(2, "lora_finetune_distributed", "--config", "tiny/lora_distributed",
+                      *common(ckpt, tmp_path / "out", data, dt.TINY_TOKENIZER), "batch_size=2",
+                      "dataset._component_=failing_data.rank1_fails", "dist_timeout_s=30",
+                      timeout=80, extra_env={"PYTHONPATH": str(tmp_path)}, via_tune=True)
+    assert run.returncode != 0
+    output = run.stdout + run.stderr
+    assert "error: rank 1 failed: RuntimeError: rank 1 cannot read its data (injected failure)" in output
+    root_cause = output.split("Root Cause")[-1]  # torchrun's summary: the failing rank and its exception
+    assert "rank      : 1" in root_cause and "RuntimeError: rank 1 cannot read its data" in root_cause
+    assert time.monotonic() - start < 75
+    assert not (tmp_path / "out" / "step_4").exists()
+
+
+def test_fsdp_bench_tiny_smoke(dt):
+    """bench/fsdp_step.py on 2 CPU ranks prints one JSON line with the recorded fields."""
+    run = dt.torchrun(2, dt.REPO / "bench" / "fsdp_step.py", extra_env={"SHAPE": "tiny", "STEPS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1
+    row = rows[0]
+    assert {"commit", "device", "world_size", "profile", "tokens_per_s", "peak_gib"} <= set(row)
+    assert row["world_size"] == 2 and row["device"] == "cpu" and row["tokens_per_s"] > 0

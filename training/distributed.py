@@ -1,0 +1,383 @@
+"""Distributed training helpers (FSDP2, launched by torchrun): process group, sharded model,
+shard-by-shard loading, LoRA init, gathering full state for saving, the rank split of the data.
+
+The model is built on the meta device (no memory), LoRA is applied there, every decoder layer
+and then the root are wrapped by ``fully_shard`` (each parameter split along dim 0 over the
+ranks), and only then is memory allocated: each rank allocates its own shard. Base weights are
+read from the HF safetensors files file by file with ``safe_open(...).get_slice``, so a rank
+reads exactly the rows it owns and never holds a whole tensor, let alone the whole model.
+LoRA A/B are initialised afterwards from the seeded CPU generator, with the same values
+``apply_lora`` gives on one device, and each rank keeps its rows.
+
+QLoRA: the decoder projections are ``NF4Linear`` layers whose packed 4-bit storage (codes,
+8-bit block scales, fp32 scale bits) is registered as frozen integer *parameters*, so FSDP
+shards it along dim 0 and all-gathers the packed bytes (integer parameters are never cast by
+the mixed-precision policy); a layer's forward/backward dequantizes the gathered storage. NF4's
+scales are statistics of the whole tensor, so while loading every rank quantizes each full
+projection (one tensor in memory at a time) and keeps its rows of the packed result.
+
+Saving gathers full tensors (collective: every rank calls, rank 0 keeps CPU copies) into a CPU
+"export model" on rank 0 that the ordinary single-device writers of
+``tunelab.training.checkpointing`` save, so the folder layout is the same as single device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from tunelab.errors import CheckpointError, ConfigError
+from tunelab.models.checkpoint import (
+    _IGNORED_HF,
+    _open,
+    hf_to_native_key,
+    native_to_hf_key,
+    safetensors_files,
+)
+from tunelab.training.checkpointing import ResumableSampler
+
+__all__ = [
+    "RankSampler",
+    "all_reduce_sum",
+    "barrier",
+    "build_meta_model",
+    "destroy_distributed",
+    "full_tensor_on_rank0",
+    "gather_full_state",
+    "gathered_optimizer_state",
+    "init_distributed",
+    "init_lora_sharded",
+    "is_rank0",
+    "load_hf_weights_sharded",
+    "load_full_into_sharded",
+    "rank",
+    "shard_like",
+    "shard_model",
+    "world_size",
+]
+
+
+# ------------------------------------------------------------------------ process group
+def init_distributed(device_name: str, timeout_s: float) -> torch.device:
+    """Join the process group torchrun set up (env ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``/``MASTER_PORT``) and return this rank's device.
+
+    NCCL on CUDA (each rank takes ``cuda:LOCAL_RANK``), gloo on CPU. A collective that waits
+    longer than ``timeout_s`` raises instead of hanging (e.g. when another rank died).
+
+    Args:
+        device_name: ``auto`` | ``cpu`` | ``cuda`` (``cuda:N`` is refused: torchrun picks it).
+        timeout_s: process-group timeout in seconds.
+
+    Raises:
+        ConfigError: not started by torchrun, or a device that cannot be used.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError("lora_finetune_distributed must be launched by torchrun; use "
+                          "`tune run --nproc_per_node N lora_finetune_distributed --config ...`")
+    if device_name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: {device_name!r} is not supported here; use auto, cpu or cuda "
+                          "(torchrun gives each rank cuda:LOCAL_RANK)")
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("device: cuda but CUDA is not available here; use device=cpu or device=auto")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=device if use_cuda else None)
+    return device
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (one collective, fp64 so counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------ data split
+class RankSampler(ResumableSampler):
+    """``ResumableSampler`` split over ranks like ``DistributedSampler``: rank ``r`` of ``w``
+    takes positions ``r, r + w, r + 2w, ...`` of the epoch's order (after ``start``).
+
+    With ``batch_size`` b per rank, micro-batch k of every rank together holds exactly the
+    samples ``order[start + k*b*w : start + (k+1)*b*w]``, i.e. the k-th micro-batch of one
+    device running batch_size b*w: losses match single device for the same global batch and
+    the data position (global micro-batches consumed) is independent of the world size.
+
+    Args:
+        num_samples: dataset length.
+        seed: base seed of the per-epoch permutations (as ResumableSampler).
+        rank, world_size: this rank and the number of ranks.
+        shuffle: False keeps the dataset order.
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int, shuffle: bool = True):
+        super().__init__(num_samples, seed, shuffle=shuffle)
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start :][self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples - self.start, self.world_size))
+
+
+# ------------------------------------------------------------------------ meta model
+NF4_STORAGE = ("codes", "absmax_q", "absmax_scale_bits", "absmax_offset_bits")
+
+
+def _meta_nf4(shape: tuple[int, int], dtype: torch.dtype, block_size: int = 64, scaler_block_size: int = 256):
+    from tunelab.modules.nf4 import NF4Weight
+
+    n = shape[0] * shape[1]
+    n_blocks = -(-n // block_size)
+    meta = dict(device="meta")
+    return NF4Weight(torch.empty((n + 1) // 2, dtype=torch.uint8, **meta),
+                     torch.empty(n_blocks, dtype=torch.uint8, **meta),
+                     torch.empty(-(-n_blocks // scaler_block_size), dtype=torch.float32, **meta),
+                     torch.empty(1, dtype=torch.float32, **meta), shape, dtype, block_size, scaler_block_size)
+
+
+def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -> nn.Module:
+    """The LoRA (or QLoRA) model on the meta device, adapters fp32, only adapters trainable.
+
+    With ``quantize="nf4"`` every decoder-block projection becomes an ``NF4Linear`` whose
+    storage is held as frozen integer parameters (what FSDP shards), then ``apply_lora_nf4``
+    puts the adapters on, in the same order as one device does.
+    """
+    from tunelab.models import build_model
+    from tunelab.modules.peft import apply_lora, set_trainable_params
+
+    model = build_model(args, device="meta", dtype=dtype)
+    add_lora = apply_lora
+    if quantize == "nf4":
+        from tunelab.modules.nf4 import NF4Linear, NF4Weight, apply_lora_nf4
+
+        for layer in model.layers:
+            for name, m in list(layer.named_modules()):
+                if type(m) is nn.Linear:
+                    parent, _, leaf = name.rpartition(".")
+                    setattr(layer.get_submodule(parent), leaf, NF4Linear(_meta_nf4(tuple(m.weight.shape), dtype)))
+        for w in [m for m in model.modules() if isinstance(m, NF4Weight)]:
+            for name in NF4_STORAGE:
+                w.register_parameter(name, nn.Parameter(w._buffers.pop(name), requires_grad=False))
+        add_lora = apply_lora_nf4
+    elif quantize is not None:
+        raise ConfigError(f"quantize: {quantize!r} is not supported; use nf4 (QLoRA) or null")
+    add_lora(model, lora_cfg.targets, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, adapter_dtype=torch.float32)
+    set_trainable_params(model)
+    return model
+
+
+# ------------------------------------------------------------------------ sharding
+def shard_model(
+    model: nn.Module,
+    *,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool,
+    cpu_offload: bool,
+) -> nn.Module:
+    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, head).
+
+    Args:
+        model: a ``TransformerDecoder`` (normally still on meta).
+        param_dtype: compute/all-gather dtype (bf16 mixed precision); gradients are reduced in
+            fp32. None keeps the stored dtypes (fp32 CPU runs).
+        reshard_after_forward: free each layer's gathered weights after its forward (ZeRO-3;
+            gathered again in backward) instead of keeping them until backward (ZeRO-2-like).
+        cpu_offload: keep the sharded parameters, gradients and optimizer state on the CPU.
+
+    Gradients are averaged over ranks (FSDP's default); a recipe that normalises the loss by
+    the label tokens of the whole global batch multiplies it by the world size.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
+    # The root keeps its weights gathered from forward to backward (FSDP's default for the root):
+    # the loss multiplies the hidden states by model.output_weight after the forward returns.
+    fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    return model
+
+
+def _row_range(full_rows: int, local_rows: int) -> tuple[int, int]:
+    """Rows of dim 0 this rank owns under ``Shard(0)`` (torch.chunk: ceil-sized chunks)."""
+    chunk = math.ceil(full_rows / world_size()) if full_rows else 0
+    start = min(rank() * chunk, full_rows)
+    return start, start + local_rows
+
+
+@torch.no_grad()
+def _copy_rows(param: torch.Tensor, read_rows) -> None:
+    """Fill ``param`` (a sharded DTensor or a plain tensor) from ``read_rows(start, stop)``."""
+    if isinstance(param, DTensor):
+        local = param.to_local()
+        start, stop = _row_range(param.shape[0], local.shape[0])
+        if local.numel():
+            local.copy_(read_rows(start, stop))
+    else:
+        param.copy_(read_rows(0, param.shape[0]))
+
+
+@torch.no_grad()
+def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> None:
+    """Fill the (sharded, materialised) base weights of ``model`` from an HF checkpoint.
+
+    Files are opened one at a time (memory-mapped); for each tensor a rank reads only its rows
+    (``get_slice``), casts them and copies them into its shard. Every base weight must be found
+    once with the shape config.json implies.
+
+    Raises:
+        CheckpointError: missing/unexpected tensors or shapes that do not match.
+    """
+    from tunelab.modules.nf4 import NF4Weight, to_nf4
+
+    params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
+    nf4 = {n: m for n, m in model.named_modules() if isinstance(m, NF4Weight)}  # named like the dense weight
+    for name, w in nf4.items():
+        params[name] = w  # found by its dense name; its storage parameters are filled together
+        for part in NF4_STORAGE:
+            params.pop(f"{name}.{part}")
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    by_file: dict[Path, list[str]] = {}
+    for hf_name, file in safetensors_files(checkpoint_dir).items():
+        by_file.setdefault(file, []).append(hf_name)
+    loaded: set[str] = set()
+    for file, names in by_file.items():
+        with _open(file) as f:
+            for hf_name in names:
+                if _IGNORED_HF.match(hf_name) or (tied and hf_name == "lm_head.weight"):
+                    continue
+                try:
+                    name = hf_to_native_key(hf_name)
+                except KeyError:
+                    raise CheckpointError(f"{checkpoint_dir}: unexpected tensor {hf_name!r}; not a plain "
+                                          "LlamaForCausalLM checkpoint") from None
+                if name not in params:
+                    raise CheckpointError(f"{checkpoint_dir}: unexpected tensor {hf_name!r}; the weights do "
+                                          "not match config.json")
+                p = params[name]
+                piece = f.get_slice(hf_name)
+                if tuple(piece.get_shape()) != tuple(p.shape):
+                    raise CheckpointError(f"{checkpoint_dir}: tensor {hf_name!r} has shape {list(piece.get_shape())}, "
+                                          f"config.json expects {list(p.shape)}; the weights do not match config.json")
+                if name in nf4:  # the whole tensor: NF4's scales depend on all of it
+                    q = to_nf4(piece[:].to(device=p.codes.device, dtype=p.dtype))
+                    for part in NF4_STORAGE:
+                        _copy_rows(getattr(p, part), lambda a, b, full=getattr(q, part): full[a:b])
+                    del q
+                else:
+                    _copy_rows(p, lambda a, b: piece[a:b].to(dtype=p.dtype))
+                loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"{checkpoint_dir}: missing tensors {', '.join(native_to_hf_key(k) for k in missing[:3])}; "
+                              "the weights do not match config.json")
+
+
+@torch.no_grad()
+def init_lora_sharded(model: nn.Module) -> None:
+    """Initialise every LoRA A/B (already sharded and materialised) with the values
+    ``apply_lora`` would give on one device from the current global RNG state.
+
+    A throw-away CPU ``LoRALinear`` per adapted layer (its base weight a zero-stride view, so
+    it costs no memory) draws the numbers exactly as the single-device path does; each rank
+    keeps its rows. Call it at the same point of the seeded RNG stream on every rank.
+    """
+    from tunelab.modules.peft import LoRALinear, lora_modules
+
+    for _, m in lora_modules(model):
+        ghost_base = torch.zeros((), dtype=m.lora_a.weight.dtype).expand(m.out_dim, m.in_dim)
+        ghost = LoRALinear(m.in_dim, m.out_dim, m.rank, m.alpha, weight=ghost_base,
+                           adapter_dtype=m.lora_a.weight.dtype)
+        for mine, full in ((m.lora_a.weight, ghost.lora_a.weight), (m.lora_b.weight, ghost.lora_b.weight)):
+            _copy_rows(mine, lambda a, b: full[a:b])
+
+
+@torch.no_grad()
+def load_full_into_sharded(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (CPU) tensor into a sharded parameter / state tensor: each rank its rows."""
+    _copy_rows(target, lambda a, b: full[a:b].to(dtype=target.dtype))
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A full tensor distributed with the same mesh/placements as ``like`` (local slicing, no
+    communication: every rank holds ``full``)."""
+    if not isinstance(like, DTensor):
+        return full.to(like.device)
+    return distribute_tensor(full.to(like.to_local().device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+# ------------------------------------------------------------------------ gathering
+def full_tensor_on_rank0(t: torch.Tensor) -> torch.Tensor | None:
+    """All ranks call; rank 0 gets the full tensor on the CPU, the others None."""
+    full = t.full_tensor() if isinstance(t, DTensor) else t
+    return full.detach().cpu() if is_rank0() else None
+
+
+def gather_full_state(model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+    """The model's full parameters by native name on rank 0 (CPU), None elsewhere.
+
+    Gathered one tensor at a time; with ``trainable_only=False`` rank 0 ends up holding the
+    whole model in host memory (what a merged HF export needs).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        full = full_tensor_on_rank0(p)
+        if full is not None:
+            out[name] = full
+    return out if is_rank0() else None
+
+
+def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered, on rank 0 (same
+    format as one device: state by parameter index), None elsewhere."""
+    sd = optimizer.state_dict()
+    state: dict[int, dict] = {}
+    for idx in sorted(sd["state"]):
+        state[idx] = {}
+        for key, value in sd["state"][idx].items():
+            if isinstance(value, torch.Tensor):
+                value = full_tensor_on_rank0(value)
+            state[idx][key] = value
+    return {"state": state, "param_groups": sd["param_groups"]} if is_rank0() else None
