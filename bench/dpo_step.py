@@ -19,51 +19,24 @@ the timed steps. Prints one JSON line (append it to bench/results/).
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import subprocess
-import time
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from tunelab.models import build_model, llama3_1_8b, tiny
 from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
 from tunelab.recipes import lora_dpo_single_device as recipe
+from tunelab.training.steps import wrap_layers
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
+from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps  # noqa: E402
+
 PAIRS = 2
 
 
-def commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
-
-def random_model(shape: str, device: torch.device, dtype: torch.dtype):
-    """Built on meta, materialised on ``device`` with N(0, 0.02) weights (norms at 1)."""
-    args = llama3_1_8b() if shape == "8b" else tiny(vocab_size=1024)
-    model = build_model(args, device="meta", dtype=dtype)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    model.rope.reset_parameters(device)
-    return model
 
 
 def random_pairs(vocab: int, prompt_len: int, response_len: int, gen: torch.Generator) -> dict:
@@ -88,9 +61,7 @@ def main() -> None:
     model = random_model(shape, device, dtype)
     apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=torch.float32)
     set_trainable_params(model)
-    for layer in model.layers:  # as the LoRA recipe's setup_model does
-        forward = torch.compile(layer.forward) if use_compile and device.type == "cuda" else layer.forward
-        layer.forward = functools.partial(checkpoint, forward, use_reentrant=False) if ac else forward
+    wrap_layers(model, activation_checkpointing=ac, compile_layers=use_compile and device.type == "cuda")
     model.train()
     params = list(get_adapter_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=5e-5, fused=device.type == "cuda")
@@ -106,25 +77,12 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for batch in batches[:warmup]:
-        step(batch)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        loss = step(batch)
-    sync()
-    elapsed = time.perf_counter() - start
+    pending = iter(batches)
+    elapsed, loss = time_steps(lambda: step(next(pending)), warmup=warmup, steps=steps, device=device)
 
     tokens_per_step = 2 * PAIRS * (prompt_len + response_len)
-    row = {
-        "commit": commit(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    emit({
+        "device": device_name(device),
         "torch": torch.__version__,
         "system": "tunelab",
         "profile": os.environ.get("PROFILE") or f"dpo_{'lean' if ac else 'no_ac'}{'_compile' if use_compile else ''}",
@@ -132,16 +90,10 @@ def main() -> None:
                   f"ref=adapters-off ac={ac} compile={use_compile}",
         "tokens_per_s": round(tokens_per_step * steps / elapsed, 1),
         "pairs_per_s": round(PAIRS * steps / elapsed, 3),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "peak_gib": peak_gib(device),
         "step_ms": round(1000 * elapsed / steps, 1),
         "loss": round(loss, 4),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    line = json.dumps(row)
-    print(line, flush=True)
-    if os.environ.get("OUT"):
-        with open(os.environ["OUT"], "a") as f:
-            f.write(line + "\n")
+    })
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # One device call that runs this session's benchmarks side by side with a peer row
 # (HF transformers + PEFT, ../shared/bench/anchors.py copied to the ignored .peer/ folder).
 # Carry: .whl (omegaconf + antlr4 wheels for the GPU image's python) and .peer.
-#   bash bench/gpu_session.sh     (on the GPU machine; results under $OUT/results.jsonl)
+#   TUNELAB_COMMIT=<sha> bash bench/gpu_session.sh   (on the GPU machine; results under $OUT/results.jsonl)
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
@@ -10,6 +10,7 @@ mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/tunelab   # the repo root is the pa
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/pkg:/tmp/site
 R=$OUT/results.jsonl
+export TUNELAB_COMMIT=${TUNELAB_COMMIT:-unknown}   # the tree travels without .git: pass the commit in
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 run() {  # run SECONDS CMD...: one benchmark, its JSON line appended to $R, stderr to err.log
   local t=$1; shift

@@ -15,47 +15,17 @@ peak = torch.cuda.max_memory_allocated. Prints one JSON line (append it to bench
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import time
+import sys
 from pathlib import Path
 
 import torch
 
 from tunelab.kernels import loss_sum
-from tunelab.models import build_model, llama3_1_8b, tiny
 from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
 from tunelab.training.steps import wrap_layers
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def random_model(shape: str, device: torch.device, dtype: torch.dtype):
-    """The model built on meta, then materialised on ``device`` with random N(0, 0.02) weights."""
-    args = llama3_1_8b() if shape == "8b" else tiny(vocab_size=1024)
-    model = build_model(args, device="meta", dtype=dtype)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    model.rope.reset_parameters(device)
-    return model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
+from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps  # noqa: E402
 
 
 def main() -> None:
@@ -98,41 +68,21 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(opts.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(opts.steps):
-        loss = step()
-    sync()
-    elapsed = time.perf_counter() - start
+    elapsed, loss = time_steps(step, warmup=opts.warmup, steps=opts.steps, device=device)
 
     tokens_per_s = opts.batch * opts.seq * opts.steps / elapsed
-    row = {
-        "commit": commit(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    emit({
+        "device": device_name(device),
         "torch": torch.__version__,
         "system": "tunelab",
         "profile": opts.profile or ("lora_lean" if opts.ac else "lora_fast"),
         "config": f"{opts.shape} bs{opts.batch} seq{opts.seq} lora r16 all-linear ac={opts.ac} "
                   f"compile={opts.compile} fused-ce adapters={opts.adapter_dtype}",
         "tokens_per_s": round(tokens_per_s, 1),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "peak_gib": peak_gib(device),
         "step_ms": round(1000 * elapsed / opts.steps, 1),
         "loss": round(loss, 4),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    line = json.dumps(row)
-    print(line, flush=True)
-    if opts.out:
-        with open(opts.out, "a") as f:
-            f.write(line + "\n")
+    }, opts.out)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ the same bytes, for context. Prints one JSON line (append it to bench/results/).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,21 +25,14 @@ import torch
 from tunelab.kernels import backend
 from tunelab.modules.nf4 import to_nf4
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
+from _common import device_name, emit, peak_gib  # noqa: E402
+
 SHAPES_8B = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
              "down_proj": (4096, 14336)}
 SHAPES_TINY = {"square": (256, 256), "wide": (128, 640)}
 
 
-def commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(fn, iters: int, device: torch.device) -> float:
@@ -57,6 +49,58 @@ def timed(fn, iters: int, device: torch.device) -> float:
             torch.cuda.synchronize()
         rounds.append((time.perf_counter() - start) / iters)
     return sorted(rounds)[1]
+
+
+def graph_seconds(fn, iters: int = 20) -> float:
+    """Device seconds per call of ``fn`` replayed from a CUDA graph (no Python launch cost)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()  # warm-up / compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return sorted(times)[2]
+
+
+def launch_sweep(shapes: dict, device: torch.device) -> dict:
+    """Kernel-only bandwidth (CUDA-graph replay) of the 8B shapes for several launch shapes
+    (packed bytes per program, warps): the copy ceiling is a kernel-only number too."""
+    from tunelab.kernels.nf4 import _dequantize_nf4_triton
+
+    weights = {name: to_nf4(torch.randn(r, c, device=device, dtype=torch.bfloat16) * 0.02)
+               for name, (r, c) in shapes.items()}
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() / graph_seconds(lambda: dst.copy_(src), 5) / 1e9
+    del src, dst
+    result = {"copy_gb_per_s": round(copy, 1)}
+    for per_program, warps in [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8)]:
+        moved = seconds = 0.0
+        for w4 in weights.values():
+            code, absmax_code = w4.levels()
+            n = w4.numel()
+
+            def call(w4=w4, code=code, absmax_code=absmax_code, n=n):
+                _dequantize_nf4_triton(w4.codes, w4.absmax_q, w4.absmax_scale, w4.absmax_offset, code,
+                                       absmax_code, numel=n, block_size=w4.block_size,
+                                       scaler_block_size=w4.scaler_block_size, dtype=torch.bfloat16,
+                                       bytes_per_program=per_program, num_warps=warps)
+
+            seconds += graph_seconds(call)
+            moved += n // 2 + n // 64 + 4 * w4.absmax_scale.numel() + 2 * n
+        gbs = moved / seconds / 1e9
+        result[f"bytes{per_program}_warps{warps}"] = {"gb_per_s": round(gbs, 1), "fraction_of_copy": round(gbs / copy, 3)}
+    return result
 
 
 def main() -> None:
@@ -101,28 +145,23 @@ def main() -> None:
                 bnb_time = None
 
     gbs = total_bytes / total_time / 1e9
-    row = {
-        "commit": commit(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    sweep = launch_sweep(shapes, device) if device.type == "cuda" else None
+    emit({
+        "device": device_name(device),
         "torch": torch.__version__,
         "system": "tunelab",
         "profile": os.environ.get("PROFILE") or "nf4_dequant",
         "config": f"{shape_set} llama3.1-8b linear shapes, bf16 out, kernel={'triton' if device.type == 'cuda' else 'reference'}",
         "tokens_per_s": None,  # not a training workload
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "peak_gib": peak_gib(device),
         "gb_per_s": round(gbs, 1),
         "copy_gb_per_s": round(copy_gbs, 1),
         "fraction_of_copy": round(gbs / copy_gbs, 3),
         "reference_gb_per_s": round(total_bytes / ref_time / 1e9, 1),
         "bitsandbytes_gb_per_s": round(total_bytes / bnb_time / 1e9, 1) if bnb_time else None,
         "per_shape": per_shape,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    line = json.dumps(row)
-    print(line, flush=True)
-    if os.environ.get("OUT"):
-        with open(os.environ["OUT"], "a") as f:
-            f.write(line + "\n")
+        "graph_sweep": sweep,
+    })
 
 
 if __name__ == "__main__":

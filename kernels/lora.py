@@ -10,9 +10,8 @@
     grad_W0 = g^T x                     only if W0 requires grad (never under LoRA)
 
 Only ``x`` and the small ``x A^T`` [N, r] are saved (the weights are parameters, not copies).
-Autograd of the unfused module records four nodes (two linears, a scale, an add) and, with an
-adapter dtype different from x's, a cast copy of x; here it is one node and the matmuls stay in
-cuBLAS. This is torch-level code: there is no Triton kernel in it.
+Autograd of the unfused module records four nodes (two linears, a scale, an add); here it is one
+node and the matmuls stay in cuBLAS, all in x's dtype (fp32 adapters are cast down, see below). This is torch-level code: there is no Triton kernel in it.
 """
 
 from __future__ import annotations
@@ -28,10 +27,10 @@ __all__ = ["lora_linear", "lora_linear_reference", "LoRALinearFunction"]
 def lora_linear_reference(
     x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """PyTorch reference: ``x W0^T + scaling * (x A^T) B^T``, adapter math in the adapter dtype."""
-    xa = x.to(lora_a.dtype)
-    update = F.linear(F.linear(xa, lora_a), lora_b) * scaling
-    return F.linear(x, weight) + update.to(x.dtype)
+    """PyTorch reference: ``x W0^T + scaling * (x A^T) B^T``, all matmuls in x's dtype (the
+    adapter weights are cast down, never the activations up)."""
+    update = F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype)) * scaling
+    return F.linear(x, weight) + update
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -41,35 +40,36 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_a, lora_b, scaling: float):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
-        xa = F.linear(x2.to(lora_a.dtype), lora_a)  # (N, r) in the adapter dtype
+        # Mixed precision: fp32 adapters are cast down to x's dtype (A is only [r, in]);
+        # casting the [N, in] activations up instead would copy them and run fp32 GEMMs.
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        xa = F.linear(x2, a)  # (N, r)
         out = F.linear(x2, weight)  # (N, out)
-        if lora_b.dtype == out.dtype:
-            out.addmm_(xa, lora_b.t(), alpha=scaling)  # fused add of the low-rank update
-        else:
-            out += (F.linear(xa, lora_b) * scaling).to(out.dtype)
-        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
+        out.addmm_(xa, b.t(), alpha=scaling)  # fused add of the low-rank update
+        ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.scaling = scaling
         ctx.shape = shape
+        ctx.adapter_dtype = lora_a.dtype
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        x2, xa, weight, a, b = ctx.saved_tensors  # a, b: the adapters in x's dtype
         s = ctx.scaling
-        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        g_a = g.to(lora_b.dtype)
-        gb = g_a @ lora_b  # (N, r)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)  # (N, out)
+        gb = g @ b  # (N, r)
         grad_x = grad_w = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight  # (N, in)
-            grad_x.addmm_(gb.to(grad_x.dtype), lora_a.to(grad_x.dtype), alpha=s)
+            grad_x.addmm_(gb, a, alpha=s)
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[1]:
             grad_w = g.t() @ x2  # (out, in): only when the base weight is trainable
+        # adapter grads: GEMMs in x's dtype (fp32 accumulate), handed back in the adapter dtype
         if ctx.needs_input_grad[2]:
-            grad_a = (gb.t() @ x2.to(lora_a.dtype)).mul_(s)  # (r, in)
+            grad_a = (gb.t() @ x2).mul_(s).to(ctx.adapter_dtype)  # (r, in)
         if ctx.needs_input_grad[3]:
-            grad_b = (g_a.t() @ xa).mul_(s)  # (out, r)
+            grad_b = (g.t() @ xa).mul_(s).to(ctx.adapter_dtype)  # (out, r)
         return grad_x, grad_w, grad_a, grad_b, None
 
 

@@ -32,6 +32,7 @@ if HAS_TRITON:
 __all__ = ["dequantize_nf4", "dequantize_nf4_reference", "dequantize_absmax_reference"]
 
 _BYTES = 1024  # packed bytes per Triton program (2048 outputs)
+_WARPS = 4
 
 
 def dequantize_absmax_reference(
@@ -122,14 +123,16 @@ if HAS_TRITON:
 
 
 def _dequantize_nf4_triton(codes, absmax_q, absmax_scale, absmax_offset, code, absmax_code, *, numel, block_size,
-                           scaler_block_size, dtype) -> torch.Tensor:
+                           scaler_block_size, dtype, bytes_per_program=_BYTES, num_warps=_WARPS) -> torch.Tensor:
+    # bytes_per_program / num_warps are the launch shape; bench/nf4_dequant.py sweeps them
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     n_bytes = codes.numel()
     if numel:
-        grid = (triton.cdiv(n_bytes, _BYTES),)
+        grid = (triton.cdiv(n_bytes, bytes_per_program),)
         _dequantize_nf4_kernel[grid](
             codes, absmax_q, absmax_scale, absmax_offset.reshape(1), code, absmax_code, out, numel, n_bytes,
-            BLOCK_SIZE=block_size, SCALER_BLOCK_SIZE=scaler_block_size, BYTES=_BYTES, num_warps=4,
+            BLOCK_SIZE=block_size, SCALER_BLOCK_SIZE=scaler_block_size, BYTES=bytes_per_program,
+            num_warps=num_warps,
         )
     return out
 

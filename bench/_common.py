@@ -1,0 +1,108 @@
+"""Pieces every benchmark script shares: the commit stamp, a random Llama, the result line.
+
+The scripts put bench/ on sys.path themselves (``python bench/x.py`` does it, but not under
+PYTHONSAFEPATH=1, which CI sets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from tunelab.models import build_model, llama3_1_8b, tiny
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def commit() -> str:
+    """``git rev-parse --short HEAD`` (+ ``-dirty``), or $TUNELAB_COMMIT where the tree travels
+    without .git (the GPU machine)."""
+    if os.environ.get("TUNELAB_COMMIT"):
+        return os.environ["TUNELAB_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@torch.no_grad()
+def _fill(module: torch.nn.Module, gen: torch.Generator, prefix: str = "") -> None:
+    for name, p in module.named_parameters(prefix=prefix):
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)  # random, never zeros
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, *, nf4: bool = False):
+    """Llama-3.1-8B shape (``"8b"``) or a tiny one, built on meta and materialised piece by piece
+    on ``device`` with N(0, 0.02) weights (norms at 1). With ``nf4`` each decoder layer's
+    projections are quantized right after the layer is filled, so the peak holds the NF4 model
+    plus one dense layer (as ``quantize: nf4`` loading does)."""
+    args = llama3_1_8b() if shape == "8b" else tiny(vocab_size=1024)
+    model = build_model(args, device="meta", dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, child in model.named_children():
+        if name != "layers":
+            child.to_empty(device=device)
+            _fill(child, gen, prefix=name)
+    for layer in model.layers:
+        layer.to_empty(device=device)
+        _fill(layer, gen)
+        if nf4:
+            from tunelab.modules.nf4 import quantize_linears_
+
+            quantize_linears_(layer, skip=())
+    model.rope.reset_parameters(device)
+    return model
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def emit(row: dict, out: str | None = None) -> None:
+    """Print the result line (commit and date added) and append it to ``out`` / $OUT if set."""
+    row = {"commit": commit(), **row, "date": time.strftime("%Y-%m-%d")}
+    line = json.dumps(row)
+    print(line, flush=True)
+    out = out or os.environ.get("OUT")
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def time_steps(step, *, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """Run ``step()`` warmup times, reset the peak-memory counter, then time ``steps`` calls.
+
+    Returns (seconds for the timed steps, the last step's return value)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = float("nan")
+    for _ in range(steps):
+        result = step()
+    sync()
+    return time.perf_counter() - start, result
