@@ -26,8 +26,7 @@ import torch
 
 from tunelab.modules.nf4 import apply_lora_nf4
 from tunelab.modules.peft import get_adapter_params, set_trainable_params
-from tunelab.recipes import lora_finetune_single_device as recipe
-from tunelab.training.steps import wrap_layers
+from tunelab.training.steps import loss_sum, wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
 from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps  # noqa: E402
@@ -66,7 +65,7 @@ def main() -> None:
 
     def step() -> float:
         n_labels = batch * seq
-        loss = recipe.loss_sum(model, batch_data, device) / n_labels
+        loss = loss_sum(model, batch_data, device) / n_labels
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

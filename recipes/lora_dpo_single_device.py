@@ -40,16 +40,6 @@ from tunelab.data.tokenizers import load_tokenizer
 from tunelab.errors import ConfigError, DataError
 from tunelab.modules.loss import preference_loss, sequence_log_probs_from_hidden
 from tunelab.modules.peft import disable_adapters, get_adapter_params
-from tunelab.recipes.lora_finetune_single_device import (
-    LoRAConfig,
-    LRSchedulerConfig,
-    NonFiniteLossError,
-    build_dataset,
-    check_settings,
-    prepare_output_dir,
-    resolve_paths,
-    setup_model,
-)
 from tunelab.training.checkpointing import (
     ResumableSampler,
     TrainingProgress,
@@ -60,7 +50,17 @@ from tunelab.training.checkpointing import (
 )
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
+from tunelab.training.recipe_setup import (
+    LoRAConfig,
+    LRSchedulerConfig,
+    build_dataset,
+    check_settings,
+    prepare_output_dir,
+    resolve_paths,
+    setup_model,
+)
 from tunelab.training.schedules import build_lr_scheduler
+from tunelab.training.steps import NonFiniteLossError
 from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margins")

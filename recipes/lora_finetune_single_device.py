@@ -18,7 +18,6 @@ newest complete ``step_N`` with exactly the losses an uninterrupted run would ha
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -26,22 +25,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
-from tunelab.data.collate import packed_collate, padded_collate
 from tunelab.data.packing import PackedDataset
 from tunelab.data.tokenizers import load_tokenizer
-from tunelab.errors import CheckpointError, ConfigError, DataError, TunelabError
-from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
-from tunelab.models import from_pretrained
+from tunelab.errors import ConfigError, DataError
 from tunelab.modules.generation import generate
-from tunelab.modules.nf4 import NF4Weight, apply_lora_nf4
-from tunelab.modules.peft import LoRALinear, apply_lora, get_adapter_params, set_trainable_params
-from tunelab.training.builtin import resolve_builtin
+from tunelab.modules.nf4 import NF4Weight
+from tunelab.modules.peft import get_adapter_params
 from tunelab.training.checkpointing import (
-    CheckpointManager,
     ResumableSampler,
     TrainingProgress,
     adapter_writer,
@@ -51,28 +43,23 @@ from tunelab.training.checkpointing import (
 )
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
+from tunelab.training.recipe_setup import (
+    LoRAConfig,
+    LRSchedulerConfig,
+    build_dataset,
+    check_settings,
+    prepare_output_dir,
+    resolve_paths,
+    setup_model,
+)
 from tunelab.training.schedules import build_lr_scheduler
+from tunelab.training.steps import IGNORE_INDEX, NonFiniteLossError, loss_sum, make_loader
 from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
 
-IGNORE_INDEX = -100
 SAMPLE_NEW_TOKENS = 32  # length of the greedy completion printed at the end
 
 
 # ------------------------------------------------------------------------------------ settings
-@dataclass(kw_only=True)
-class LRSchedulerConfig:
-    warmup_steps: int
-    schedule: Literal["cosine", "linear", "constant"]
-
-
-@dataclass(kw_only=True)
-class LoRAConfig:
-    rank: int
-    alpha: float
-    dropout: float
-    targets: list[str]
-
-
 @dataclass(kw_only=True)
 class RecipeConfig:
     """Every key is required in the YAML (the configs are the one source of defaults)."""
@@ -106,117 +93,7 @@ class RecipeConfig:
     resume: bool
 
 
-class NonFiniteLossError(TunelabError):
-    """The loss or gradient norm became nan/inf; training stopped before the optimizer step."""
-
-
 # ------------------------------------------------------------------------------------ helpers
-def check_settings(cfg: RecipeConfig) -> None:
-    """Value ranges the types cannot express; one line per problem."""
-    positive = dict(batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                    epochs=cfg.epochs, max_seq_len=cfg.max_seq_len, log_every_n_steps=cfg.log_every_n_steps,
-                    keep_last_n_checkpoints=cfg.keep_last_n_checkpoints, max_steps=cfg.max_steps,
-                    save_every_n_steps=cfg.save_every_n_steps, eval_every_n_steps=cfg.eval_every_n_steps)
-    for key, value in positive.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key} must be >= 1 (or null where allowed), got {value}")
-    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
-        raise ConfigError(f"max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
-
-
-def prepare_output_dir(cfg: RecipeConfig) -> tuple[CheckpointManager, Path | None]:
-    """Check output_dir is writable and never overwrite finished work; returns the manager and
-    the step folder to resume from (None = start fresh)."""
-    out = Path(cfg.output_dir).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); pick another output_dir") from None
-    manager = CheckpointManager(out, cfg.keep_last_n_checkpoints)
-    latest = manager.latest_complete()
-    if latest is not None and not cfg.resume:
-        raise ConfigError(f"output_dir {out} already holds checkpoints (newest {latest.name}); "
-                          "pass resume=true to continue them or pick another output_dir")
-    if cfg.resume and latest is None:
-        print(f"notice: resume=true but {out} holds no complete checkpoint; starting from step 0")
-    return manager, latest if cfg.resume else None
-
-
-def resolve_paths(cfg: RecipeConfig) -> None:
-    """Resolve ``builtin:`` names and check the checkpoint folder before any work starts."""
-    cfg.checkpoint_dir = resolve_builtin(cfg.checkpoint_dir)
-    if cfg.tokenizer is not None:
-        cfg.tokenizer = resolve_builtin(cfg.tokenizer)
-    for node in (cfg.dataset, cfg.validation):
-        if node is not None and isinstance(node.get("source"), str):
-            node["source"] = resolve_builtin(node["source"])
-    if not (Path(cfg.checkpoint_dir).expanduser() / "config.json").is_file():
-        raise CheckpointError(f"checkpoint_dir {cfg.checkpoint_dir} has no config.json (missing or not an HF "
-                              "model folder); download one with `tune download` or use builtin:tiny")
-
-
-def setup_model(cfg: RecipeConfig, device: torch.device, dtype: torch.dtype, compile_layers: bool):
-    """Base model (frozen; NF4 decoder projections with quantize=nf4, i.e. QLoRA) + fp32 LoRA
-    adapters, with the checkpointing/compile switches."""
-    model = from_pretrained(cfg.checkpoint_dir, dtype=dtype, device=device, quantize=cfg.quantize)
-    # QLoRA: the decoder projections are NF4Linear, which apply_lora_nf4 turns into NF4LoRALinear
-    add_lora = apply_lora_nf4 if cfg.quantize == "nf4" else apply_lora
-    add_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, adapter_dtype=torch.float32)
-    set_trainable_params(model)
-    for layer in model.layers:
-        # Swapping the forward (not wrapping the module) keeps parameter names, so checkpoints
-        # do not change. Compile goes inside the checkpoint: dynamo does not trace into
-        # torch.utils.checkpoint, so a compiled layer around it would compile nothing.
-        forward = layer.forward
-        if compile_layers:
-            forward = torch.compile(forward)
-        if cfg.activation_checkpointing:
-            # recompute each layer in backward; non-reentrant keeps dropout RNG and kwargs right
-            forward = functools.partial(checkpoint, forward, use_reentrant=False)
-        layer.forward = forward
-    return model.train()
-
-
-def build_dataset(node: dict, tokenizer, max_seq_len: int, what: str):
-    dataset = instantiate(node, tokenizer=tokenizer, max_seq_len=max_seq_len)
-    skipped = getattr(dataset, "num_skipped", 0)
-    detail = f" (skipped {skipped}: {dataset.describe_skips()})" if skipped else ""
-    print(f"{what}: {len(dataset)} samples{detail}")
-    return dataset
-
-
-def make_loader(dataset, batch_size: int, sampler, pad_id: int, packed: bool) -> DataLoader:
-    def collate(samples):
-        batch = packed_collate(samples) if packed else padded_collate(samples, pad_id)
-        batch["num_tokens"] = sum(len(s["tokens"]) for s in samples)  # real tokens, for tok/s
-        return batch
-
-    # a private generator: iter(DataLoader) otherwise draws a seed from the global RNG, which
-    # would shift the dropout masks of a resumed run
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
-                      generator=torch.Generator().manual_seed(0))
-
-
-def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
-    """Sum (not mean) of the token cross-entropies of one micro-batch, in fp32.
-
-    With a plain output head the fused, chunked kernel never materialises the [b, s, vocab]
-    fp32 logits on CUDA (same numbers as the full-logits path, which runs on CPU); a LoRA'd head
-    (``output`` in lora.targets) needs the model's own logits."""
-    tokens = batch["tokens"].to(device)
-    labels = batch["labels"].to(device)
-    extra = {k: batch[k].to(device) for k in ("position_ids", "document_ids") if k in batch}
-    if isinstance(getattr(model, "output", None), LoRALinear):
-        logits = model(tokens, **extra)  # (b, s, vocab)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-    hidden = model(tokens, return_hidden=True, **extra)  # (b, s, dim)
-    return fused_loss_sum(hidden, model.output_weight, labels, ignore_index=IGNORE_INDEX)
-
-
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, device: torch.device) -> float:
     """Mean token loss over the whole loader (dropout off)."""

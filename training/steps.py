@@ -5,10 +5,19 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader
 
-__all__ = ["wrap_layers"]
+from tunelab.data.collate import packed_collate, padded_collate
+from tunelab.errors import TunelabError
+from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
+from tunelab.modules.peft import LoRALinear
+
+__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum"]
+
+IGNORE_INDEX = -100  # label of positions that are not trained on
 
 
 def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_layers: bool) -> nn.Module:
@@ -34,3 +43,36 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_lay
             forward = functools.partial(checkpoint, forward, use_reentrant=False)
         layer.forward = forward
     return model
+
+
+class NonFiniteLossError(TunelabError):
+    """The loss or gradient norm became nan/inf; training stopped before the optimizer step."""
+
+
+def make_loader(dataset, batch_size: int, sampler, pad_id: int, packed: bool) -> DataLoader:
+    def collate(samples):
+        batch = packed_collate(samples) if packed else padded_collate(samples, pad_id)
+        batch["num_tokens"] = sum(len(s["tokens"]) for s in samples)  # real tokens, for tok/s
+        return batch
+
+    # a private generator: iter(DataLoader) otherwise draws a seed from the global RNG, which
+    # would shift the dropout masks of a resumed run
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Sum (not mean) of the token cross-entropies of one micro-batch, in fp32.
+
+    With a plain output head the fused, chunked kernel never materialises the [b, s, vocab]
+    fp32 logits on CUDA (same numbers as the full-logits path, which runs on CPU); a LoRA'd head
+    (``output`` in lora.targets) needs the model's own logits."""
+    tokens = batch["tokens"].to(device)
+    labels = batch["labels"].to(device)
+    extra = {k: batch[k].to(device) for k in ("position_ids", "document_ids") if k in batch}
+    if isinstance(getattr(model, "output", None), LoRALinear):
+        logits = model(tokens, **extra)  # (b, s, vocab)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    hidden = model(tokens, return_hidden=True, **extra)  # (b, s, dim)
+    return fused_loss_sum(hidden, model.output_weight, labels, ignore_index=IGNORE_INDEX)

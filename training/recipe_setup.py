@@ -1,0 +1,114 @@
+"""Setup pieces the LoRA recipes share (single device, DPO, distributed): the typed config
+groups, value checks, the output-folder guard, path resolution, model and dataset setup.
+
+Each takes the recipe's own typed config (any dataclass with the fields it reads), so a recipe
+stays a readable top-to-bottom script while these live once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tunelab.errors import CheckpointError, ConfigError
+from tunelab.models import from_pretrained
+from tunelab.modules.nf4 import apply_lora_nf4
+from tunelab.modules.peft import apply_lora, set_trainable_params
+from tunelab.training.builtin import resolve_builtin
+from tunelab.training.checkpointing import CheckpointManager
+from tunelab.training.config import instantiate
+from tunelab.training.steps import wrap_layers
+
+__all__ = [
+    "LRSchedulerConfig",
+    "LoRAConfig",
+    "check_settings",
+    "prepare_output_dir",
+    "resolve_paths",
+    "setup_model",
+    "build_dataset",
+]
+
+
+@dataclass(kw_only=True)
+class LRSchedulerConfig:
+    warmup_steps: int
+    schedule: Literal["cosine", "linear", "constant"]
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+
+
+def check_settings(cfg) -> None:
+    """Value ranges the types cannot express; one line per problem."""
+    positive = dict(batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                    epochs=cfg.epochs, max_seq_len=cfg.max_seq_len, log_every_n_steps=cfg.log_every_n_steps,
+                    keep_last_n_checkpoints=cfg.keep_last_n_checkpoints, max_steps=cfg.max_steps,
+                    save_every_n_steps=cfg.save_every_n_steps, eval_every_n_steps=cfg.eval_every_n_steps)
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1 (or null where allowed), got {value}")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise ConfigError(f"max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
+
+
+def prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None]:
+    """Check output_dir is writable and never overwrite finished work; returns the manager and
+    the step folder to resume from (None = start fresh)."""
+    out = Path(cfg.output_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); pick another output_dir") from None
+    manager = CheckpointManager(out, cfg.keep_last_n_checkpoints)
+    latest = manager.latest_complete()
+    if latest is not None and not cfg.resume:
+        raise ConfigError(f"output_dir {out} already holds checkpoints (newest {latest.name}); "
+                          "pass resume=true to continue them or pick another output_dir")
+    if cfg.resume and latest is None:
+        print(f"notice: resume=true but {out} holds no complete checkpoint; starting from step 0")
+    return manager, latest if cfg.resume else None
+
+
+def resolve_paths(cfg) -> None:
+    """Resolve ``builtin:`` names and check the checkpoint folder before any work starts."""
+    cfg.checkpoint_dir = resolve_builtin(cfg.checkpoint_dir)
+    if cfg.tokenizer is not None:
+        cfg.tokenizer = resolve_builtin(cfg.tokenizer)
+    for node in (cfg.dataset, cfg.validation):
+        if node is not None and isinstance(node.get("source"), str):
+            node["source"] = resolve_builtin(node["source"])
+    if not (Path(cfg.checkpoint_dir).expanduser() / "config.json").is_file():
+        raise CheckpointError(f"checkpoint_dir {cfg.checkpoint_dir} has no config.json (missing or not an HF "
+                              "model folder); download one with `tune download` or use builtin:tiny")
+
+
+def setup_model(cfg, device: torch.device, dtype: torch.dtype, compile_layers: bool):
+    """Base model (frozen; NF4 decoder projections with quantize=nf4, i.e. QLoRA) + fp32 LoRA
+    adapters, with the checkpointing/compile switches."""
+    model = from_pretrained(cfg.checkpoint_dir, dtype=dtype, device=device, quantize=cfg.quantize)
+    # QLoRA: the decoder projections are NF4Linear, which apply_lora_nf4 turns into NF4LoRALinear
+    add_lora = apply_lora_nf4 if cfg.quantize == "nf4" else apply_lora
+    add_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, adapter_dtype=torch.float32)
+    set_trainable_params(model)
+    wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers)
+    return model.train()
+
+
+def build_dataset(node: dict, tokenizer, max_seq_len: int, what: str):
+    dataset = instantiate(node, tokenizer=tokenizer, max_seq_len=max_seq_len)
+    skipped = getattr(dataset, "num_skipped", 0)
+    detail = f" (skipped {skipped}: {dataset.describe_skips()})" if skipped else ""
+    print(f"{what}: {len(dataset)} samples{detail}")
+    return dataset
