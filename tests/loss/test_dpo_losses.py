@@ -40,7 +40,6 @@ def _logps(b: int, seed: int):
 def _trl_dpo(loss_type, pc, pr, rc, rr, nc, nr, *, beta, label_smoothing=0.0):
     """Run TRL's DPOTrainer._compute_loss with precomputed reference log-probs on a fake model
     whose per-token log-probs sum to the given sequence values. Returns (loss, metrics)."""
-    pytest.importorskip("trl")
     from trl import DPOTrainer
 
     b = pc.shape[0]
@@ -168,7 +167,6 @@ def test_hinge_formula():
 
 # ------------------------------------------------------------------ SimPO vs TRL's CPO trainer
 def _trl_cpo(avg_c, avg_r, *, beta, gamma, label_smoothing):
-    pytest.importorskip("trl")
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
 
     fake = SimpleNamespace(alpha=0.0, accelerator=SimpleNamespace(device=torch.device("cpu")), loss_type="simpo",
@@ -222,7 +220,6 @@ def _labelled(b=3, s=10, vocab=37, seed=0):
 
 def test_sequence_log_probs_equal_trl_get_batch_logps():
     """TRL's get_batch_logps takes UNSHIFTED labels (it shifts itself); ours are pre-shifted."""
-    pytest.importorskip("trl")
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
 
     logits, labels = _labelled()
