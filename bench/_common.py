@@ -76,11 +76,12 @@ def peak_gib(device: torch.device) -> float | None:
 
 
 def emit(row: dict, out: str | None = None) -> None:
-    """Print the result line (commit and date added) and append it to ``out`` / $OUT if set."""
+    """Print the result line (commit and date added) and append it to ``out`` / $BENCH_OUT if set
+    (not $OUT: on the GPU machine that names the folder of files that come back)."""
     row = {"commit": commit(), **row, "date": time.strftime("%Y-%m-%d")}
     line = json.dumps(row)
     print(line, flush=True)
-    out = out or os.environ.get("OUT")
+    out = out or os.environ.get("BENCH_OUT")
     if out:
         with open(out, "a") as f:
             f.write(line + "\n")

@@ -14,7 +14,7 @@ the timed steps. Prints one JSON line (append it to bench/results/).
     python bench/dpo_step.py                               # 8B, GPU
     SHAPE=tiny STEPS=2 WARMUP=1 python bench/dpo_step.py   # CPU smoke run (prompt 16 + 16)
     Env: SHAPE=8b|tiny, STEPS (8), WARMUP (2), AC=1|0, COMPILE=0|1, PROFILE (name in the row),
-         OUT (also append the line to this file).
+         BENCH_OUT (also append the line to this file).
 """
 
 from __future__ import annotations

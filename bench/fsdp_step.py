@@ -17,14 +17,14 @@ bench/results/fsdp.jsonl).
 
 Environment knobs: SHAPE (8b | 70b | tiny), LAYERS (override the layer count), BATCH, SEQ,
 STEPS, WARMUP, AC (1/0), RESHARD (reshard_after_forward 1/0), OFFLOAD (CPU offload 1/0),
-PROFILE (name recorded in the line), OUT (also append the line to this file).
+PROFILE (name recorded in the line), BENCH_OUT (also append the line to this file),
+TUNELAB_COMMIT (the commit recorded where the tree has no .git).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,23 +37,12 @@ from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_p
 from tunelab.training import distributed as dist_utils
 from tunelab.training.steps import wrap_layers
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
+from _common import TARGETS, device_name, emit  # noqa: E402
 
 
 def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
-
-
-def commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def model_args(shape: str):
@@ -134,8 +123,7 @@ def main() -> None:
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     layers = f" layers{args.n_layers}" if os.environ.get("LAYERS") else ""
     row = {
-        "commit": commit(),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "system": "tunelab",
         "bench": "fsdp_step",
@@ -147,14 +135,9 @@ def main() -> None:
         "peak_gib": round(peak.item(), 2) if cuda else None,
         "step_ms": round(1000 * elapsed / steps, 1),
         "loss": round(loss, 4),
-        "date": time.strftime("%Y-%m-%d"),
     }
     if rank == 0:
-        line = json.dumps(row)
-        print(line, flush=True)
-        if os.environ.get("OUT"):
-            with open(os.environ["OUT"], "a") as f:
-                f.write(line + "\n")
+        emit(row)
     dist_utils.destroy_distributed()
 
 

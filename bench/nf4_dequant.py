@@ -10,7 +10,7 @@ the same bytes, for context. Prints one JSON line (append it to bench/results/).
 
     python bench/nf4_dequant.py                      # GPU
     SHAPE=tiny ITERS=2 python bench/nf4_dequant.py   # CPU smoke run (small matrices)
-    Env: SHAPE=8b|tiny, ITERS (50), PROFILE (name in the row), OUT (also append the line here).
+    Env: SHAPE=8b|tiny, ITERS (50), PROFILE (name in the row), BENCH_OUT (also append the line here).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ timed steps (reset after warm-up). Prints one JSON line (append it to bench/resu
     python bench/qlora_step.py                                # 8B, GPU
     SHAPE=tiny STEPS=2 WARMUP=1 python bench/qlora_step.py    # CPU smoke run (seq 64)
     Env: SHAPE=8b|tiny, STEPS (6), WARMUP (2), BATCH (2), SEQ (2048; tiny: 64), AC=1|0,
-         PROFILE (name in the row), OUT (also append the line to this file).
+         PROFILE (name in the row), BENCH_OUT (also append the line to this file).
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
     tune run --nproc_per_node 8 lora_finetune_distributed --config llama3_1/70B_lora_distributed
     tune run --nproc_per_node 2 lora_finetune_distributed --config tiny/lora_distributed   # CPU/gloo
     torchrun --nproc_per_node 2 lora_finetune_distributed.py --config my.yaml lora.rank=8
+    # several nodes: the same command on each (checkpoint_dir readable and output_dir shared by all)
+    tune run --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 \
+        --rdzv_id run1 lora_finetune_distributed --config llama3_1/70B_lora_distributed
 
 The single-device recipe's shape and numbers, sharded: the model is built on the meta device,
 LoRA is applied, each decoder layer and then the root are wrapped by ``fully_shard`` (bf16
@@ -45,20 +48,9 @@ from tunelab.models.checkpoint import read_hf_config
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.modules.nf4 import NF4Weight
 from tunelab.modules.peft import get_adapter_params
-from tunelab.recipes.lora_finetune_single_device import (
-    IGNORE_INDEX,
-    LoRAConfig,
-    LRSchedulerConfig,
-    NonFiniteLossError,
-    build_dataset,
-    check_settings,
-    loss_sum,
-    make_loader,
-    prepare_output_dir,
-    resolve_paths,
-)
 from tunelab.training import distributed as dist_utils
 from tunelab.training.checkpointing import (
+    COMPLETE,
     CheckpointManager,
     TrainingProgress,
     adapter_writer,
@@ -69,8 +61,16 @@ from tunelab.training.checkpointing import (
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
 from tunelab.training.distributed import RankSampler, all_reduce_sum, barrier, is_rank0
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
+from tunelab.training.recipe_setup import (
+    LoRAConfig,
+    LRSchedulerConfig,
+    build_dataset,
+    check_settings,
+    prepare_output_dir,
+    resolve_paths,
+)
 from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.steps import wrap_layers
+from tunelab.training.steps import IGNORE_INDEX, NonFiniteLossError, loss_sum, make_loader, wrap_layers
 from tunelab.training.utils import cuda_only_settings_notice, resolve_dtype, seed_everything
 
 
@@ -195,14 +195,18 @@ def main(argv: list[str]) -> None:
 
 def train(cfg: RecipeConfig, device: torch.device) -> None:
     rank, world = dist_utils.rank(), dist_utils.world_size()
+    resume_name = None
     if is_rank0():
         manager, resume_dir = prepare_output_dir(cfg)
         save_config(cfg, manager.output_dir / "config.yaml")  # as given (builtin: names kept)
-    barrier()  # the other ranks read what rank 0 checked and created
-    if not is_rank0():
-        manager = CheckpointManager(Path(cfg.output_dir).expanduser(), cfg.keep_last_n_checkpoints)
-        resume_dir = manager.latest_complete() if cfg.resume else None
+        resume_name = resume_dir.name if resume_dir is not None else None
+    resume_name = dist_utils.broadcast_from_rank0(resume_name)  # rank 0 decides; the others follow
+    manager = CheckpointManager(Path(cfg.output_dir).expanduser(), cfg.keep_last_n_checkpoints)
     out = manager.output_dir
+    resume_dir = out / resume_name if resume_name is not None else None
+    if resume_dir is not None and not (resume_dir / COMPLETE).is_file():
+        raise ConfigError(f"rank {rank} cannot see {resume_dir}, which rank 0 resumes from; put output_dir "
+                          "on a filesystem every node shares")
     resolve_paths(cfg)
 
     seed_everything(cfg.seed)

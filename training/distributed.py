@@ -49,6 +49,7 @@ __all__ = [
     "RankSampler",
     "all_reduce_sum",
     "barrier",
+    "broadcast_from_rank0",
     "build_meta_model",
     "destroy_distributed",
     "full_tensor_on_rank0",
@@ -121,6 +122,15 @@ def is_rank0() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
