@@ -49,6 +49,7 @@ from tunelab.training.checkpointing import (
     state_writer,
 )
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
+from tunelab.training.loggers import build_metric_loggers
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
 from tunelab.training.recipe_setup import (
     LoRAConfig,
@@ -105,6 +106,7 @@ class RecipeConfig:
     compile: bool
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)
     log_every_n_steps: int
+    metric_loggers: list[dict]  # extra loggers beside metrics.jsonl (TensorBoard, W&B), [] = none
     save_every_n_steps: int | None  # plus always at the end
     save_merged: Literal["final", "always", "never"]
     keep_last_n_checkpoints: int
@@ -276,7 +278,7 @@ def main(argv: list[str]) -> None:
         return manager.save(progress.step, writers)
 
     # -------------------------------------------------------------------------------- loop
-    metrics = MetricsLogger(out)
+    metrics = MetricsLogger(out, extra_loggers=build_metric_loggers(cfg.metric_loggers))
     metrics.truncate_after(progress.step)  # rows a killed run logged after its last checkpoint
     display = ProgressDisplay(total_steps, initial=progress.step)
     print(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} pairs each)")

@@ -60,6 +60,7 @@ from tunelab.training.checkpointing import (
 )
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
 from tunelab.training.distributed import RankSampler, all_reduce_sum, barrier, is_rank0
+from tunelab.training.loggers import build_metric_loggers
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
 from tunelab.training.recipe_setup import (
     LoRAConfig,
@@ -108,6 +109,7 @@ class RecipeConfig:
     compile: bool
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)
     log_every_n_steps: int
+    metric_loggers: list[dict]  # extra loggers beside metrics.jsonl (TensorBoard, W&B), [] = none
     save_every_n_steps: int | None  # plus always at the end
     save_merged: Literal["final", "always", "never"]  # merged export holds the full model on rank 0
     keep_last_n_checkpoints: int
@@ -289,7 +291,7 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
         return out / f"step_{progress.step}"
 
     # -------------------------------------------------------------------------------- loop
-    metrics = MetricsLogger(out) if is_rank0() else None
+    metrics = MetricsLogger(out, extra_loggers=build_metric_loggers(cfg.metric_loggers)) if is_rank0() else None
     if metrics is not None:
         metrics.truncate_after(progress.step)  # rows a killed run logged after its last checkpoint
     display = ProgressDisplay(total_steps, initial=progress.step) if is_rank0() else None

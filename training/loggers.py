@@ -8,9 +8,14 @@ at that step) and imports its library only when built, so neither is a dependenc
     pip install 'tunelab[tensorboard]'   # TensorBoardLogger (torch.utils.tensorboard)
     pip install 'tunelab[wandb]'         # WandbLogger (offline by default: no network, no login)
 
-Recipes do not take a config key for them (every recipe key is required in every config, and
-the shipped configs stay as they are); use them from research code or a copied recipe, or
-replay a finished or running run's metrics::
+Every training config has ``metric_loggers`` (a list of ``_component_`` nodes, ``[]`` by
+default); the recipe builds them with :func:`build_metric_loggers` and logs every row to them::
+
+    metric_loggers:
+      - {_component_: tunelab.training.loggers.TensorBoardLogger, log_dir: /tmp/tunelab/tb}
+      - {_component_: tunelab.training.loggers.WandbLogger, project: tunelab}
+
+or replay a finished or running run's metrics::
 
     from tunelab.training.loggers import TensorBoardLogger, replay_metrics
     replay_metrics("/tmp/tunelab/tiny_lora", TensorBoardLogger("/tmp/tunelab/tiny_lora/tb"))
@@ -27,7 +32,7 @@ from typing import Any
 
 from tunelab.errors import ConfigError
 
-__all__ = ["TensorBoardLogger", "WandbLogger", "replay_metrics", "scalars_of"]
+__all__ = ["TensorBoardLogger", "WandbLogger", "build_metric_loggers", "check_metric_loggers", "replay_metrics", "scalars_of"]
 
 
 def scalars_of(row: Mapping[str, Any]) -> tuple[int | None, dict[str, float]]:
@@ -128,3 +133,27 @@ def replay_metrics(output_dir: str | Path, *loggers: Any, close: bool = True) ->
         for logger in loggers:
             logger.close()
     return len(rows)
+
+
+def check_metric_loggers(nodes: list[Mapping[str, Any]]) -> None:
+    """Check a config's ``metric_loggers`` list (``_component_`` nodes) without building any:
+    every target imports and accepts its keys. Recipes call it before any work starts.
+
+    Raises:
+        ConfigError: a node is not a ``_component_`` mapping, or its target or keys are wrong.
+    """
+    from tunelab.training.config import check_component
+
+    for i, node in enumerate(nodes):
+        if not isinstance(node, Mapping) or "_component_" not in node:
+            raise ConfigError(f"metric_loggers[{i}] must be a mapping with _component_ (e.g. "
+                              f"{{_component_: tunelab.training.loggers.TensorBoardLogger, log_dir: DIR}}), got {node!r}")
+        check_component(node, f"metric_loggers[{i}]")
+
+
+def build_metric_loggers(nodes: list[Mapping[str, Any]]) -> list[Any]:
+    """Build a config's ``metric_loggers`` (checked first, see :func:`check_metric_loggers`)."""
+    from tunelab.training.config import instantiate
+
+    check_metric_loggers(nodes)
+    return [instantiate(dict(node)) for node in nodes]

@@ -12,23 +12,27 @@ import json
 import math
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 
 class MetricsLogger:
-    """Appends one JSON object per call to ``output_dir/metrics.jsonl``.
+    """Appends one JSON object per call to ``output_dir/metrics.jsonl`` and hands the same row
+    to any extra loggers (``tunelab.training.loggers``: TensorBoard, W&B).
 
     Args:
         output_dir: the run folder (created if missing).
         filename: file name inside output_dir.
+        extra_loggers: objects with ``log(row)`` and ``close()`` (a config's ``metric_loggers``).
     """
 
-    def __init__(self, output_dir: str | Path, filename: str = "metrics.jsonl"):
+    def __init__(self, output_dir: str | Path, filename: str = "metrics.jsonl", extra_loggers: Sequence[Any] = ()):
         self.path = Path(output_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
+        self.extra_loggers = list(extra_loggers)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows with ``step > step`` (rows of a crashed run past the checkpoint we resume)."""
@@ -45,9 +49,13 @@ class MetricsLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
+        for logger in self.extra_loggers:
+            logger.log(row)
 
     def close(self) -> None:
         self._file.close()
+        for logger in self.extra_loggers:
+            logger.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

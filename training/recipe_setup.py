@@ -20,6 +20,7 @@ from tunelab.modules.peft import apply_lora, set_trainable_params
 from tunelab.training.builtin import resolve_builtin
 from tunelab.training.checkpointing import CheckpointManager
 from tunelab.training.config import instantiate
+from tunelab.training.loggers import check_metric_loggers
 from tunelab.training.steps import wrap_layers
 
 __all__ = [
@@ -58,6 +59,7 @@ def check_settings(cfg) -> None:
             raise ConfigError(f"{key} must be >= 1 (or null where allowed), got {value}")
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError(f"max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
+    check_metric_loggers(cfg.metric_loggers)
 
 
 def prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None]:

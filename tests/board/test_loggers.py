@@ -113,3 +113,51 @@ def test_missing_packages_say_which_extra(monkeypatch, tmp_path):
         TensorBoardLogger(tmp_path)
     with pytest.raises(ConfigError, match="metrics.jsonl not found"):
         replay_metrics(tmp_path)
+
+
+def _stub_tensorboard(monkeypatch, calls):
+    stub = types.ModuleType("torch.utils.tensorboard")
+
+    class SummaryWriter:
+        def __init__(self, log_dir, **kw):
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, tag, value, global_step=None):
+            calls.append((tag, value, global_step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("close",))
+
+    stub.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", stub)
+
+
+def test_recipe_sends_rows_to_config_metric_loggers(tmp_path, monkeypatch):
+    """`metric_loggers` in a config: the recipe logs every metrics.jsonl row to them too."""
+    from tunelab.recipes import lora_finetune_single_device as recipe
+
+    calls = []
+    _stub_tensorboard(monkeypatch, calls)  # the same calls whether or not tensorboard is installed
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    node = "{_component_: tunelab.training.loggers.TensorBoardLogger, log_dir: " + str(tmp_path / "tb") + "}"
+    recipe.main(["--config", "tiny/lora", f"output_dir={out}", "max_steps=2", "log_every_n_steps=1",
+                 "save_merged=never", "validation=null", f"metric_loggers=[{node}]"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {(c[0], c[2]): c[1] for c in calls if len(c) == 3}
+    assert calls[0] == ("init", str(tmp_path / "tb")) and calls[-1] == ("close",)
+    for row in rows:
+        assert logged[("loss", row["step"])] == pytest.approx(row["loss"])
+
+
+def test_bad_metric_logger_fails_before_work(tmp_path, monkeypatch):
+    from tunelab.recipes import lora_finetune_single_device as recipe
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    node = "{_component_: tunelab.training.loggers.TensorBoardLogger, logdir: x}"
+    with pytest.raises(ConfigError, match=r"metric_loggers\[0\].*log_dir"):
+        recipe.main(["--config", "tiny/lora", f"output_dir={tmp_path / 'run'}", f"metric_loggers=[{node}]"])
+    assert not (tmp_path / "cache").exists()  # nothing was built (the tiny checkpoint included)
