@@ -33,14 +33,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.modules.generation import generate
 from tunelab.modules.nf4 import NF4Weight
 from tunelab.modules.peft import get_adapter_params
-from tunelab.training.checkpointing import (
-    ResumableSampler,
-    TrainingProgress,
-    adapter_writer,
-    load_state,
-    merged_writer,
-    state_writer,
-)
+from tunelab.training.checkpointing import ResumableSampler
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
 from tunelab.training.loggers import build_metric_loggers
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
@@ -51,6 +44,8 @@ from tunelab.training.recipe_setup import (
     check_settings,
     prepare_output_dir,
     resolve_paths,
+    restore_progress,
+    save_checkpoint,
     setup_model,
 )
 from tunelab.training.schedules import build_lr_scheduler
@@ -163,21 +158,12 @@ def main(argv: list[str]) -> None:
     optimizer = instantiate(cfg.optimizer, params)
     scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
                                    total_steps=total_steps, schedule=cfg.lr_scheduler.schedule)
-    progress = TrainingProgress(sampler_seed=cfg.seed, batch_size=cfg.batch_size)
-    if resume_dir is not None:
-        progress = load_state(resume_dir / "state", model=model, optimizer=optimizer, scheduler=scheduler)
-        if progress.batch_size not in (None, cfg.batch_size):  # the data position counts batches
-            raise ConfigError(f"resume: {resume_dir.name} was written with batch_size={progress.batch_size}, "
-                              f"not {cfg.batch_size}; resume with the same batch_size")
-        sampler.seed = progress.sampler_seed
-        print(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
+    progress = restore_progress(cfg, resume_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                sampler=sampler)
 
-    def save_checkpoint(final: bool) -> Path:
-        writers = {"adapter": adapter_writer(model, base_model_name_or_path=cfg.checkpoint_dir, lora_cfg=cfg.lora)}
-        if cfg.save_merged == "always" or (final and cfg.save_merged == "final"):
-            writers["merged"] = merged_writer(model, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
-        writers["state"] = state_writer(progress, model=model, optimizer=optimizer, scheduler=scheduler)
-        return manager.save(progress.step, writers)
+    def checkpoint(final: bool) -> Path:
+        return save_checkpoint(cfg, manager, progress, model=model, optimizer=optimizer, scheduler=scheduler,
+                               final=final)
 
     # -------------------------------------------------------------------------------- loop
     metrics = MetricsLogger(out, extra_loggers=build_metric_loggers(cfg.metric_loggers))
@@ -234,14 +220,14 @@ def main(argv: list[str]) -> None:
                     display.write(f"step {step}: eval_loss={eval_row['eval_loss']:.4f}")
                     timer = time.perf_counter()
                 if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
-                    last_saved = save_checkpoint(final=False)
+                    last_saved = checkpoint(final=False)
                     timer = time.perf_counter()
     finally:
         display.close()
         metrics.close()
 
     # -------------------------------------------------------------------------------- final save
-    final_dir = save_checkpoint(final=True) if last_saved is None or last_saved.name != f"step_{total_steps}" else last_saved
+    final_dir = checkpoint(final=True) if last_saved is None or last_saved.name != f"step_{total_steps}" else last_saved
     print(f"adapter: {final_dir / 'adapter'}")
     if (final_dir / "merged").is_dir():
         print(f"merged model: {final_dir / 'merged'}")

@@ -18,7 +18,14 @@ from tunelab.models import from_pretrained
 from tunelab.modules.nf4 import apply_lora_nf4
 from tunelab.modules.peft import apply_lora, set_trainable_params
 from tunelab.training.builtin import resolve_builtin
-from tunelab.training.checkpointing import CheckpointManager
+from tunelab.training.checkpointing import (
+    CheckpointManager,
+    TrainingProgress,
+    adapter_writer,
+    load_state,
+    merged_writer,
+    state_writer,
+)
 from tunelab.training.config import instantiate
 from tunelab.training.loggers import check_metric_loggers
 from tunelab.training.steps import wrap_layers
@@ -31,6 +38,8 @@ __all__ = [
     "resolve_paths",
     "setup_model",
     "build_dataset",
+    "restore_progress",
+    "save_checkpoint",
 ]
 
 
@@ -114,3 +123,33 @@ def build_dataset(node: dict, tokenizer, max_seq_len: int, what: str):
     detail = f" (skipped {skipped}: {dataset.describe_skips()})" if skipped else ""
     print(f"{what}: {len(dataset)} samples{detail}")
     return dataset
+
+
+def restore_progress(cfg, resume_dir: Path | None, *, model, optimizer, scheduler, sampler) -> TrainingProgress:
+    """A fresh ``TrainingProgress``, or the one saved in ``resume_dir`` with the adapters,
+    optimizer, scheduler, RNG and sampler seed restored.
+
+    Raises:
+        ConfigError: the checkpoint was written with another batch_size (its data position
+            counts batches).
+    """
+    if resume_dir is None:
+        return TrainingProgress(sampler_seed=cfg.seed, batch_size=cfg.batch_size)
+    progress = load_state(resume_dir / "state", model=model, optimizer=optimizer, scheduler=scheduler)
+    if progress.batch_size not in (None, cfg.batch_size):
+        raise ConfigError(f"resume: {resume_dir.name} was written with batch_size={progress.batch_size}, "
+                          f"not {cfg.batch_size}; resume with the same batch_size")
+    sampler.seed = progress.sampler_seed
+    print(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
+    return progress
+
+
+def save_checkpoint(cfg, manager: CheckpointManager, progress: TrainingProgress, *, model, optimizer, scheduler,
+                    final: bool) -> Path:
+    """Write ``step_N``: the PEFT adapter, the merged HF folder when ``save_merged`` asks for it
+    at this save, and the resume state (COMPLETE last, see ``CheckpointManager.save``)."""
+    writers = {"adapter": adapter_writer(model, base_model_name_or_path=cfg.checkpoint_dir, lora_cfg=cfg.lora)}
+    if cfg.save_merged == "always" or (final and cfg.save_merged == "final"):
+        writers["merged"] = merged_writer(model, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
+    writers["state"] = state_writer(progress, model=model, optimizer=optimizer, scheduler=scheduler)
+    return manager.save(progress.step, writers)

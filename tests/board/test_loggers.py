@@ -31,6 +31,26 @@ def _run_dir(tmp_path):
     return d
 
 
+def _stub_tensorboard(monkeypatch, calls):
+    stub = types.ModuleType("torch.utils.tensorboard")
+
+    class SummaryWriter:
+        def __init__(self, log_dir, **kw):
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, tag, value, global_step=None):
+            calls.append((tag, value, global_step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("close",))
+
+    stub.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", stub)
+
+
 def test_scalars_of_keeps_finite_numbers():
     assert scalars_of({"step": 3, "loss": 1.0, "x": None, "flag": True, "name": "a", "bad": float("nan")}) == (
         3, {"loss": 1.0})
@@ -39,23 +59,7 @@ def test_scalars_of_keeps_finite_numbers():
 def test_tensorboard_logger(tmp_path, monkeypatch):
     calls = []
     if importlib.util.find_spec("tensorboard") is None:
-        stub = types.ModuleType("torch.utils.tensorboard")
-
-        class SummaryWriter:
-            def __init__(self, log_dir, **kw):
-                calls.append(("init", log_dir))
-
-            def add_scalar(self, tag, value, global_step=None):
-                calls.append((tag, value, global_step))
-
-            def flush(self):
-                pass
-
-            def close(self):
-                calls.append(("close",))
-
-        stub.SummaryWriter = SummaryWriter
-        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", stub)
+        _stub_tensorboard(monkeypatch, calls)
     n = replay_metrics(_run_dir(tmp_path), TensorBoardLogger(tmp_path / "tb"))
     assert n == 3
     if calls:
@@ -113,26 +117,6 @@ def test_missing_packages_say_which_extra(monkeypatch, tmp_path):
         TensorBoardLogger(tmp_path)
     with pytest.raises(ConfigError, match="metrics.jsonl not found"):
         replay_metrics(tmp_path)
-
-
-def _stub_tensorboard(monkeypatch, calls):
-    stub = types.ModuleType("torch.utils.tensorboard")
-
-    class SummaryWriter:
-        def __init__(self, log_dir, **kw):
-            calls.append(("init", log_dir))
-
-        def add_scalar(self, tag, value, global_step=None):
-            calls.append((tag, value, global_step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            calls.append(("close",))
-
-    stub.SummaryWriter = SummaryWriter
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", stub)
 
 
 def test_recipe_sends_rows_to_config_metric_loggers(tmp_path, monkeypatch):
