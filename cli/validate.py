@@ -110,6 +110,7 @@ def _guess_recipe(config_arg: str, config_path: Path) -> str | None:
 def validate_config(config: str, overrides: list[str], recipe: str | None = None) -> list[str]:
     """All problems with a config (empty list = OK). Loads and imports, builds nothing."""
     from tunelab.recipes.registry import RECIPES, recipe_file, recipe_schema
+    from tunelab.training.loggers import check_metric_loggers
     from tunelab.training.config import (
         apply_overrides,
         error_lines,
@@ -138,6 +139,10 @@ def validate_config(config: str, overrides: list[str], recipe: str | None = None
     try:
         schema = recipe_schema(file, class_name)
         parse_config(data, schema)
+    except TunelabError as e:
+        errors.extend(error_lines(e))
+    try:  # list-valued components (the typed parse checks single _component_ nodes only)
+        check_metric_loggers(data.get("metric_loggers") or [])
     except TunelabError as e:
         errors.extend(error_lines(e))
     errors.extend(check_paths(data))  # type: ignore[arg-type]

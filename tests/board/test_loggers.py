@@ -145,3 +145,12 @@ def test_bad_metric_logger_fails_before_work(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"metric_loggers\[0\].*log_dir"):
         recipe.main(["--config", "tiny/lora", f"output_dir={tmp_path / 'run'}", f"metric_loggers=[{node}]"])
     assert not (tmp_path / "cache").exists()  # nothing was built (the tiny checkpoint included)
+
+
+def test_tune_validate_checks_metric_loggers():
+    from tunelab.cli.validate import validate_config
+
+    assert validate_config("tiny/lora", []) == []
+    node = "{_component_: tunelab.training.loggers.TensorBoardLogger, logdir: x}"
+    errors = validate_config("tiny/lora", [f"metric_loggers=[{node}]"])
+    assert len(errors) == 1 and "metric_loggers[0]" in errors[0] and "log_dir" in errors[0]
