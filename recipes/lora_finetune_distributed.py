@@ -71,7 +71,7 @@ from tunelab.training.recipe_setup import (
     resolve_paths,
 )
 from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.steps import IGNORE_INDEX, NonFiniteLossError, loss_sum, make_loader, wrap_layers
+from tunelab.training.steps import IGNORE_INDEX, NonFiniteLossError, loss_sum, make_loader, optimizer_steps, wrap_layers
 from tunelab.training.utils import cuda_only_settings_notice, resolve_dtype, seed_everything
 
 
@@ -299,62 +299,57 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
     last_saved = resume_dir
     timer, tokens_seen = time.perf_counter(), 0
     try:
-        while progress.step < total_steps:
-            if progress.batches_consumed // accum >= steps_per_epoch:  # epoch finished
-                progress.epoch, progress.batches_consumed = progress.epoch + 1, 0
-            sampler.set_epoch(progress.epoch, start_sample=progress.batches_consumed * global_batch)
-            batches = iter(loader)
-            while progress.step < total_steps and progress.batches_consumed // accum < steps_per_epoch:
-                micro_batches = [next(batches) for _ in range(accum)]
-                # dropout masks from (seed, step, rank): exact resume without per-rank RNG files
-                torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 1_009 + rank)
-                # normalise by the label tokens of the whole global step, not per micro-batch or rank
-                local_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-                n_labels, n_tokens = all_reduce_sum([local_labels, sum(b["num_tokens"] for b in micro_batches)], device)
-                n_labels = max(n_labels, 1.0)
-                step_loss = torch.zeros((), device=device)
-                for i, batch in enumerate(micro_batches):
-                    model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
-                    loss = loss_sum(model, batch, device)
-                    (loss * (world / n_labels)).backward()  # x world: FSDP averages over ranks
-                    step_loss += loss.detach()
-                loss_value = all_reduce_sum([step_loss.item()], device)[0] / n_labels
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-                grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-                    raise NonFiniteLossError(
-                        f"loss {loss_value} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
-                        f"stopped without saving ({kept}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
-                lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it next)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.step += 1
-                progress.batches_consumed += accum
-                tokens_seen += n_tokens
+        for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=global_batch,
+                                             steps_per_epoch=steps_per_epoch, total_steps=total_steps):
+            # dropout masks from (seed, step, rank): exact resume without per-rank RNG files
+            torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 1_009 + rank)
+            # normalise by the label tokens of the whole global step, not per micro-batch or rank
+            local_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+            n_labels, n_tokens = all_reduce_sum([local_labels, sum(b["num_tokens"] for b in micro_batches)], device)
+            n_labels = max(n_labels, 1.0)
+            step_loss = torch.zeros((), device=device)
+            for i, batch in enumerate(micro_batches):
+                model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
+                loss = loss_sum(model, batch, device)
+                (loss * (world / n_labels)).backward()  # x world: FSDP averages over ranks
+                step_loss += loss.detach()
+            loss_value = all_reduce_sum([step_loss.item()], device)[0] / n_labels
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+                raise NonFiniteLossError(
+                    f"loss {loss_value} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
+                    f"stopped without saving ({kept}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it next)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.batches_consumed += accum
+            tokens_seen += n_tokens
 
-                step = progress.step
-                if is_rank0() and (step % cfg.log_every_n_steps == 0 or step in (1, total_steps)):
-                    elapsed = time.perf_counter() - timer
-                    row = {"step": step, "epoch": progress.epoch, "loss": loss_value, "lr": lr,
-                           "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # all ranks together
-                           "grad_norm": grad_norm}
-                    if (mem := peak_memory_gib(device)) is not None:
-                        row["peak_mem_gib"] = mem  # rank 0's
-                    metrics.log(row)
-                    display.update(row)
-                    timer, tokens_seen = time.perf_counter(), 0
-                if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
-                                               or step == total_steps):
-                    eval_loss = evaluate(model, val_loader, device)
-                    if is_rank0():
-                        metrics.log({"step": step, "epoch": progress.epoch, "eval_loss": eval_loss})
-                        display.write(f"step {step}: eval_loss={eval_loss:.4f}")
-                    timer = time.perf_counter()
-                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
-                    last_saved = save_checkpoint(final=False)
-                    timer = time.perf_counter()
+            step = progress.step
+            if is_rank0() and (step % cfg.log_every_n_steps == 0 or step in (1, total_steps)):
+                elapsed = time.perf_counter() - timer
+                row = {"step": step, "epoch": progress.epoch, "loss": loss_value, "lr": lr,
+                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # all ranks together
+                       "grad_norm": grad_norm}
+                if (mem := peak_memory_gib(device)) is not None:
+                    row["peak_mem_gib"] = mem  # rank 0's
+                metrics.log(row)
+                display.update(row)
+                timer, tokens_seen = time.perf_counter(), 0
+            if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
+                                           or step == total_steps):
+                eval_loss = evaluate(model, val_loader, device)
+                if is_rank0():
+                    metrics.log({"step": step, "epoch": progress.epoch, "eval_loss": eval_loss})
+                    display.write(f"step {step}: eval_loss={eval_loss:.4f}")
+                timer = time.perf_counter()
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
+                last_saved = save_checkpoint(final=False)
+                timer = time.perf_counter()
     finally:
         if is_rank0():
             display.close()

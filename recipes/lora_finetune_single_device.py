@@ -49,7 +49,7 @@ from tunelab.training.recipe_setup import (
     setup_model,
 )
 from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.steps import IGNORE_INDEX, NonFiniteLossError, loss_sum, make_loader
+from tunelab.training.steps import IGNORE_INDEX, NonFiniteLossError, loss_sum, make_loader, optimizer_steps
 from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
 
 SAMPLE_NEW_TOKENS = 32  # length of the greedy completion printed at the end
@@ -173,55 +173,50 @@ def main(argv: list[str]) -> None:
     last_saved = resume_dir
     timer, tokens_seen = time.perf_counter(), 0
     try:
-        while progress.step < total_steps:
-            if progress.batches_consumed // accum >= steps_per_epoch:  # epoch finished
-                progress.epoch, progress.batches_consumed = progress.epoch + 1, 0
-            sampler.set_epoch(progress.epoch, start_sample=progress.batches_consumed * cfg.batch_size)
-            batches = iter(loader)
-            while progress.step < total_steps and progress.batches_consumed // accum < steps_per_epoch:
-                micro_batches = [next(batches) for _ in range(accum)]
-                # normalise by the label tokens of the whole optimizer step, not per micro-batch
-                n_labels = max(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches), 1)
-                step_loss = torch.zeros((), device=device)
-                for batch in micro_batches:
-                    loss = loss_sum(model, batch, device)
-                    (loss / n_labels).backward()
-                    step_loss += loss.detach()
-                loss_value = step_loss.item() / n_labels
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
-                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-                    raise NonFiniteLossError(
-                        f"loss {loss_value} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
-                        f"stopped without saving ({kept}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
-                lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it next)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.step += 1
-                progress.batches_consumed += accum
-                tokens_seen += sum(b["num_tokens"] for b in micro_batches)
+        for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=cfg.batch_size,
+                                             steps_per_epoch=steps_per_epoch, total_steps=total_steps):
+            # normalise by the label tokens of the whole optimizer step, not per micro-batch
+            n_labels = max(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches), 1)
+            step_loss = torch.zeros((), device=device)
+            for batch in micro_batches:
+                loss = loss_sum(model, batch, device)
+                (loss / n_labels).backward()
+                step_loss += loss.detach()
+            loss_value = step_loss.item() / n_labels
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+                raise NonFiniteLossError(
+                    f"loss {loss_value} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
+                    f"stopped without saving ({kept}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it next)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.batches_consumed += accum
+            tokens_seen += sum(b["num_tokens"] for b in micro_batches)
 
-                step = progress.step
-                if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
-                    elapsed = time.perf_counter() - timer
-                    row = {"step": step, "epoch": progress.epoch, "loss": loss_value,
-                           "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                           "grad_norm": grad_norm}
-                    if (mem := peak_memory_gib(device)) is not None:
-                        row["peak_mem_gib"] = mem
-                    metrics.log(row)
-                    display.update(row)
-                    timer, tokens_seen = time.perf_counter(), 0
-                if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
-                                               or step == total_steps):
-                    eval_row = {"step": step, "epoch": progress.epoch, "eval_loss": evaluate(model, val_loader, device)}
-                    metrics.log(eval_row)
-                    display.write(f"step {step}: eval_loss={eval_row['eval_loss']:.4f}")
-                    timer = time.perf_counter()
-                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
-                    last_saved = checkpoint(final=False)
-                    timer = time.perf_counter()
+            step = progress.step
+            if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
+                elapsed = time.perf_counter() - timer
+                row = {"step": step, "epoch": progress.epoch, "loss": loss_value,
+                       "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                       "grad_norm": grad_norm}
+                if (mem := peak_memory_gib(device)) is not None:
+                    row["peak_mem_gib"] = mem
+                metrics.log(row)
+                display.update(row)
+                timer, tokens_seen = time.perf_counter(), 0
+            if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
+                                           or step == total_steps):
+                eval_row = {"step": step, "epoch": progress.epoch, "eval_loss": evaluate(model, val_loader, device)}
+                metrics.log(eval_row)
+                display.write(f"step {step}: eval_loss={eval_row['eval_loss']:.4f}")
+                timer = time.perf_counter()
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
+                last_saved = checkpoint(final=False)
+                timer = time.perf_counter()
     finally:
         display.close()
         metrics.close()

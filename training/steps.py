@@ -15,7 +15,7 @@ from tunelab.errors import TunelabError
 from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
 from tunelab.modules.peft import LoRALinear
 
-__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum"]
+__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum", "optimizer_steps"]
 
 IGNORE_INDEX = -100  # label of positions that are not trained on
 
@@ -76,3 +76,30 @@ def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
                                reduction="sum")
     hidden = model(tokens, return_hidden=True, **extra)  # (b, s, dim)
     return fused_loss_sum(hidden, model.output_weight, labels, ignore_index=IGNORE_INDEX)
+
+
+def optimizer_steps(progress, loader, sampler, *, accum: int, samples_per_batch: int, steps_per_epoch: int,
+                    total_steps: int):
+    """Yield the ``accum`` micro-batches of each optimizer step, from the saved data position on.
+
+    The recipe advances ``progress.step`` and ``progress.batches_consumed`` (by ``accum``) after
+    each step; this generator reads them, so a resumed run continues at exactly the batch an
+    uninterrupted one would have reached, and a new epoch starts when one is used up.
+
+    Args:
+        progress: the ``TrainingProgress`` (epoch, batches_consumed, step).
+        loader: DataLoader over ``sampler``.
+        sampler: a ``ResumableSampler`` (``set_epoch(epoch, start_sample=...)``).
+        accum: micro-batches per optimizer step.
+        samples_per_batch: samples the sampler hands out per micro-batch (batch_size, times the
+            world size for a distributed sampler).
+        steps_per_epoch: optimizer steps in one epoch.
+        total_steps: stop after this many optimizer steps.
+    """
+    while progress.step < total_steps:
+        if progress.batches_consumed // accum >= steps_per_epoch:  # epoch finished
+            progress.epoch, progress.batches_consumed = progress.epoch + 1, 0
+        sampler.set_epoch(progress.epoch, start_sample=progress.batches_consumed * samples_per_batch)
+        batches = iter(loader)
+        while progress.step < total_steps and progress.batches_consumed // accum < steps_per_epoch:
+            yield [next(batches) for _ in range(accum)]
