@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tunelab.data.preference import preference_collate
 from tunelab.data.tokenizers import load_tokenizer
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError
 from tunelab.modules.loss import preference_loss, sequence_log_probs_from_hidden
 from tunelab.modules.peft import disable_adapters, get_adapter_params
 from tunelab.training.checkpointing import ResumableSampler
@@ -49,6 +49,7 @@ from tunelab.training.recipe_setup import (
     LRSchedulerConfig,
     build_dataset,
     check_settings,
+    plan_steps,
     prepare_output_dir,
     resolve_paths,
     restore_progress,
@@ -237,13 +238,8 @@ def main(argv: list[str]) -> None:
 
     dataset = build_dataset(cfg.dataset, tokenizer, cfg.max_seq_len, "dataset")
     accum = cfg.gradient_accumulation_steps
-    steps_per_epoch = len(dataset) // cfg.batch_size // accum
-    if steps_per_epoch == 0:
-        raise DataError(f"dataset has {len(dataset)} pairs, fewer than batch_size x gradient_accumulation_steps"
-                        f" = {cfg.batch_size * accum}; lower them")
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(dataset), "pairs", cfg.batch_size,
+                                              "batch_size x gradient_accumulation_steps")
     val_loader = None
     if cfg.validation is not None:
         val_data = build_dataset(cfg.validation, tokenizer, cfg.max_seq_len, "validation")

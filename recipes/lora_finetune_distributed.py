@@ -43,7 +43,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from tunelab.data.packing import PackedDataset
 from tunelab.data.tokenizers import load_tokenizer
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError
 from tunelab.models.checkpoint import read_hf_config
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.modules.nf4 import NF4Weight
@@ -67,6 +67,7 @@ from tunelab.training.recipe_setup import (
     LRSchedulerConfig,
     build_dataset,
     check_settings,
+    plan_steps,
     prepare_output_dir,
     resolve_paths,
 )
@@ -246,13 +247,8 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
     sampler = RankSampler(len(train_data), seed=cfg.seed, rank=rank, world_size=world)
     loader = make_loader(train_data, cfg.batch_size, sampler, tokenizer.pad_id, cfg.packing)
     accum, global_batch = cfg.gradient_accumulation_steps, cfg.batch_size * world
-    steps_per_epoch = len(train_data) // global_batch // accum
-    if steps_per_epoch == 0:
-        raise DataError(f"dataset has {len(train_data)} {'packed rows' if cfg.packing else 'samples'}, fewer than "
-                        f"batch_size x gradient_accumulation_steps x world size = {global_batch * accum}; lower them")
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_data), "packed rows" if cfg.packing else "samples",
+                                              global_batch, "batch_size x gradient_accumulation_steps x world size")
     val_loader = None
     if cfg.validation is not None:
         val_data = instantiate(cfg.validation, tokenizer=tokenizer, max_seq_len=cfg.max_seq_len)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from tunelab.data.packing import PackedDataset
 from tunelab.data.tokenizers import load_tokenizer
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import ConfigError
 from tunelab.modules.generation import generate
 from tunelab.modules.nf4 import NF4Weight
 from tunelab.modules.peft import get_adapter_params
@@ -42,6 +42,7 @@ from tunelab.training.recipe_setup import (
     LRSchedulerConfig,
     build_dataset,
     check_settings,
+    plan_steps,
     prepare_output_dir,
     resolve_paths,
     restore_progress,
@@ -142,13 +143,8 @@ def main(argv: list[str]) -> None:
     sampler = ResumableSampler(len(train_data), seed=cfg.seed)
     loader = make_loader(train_data, cfg.batch_size, sampler, tokenizer.pad_id, cfg.packing)
     accum = cfg.gradient_accumulation_steps
-    steps_per_epoch = len(train_data) // cfg.batch_size // accum
-    if steps_per_epoch == 0:
-        raise DataError(f"dataset has {len(train_data)} {'packed rows' if cfg.packing else 'samples'}, fewer than "
-                        f"batch_size x gradient_accumulation_steps = {cfg.batch_size * accum}; lower them")
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_data), "packed rows" if cfg.packing else "samples",
+                                              cfg.batch_size, "batch_size x gradient_accumulation_steps")
     val_loader = None
     if cfg.validation is not None:
         val_data = build_dataset(cfg.validation, tokenizer, cfg.max_seq_len, "validation")

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from tunelab.errors import CheckpointError, ConfigError
+from tunelab.errors import CheckpointError, ConfigError, DataError
 from tunelab.models import from_pretrained
 from tunelab.modules.nf4 import apply_lora_nf4
 from tunelab.modules.peft import apply_lora, set_trainable_params
@@ -38,6 +38,7 @@ __all__ = [
     "resolve_paths",
     "setup_model",
     "build_dataset",
+    "plan_steps",
     "restore_progress",
     "save_checkpoint",
 ]
@@ -153,3 +154,27 @@ def save_checkpoint(cfg, manager: CheckpointManager, progress: TrainingProgress,
         writers["merged"] = merged_writer(model, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
     writers["state"] = state_writer(progress, model=model, optimizer=optimizer, scheduler=scheduler)
     return manager.save(progress.step, writers)
+
+
+def plan_steps(cfg, n_rows: int, rows: str, samples_per_batch: int, batch_desc: str) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for ``n_rows`` training rows.
+
+    Args:
+        cfg: the recipe config (gradient_accumulation_steps, epochs, max_steps).
+        n_rows: rows the sampler draws from.
+        rows: what a row is, for the message ("samples", "packed rows", "pairs").
+        samples_per_batch: rows per micro-batch over all ranks (batch_size x world size).
+        batch_desc: how that product is spelled in the message.
+
+    Raises:
+        DataError: fewer rows than one optimizer step needs.
+    """
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = n_rows // samples_per_batch // accum
+    if steps_per_epoch == 0:
+        raise DataError(f"dataset has {n_rows} {rows}, fewer than {batch_desc} = {samples_per_batch * accum}; "
+                        "lower them")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    return steps_per_epoch, total_steps
