@@ -1,14 +1,20 @@
 #!/bin/bash
-# One device call that runs this session's benchmarks side by side with a peer row
-# (HF transformers + PEFT, ../shared/bench/anchors.py copied to the ignored .peer/ folder).
-# Carry: .whl (omegaconf + antlr4 wheels for the GPU image's python) and .peer.
-#   TUNELAB_COMMIT=<sha> bash bench/gpu_session.sh   (on the GPU machine; results under $OUT/results.jsonl)
+# One device call that runs benchmarks side by side, with peer rows measured in the same call.
+#   TUNELAB_COMMIT=<sha> bash bench/gpu_session.sh [STEP...]    (on the GPU machine)
+# Results: $OUT/results.jsonl (one JSON line per benchmark), stderr of all of them: $OUT/err.log.
+# Carry: .whl (omegaconf + antlr4 wheels for the GPU image's python) and the peers' folders:
+#   .peer      a copy of ../shared/bench (anchors.py, dpo_anchor.py)
+#   .site      HF+PEFT peer extras  (../shared/bench/peer_wheels.sh makes it)   for: hf_lora
+#   .site-uns  trl + datasets (+ unsloth)                                       for: dpo_peer
+# STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast
+# (default: the single-GPU set without the peers whose folders are not carried).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/tunelab   # the repo root is the package
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/pkg:/tmp/site
+BASE=/tmp/pkg:/tmp/site
+export PYTHONPATH=$BASE
 R=$OUT/results.jsonl
 export TUNELAB_COMMIT=${TUNELAB_COMMIT:-unknown}   # the tree travels without .git: pass the commit in
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -17,11 +23,24 @@ run() {  # run SECONDS CMD...: one benchmark, its JSON line appended to $R, stde
   echo "== $*" | tee -a "$OUT/err.log"
   timeout "$t" "$@" 2>>"$OUT/err.log" | grep '^{' | tee -a "$R" || echo "   (failed or timed out)"
 }
-run 100 python3 bench/lora_step.py --profile lora_lean_eager
-run 100 python3 .peer/anchors.py hf_lora
-run 120 python3 bench/qlora_step.py
-run 90 python3 bench/dpo_step.py
-run 45 python3 bench/nf4_dequant.py
-run 90 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py
-run 150 python3 bench/lora_step.py --compile --profile lora_lean
-run 150 python3 bench/lora_step.py --compile --no-ac --profile lora_fast
+steps=("$@")
+if [ ${#steps[@]} -eq 0 ]; then
+  steps=(lora_eager qlora dpo nf4 fsdp1 lora_compile lora_fast)
+  [ -d .site ] && steps+=(hf_lora)
+  [ -d .site-uns ] && steps+=(dpo_peer)
+fi
+for s in "${steps[@]}"; do
+  case $s in
+    lora_eager)   run 100 python3 bench/lora_step.py --profile lora_lean_eager ;;
+    hf_lora)      PYTHONPATH=$PWD/.site run 120 python3 .peer/anchors.py hf_lora ;;
+    qlora)        run 120 python3 bench/qlora_step.py ;;
+    dpo)          run 100 python3 bench/dpo_step.py ;;
+    dpo_peer)     PYTHONPATH=$PWD/.site-uns run 200 python3 .peer/dpo_anchor.py trl ;;
+    nf4)          run 60 python3 bench/nf4_dequant.py ;;
+    nf4_variants) run 150 python3 bench/nf4_variants.py ;;
+    fsdp1)        run 90 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
+    lora_compile) run 150 python3 bench/lora_step.py --compile --profile lora_lean ;;
+    lora_fast)    run 150 python3 bench/lora_step.py --compile --no-ac --profile lora_fast ;;
+    *) echo "unknown step $s" ;;
+  esac
+done

@@ -128,48 +128,55 @@ def _ce_rows_torch(logits, labels, ignore_index: int, compute_grad: bool) -> tor
 
 
 def _chunked_pass(hidden, weight, labels, ignore_index, chunk_size, grad_h_out, grad_w_out):
-    """Loss sum over all chunks; fills grad_h_out / grad_w_out (unscaled) when given."""
+    """Per-token losses [n] (fp32) over all chunks; fills grad_h_out / grad_w_out (unscaled) when given."""
     n = hidden.shape[0]
     compute_grad = grad_h_out is not None or grad_w_out is not None
     rows_fn = _ce_rows_triton if (HAS_TRITON and use_triton(hidden)) else _ce_rows_torch
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         h = hidden[start:end]  # (c, dim)
         logits = h @ weight.t()  # (c, vocab) in the compute dtype
-        total += rows_fn(logits, labels[start:end], ignore_index, compute_grad).sum()
+        losses[start:end] = rows_fn(logits, labels[start:end], ignore_index, compute_grad)
         # `logits` now holds d(loss)/d(logits) for this chunk.
         if grad_h_out is not None:
             torch.mm(logits, weight, out=grad_h_out[start:end])  # (c, vocab) @ (vocab, dim)
         if grad_w_out is not None:
             grad_w_out += (logits.t() @ h).float()  # (vocab, c) @ (c, dim), fp32 accumulation
-    return total
+    return losses
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Chunked linear + cross-entropy (sum); gradients computed in the forward pass."""
+    """Chunked linear + cross-entropy; gradients computed in the forward pass.
+
+    ``per_token=False`` returns the sum (0-dim); ``per_token=True`` returns the [n] losses, whose
+    incoming gradient scales each row of the stored ``grad_hidden`` (each row of it depends on
+    its own token only), so the head weight must then be frozen.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk_size: int):
+    def forward(ctx, hidden, weight, labels, ignore_index: int, chunk_size: int, per_token: bool = False):
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             if ctx.needs_input_grad[1]
             else None
         )
-        loss = _chunked_pass(hidden, weight, labels, ignore_index, chunk_size, grad_h, grad_w)
+        losses = _chunked_pass(hidden, weight, labels, ignore_index, chunk_size, grad_h, grad_w)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return loss
+        ctx.weight_dtype, ctx.per_token = weight.dtype, per_token
+        return losses if per_token else losses.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
+        if ctx.per_token:  # grad_loss [n]: one scale per token row
+            grad_loss = grad_loss[:, None]
         if grad_h is not None:
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -179,6 +186,7 @@ def fused_linear_cross_entropy(
     *,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    reduction: str = "sum",
 ) -> torch.Tensor:
     """Chunked ``sum CE(hidden @ weight^T, labels)`` (always chunked; the per-row softmax runs in
     Triton where ``tunelab.kernels`` would use Triton for ``hidden``, in PyTorch otherwise).
@@ -189,9 +197,12 @@ def fused_linear_cross_entropy(
         labels: int targets [...] (pre-shifted; ``ignore_index`` where not trained on).
         ignore_index: label value that contributes no loss and no gradient.
         chunk_size: tokens per chunk (default: about 256 MiB of logits per chunk).
+        reduction: ``"sum"``, or ``"none"`` for the per-token losses (0 where ignored); with
+            ``"none"`` under autograd only ``hidden`` may require grad (a frozen head, as in
+            LoRA), since the head's gradient is only stored summed over tokens.
 
     Returns:
-        fp32 0-dim tensor: the sum of the per-token losses over non-ignored labels.
+        fp32: 0-dim sum over non-ignored labels, or [tokens] losses with ``reduction="none"``.
     """
     dim = hidden.shape[-1]
     if labels.shape != hidden.shape[:-1]:
@@ -200,11 +211,17 @@ def fused_linear_cross_entropy(
     h2 = h2 if h2.is_contiguous() else h2.contiguous()
     y = labels.reshape(-1)
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.dtype)
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    per_token = reduction == "none"
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if not needs_grad:
         with torch.no_grad():
-            return _chunked_pass(h2, weight, y, ignore_index, chunk, None, None)
-    return LinearCrossEntropyFunction.apply(h2, weight, y, ignore_index, chunk)
+            losses = _chunked_pass(h2, weight, y, ignore_index, chunk, None, None)
+        return losses if per_token else losses.sum()
+    if per_token and weight.requires_grad:
+        raise ValueError("reduction='none' needs a frozen head (weight.requires_grad=False)")
+    return LinearCrossEntropyFunction.apply(h2, weight, y, ignore_index, chunk, per_token)
 
 
 def loss_sum(

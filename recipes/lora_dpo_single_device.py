@@ -131,7 +131,11 @@ def policy_log_probs(model, batch: dict, device: torch.device) -> tuple[torch.Te
     """Summed response log-probs [2b] (fp32) and response token counts [2b] of one micro-batch."""
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     hidden = model(tokens, return_hidden=True)  # (2b, s, dim)
-    return sequence_log_probs_from_hidden(hidden, labels, model.logits_from_hidden)
+    try:  # a plain (frozen) head lets the fused per-token loss skip the fp32 logits
+        head = model.output_weight
+    except ConfigError:  # LoRA on `output`: its logits need the module call
+        head = None
+    return sequence_log_probs_from_hidden(hidden, labels, model.logits_from_hidden, output_weight=head)
 
 
 @torch.no_grad()

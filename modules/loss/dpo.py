@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.kernels import use_triton
+from tunelab.kernels.fused_ce import fused_linear_cross_entropy
+
 IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 
@@ -67,6 +70,7 @@ def sequence_log_probs_from_hidden(
     labels: torch.Tensor,
     lm_head: Callable[[torch.Tensor], torch.Tensor],
     *,
+    output_weight: torch.Tensor | None = None,
     chunk_size: int = 1024,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,14 +80,19 @@ def sequence_log_probs_from_hidden(
     half), ``chunk_size`` positions at a time; with autograd on, each chunk is checkpointed so
     only one chunk's [chunk, vocab] logits live at once (recomputed in backward). For a 128k
     vocab and the default 1024 positions: 0.25 GiB of bf16 logits + 0.5 GiB of fp32 copy,
-    instead of [b, s, vocab] logits for the whole micro-batch.
+    instead of [b, s, vocab] logits for the whole micro-batch. Where the fused Triton loss runs
+    (CUDA) and ``output_weight`` is given, the fused per-token cross-entropy of
+    :mod:`tunelab.kernels.fused_ce` replaces the checkpointed chunks: one bf16 logits chunk, no
+    fp32 copies and no recomputation in backward.
 
     Args:
         hidden: [b, s, dim] final-normed hidden states (``model(tokens, return_hidden=True)``).
         labels: [b, s] pre-shifted targets, ``ignore_index`` where unscored.
         lm_head: hidden [n, dim] -> logits [n, vocab], e.g. ``model.logits_from_hidden`` (so a
             LoRA adapter on the output layer applies).
-        chunk_size: positions per output-head call.
+        output_weight: the frozen [vocab, dim] head when the output layer is a plain linear
+            (``model.output_weight``); None where ``lm_head`` must be called.
+        chunk_size: positions per output-head call (checkpointed path).
         ignore_index: label value of unscored positions.
 
     Returns:
@@ -93,6 +102,16 @@ def sequence_log_probs_from_hidden(
     rows = mask.nonzero()[:, 0]  # [n]: which sequence each scored position belongs to
     h = hidden[mask]  # [n, dim]
     targets = labels[mask]  # [n]
+    if output_weight is not None and not output_weight.requires_grad and use_triton(h):
+        token_lp = -fused_linear_cross_entropy(h, output_weight, targets, ignore_index=ignore_index, reduction="none")
+    else:
+        token_lp = _chunked_token_log_probs(h, targets, lm_head, chunk_size)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_lp)
+    return sums, mask.sum(-1)
+
+
+def _chunked_token_log_probs(h: torch.Tensor, targets: torch.Tensor, lm_head, chunk_size: int) -> torch.Tensor:
+    """[n] fp32 log-probs of ``targets`` under ``lm_head(h)``, one checkpointed chunk at a time."""
     use_checkpoint = torch.is_grad_enabled() and h.requires_grad
 
     def chunk_lp(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
@@ -102,9 +121,7 @@ def sequence_log_probs_from_hidden(
     for start in range(0, h.shape[0], chunk_size):
         h_c, y_c = h[start : start + chunk_size], targets[start : start + chunk_size]
         parts.append(checkpoint(chunk_lp, h_c, y_c, use_reentrant=False) if use_checkpoint else chunk_lp(h_c, y_c))
-    token_lp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_lp)
-    return sums, mask.sum(-1)
+    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------ losses

@@ -131,6 +131,35 @@ def test_loss_sum_dispatch_and_reference():
     torch.testing.assert_close(linear_cross_entropy_reference(hidden, weight, labels), _oracle(hidden, weight, labels))
 
 
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_per_token_losses_and_row_weighted_gradient(device, kernel):
+    """reduction='none' (DPO's per-token log-probs): each token's loss equals
+    F.cross_entropy(reduction='none') and a different weight per token (the sequence sums of
+    the DPO loss) reaches grad_hidden row by row. The head is frozen, as LoRA keeps it."""
+    if kernel == "reference" and device != "cpu":
+        pytest.skip("the PyTorch rows path is checked on CPU")
+    hidden, weight, labels = _inputs(23, 16, 90, torch.float32, device, seed=8, w_grad=False)
+    labels[4:9] = -100
+    row_w = torch.randn(23, generator=torch.Generator().manual_seed(9)).to(device)
+    with backend(kernel):
+        ours = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=6, reduction="none")
+    ref = F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(ours, ref, **TOL)
+    (g_ours,) = torch.autograd.grad((ours * row_w).sum(), hidden)
+    (g_ref,) = torch.autograd.grad((ref * row_w).sum(), hidden)
+    torch.testing.assert_close(g_ours, g_ref, **TOL)
+    with backend(kernel), torch.no_grad():  # no autograd: the same values, nothing stored
+        torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, labels, reduction="none"), ref, **TOL)
+
+
+def test_per_token_refuses_a_trainable_head_and_unknown_reduction():
+    hidden, weight, labels = _inputs(6, 8, 12, torch.float32, "cpu", seed=10)
+    with pytest.raises(ValueError, match="frozen head"):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="mean")
+
+
 def test_label_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="labels"):
         fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
@@ -140,3 +169,27 @@ def test_default_chunk_size():
     assert default_chunk_size(128256, torch.bfloat16) == 1024  # 256 MiB of logits per chunk
     assert default_chunk_size(1024, torch.float32) == 8192
     assert default_chunk_size(10**7, torch.float32) == 256
+
+
+def test_dpo_sequence_log_probs_fused_equals_checkpointed_chunks(device):
+    """sequence_log_probs_from_hidden with output_weight (the fused per-token path where Triton
+    runs) gives the checkpointed-chunk path's sums and hidden gradient (fp32, TOL above)."""
+    from tunelab.modules.loss import sequence_log_probs_from_hidden
+
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(4, 9, 16, generator=g).to(device).requires_grad_()
+    weight = torch.randn(60, 16, generator=g).to(device) / 4
+    labels = torch.randint(0, 60, (4, 9), generator=g).to(device)
+    labels[:, :3] = -100  # the prompt
+    labels[2, 7:] = -100  # padding
+
+    def run(**kw):
+        sums, counts = sequence_log_probs_from_hidden(hidden, labels, lambda h: F.linear(h, weight), chunk_size=5, **kw)
+        (grad,) = torch.autograd.grad((sums * torch.arange(1.0, 5.0, device=device)).sum(), hidden)
+        return sums, counts, grad
+
+    with backend("triton"):
+        fused = run(output_weight=weight)
+    chunked = run()
+    for a, b in zip(fused, chunked):
+        torch.testing.assert_close(a, b, **TOL)
