@@ -23,6 +23,7 @@ Saving gathers full tensors (collective: every rank calls, rank 0 keeps CPU copi
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Iterator
@@ -103,8 +104,16 @@ def init_distributed(device_name: str, timeout_s: float) -> torch.device:
 
 
 def destroy_distributed() -> None:
+    """Free what still holds the process group, then destroy it (call once, at the end).
+
+    FSDP modules and DTensors keep the group alive through reference cycles; left to the
+    interpreter's shutdown, the group's C++ worker threads are torn down after Python is gone,
+    which gloo can answer with an abort. Collecting them first ends them in order.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def rank() -> int:
