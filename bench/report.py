@@ -1,0 +1,115 @@
+"""The README's speed tables, generated from bench/results/*.jsonl (never typed by hand).
+
+    python bench/report.py            # print the tables
+    python bench/report.py --write    # replace the README section between the bench markers
+
+For each profile the newest line (last in its file) counts. Throughput is also given as a
+fraction of the workload's physical limit from ../shared/docs/performance.md (bf16 GEMM peak of
+the H200): 24.5k tok/s without activation recompute, 16.5k with full recompute (the limit of
+the profile's own mode). tests/test_readme_tables.py keeps the README in sync with this output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- bench:start (bench/report.py --write) -->", "<!-- bench:end -->"
+LIMIT_NO_RECOMPUTE, LIMIT_RECOMPUTE = 24_500, 16_500
+
+R, N = LIMIT_RECOMPUTE, LIMIT_NO_RECOMPUTE
+# (profile, label, the physical limit of its mode; None where the limit above does not apply:
+# DPO adds a reference forward per step) in table order
+SINGLE_GPU = [
+    ("lora_lean", "tunelab LoRA, default 8B config (checkpointing + compile)", R),
+    ("lora_lean_eager", "tunelab LoRA, same, eager", R),
+    ("lora_fast", "tunelab LoRA fast (compile, no checkpointing)", N),
+    ("qlora_lean", "tunelab QLoRA (NF4, checkpointing, eager)", R),
+    ("dpo_lean", "tunelab DPO, 2 pairs x (512 + 512) tokens per step", None),
+    ("peer_hf_lora", "HF transformers + PEFT (same run as tunelab)", R),
+    ("peer_unsloth_lora", "Unsloth 2026.10.9 LoRA (shared notes)", R),
+    ("peer_unsloth_qlora", "Unsloth 2026.10.9 QLoRA (shared notes)", R),
+    ("peer_torchtune_lora_compile", "torchtune 0.6.1 + compile (shared notes)", R),
+    ("peer_torchtune_lora_compile_no_ac", "torchtune 0.6.1 + compile, no checkpointing (shared notes)", N),
+    ("peer_trl_dpo", "TRL 1.15 DPOTrainer + PEFT (shared notes)", None),
+]
+FSDP = [("fsdp_lora_8b_ac", "8B"), ("fsdp_lora_70b_ac", "70B shape (80 layers)"),
+        ("peer_torchtune_fsdp_lora_8b_ac", "torchtune 0.6.1 8B (shared notes)")]
+
+
+def load(pattern: str) -> list[dict]:
+    rows = []
+    for path in sorted(RESULTS.glob(pattern)):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def newest(rows: list[dict], **match) -> dict | None:
+    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return hits[-1] if hits else None
+
+
+def _commit(row: dict) -> str:
+    return row.get("commit") or "peer"
+
+
+def single_gpu_table(rows: list[dict]) -> list[str]:
+    lines = ["| system / profile | tokens/s | peak GiB | of the limit | commit |", "|---|---|---|---|---|"]
+    for profile, label, limit in SINGLE_GPU:
+        row = newest(rows, profile=profile)
+        if row is None:
+            continue
+        of_limit = f"{row['tokens_per_s'] / limit:.0%}" if limit else "—"
+        lines.append(f"| {label} | {row['tokens_per_s']:,.0f} | {row['peak_gib']:.2f} | {of_limit} | {_commit(row)} |")
+    return lines
+
+
+def fsdp_table(rows: list[dict]) -> list[str]:
+    lines = ["| run | world size | tokens/s per GPU | peak GiB per GPU | efficiency | commit |",
+             "|---|---|---|---|---|---|"]
+    for profile, label in FSDP:
+        one = newest(rows, profile=profile, world_size=1)
+        for ws in (1, 2):
+            row = newest(rows, profile=profile, world_size=ws)
+            if row is None:
+                continue
+            # efficiency: per-GPU throughput at world 2 over world 1 (same commit only)
+            eff = (f"{row['tokens_per_s'] / one['tokens_per_s']:.0%}"
+                   if ws > 1 and one is not None and one.get("commit") == row.get("commit") else "—")
+            peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else "—"
+            lines.append(f"| {label} | {ws} | {row['tokens_per_s']:,.0f} | {peak} | {eff} | {_commit(row)} |")
+    return lines
+
+
+def render() -> str:
+    single = load("h200.jsonl") + load("peers_shared.jsonl")
+    multi = load("h200_x2.jsonl") + load("peers_shared.jsonl")
+    out = [START, "", "One H200 (`bench/results/h200.jsonl`, `peers_shared.jsonl`):", "",
+           *single_gpu_table(single), "", "Two H200s, FSDP2 (`bench/results/h200_x2.jsonl`):", "",
+           *fsdp_table(multi), "", END]
+    return "\n".join(out)
+
+
+def readme_section(text: str) -> str:
+    """The README's current generated section (markers included)."""
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} section")
+    return text[text.index(START): text.index(END) + len(END)]
+
+
+def main(argv: list[str]) -> int:
+    table = render()
+    if "--write" in argv:
+        text = README.read_text()
+        README.write_text(text.replace(readme_section(text), table))
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""GGUF export: llama.cpp file format writer and block quantizers (optional `gguf` extra)."""
