@@ -11,16 +11,18 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from tunelab.data.collate import packed_collate, padded_collate
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
 from tunelab.modules.peft import LoRALinear
+from tunelab.training.offload import ActivationOffloader
 
 __all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum", "optimizer_steps"]
 
 IGNORE_INDEX = -100  # label of positions that are not trained on
 
 
-def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_layers: bool) -> nn.Module:
+def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_layers: bool,
+                offload_activations: bool = False) -> nn.Module:
     """Activation checkpointing and/or ``torch.compile`` per decoder layer, in place.
 
     Swapping each layer's ``forward`` (not wrapping the module) keeps parameter names, so
@@ -34,15 +36,29 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_lay
         activation_checkpointing: recompute each layer's activations in backward
             (non-reentrant, so dropout RNG and keyword arguments are handled).
         compile_layers: compile each layer's forward.
+        offload_activations: keep the checkpointed layer inputs in pinned CPU memory between
+            forward and backward (:class:`~tunelab.training.offload.ActivationOffloader`);
+            needs ``activation_checkpointing``.
     """
+    if offload_activations and not activation_checkpointing:
+        raise ConfigError("offload_activations: true needs activation_checkpointing: true (it offloads the "
+                          "checkpointed layer inputs); enable it or set offload_activations: false")
+    offloader = ActivationOffloader() if offload_activations else None
     for layer in model.layers:
         forward = layer.forward
         if compile_layers:
             forward = torch.compile(forward)
         if activation_checkpointing:
             forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        if offloader is not None:
+            forward = functools.partial(_with_hooks, offloader, forward)
         layer.forward = forward
     return model
+
+
+def _with_hooks(offloader: ActivationOffloader, forward, *args, **kwargs):
+    with offloader.hooks():
+        return forward(*args, **kwargs)
 
 
 class NonFiniteLossError(TunelabError):
