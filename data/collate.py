@@ -58,11 +58,15 @@ def packed_collate(batch: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Stack rows of a ``PackedDataset`` (all exactly ``max_seq_len`` long) into [b, s] tensors.
 
     Args:
-        batch: packed rows with ``tokens, labels, position_ids, document_ids``.
+        batch: packed rows with ``tokens, labels, position_ids, document_ids`` (and
+            ``num_tokens``, summed over the batch).
     """
     if not batch:
         raise ValueError("packed_collate: empty batch")
-    return {
+    out = {
         k: torch.stack([torch.as_tensor(row[k], dtype=torch.long) for row in batch])  # [b, s]
-        for k in batch[0]
+        for k in batch[0] if k != "num_tokens"
     }
+    if "num_tokens" in batch[0]:  # real tokens of the batch (padding tails excluded), an int
+        out["num_tokens"] = sum(int(row["num_tokens"]) for row in batch)
+    return out

@@ -24,7 +24,8 @@ class PackedDataset(Dataset):
     - ``position_ids`` [max_seq_len]: 0, 1, ... restarting at every document (the padding tail
       counts from 0 as well);
     - ``document_ids`` [max_seq_len]: 0, 1, 2, ... per document within the row; the padding
-      tail gets the next id, so attention confined to equal ids keeps documents apart.
+      tail gets the next id, so attention confined to equal ids keeps documents apart;
+    - ``num_tokens`` (0-dim): the row's real tokens (without the padding tail), for tokens/s.
 
     Only the packing plan (sample indices per row) is stored; rows are built on access.
 
@@ -100,7 +101,8 @@ class PackedDataset(Dataset):
             positions += range(len(t))
             docs += [doc] * len(t)
             doc += 1
-        n_pad = self.max_seq_len - len(tokens)
+        n_real = len(tokens)
+        n_pad = self.max_seq_len - n_real
         if n_pad:
             tokens += [self.pad_id] * n_pad
             labels += [IGNORE_INDEX] * n_pad
@@ -111,6 +113,7 @@ class PackedDataset(Dataset):
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(positions, dtype=torch.long),
             "document_ids": torch.tensor(docs, dtype=torch.long),
+            "num_tokens": torch.tensor(n_real),
         }
 
     @property

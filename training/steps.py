@@ -68,7 +68,8 @@ class NonFiniteLossError(TunelabError):
 def make_loader(dataset, batch_size: int, sampler, pad_id: int, packed: bool) -> DataLoader:
     def collate(samples):
         batch = packed_collate(samples) if packed else padded_collate(samples, pad_id)
-        batch["num_tokens"] = sum(len(s["tokens"]) for s in samples)  # real tokens, for tok/s
+        if "num_tokens" not in batch:  # real tokens, for tok/s (packed rows count their own)
+            batch["num_tokens"] = sum(len(s["tokens"]) for s in samples)
         return batch
 
     # a private generator: iter(DataLoader) otherwise draws a seed from the global RNG, which

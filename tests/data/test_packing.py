@@ -28,7 +28,8 @@ def test_greedy_layout():
     assert len(packed) == 2  # [3, 4] + 1 pad, then [2, 5, 1] exactly full
     r0, r1 = packed[0], packed[1]
     for row in (r0, r1):
-        assert all(v.shape == (8,) and v.dtype == torch.long for v in row.values())
+        assert all(v.shape == (8,) and v.dtype == torch.long for k, v in row.items() if k != "num_tokens")
+    assert (int(r0["num_tokens"]), int(r1["num_tokens"])) == (7, 8)  # real tokens, the pad tail excluded
     s = samples
     assert r0["tokens"].tolist() == s[0]["tokens"] + s[1]["tokens"] + [0]
     assert r0["labels"].tolist() == s[0]["labels"] + s[1]["labels"] + [-100]
@@ -84,10 +85,12 @@ def test_long_sample_truncated_and_pad_id_from_dataset():
 def test_dataloader_with_packed_collate():
     rng = random.Random(4)
     samples = [make_sample(rng, rng.randint(2, 9)) for _ in range(20)]
-    loader = DataLoader(PackedDataset(samples, 16), batch_size=3, collate_fn=packed_collate)
+    packed = PackedDataset(samples, 16)
+    loader = DataLoader(packed, batch_size=3, collate_fn=packed_collate)
     batch = next(iter(loader))
     assert batch["tokens"].shape == (3, 16)
-    assert set(batch) == {"tokens", "labels", "position_ids", "document_ids"}
+    assert set(batch) == {"tokens", "labels", "position_ids", "document_ids", "num_tokens"}
+    assert batch["num_tokens"] == sum(int(packed[i]["num_tokens"]) for i in range(3))
 
 
 def test_packed_loss_equals_unpacked_per_document():
