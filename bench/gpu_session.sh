@@ -7,6 +7,7 @@
 #   .site      HF+PEFT peer extras  (../shared/bench/peer_wheels.sh makes it)   for: hf_lora
 #   .site-uns  trl + datasets (+ unsloth)                                       for: dpo_peer
 # STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast
+#       recipe_<profile of bench/finetune.py: lean eager offload fast qlora packed>
 # (default: the single-GPU set without the peers whose folders are not carried).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -41,6 +42,7 @@ for s in "${steps[@]}"; do
     fsdp1)        run 90 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
     lora_compile) run 150 python3 bench/lora_step.py --compile --profile lora_lean ;;
     lora_fast)    run 150 python3 bench/lora_step.py --compile --no-ac --profile lora_fast ;;
+    recipe_*)     run 300 python3 bench/finetune.py --profile "${s#recipe_}" ;;
     *) echo "unknown step $s" ;;
   esac
 done
