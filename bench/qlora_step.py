@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.modules.nf4 import apply_lora_nf4
-from tunelab.modules.peft import get_adapter_params, set_trainable_params
+from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
 from tunelab.training.steps import loss_sum, wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
@@ -47,7 +46,7 @@ def main() -> None:
 
     model = random_model(shape, device, dtype, nf4=True)
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    apply_lora_nf4(model, TARGETS, rank=16, alpha=32, adapter_dtype=torch.float32)
+    apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=torch.float32)
     set_trainable_params(model)
     wrap_layers(model, activation_checkpointing=ac, compile_layers=False)
     model.train()

@@ -15,7 +15,6 @@ import torch
 
 from tunelab.errors import CheckpointError, ConfigError, DataError
 from tunelab.models import from_pretrained
-from tunelab.modules.nf4 import apply_lora_nf4
 from tunelab.modules.peft import apply_lora, set_trainable_params
 from tunelab.training.builtin import resolve_builtin
 from tunelab.training.checkpointing import (
@@ -110,9 +109,8 @@ def setup_model(cfg, device: torch.device, dtype: torch.dtype, compile_layers: b
     """Base model (frozen; NF4 decoder projections with quantize=nf4, i.e. QLoRA) + fp32 LoRA
     adapters, with the checkpointing/compile switches."""
     model = from_pretrained(cfg.checkpoint_dir, dtype=dtype, device=device, quantize=cfg.quantize)
-    # QLoRA: the decoder projections are NF4Linear, which apply_lora_nf4 turns into NF4LoRALinear
-    add_lora = apply_lora_nf4 if cfg.quantize == "nf4" else apply_lora
-    add_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, adapter_dtype=torch.float32)
+    # QLoRA: the decoder projections are NF4Linear, which apply_lora turns into NF4LoRALinear
+    apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, adapter_dtype=torch.float32)
     set_trainable_params(model)
     wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers)
     return model.train()

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.modules.nf4.weight import NF4Weight, to_nf4
-from tunelab.modules.peft.lora import LoRALinear, apply_lora_to_modules, resolve_lora_targets
+from tunelab.modules.peft.lora import LoRALinear, register_lora_base
 
-__all__ = ["NF4Linear", "NF4LoRALinear", "nf4_linear", "quantize_linears_", "apply_lora_nf4"]
+__all__ = ["NF4Linear", "NF4LoRALinear", "nf4_linear", "quantize_linears_"]
 
 _STORAGE = ("codes", "absmax_q", "absmax_scale_bits", "absmax_offset_bits", "code", "absmax_code")
 
@@ -210,46 +210,11 @@ def quantize_linears_(module: nn.Module, skip: Iterable[str] = ("output",)) -> n
     return module
 
 
-def apply_lora_nf4(
-    model: nn.Module,
-    targets: str | Iterable[str],
-    rank: int,
-    alpha: float,
-    dropout: float = 0.0,
-    *,
-    adapter_dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """``tunelab.modules.peft.apply_lora`` for models that hold ``NF4Linear`` layers.
+def _nf4_lora(base: NF4Linear, rank: int, alpha: float, dropout: float = 0.0, *,
+              adapter_dtype: torch.dtype | None = None) -> NF4LoRALinear:
+    return NF4LoRALinear(base.weight, rank, alpha, dropout, adapter_dtype=adapter_dtype)
 
-    Targeted ``NF4Linear`` layers become ``NF4LoRALinear`` (4-bit base kept), targeted dense
-    ``nn.Linear`` layers (e.g. ``output``) plain ``LoRALinear``. Target names, ``all-linear``
-    and the error messages are apply_lora's; adapters are created in module order, so a seeded
-    run starts from the same adapters as LoRA on the dense model.
 
-    Args:
-        model: e.g. from ``from_pretrained(..., quantize="nf4")``.
-        targets, rank, alpha, dropout, adapter_dtype: as in ``apply_lora``.
-
-    Returns:
-        The same model.
-
-    Raises:
-        ConfigError: as ``apply_lora``.
-    """
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
-    # apply_lora resolves names over nn.Linear layers: let it see meta stand-ins for a moment
-    for name, m in quantized.items():
-        _set_submodule(model, name, nn.Linear(m.in_features, m.out_features, bias=False, device="meta"))
-    try:
-        names = resolve_lora_targets(model, targets)
-    finally:
-        for name, m in quantized.items():
-            _set_submodule(model, name, m)
-    for name in names:
-        if name in quantized:
-            base = quantized[name]
-            lora = NF4LoRALinear(base.weight, rank, alpha, dropout, adapter_dtype=adapter_dtype)
-            _set_submodule(model, name, lora.train(base.training))
-        else:
-            apply_lora_to_modules(model, [name], rank, alpha, dropout, adapter_dtype=adapter_dtype)
-    return model
+# apply_lora turns targeted NF4Linear layers into NF4LoRALinear (the 4-bit base kept), so a
+# QLoRA model takes the same call as a dense one.
+register_lora_base(NF4Linear, _nf4_lora)

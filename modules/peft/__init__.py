@@ -10,6 +10,7 @@ from tunelab.modules.peft.lora import (
     lora_modules,
     merge_lora_,
     merge_lora_state_dict,
+    register_lora_base,
     resolve_lora_targets,
     set_trainable_params,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "lora_modules",
     "merge_lora_",
     "merge_lora_state_dict",
+    "register_lora_base",
     "resolve_lora_targets",
     "set_trainable_params",
 ]

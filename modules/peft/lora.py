@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ __all__ = [
     "LoRALinear",
     "apply_lora",
     "apply_lora_to_modules",
+    "register_lora_base",
     "resolve_lora_targets",
     "lora_modules",
     "linear_layer_names",
@@ -215,15 +216,33 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+# Layer types besides nn.Linear that LoRA can wrap, with the function that wraps one. A
+# quantized layer registers itself where it is defined (tunelab.modules.nf4 registers
+# NF4Linear), so this module never imports them and apply_lora is the one entry point.
+_LORA_BASES: dict[type[nn.Module], Callable[..., LoRALinear]] = {}
+
+
+def register_lora_base(layer_type: type[nn.Module], make_lora: Callable[..., LoRALinear]) -> None:
+    """Let ``apply_lora`` put adapters on layers of ``layer_type``.
+
+    Args:
+        layer_type: a linear-like module class (with ``in_features`` / ``out_features``).
+        make_lora: ``make_lora(layer, rank, alpha, dropout, adapter_dtype=None)`` returns the
+            ``LoRALinear`` (subclass) that replaces ``layer``, keeping its frozen base.
+    """
+    _LORA_BASES[layer_type] = make_lora
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
-    """Full names of the model's linear layers (``nn.Linear`` or ``LoRALinear``), not counting
-    the ``lora_a``/``lora_b`` inside a LoRALinear."""
+    """Full names of the model's linear layers (``nn.Linear``, ``LoRALinear`` or a registered
+    base type such as ``NF4Linear``), not counting the ``lora_a``/``lora_b`` inside a LoRALinear."""
+    kinds = (nn.Linear, LoRALinear, *_LORA_BASES)
     lora_parents = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     return [
         name
         for name, m in model.named_modules()
         if name
-        and isinstance(m, (nn.Linear, LoRALinear))
+        and isinstance(m, kinds)
         and name.rpartition(".")[0] not in lora_parents
     ]
 
@@ -281,14 +300,19 @@ def apply_lora_to_modules(
     *,
     adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Replace the named ``nn.Linear`` modules (full dotted names) by ``LoRALinear`` in place."""
+    """Replace the named linear modules (full dotted names; ``nn.Linear`` or a type registered
+    with :func:`register_lora_base`) by ``LoRALinear`` in place."""
     _check_lora_args(rank, alpha, dropout)
     for name in module_names:
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{name} is {type(linear).__name__}, not nn.Linear")
-        lora = LoRALinear.from_linear(linear, rank, alpha, dropout, adapter_dtype=adapter_dtype)
-        lora.train(linear.training)
+        layer = model.get_submodule(name)
+        make = next((f for kind, f in _LORA_BASES.items() if isinstance(layer, kind)), None)
+        if make is not None:
+            lora = make(layer, rank, alpha, dropout, adapter_dtype=adapter_dtype)
+        elif isinstance(layer, nn.Linear):
+            lora = LoRALinear.from_linear(layer, rank, alpha, dropout, adapter_dtype=adapter_dtype)
+        else:
+            raise ValueError(f"{name} is {type(layer).__name__}, not a linear layer LoRA can wrap")
+        lora.train(layer.training)
         _set_submodule(model, name, lora)
     return model
 
@@ -302,9 +326,10 @@ def apply_lora(
     *,
     adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Put LoRA on every ``nn.Linear`` whose attribute name is in ``targets`` (in place).
+    """Put LoRA on every linear layer whose attribute name is in ``targets`` (in place).
 
-    The base weight Parameters are reused (no copy, meta tensors stay meta) and frozen; the
+    ``nn.Linear`` layers become ``LoRALinear``; quantized ones (``NF4Linear`` of a QLoRA model)
+    become their registered LoRA form (``NF4LoRALinear``, 4-bit base kept). The base weight Parameters are reused (no copy, meta tensors stay meta) and frozen; the
     adapters are created on the base weight's device. Other parameters keep their
     ``requires_grad``; call ``set_trainable_params`` to train the adapters only.
 

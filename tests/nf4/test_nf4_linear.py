@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.modules.nf4 import NF4Linear, NF4LoRALinear, NF4Weight, apply_lora_nf4, quantize_linears_, to_nf4
+from tunelab.modules.nf4 import NF4Linear, NF4LoRALinear, NF4Weight, quantize_linears_, to_nf4
 from tunelab.modules.peft import LoRALinear, apply_lora, get_adapter_params, merge_lora_state_dict
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -112,7 +112,7 @@ def test_quantize_linears_keeps_lora_adapters_and_skips_output():
     assert type(model["output"]) is nn.Linear
 
 
-def test_apply_lora_nf4_on_tiny_model(make_hf_checkpoint):
+def test_apply_lora_on_nf4_tiny_model(make_hf_checkpoint):
     """Same targets and same initial adapters (same seed) as apply_lora on the dense model;
     output stays dense LoRA; unknown names fail as in apply_lora."""
     from tunelab.models import from_pretrained
@@ -124,7 +124,7 @@ def test_apply_lora_nf4_on_tiny_model(make_hf_checkpoint):
     torch.manual_seed(3)
     apply_lora(dense, targets, rank=4, alpha=8)
     torch.manual_seed(3)
-    apply_lora_nf4(quant, targets, rank=4, alpha=8)
+    apply_lora(quant, targets, rank=4, alpha=8)
     assert isinstance(quant.layers[1].attn.q_proj, NF4LoRALinear)
     assert isinstance(quant.layers[1].attn.k_proj, NF4Linear)
     assert type(quant.output) is LoRALinear
@@ -133,6 +133,6 @@ def test_apply_lora_nf4_on_tiny_model(make_hf_checkpoint):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(ConfigError, match="q_prj"):
-        apply_lora_nf4(from_pretrained(ckpt, quantize="nf4"), ["q_prj"], rank=4, alpha=8)
+        apply_lora(from_pretrained(ckpt, quantize="nf4"), ["q_prj"], rank=4, alpha=8)
     merged = merge_lora_state_dict(quant)  # dense, no lora keys, every weight present
     assert set(merged) == set(dense.state_dict()) - {k for k in dense.state_dict() if ".lora_" in k}

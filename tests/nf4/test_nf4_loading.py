@@ -13,7 +13,8 @@ from torch import nn
 
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.models import from_pretrained, save_pretrained
-from tunelab.modules.nf4 import NF4Linear, apply_lora_nf4, to_nf4
+from tunelab.modules.nf4 import NF4Linear, to_nf4
+from tunelab.modules.peft import apply_lora
 from tunelab.modules.peft import merge_lora_state_dict
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -120,7 +121,7 @@ def test_merged_export_of_prequantized_is_plain_bf16(bnb_checkpoint, tmp_path, l
     """Merging LoRA into a 4-bit base writes a dense checkpoint without quantization_config."""
     folder, _ = bnb_checkpoint
     model = from_pretrained(folder, dtype=torch.bfloat16, quantize="nf4")
-    apply_lora_nf4(model, ["q_proj", "v_proj"], rank=2, alpha=4, adapter_dtype=torch.float32)
+    apply_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4, adapter_dtype=torch.float32)
     out = save_pretrained(merge_lora_state_dict(model), tmp_path / "merged", source_dir=folder, args=model.args)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
