@@ -8,6 +8,7 @@
     tune download REPO_ID --output-dir DIR [--hf-token T] [--repo-type model|dataset]
     tune board [--runs DIR] [--host 127.0.0.1] [--port 8080]
     tune plot OUTPUT_DIR [--out loss.png]
+    tune export gguf --checkpoint DIR [--adapter DIR] --out FILE.gguf [--dtype f16|bf16|q8_0|q4_k_m]
 
 Each subcommand lives in its own module with ``add_parser(subparsers)``, which registers the
 arguments and sets ``func(args) -> int``. Bad input (a ``TunelabError``) is printed as
@@ -33,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tunelab.cli import board, download, files, plot, run, validate
+    from tunelab.cli import board, download, export, files, plot, run, validate
 
     parser = _Parser(
         prog="tune",
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_parser(subparsers)
     board.add_parser(subparsers)
     plot.add_parser(subparsers)
+    export.add_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,409 @@
+"""HF Llama checkpoint (+ optional PEFT adapter) -> one GGUF file for llama.cpp / Ollama.
+
+Streaming: the tensor plan (names, shapes, types, byte sizes) comes from the safetensors
+headers alone, so the GGUF header is written before any weight is read. Then each tensor is
+read (memory-mapped), merged with its LoRA pair in fp32, permuted, encoded and written, and
+dropped before the next one: peak host memory is about one fp32 tensor plus its encoding
+(the embedding of an 8B model, ~2 GB), never the model.
+
+What llama.cpp expects of a ``llama`` file, and how it is met here:
+
+* Names: ``token_embd``, ``blk.{i}.attn_{norm,q,k,v,output}``, ``blk.{i}.ffn_{norm,gate,up,
+  down}``, ``output_norm``, ``output`` (absent when embeddings are tied: llama.cpp reuses
+  ``token_embd``), all ``.weight``.
+* RoPE: llama.cpp rotates interleaved pairs ``(x[2i], x[2i+1])``; HF checkpoints are stored
+  for the rotate-half layout ``(x[i], x[i + d/2])``. Each head's q/k rows are therefore
+  reordered so row ``2i`` holds HF row ``i`` and row ``2i+1`` holds HF row ``i + d/2``
+  (Meta's original order, which HF permuted away when converting).
+* Llama 3.1 rope scaling is not metadata: llama.cpp divides each rotary frequency by the
+  matching entry of a ``rope_freqs.weight`` F32 tensor [head_dim / 2] (1 for high
+  frequencies, ``factor`` for low ones, blended in between).
+* Norms and other 1-D tensors stay F32 in every type, as llama.cpp's converter does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import CheckpointError, ConfigError
+from tunelab.models.checkpoint import (
+    _IGNORED_HF,
+    _check_dir,
+    _check_state_dict,
+    _open,
+    hf_to_native_key,
+    read_hf_config,
+    safetensors_files,
+)
+from tunelab.models.hf_config import args_from_hf_config
+from tunelab.models.llama.args import ModelArgs
+
+__all__ = ["DTYPES", "export_gguf", "gguf_tensor_name", "permute_for_llama_cpp", "rope_freq_factors"]
+
+#: Output types of ``export_gguf`` (llama.cpp's file-type names, lower case).
+DTYPES = ("f16", "bf16", "q8_0", "q4_k_m")
+_INSTALL_HINT = "pip install 'tunelab[gguf]'"
+
+_LAYER_GGUF = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn.q_proj.weight": "attn_q.weight",
+    "attn.k_proj.weight": "attn_k.weight",
+    "attn.v_proj.weight": "attn_v.weight",
+    "attn.o_proj.weight": "attn_output.weight",
+    "mlp_norm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+_NATIVE_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def gguf_tensor_name(native_name: str) -> str:
+    """``layers.3.attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (llama.cpp's names).
+
+    Raises:
+        KeyError: not a native Llama weight name.
+    """
+    if native_name in _TOP_GGUF:
+        return _TOP_GGUF[native_name]
+    m = _NATIVE_LAYER.match(native_name)
+    if m and m.group(2) in _LAYER_GGUF:
+        return f"blk.{m.group(1)}.{_LAYER_GGUF[m.group(2)]}"
+    raise KeyError(f"{native_name!r} is not a native Llama weight name")
+
+
+def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows from HF's rotate-half layout to llama.cpp's pairs.
+
+    Args:
+        weight: ``[n_heads * head_dim, in]`` q or k projection (HF layout).
+        n_heads: heads in this projection (``n_kv_heads`` for k).
+
+    Returns:
+        The same shape; within each head, row ``2i`` = HF row ``i`` and row ``2i + 1`` =
+        HF row ``i + head_dim / 2``.
+    """
+    rows = weight.shape[0]
+    half = rows // n_heads // 2
+    # (heads, 2 halves, half, in) -> (heads, half, 2, in): interleave the two halves
+    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def rope_freq_factors(args: ModelArgs) -> torch.Tensor | None:
+    """Llama 3.1 rope scaling as llama.cpp's ``rope_freqs`` tensor (None without scaling).
+
+    Returns:
+        fp32 ``[head_dim // 2]``: the divisor of each rotary frequency, i.e. plain
+        ``theta ** (-2i / head_dim)`` over tunelab's scaled frequency.
+    """
+    if args.rope_scaling is None:
+        return None
+    from tunelab.modules.rope import rope_inv_freq
+
+    plain = rope_inv_freq(args.head_dim, args.rope_theta, None).double()
+    scaled = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling).double()
+    return (plain / scaled).float()
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass
+class _Tensor:
+    """One GGUF tensor: where its data comes from and how it is encoded."""
+
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy/torch order (rows, cols)
+    native: str | None = None  # native weight it is read from (None: computed, e.g. rope_freqs)
+    qtype: object = None  # gguf.GGMLQuantizationType, filled in by _choose_types
+    nbytes: int = 0
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError(f"GGUF export needs the gguf package: {_INSTALL_HINT}") from None
+    return gguf
+
+
+def _check_dtype(dtype: str) -> str:
+    if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
+        raise ConfigError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return dtype.lower()
+
+
+class _Source:
+    """Reads native tensors from the checkpoint's safetensors files, one at a time, in fp32.
+
+    Dense tensors are read by name; weights of a bitsandbytes nf4 checkpoint (QLoRA bases
+    saved by transformers) are gathered from their parts and dequantized.
+    """
+
+    def __init__(self, path: Path, config: dict, args: ModelArgs) -> None:
+        from tunelab.models.quantize import _BNB_SUFFIX, _hf_shapes, bnb_4bit_settings
+
+        self.path = path
+        self.bnb = bnb_4bit_settings(config, path)
+        self.files = safetensors_files(path)
+        self._handles: dict[Path, object] = {}
+        # native name -> HF name, and the shape of every weight (from headers / quant state)
+        self.hf_names: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for hf_name, shape in _hf_shapes(path, self.bnb).items():
+            if _IGNORED_HF.match(hf_name) or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
+                continue
+            if self.bnb is not None and _BNB_SUFFIX.match(hf_name):
+                continue  # a part of a quantized weight, read together with it
+            try:
+                native = hf_to_native_key(hf_name)
+            except KeyError:
+                raise CheckpointError(
+                    f"{path}: unexpected tensor {hf_name!r}; not a plain LlamaForCausalLM checkpoint"
+                ) from None
+            self.hf_names[native] = hf_name
+            self.shapes[native] = tuple(shape)
+
+    def _get(self, hf_name: str) -> torch.Tensor:
+        file = self.files.get(hf_name)
+        if file is None:
+            raise CheckpointError(f"{self.path}: tensor {hf_name!r} is missing; re-download the checkpoint")
+        if file not in self._handles:
+            self._handles[file] = _open(file).__enter__()
+        try:
+            return self._handles[file].get_tensor(hf_name)
+        except Exception as e:  # safetensors' own error type on a truncated file
+            raise CheckpointError(f"{file}: cannot read {hf_name!r} ({e}); re-download it") from None
+
+    def read(self, native: str) -> torch.Tensor:
+        """The weight in fp32 (dequantized if the checkpoint stores it as bitsandbytes nf4)."""
+        hf_name = self.hf_names[native]
+        tensor = self._get(hf_name)
+        if self.bnb is not None and tensor.dtype == torch.uint8:
+            from tunelab.models.quantize import _BNB_PARTS, _nf4_from_bnb
+
+            parts = {"weight": tensor}
+            for part in _BNB_PARTS:
+                parts[part] = self._get(f"{hf_name}.{part}")
+            weight = _nf4_from_bnb(parts, hf_name, torch.float32, "cpu", self.path)
+            return weight.dequantize(torch.float32)
+        return tensor.float()
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def _lora_pairs(args: ModelArgs, adapter_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{native weight name: (A [r, in], B [out, r], scaling)}`` from a PEFT adapter folder.
+
+    The adapter is loaded onto a meta-device model, so ``load_adapter`` checks it against the
+    architecture (targets, shapes, unsupported LoRA variants) while only the small adapter
+    tensors are materialised.
+    """
+    from tunelab.models.adapters import load_adapter
+    from tunelab.models.llama.builders import build_model
+    from tunelab.modules.peft.lora import lora_modules
+
+    model = build_model(args, device="meta", dtype=torch.float32)
+    load_adapter(model, adapter_dir, adapter_dtype=torch.float32)
+    return {
+        f"{name}.weight": (m.lora_a.weight.detach().float(), m.lora_b.weight.detach().float(), float(m.scaling))
+        for name, m in lora_modules(model)
+    }
+
+
+def _plan(args: ModelArgs, source: _Source) -> list[_Tensor]:
+    tensors = [_Tensor("token_embd.weight", source.shapes["tok_embeddings.weight"], "tok_embeddings.weight")]
+    factors = rope_freq_factors(args)
+    if factors is not None:
+        tensors.append(_Tensor("rope_freqs.weight", tuple(factors.shape)))
+    for i in range(args.n_layers):
+        for native_leaf in _LAYER_GGUF:
+            native = f"layers.{i}.{native_leaf}"
+            tensors.append(_Tensor(gguf_tensor_name(native), source.shapes[native], native))
+    tensors.append(_Tensor("output_norm.weight", source.shapes["norm.weight"], "norm.weight"))
+    # tied embeddings: no output.weight, llama.cpp reuses token_embd (a tied model has no
+    # separate head module, so no adapter can target it either)
+    if not args.tie_word_embeddings:
+        tensors.append(_Tensor("output.weight", source.shapes["output.weight"], "output.weight"))
+    return tensors
+
+
+def _choose_types(tensors: list[_Tensor], dtype: str, n_layers: int) -> None:
+    gguf = _gguf()
+    from tunelab.models.gguf.quants import q4_k_m_type
+
+    T = gguf.GGMLQuantizationType
+    tied = not any(t.name == "output.weight" for t in tensors)
+    for t in tensors:
+        if len(t.shape) < 2:
+            t.qtype = T.F32
+        elif dtype == "f16":
+            t.qtype = T.F16
+        elif dtype == "bf16":
+            t.qtype = T.BF16
+        elif dtype == "q8_0":
+            # rows that are not a multiple of Q8_0's 32-wide block stay F16 (llama.cpp's choice)
+            t.qtype = T.Q8_0 if t.shape[-1] % 32 == 0 else T.F16
+        else:
+            t.qtype = q4_k_m_type(t.name, t.shape, n_layers, tied_embeddings=tied)
+        block, type_size = gguf.GGML_QUANT_SIZES[t.qtype]
+        n = 1
+        for d in t.shape:
+            n *= d
+        t.nbytes = n // block * type_size
+
+
+def _write_metadata(writer, args: ModelArgs, dtype: str, name: str) -> None:
+    gguf = _gguf()
+    file_types = {
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    }
+    writer.add_name(name)
+    writer.add_file_type(int(file_types[dtype]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(args.vocab_size)
+    writer.add_context_length(args.max_seq_len)
+    writer.add_embedding_length(args.dim)
+    writer.add_block_count(args.n_layers)
+    writer.add_feed_forward_length(args.hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.n_kv_heads)
+    writer.add_rope_freq_base(float(args.rope_theta))
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_layer_norm_rms_eps(float(args.norm_eps))
+    if args.head_dim * args.n_heads != args.dim:
+        writer.add_key_length(args.head_dim)
+        writer.add_value_length(args.head_dim)
+
+
+def _tensor_data(t: _Tensor, args: ModelArgs, source: _Source, lora: dict) -> torch.Tensor:
+    """The fp32 tensor to encode for plan entry ``t`` (merged and permuted)."""
+    if t.native is None:  # rope_freqs
+        return rope_freq_factors(args)
+    weight = source.read(t.native)
+    pair = lora.get(t.native)
+    if pair is not None:
+        a, b, scaling = pair
+        # W0 + (alpha / r) B A in fp32, the same update LoRALinear.merged_weight computes
+        weight = weight + scaling * (b @ a)  # [out, r] @ [r, in] -> [out, in]
+    if t.native.endswith("attn.q_proj.weight"):
+        weight = permute_for_llama_cpp(weight, args.n_heads)
+    elif t.native.endswith("attn.k_proj.weight"):
+        weight = permute_for_llama_cpp(weight, args.n_kv_heads)
+    return weight.contiguous()
+
+
+# ---------------------------------------------------------------------------- entry point
+def export_gguf(
+    checkpoint_dir,
+    out_path,
+    *,
+    dtype: str = "f16",
+    adapter_dir=None,
+    tokenizer_path=None,
+    overwrite: bool = False,
+    modelfile: bool = True,
+) -> Path:
+    """Write a Llama checkpoint as one GGUF file for llama.cpp (and an Ollama Modelfile).
+
+    Works on a merged folder (``step_N/merged``) or on a base folder plus its adapter
+    (``adapter_dir=step_N/adapter``; merged tensor by tensor in fp32). A bitsandbytes nf4
+    base (QLoRA) is dequantized first. The file is written under a temporary name and
+    renamed at the end, so an interrupted export leaves no half-written ``out_path``.
+
+    Args:
+        checkpoint_dir: HF Llama folder (config.json + safetensors).
+        out_path: the ``.gguf`` file to write.
+        dtype: ``f16`` | ``bf16`` | ``q8_0`` | ``q4_k_m`` (llama.cpp's Q4_K_M mix).
+        adapter_dir: optional PEFT LoRA folder to merge into the weights.
+        tokenizer_path: tokenizer file or folder (default: found in ``checkpoint_dir``).
+        overwrite: replace an existing ``out_path`` (and Modelfile); otherwise refuse.
+        modelfile: also write ``<out stem>.Modelfile`` next to the file (``ollama create``).
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        ConfigError: unknown dtype, output exists, the gguf package is missing.
+        CheckpointError: bad checkpoint folder, tokenizer or adapter (e.g. an adapter for
+            another base model).
+    """
+    dtype = _check_dtype(dtype)
+    out = Path(out_path).expanduser()
+    modelfile_path = out.with_suffix(".Modelfile") if modelfile else None
+    for target in (out, modelfile_path):
+        if target is not None and target.exists() and not overwrite:
+            raise ConfigError(f"{target} exists; pass --force (overwrite=True) to replace it, or choose another --out")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
+    gguf = _gguf()
+
+    path = _check_dir(checkpoint_dir)
+    config = read_hf_config(path)
+    args = args_from_hf_config(config)
+    source = _Source(path, config, args)
+    from tunelab.models.llama.builders import build_model
+
+    expected = {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
+    _check_state_dict({k: torch.empty(s, device="meta") for k, s in source.shapes.items()}, expected, path)
+
+    from tunelab.models.gguf.vocab import build_vocab
+
+    vocab = build_vocab(tokenizer_path if tokenizer_path is not None else path, args.vocab_size)
+    lora = _lora_pairs(args, adapter_dir) if adapter_dir is not None else {}
+    tensors = _plan(args, source)
+    _choose_types(tensors, dtype, args.n_layers)
+
+    from tunelab.models.gguf.quants import quantize
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    writer = gguf.GGUFWriter(partial, "llama")
+    try:
+        name = path.name if path.name not in ("merged", "") else path.parent.name
+        _write_metadata(writer, args, dtype, name)
+        vocab.write(writer)
+        for t in tensors:
+            # numpy shape order; the writer stores ggml's reversed order
+            writer.add_tensor_info(t.name, t.shape, _np_float32(), t.nbytes, raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors:
+            data = quantize(_tensor_data(t, args, source, lora).numpy(), t.qtype)
+            writer.write_tensor_data(data)
+            del data
+        writer.close()
+        os.replace(partial, out)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        source.close()
+
+    if modelfile_path is not None:
+        from tunelab.models.gguf.modelfile import write_modelfile
+
+        write_modelfile(modelfile_path, out, vocab)
+    return out
+
+
+def _np_float32():
+    import numpy as np
+
+    return np.float32
