@@ -7,7 +7,7 @@ tokens on each side (4 rows x 1024 = 4,096 tokens per step, one forward for chos
 LoRA r16 / alpha 32 on all seven projections with fp32 adapters, reference = the same model
 with adapters disabled under no_grad (the recipe's default in-step reference), sigmoid loss
 beta 0.1, AdamW on the adapters, activation checkpointing per decoder layer. The step is the
-recipe's own code (``pair_losses`` of ``recipes/lora_dpo_single_device.py``). WARMUP untimed +
+recipes' own code (``pair_losses`` of ``tunelab/training/dpo.py``). WARMUP untimed +
 STEPS timed steps; tokens/s = 4,096 x STEPS / time; peak = torch.cuda.max_memory_allocated over
 the timed steps. Prints one JSON line (append it to bench/results/).
 
@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
-from tunelab.recipes import lora_dpo_single_device as recipe
+from tunelab.training import dpo
 from tunelab.training.steps import wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
@@ -65,12 +65,12 @@ def main() -> None:
     model.train()
     params = list(get_adapter_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=5e-5, fused=device.type == "cuda")
-    cfg = SimpleNamespace(loss=recipe.LossConfig(type="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0))
+    cfg = SimpleNamespace(loss=dpo.LossConfig(type="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0))
     gen = torch.Generator().manual_seed(0)
     batches = [random_pairs(model.args.vocab_size, prompt_len, response_len, gen) for _ in range(steps + warmup)]
 
     def step(batch: dict) -> float:
-        losses, _, _ = recipe.pair_losses(model, batch, cfg, device)
+        losses, _, _ = dpo.pair_losses(model, batch, cfg, device)
         loss = losses.mean()
         loss.backward()
         optimizer.step()

@@ -19,9 +19,11 @@ update of one big batch. Metrics (``metrics.jsonl`` and the progress bar): loss,
 rewards/chosen, rewards/rejected, rewards/accuracy (share of pairs whose chosen reward is
 higher), rewards/margins; with ``validation`` the same with an ``eval_`` prefix.
 
-Model setup, output folder, paths and checks are the LoRA recipe's (imported from
-``lora_finetune_single_device``, so QLoRA via ``quantize: nf4`` works here exactly when it
-works there); checkpoints, resume, RNG and data position go through ``tunelab.training``.
+Model setup, output folder, paths and checks are the LoRA recipes' (``tunelab.training.
+recipe_setup``, so QLoRA via ``quantize: nf4`` works here exactly when it works there); the DPO
+step pieces (log-probs, reference, losses, metrics) are ``tunelab.training.dpo``, shared with
+``lora_dpo_distributed``; checkpoints, resume, RNG and data position go through
+``tunelab.training``.
 """
 
 from __future__ import annotations
@@ -33,15 +35,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from tunelab.data.preference import preference_collate
 from tunelab.data.tokenizers import load_tokenizer
 from tunelab.errors import ConfigError
-from tunelab.modules.loss import preference_loss, sequence_log_probs_from_hidden
-from tunelab.modules.peft import disable_adapters, get_adapter_params
+from tunelab.modules.peft import get_adapter_params
 from tunelab.training.checkpointing import ResumableSampler
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
+from tunelab.training.dpo import (
+    LossConfig,
+    PairStats,
+    check_loss_settings,
+    evaluate,
+    make_preference_loader,
+    pair_losses,
+    precompute_reference,
+)
 from tunelab.training.loggers import build_metric_loggers
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
 from tunelab.training.recipe_setup import (
@@ -60,21 +68,8 @@ from tunelab.training.schedules import build_lr_scheduler
 from tunelab.training.steps import NonFiniteLossError, optimizer_steps
 from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
 
-REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margins")
-
 
 # ------------------------------------------------------------------------------------ settings
-@dataclass(kw_only=True)
-class LossConfig:
-    """``type``: sigmoid (DPO) | ipo | hinge | simpo (see ``tunelab.modules.loss.dpo``).
-    ``label_smoothing`` is used by sigmoid and simpo, ``gamma`` (target margin) by simpo only."""
-
-    type: Literal["sigmoid", "ipo", "hinge", "simpo"]
-    beta: float
-    label_smoothing: float
-    gamma: float
-
-
 @dataclass(kw_only=True)
 class RecipeConfig:
     """Every key is required in the YAML (the configs are the one source of defaults).
@@ -111,108 +106,6 @@ class RecipeConfig:
     resume: bool
 
 
-# ------------------------------------------------------------------------------------ helpers
-def check_loss_settings(cfg: RecipeConfig) -> None:
-    """DPO-only value ranges (the shared ones are checked by the LoRA recipe's check_settings)."""
-    loss = cfg.loss
-    if not loss.beta > 0:
-        raise ConfigError(f"loss.beta must be > 0, got {loss.beta}")
-    if not 0.0 <= loss.label_smoothing < 0.5:
-        raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
-    if loss.label_smoothing and loss.type in ("ipo", "hinge"):
-        raise ConfigError(f"loss.label_smoothing is not used by loss.type={loss.type}; set it to 0.0")
-    if loss.gamma and loss.type != "simpo":
-        raise ConfigError("loss.gamma (target margin) is only used by loss.type=simpo; set it to 0.0")
-    if cfg.precompute_ref_log_probs and loss.type == "simpo":
-        raise ConfigError("precompute_ref_log_probs: simpo uses no reference model; set it to false")
-
-
-def policy_log_probs(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [2b] (fp32) and response token counts [2b] of one micro-batch."""
-    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-    hidden = model(tokens, return_hidden=True)  # (2b, s, dim)
-    try:  # a plain (frozen) head lets the fused per-token loss skip the fp32 logits
-        head = model.output_weight
-    except ConfigError:  # LoRA on `output`: its logits need the module call
-        head = None
-    return sequence_log_probs_from_hidden(hidden, labels, model.logits_from_hidden, output_weight=head)
-
-
-@torch.no_grad()
-def reference_log_probs(model, batch: dict, device: torch.device) -> torch.Tensor:
-    """[2b] log-probs under the base model: the same model with its adapters disabled."""
-    with disable_adapters(model):
-        return policy_log_probs(model, batch, device)[0]
-
-
-class WithReference(Dataset):
-    """A preference dataset whose items also carry their precomputed reference log-probs."""
-
-    def __init__(self, dataset, ref: torch.Tensor):
-        self.dataset, self.ref = dataset, ref  # ref: (n_pairs, 2) chosen, rejected
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        c, r = self.ref[i].tolist()
-        return dict(self.dataset[i], ref_chosen_log_probs=c, ref_rejected_log_probs=r)
-
-
-def make_loader(dataset, batch_size: int, sampler, pad_id: int, drop_last: bool = True) -> DataLoader:
-    def collate(pairs):
-        batch = preference_collate(pairs, pad_id)
-        batch["num_tokens"] = sum(len(p["chosen_tokens"]) + len(p["rejected_tokens"]) for p in pairs)
-        return batch
-
-    # a private generator: iter(DataLoader) otherwise draws a seed from the global RNG
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last,
-                      generator=torch.Generator().manual_seed(0))
-
-
-def precompute_reference(model, dataset, batch_size: int, pad_id: int, device: torch.device) -> WithReference:
-    """Reference log-probs of every pair, in dataset order, before training starts."""
-    loader = make_loader(dataset, batch_size, ResumableSampler(len(dataset), 0, shuffle=False), pad_id,
-                         drop_last=False)
-    chosen, rejected = [], []
-    for batch in loader:
-        c, r = reference_log_probs(model, batch, device).cpu().chunk(2)
-        chosen.append(c)
-        rejected.append(r)
-    return WithReference(dataset, torch.stack([torch.cat(chosen), torch.cat(rejected)], dim=1))
-
-
-def pair_losses(model, batch: dict, cfg: RecipeConfig, device: torch.device):
-    """Per-pair losses [b] and (detached) rewards of one micro-batch, reference included."""
-    ref = None
-    if cfg.loss.type != "simpo":
-        precomputed = batch.get("ref_log_probs")
-        ref = precomputed.to(device) if precomputed is not None else reference_log_probs(model, batch, device)
-    logps, n_tokens = policy_log_probs(model, batch, device)
-    return preference_loss(cfg.loss.type, logps, ref, n_tokens, beta=cfg.loss.beta,
-                           label_smoothing=cfg.loss.label_smoothing, gamma=cfg.loss.gamma)
-
-
-def reward_stats(chosen: torch.Tensor, rejected: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    return {f"{prefix}rewards/chosen": chosen.mean().item(), f"{prefix}rewards/rejected": rejected.mean().item(),
-            f"{prefix}rewards/accuracy": (chosen > rejected).float().mean().item(),
-            f"{prefix}rewards/margins": (chosen - rejected).mean().item()}
-
-
-@torch.no_grad()
-def evaluate(model, loader: DataLoader, cfg: RecipeConfig, device: torch.device) -> dict[str, float]:
-    """Mean loss and reward statistics over every validation pair (dropout off)."""
-    model.eval()
-    losses, chosen, rejected = [], [], []
-    for batch in loader:
-        out = pair_losses(model, batch, cfg, device)
-        for acc, value in zip((losses, chosen, rejected), out):
-            acc.append(value.float().cpu())
-    model.train()
-    stats = reward_stats(torch.cat(chosen), torch.cat(rejected), prefix="eval_")
-    return {"eval_loss": torch.cat(losses).mean().item(), **stats}
-
-
 # ------------------------------------------------------------------------------------ main
 def main(argv: list[str]) -> None:
     cfg = parse_recipe_args(argv, RecipeConfig)
@@ -247,14 +140,14 @@ def main(argv: list[str]) -> None:
     val_loader = None
     if cfg.validation is not None:
         val_data = build_dataset(cfg.validation, tokenizer, cfg.max_seq_len, "validation")
-        val_loader = make_loader(val_data, cfg.batch_size, ResumableSampler(len(val_data), 0, shuffle=False),
-                                 tokenizer.pad_id, drop_last=False)
+        val_loader = make_preference_loader(val_data, cfg.batch_size, ResumableSampler(len(val_data), 0, shuffle=False),
+                                            tokenizer.pad_id, drop_last=False)
     if cfg.precompute_ref_log_probs:
         started = time.perf_counter()
         dataset = precompute_reference(model, dataset, cfg.batch_size, tokenizer.pad_id, device)
         print(f"reference log-probs of {len(dataset)} pairs precomputed in {time.perf_counter() - started:.1f}s")
     sampler = ResumableSampler(len(dataset), seed=cfg.seed)
-    loader = make_loader(dataset, cfg.batch_size, sampler, tokenizer.pad_id)
+    loader = make_preference_loader(dataset, cfg.batch_size, sampler, tokenizer.pad_id)
 
     optimizer = instantiate(cfg.optimizer, params)
     scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
@@ -277,15 +170,13 @@ def main(argv: list[str]) -> None:
         for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=cfg.batch_size,
                                              steps_per_epoch=steps_per_epoch, total_steps=total_steps):
             n_pairs = cfg.batch_size * accum  # the step loss is the mean over all its pairs
-            step_loss = torch.zeros((), device=device)
-            chosen, rejected = [], []
+            stats = PairStats(device)
             for batch in micro_batches:
-                losses, chosen_r, rejected_r = pair_losses(model, batch, cfg, device)
+                losses, chosen, rejected = pair_losses(model, batch, cfg, device)
                 (losses.sum() / n_pairs).backward()
-                step_loss += losses.detach().sum()
-                chosen.append(chosen_r)
-                rejected.append(rejected_r)
-            loss_value = step_loss.item() / n_pairs
+                stats.add(losses, chosen, rejected, batch["num_tokens"])
+            step_row, n_tokens = stats.reduce()  # loss + rewards/*: means over the step's pairs
+            loss_value = step_row["loss"]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
@@ -299,14 +190,13 @@ def main(argv: list[str]) -> None:
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.batches_consumed += accum
-            tokens_seen += sum(b["num_tokens"] for b in micro_batches)
+            tokens_seen += n_tokens
 
             step = progress.step
             if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
                 elapsed = time.perf_counter() - timer
-                row = {"step": step, "epoch": progress.epoch, "loss": loss_value,
-                       **reward_stats(torch.cat(chosen), torch.cat(rejected)),
-                       "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "grad_norm": grad_norm}
+                row = {"step": step, "epoch": progress.epoch, **step_row, "lr": lr,
+                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "grad_norm": grad_norm}
                 if (mem := peak_memory_gib(device)) is not None:
                     row["peak_mem_gib"] = mem
                 metrics.log(row)

@@ -25,15 +25,14 @@ gather the full adapter (and, for a merged export, the full model) onto rank 0, 
 the step folder with COMPLETE last while the others wait at a barrier. The data position is
 counted in global micro-batches, so a checkpoint resumes on any world size (and with the
 single-device recipe) when ``batch_size x world size`` stays the same. ``metrics.jsonl``
-is written by rank 0; its ``tokens_per_s`` counts all ranks together.
+is written by rank 0; its ``tokens_per_s`` counts all ranks together. Setup, resume and saving
+are ``tunelab.training.distributed``'s, shared with ``lora_dpo_distributed``.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,37 +42,15 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from tunelab.data.packing import PackedDataset
 from tunelab.data.tokenizers import load_tokenizer
-from tunelab.errors import ConfigError
-from tunelab.models.checkpoint import read_hf_config
-from tunelab.models.hf_config import args_from_hf_config
-from tunelab.modules.nf4 import NF4Weight
 from tunelab.modules.peft import get_adapter_params
 from tunelab.training import distributed as dist_utils
-from tunelab.training.checkpointing import (
-    COMPLETE,
-    CheckpointManager,
-    TrainingProgress,
-    adapter_writer,
-    load_state,
-    merged_writer,
-    state_writer,
-)
-from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
-from tunelab.training.distributed import RankSampler, all_reduce_sum, barrier, is_rank0
-from tunelab.training.loggers import build_metric_loggers
-from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
-from tunelab.training.recipe_setup import (
-    LoRAConfig,
-    LRSchedulerConfig,
-    build_dataset,
-    check_settings,
-    plan_steps,
-    prepare_output_dir,
-    resolve_paths,
-)
+from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry
+from tunelab.training.distributed import RankSampler, all_reduce_sum, is_rank0, say
+from tunelab.training.metrics import peak_memory_gib
+from tunelab.training.recipe_setup import LoRAConfig, LRSchedulerConfig, check_settings, plan_steps, resolve_paths
 from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.steps import IGNORE_INDEX, NonFiniteLossError, loss_sum, make_loader, optimizer_steps, wrap_layers
-from tunelab.training.utils import cuda_only_settings_notice, resolve_dtype, seed_everything
+from tunelab.training.steps import IGNORE_INDEX, NonFiniteLossError, loss_sum, make_loader, optimizer_steps
+from tunelab.training.utils import resolve_dtype, seed_everything
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -120,52 +97,6 @@ class RecipeConfig:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def say(*args) -> None:
-    if is_rank0():
-        print(*args, flush=True)
-
-
-def setup_model(cfg: RecipeConfig, args, device: torch.device, dtype: torch.dtype, compile_layers: bool):
-    """Meta build (NF4 decoder projections with quantize=nf4) -> LoRA -> fully_shard per layer
-    and root -> allocate the shards -> base weights read shard by shard -> LoRA initialised as
-    on one device."""
-    model = dist_utils.build_meta_model(args, dtype, cfg.lora, cfg.quantize)
-    wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers)
-    dist_utils.shard_model(model, param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
-                           reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload)
-    model.to_empty(device="cpu" if cfg.fsdp.cpu_offload else device)
-    dist_utils.load_hf_weights_sharded(model, cfg.checkpoint_dir)
-    dist_utils.init_lora_sharded(model)
-    model.rope.reset_parameters(device=device)
-    return model.train()
-
-
-def export_model(cfg: RecipeConfig, args, dtype: torch.dtype, full_state: dict[str, torch.Tensor]):
-    """A CPU model (rank 0) holding gathered full tensors, for the single-device writers;
-    parameters not in ``full_state`` stay on meta (no memory)."""
-    model = dist_utils.build_meta_model(args, dtype, cfg.lora, cfg.quantize)
-    model.load_state_dict(full_state, strict=False, assign=True)
-    return model
-
-
-def load_resume_state(state_dir: Path, model, optimizer, scheduler) -> TrainingProgress:
-    """``load_state`` into CPU stand-ins of the adapter and optimizer (full tensors), then
-    each rank copies its rows into the sharded parameters and optimizer state."""
-    params = get_adapter_params(model)
-    full = {n: torch.empty(p.shape, dtype=p.dtype, requires_grad=True) for n, p in params.items()}
-    captured: dict = {}
-    stand_in_model = types.SimpleNamespace(named_parameters=lambda: iter(full.items()))
-    stand_in_opt = types.SimpleNamespace(param_groups=optimizer.param_groups, load_state_dict=captured.update)
-    progress = load_state(state_dir, model=stand_in_model, optimizer=stand_in_opt, scheduler=scheduler)
-    for name, p in params.items():
-        dist_utils.load_full_into_sharded(p, full[name])
-    ordered = list(params.values())  # optimizer index i <-> i-th adapter parameter, as on one device
-    state = {i: {k: (dist_utils.shard_like(v, ordered[i]) if torch.is_tensor(v) and k != "step" else v)
-                 for k, v in per_param.items()} for i, per_param in captured["state"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": captured["param_groups"]})
-    return progress
-
-
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device) -> float:
     """Mean token loss over every rank's validation batches (dropout off)."""
@@ -183,66 +114,35 @@ def evaluate(model, loader, device: torch.device) -> float:
 def main(argv: list[str]) -> None:
     cfg = parse_recipe_args(argv, RecipeConfig)
     check_settings(cfg)
-    if cfg.dist_timeout_s < 1:
-        raise ConfigError(f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
-    device = dist_utils.init_distributed(cfg.device, cfg.dist_timeout_s)
+    dist_utils.check_distributed_settings(cfg)
+    device = dist_utils.init_distributed(cfg.device, cfg.dist_timeout_s, recipe="lora_finetune_distributed")
     try:
-        train(cfg, device)
-    except BaseException as e:
-        if dist_utils.world_size() > 1:  # torchrun interleaves the ranks' output: say which one failed
-            print(f"error: rank {dist_utils.rank()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise
+        with dist_utils.name_failing_rank():
+            train(cfg, device)
     finally:
-        dist_utils.destroy_distributed()
+        dist_utils.destroy_distributed()  # in order, before interpreter exit (gloo can abort there)
 
 
 def train(cfg: RecipeConfig, device: torch.device) -> None:
     rank, world = dist_utils.rank(), dist_utils.world_size()
-    resume_name = None
-    if is_rank0():
-        manager, resume_dir = prepare_output_dir(cfg)
-        save_config(cfg, manager.output_dir / "config.yaml")  # as given (builtin: names kept)
-        resume_name = resume_dir.name if resume_dir is not None else None
-    resume_name = dist_utils.broadcast_from_rank0(resume_name)  # rank 0 decides; the others follow
-    manager = CheckpointManager(Path(cfg.output_dir).expanduser(), cfg.keep_last_n_checkpoints)
+    manager, resume_dir = dist_utils.prepare_output_dir(cfg)  # rank 0 decides (and writes config.yaml)
     out = manager.output_dir
-    resume_dir = out / resume_name if resume_name is not None else None
-    if resume_dir is not None and not (resume_dir / COMPLETE).is_file():
-        raise ConfigError(f"rank {rank} cannot see {resume_dir}, which rank 0 resumes from; put output_dir "
-                          "on a filesystem every node shares")
     resolve_paths(cfg)
 
     seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, device)
-    flags = cuda_only_settings_notice(device, compile=cfg.compile, cpu_offload=cfg.fsdp.cpu_offload) \
-        if is_rank0() else {"compile": cfg.compile and device.type == "cuda",
-                            "cpu_offload": cfg.fsdp.cpu_offload and device.type == "cuda"}
+    flags = dist_utils.cuda_only_settings(device, compile=cfg.compile, cpu_offload=cfg.fsdp.cpu_offload)
     cfg.fsdp.cpu_offload = flags["cpu_offload"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
-    hf_config = read_hf_config(cfg.checkpoint_dir)
-    if "quantization_config" in hf_config:
-        raise ConfigError(f"{cfg.checkpoint_dir} is pre-quantized, which lora_finetune_distributed does not load; "
-                          "use the dense checkpoint (with quantize=nf4 for QLoRA)")
-    args = args_from_hf_config(hf_config)
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
-                          f"{args.vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
-    model = setup_model(cfg, args, device, dtype, flags["compile"])
+    args = dist_utils.read_model_args(cfg, tokenizer)
+    model = dist_utils.setup_sharded_model(cfg, args, device, dtype, flags["compile"])
     params = list(get_adapter_params(model).values())
-    nf4 = [w for w in model.modules() if isinstance(w, NF4Weight)]  # 4-bit storage: count weights, not bytes
-    n_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for w in nf4 for p in w.parameters())
-    n_params += sum(w.numel() for w in nf4)
-    say(f"model: {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
-        f"(LoRA rank {cfg.lora.rank}), FSDP over {world} rank(s) on {device.type} in {cfg.dtype}")
-    mib = [sum(t.numel() * t.element_size() for t in ts) / 2**20
-           for ts in ([p.to_local() for p in model.parameters()], list(model.parameters()))]
-    say(f"parameters held by rank 0: {mib[0]:.2f} MiB of {mib[1]:.2f} MiB (sharded storage)")
+    dist_utils.say_model_size(model, cfg, device)
 
-    dataset = build_dataset(cfg.dataset, tokenizer, cfg.max_seq_len, "dataset") if is_rank0() else \
-        instantiate(cfg.dataset, tokenizer=tokenizer, max_seq_len=cfg.max_seq_len)
+    dataset = dist_utils.build_dataset(cfg.dataset, tokenizer, cfg.max_seq_len, "dataset")
     train_data = PackedDataset(dataset, cfg.max_seq_len, pad_id=tokenizer.pad_id) if cfg.packing else dataset
     sampler = RankSampler(len(train_data), seed=cfg.seed, rank=rank, world_size=world)
     loader = make_loader(train_data, cfg.batch_size, sampler, tokenizer.pad_id, cfg.packing)
@@ -251,46 +151,24 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
                                               global_batch, "batch_size x gradient_accumulation_steps x world size")
     val_loader = None
     if cfg.validation is not None:
-        val_data = instantiate(cfg.validation, tokenizer=tokenizer, max_seq_len=cfg.max_seq_len)
-        even = len(val_data) // world * world  # equal batch counts on every rank (collectives must match)
-        val_loader = make_loader(val_data, cfg.batch_size, RankSampler(even, 0, rank, world, shuffle=False),
+        val_data = dist_utils.build_dataset(cfg.validation, tokenizer, cfg.max_seq_len, "validation")
+        val_loader = make_loader(val_data, cfg.batch_size, dist_utils.eval_sampler(len(val_data)),
                                  tokenizer.pad_id, packed=False)
 
     optimizer = instantiate(cfg.optimizer, params)
     scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
                                    total_steps=total_steps, schedule=cfg.lr_scheduler.schedule)
-    # batch_size here is the GLOBAL micro-batch: the data position is world-size independent
-    progress = TrainingProgress(sampler_seed=cfg.seed, batch_size=global_batch)
-    if resume_dir is not None:
-        progress = load_resume_state(resume_dir / "state", model, optimizer, scheduler)
-        if progress.batch_size not in (None, global_batch):  # the data position counts global batches
-            raise ConfigError(f"resume: {resume_dir.name} was written with a global micro-batch of "
-                              f"{progress.batch_size} (batch_size x world size), not {global_batch}; "
-                              f"set batch_size={progress.batch_size // world} for {world} rank(s)")
-        sampler.seed = progress.sampler_seed
-        say(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
+    # the data position counts GLOBAL micro-batches: a checkpoint resumes on any world size
+    progress = dist_utils.restore_progress(cfg, resume_dir, global_batch, model=model, optimizer=optimizer,
+                                           scheduler=scheduler, sampler=sampler)
 
     def save_checkpoint(final: bool) -> Path:
         """All ranks gather; rank 0 writes the step folder (COMPLETE last); all wait for it."""
-        merged = cfg.save_merged == "always" or (final and cfg.save_merged == "final")
-        full_state = dist_utils.gather_full_state(model, trainable_only=not merged)
-        full_optimizer = dist_utils.gathered_optimizer_state(optimizer)
-        if is_rank0():
-            export = export_model(cfg, args, dtype, full_state)
-            writers = {"adapter": adapter_writer(export, base_model_name_or_path=cfg.checkpoint_dir, lora_cfg=cfg.lora)}
-            if merged:
-                writers["merged"] = merged_writer(export, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
-            frozen_optimizer = types.SimpleNamespace(state_dict=lambda: full_optimizer)
-            writers["state"] = state_writer(progress, model=export, optimizer=frozen_optimizer, scheduler=scheduler)
-            manager.save(progress.step, writers)
-        barrier()
-        return out / f"step_{progress.step}"
+        return dist_utils.save_checkpoint(cfg, manager, progress, model=model, optimizer=optimizer,
+                                          scheduler=scheduler, dtype=dtype, final=final)
 
     # -------------------------------------------------------------------------------- loop
-    metrics = MetricsLogger(out, extra_loggers=build_metric_loggers(cfg.metric_loggers)) if is_rank0() else None
-    if metrics is not None:
-        metrics.truncate_after(progress.step)  # rows a killed run logged after its last checkpoint
-    display = ProgressDisplay(total_steps, initial=progress.step) if is_rank0() else None
+    metrics, display = dist_utils.rank0_metrics(cfg, out, progress.step, total_steps)  # None off rank 0
     say(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} x {world} samples each)")
     last_saved = resume_dir
     timer, tokens_seen = time.perf_counter(), 0
@@ -310,8 +188,7 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
                 (loss * (world / n_labels)).backward()  # x world: FSDP averages over ranks
                 step_loss += loss.detach()
             loss_value = all_reduce_sum([step_loss.item()], device)[0] / n_labels
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+            grad_norm = dist_utils.clip_grad_norm(params, cfg.max_grad_norm)
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
                 raise NonFiniteLossError(

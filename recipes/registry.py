@@ -102,6 +102,11 @@ RECIPES: dict[str, RecipeSpec] = {
             name="lora_dpo_single_device",
             configs=("llama3_1/8B_lora_dpo", "llama3_1/8B_qlora_dpo", "tiny/dpo"),
         ),
+        RecipeSpec(
+            name="lora_dpo_distributed",
+            configs=("llama3_1/8B_lora_dpo_distributed", "tiny/dpo_distributed"),
+            distributed=True,
+        ),
         RecipeSpec(name="generate", configs=("generate",)),
     ]
 }

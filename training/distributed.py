@@ -19,6 +19,11 @@ projection (one tensor in memory at a time) and keeps its rows of the packed res
 Saving gathers full tensors (collective: every rank calls, rank 0 keeps CPU copies) into a CPU
 "export model" on rank 0 that the ordinary single-device writers of
 ``tunelab.training.checkpointing`` save, so the folder layout is the same as single device.
+
+The last section holds what both FSDP recipes (``lora_finetune_distributed``,
+``lora_dpo_distributed``) do around their own training step, once: rank 0's output-folder
+decision, model setup, resume into shards, the rank-0 gathered save with its barrier, the
+global grad norm, rank-0 printing and the "rank N failed" line.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from __future__ import annotations
 import gc
 import math
 import os
+import sys
+import types
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,32 +44,56 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from tunelab.errors import CheckpointError, ConfigError
+from tunelab.errors import CheckpointError, ConfigError, DataError
 from tunelab.models.checkpoint import (
     _IGNORED_HF,
     _open,
     hf_to_native_key,
     native_to_hf_key,
+    read_hf_config,
     safetensors_files,
 )
-from tunelab.training.checkpointing import ResumableSampler
+from tunelab.models.hf_config import args_from_hf_config
+from tunelab.training import recipe_setup
+from tunelab.training.checkpointing import COMPLETE, CheckpointManager, ResumableSampler, TrainingProgress, load_state
+from tunelab.training.config import instantiate, save_config
+from tunelab.training.loggers import build_metric_loggers
+from tunelab.training.metrics import MetricsLogger, ProgressDisplay
+from tunelab.training.steps import wrap_layers
+from tunelab.training.utils import cuda_only_settings_notice
 
 __all__ = [
     "RankSampler",
+    "all_gather_stack",
     "all_reduce_sum",
     "barrier",
     "broadcast_from_rank0",
+    "build_dataset",
     "build_meta_model",
+    "check_distributed_settings",
+    "clip_grad_norm",
+    "cuda_only_settings",
     "destroy_distributed",
+    "eval_sampler",
     "full_tensor_on_rank0",
     "gather_full_state",
     "gathered_optimizer_state",
     "init_distributed",
     "init_lora_sharded",
     "is_rank0",
-    "load_hf_weights_sharded",
     "load_full_into_sharded",
+    "load_hf_weights_sharded",
+    "load_sharded_state",
+    "name_failing_rank",
+    "prepare_output_dir",
     "rank",
+    "rank0_metrics",
+    "read_model_args",
+    "restore_progress",
+    "save_checkpoint",
+    "say",
+    "say_model_size",
+    "setup_sharded_model",
     "shard_like",
     "shard_model",
     "world_size",
@@ -69,7 +101,7 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------ process group
-def init_distributed(device_name: str, timeout_s: float) -> torch.device:
+def init_distributed(device_name: str, timeout_s: float, recipe: str = "lora_finetune_distributed") -> torch.device:
     """Join the process group torchrun set up (env ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``/``MASTER_PORT``) and return this rank's device.
 
@@ -79,13 +111,14 @@ def init_distributed(device_name: str, timeout_s: float) -> torch.device:
     Args:
         device_name: ``auto`` | ``cpu`` | ``cuda`` (``cuda:N`` is refused: torchrun picks it).
         timeout_s: process-group timeout in seconds.
+        recipe: the recipe's name, for the launch hint when torchrun did not start it.
 
     Raises:
         ConfigError: not started by torchrun, or a device that cannot be used.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise ConfigError("lora_finetune_distributed must be launched by torchrun; use "
-                          "`tune run --nproc_per_node N lora_finetune_distributed --config ...`")
+        raise ConfigError(f"{recipe} must be launched by torchrun; use "
+                          f"`tune run --nproc_per_node N {recipe} --config ...`")
     if device_name not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device: {device_name!r} is not supported here; use auto, cpu or cuda "
                           "(torchrun gives each rank cuda:LOCAL_RANK)")
@@ -150,6 +183,16 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_gather_stack(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (same shape and dtype on all ranks) stacked on every rank:
+    [world, *t.shape] (``t[None]`` without a process group)."""
+    if not dist.is_initialized():
+        return t.unsqueeze(0)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts)
+
+
 # ------------------------------------------------------------------------ data split
 class RankSampler(ResumableSampler):
     """``ResumableSampler`` split over ranks like ``DistributedSampler``: rank ``r`` of ``w``
@@ -199,16 +242,15 @@ def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -
     """The LoRA (or QLoRA) model on the meta device, adapters fp32, only adapters trainable.
 
     With ``quantize="nf4"`` every decoder-block projection becomes an ``NF4Linear`` whose
-    storage is held as frozen integer parameters (what FSDP shards), then ``apply_lora_nf4``
-    puts the adapters on, in the same order as one device does.
+    storage is held as frozen integer parameters (what FSDP shards), then ``apply_lora`` puts the
+    adapters on (NF4LoRALinear there), in the same order as one device does.
     """
     from tunelab.models import build_model
     from tunelab.modules.peft import apply_lora, set_trainable_params
 
     model = build_model(args, device="meta", dtype=dtype)
-    add_lora = apply_lora
     if quantize == "nf4":
-        from tunelab.modules.nf4 import NF4Linear, NF4Weight, apply_lora_nf4
+        from tunelab.modules.nf4 import NF4Linear, NF4Weight
 
         for layer in model.layers:
             for name, m in list(layer.named_modules()):
@@ -218,10 +260,9 @@ def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -
         for w in [m for m in model.modules() if isinstance(m, NF4Weight)]:
             for name in NF4_STORAGE:
                 w.register_parameter(name, nn.Parameter(w._buffers.pop(name), requires_grad=False))
-        add_lora = apply_lora_nf4
     elif quantize is not None:
         raise ConfigError(f"quantize: {quantize!r} is not supported; use nf4 (QLoRA) or null")
-    add_lora(model, lora_cfg.targets, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, adapter_dtype=torch.float32)
+    apply_lora(model, lora_cfg.targets, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, adapter_dtype=torch.float32)
     set_trainable_params(model)
     return model
 
@@ -400,3 +441,237 @@ def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
                 value = full_tensor_on_rank0(value)
             state[idx][key] = value
     return {"state": state, "param_groups": sd["param_groups"]} if is_rank0() else None
+
+
+# ------------------------------------------------------------------------ recipe pieces
+# What every FSDP recipe does around its own training step, written once: the distributed
+# counterparts of tunelab.training.recipe_setup (output folder, model, data, resume, save).
+def say(*args) -> None:
+    """``print`` on rank 0 only (torchrun interleaves every rank's output)."""
+    if is_rank0():
+        print(*args, flush=True)
+
+
+@contextmanager
+def name_failing_rank() -> Iterator[None]:
+    """Re-raise whatever the body raises after printing ``error: rank N failed: Type: message``
+    to stderr: torchrun interleaves the ranks' output, so the line says which rank it was."""
+    try:
+        yield
+    except BaseException as e:
+        if world_size() > 1:
+            print(f"error: rank {rank()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+
+
+def check_distributed_settings(cfg) -> None:
+    """Value ranges of the keys only the FSDP recipes have (``dist_timeout_s``).
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    if cfg.dist_timeout_s < 1:
+        raise ConfigError(f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
+
+
+def prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None]:
+    """``recipe_setup.prepare_output_dir`` decided by rank 0 (which also writes ``config.yaml``
+    as given, before ``builtin:`` names are resolved); every rank gets the same answer.
+
+    Args:
+        cfg: the recipe config (output_dir, keep_last_n_checkpoints, resume).
+
+    Returns:
+        The checkpoint manager and the step folder to resume from (None = start fresh).
+
+    Raises:
+        ConfigError: output_dir unusable, or a rank cannot see the folder rank 0 resumes from.
+    """
+    resume_name = None
+    if is_rank0():
+        manager, resume_dir = recipe_setup.prepare_output_dir(cfg)
+        save_config(cfg, manager.output_dir / "config.yaml")
+        resume_name = resume_dir.name if resume_dir is not None else None
+    resume_name = broadcast_from_rank0(resume_name)  # rank 0 decides; the others follow
+    manager = CheckpointManager(Path(cfg.output_dir).expanduser(), cfg.keep_last_n_checkpoints)
+    resume_dir = manager.output_dir / resume_name if resume_name is not None else None
+    if resume_dir is not None and not (resume_dir / COMPLETE).is_file():
+        raise ConfigError(f"rank {rank()} cannot see {resume_dir}, which rank 0 resumes from; put output_dir "
+                          "on a filesystem every node shares")
+    return manager, resume_dir
+
+
+def cuda_only_settings(device: torch.device, **settings: bool) -> dict[str, bool]:
+    """``cuda_only_settings_notice`` with its notice printed by rank 0 only."""
+    if is_rank0():
+        return cuda_only_settings_notice(device, **settings)
+    return {name: bool(on) and device.type == "cuda" for name, on in settings.items()}
+
+
+def read_model_args(cfg, tokenizer):
+    """The model's ``ModelArgs`` from ``checkpoint_dir``/config.json (no weights are read).
+
+    Raises:
+        ConfigError: a pre-quantized checkpoint, or a tokenizer with more ids than the model.
+    """
+    hf_config = read_hf_config(cfg.checkpoint_dir)
+    if "quantization_config" in hf_config:
+        raise ConfigError(f"{cfg.checkpoint_dir} is pre-quantized, which the FSDP recipes do not load; "
+                          "use the dense checkpoint (with quantize=nf4 for QLoRA)")
+    args = args_from_hf_config(hf_config)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
+                          f"{args.vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
+    return args
+
+
+def setup_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, compile_layers: bool) -> nn.Module:
+    """Meta build (NF4 decoder projections with quantize=nf4) -> LoRA -> fully_shard per layer
+    and root -> allocate the shards -> base weights read shard by shard -> LoRA initialised as
+    on one device (call at the same point of the seeded RNG stream on every rank).
+
+    Args:
+        cfg: the recipe config (lora, quantize, activation_checkpointing, fsdp, checkpoint_dir).
+        args: ``ModelArgs`` (:func:`read_model_args`).
+        device: this rank's device.
+        dtype: base weight dtype (bf16 also turns on bf16 mixed precision).
+        compile_layers: compile each decoder layer.
+    """
+    model = build_meta_model(args, dtype, cfg.lora, cfg.quantize)
+    wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers)
+    shard_model(model, param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
+                reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload)
+    model.to_empty(device="cpu" if cfg.fsdp.cpu_offload else device)
+    load_hf_weights_sharded(model, cfg.checkpoint_dir)
+    init_lora_sharded(model)
+    model.rope.reset_parameters(device=device)
+    return model.train()
+
+
+def say_model_size(model: nn.Module, cfg, device: torch.device) -> None:
+    """Rank 0 prints the parameter counts and how much of the parameter storage it holds."""
+    from tunelab.modules.nf4 import NF4Weight
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    nf4 = [w for w in model.modules() if isinstance(w, NF4Weight)]  # 4-bit storage: count weights, not bytes
+    n_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for w in nf4 for p in w.parameters())
+    n_params += sum(w.numel() for w in nf4)
+    say(f"model: {n_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA rank {cfg.lora.rank}), "
+        f"FSDP over {world_size()} rank(s) on {device.type} in {cfg.dtype}")
+    mib = [sum(t.numel() * t.element_size() for t in ts) / 2**20
+           for ts in ([p.to_local() for p in model.parameters()], list(model.parameters()))]
+    say(f"parameters held by rank 0: {mib[0]:.2f} MiB of {mib[1]:.2f} MiB (sharded storage)")
+
+
+def build_dataset(node: dict, tokenizer, max_seq_len: int, what: str):
+    """Every rank builds the dataset (the same rows everywhere); rank 0 reports its size and
+    skipped rows (``recipe_setup.build_dataset``)."""
+    if is_rank0():
+        return recipe_setup.build_dataset(node, tokenizer, max_seq_len, what)
+    return instantiate(node, tokenizer=tokenizer, max_seq_len=max_seq_len)
+
+
+def eval_sampler(num_samples: int) -> RankSampler:
+    """Validation rows in order, split over the ranks. Only the largest multiple of the world
+    size is used (up to world - 1 rows left out) so every rank runs equally many batches, as
+    FSDP's collectives need.
+
+    Raises:
+        DataError: fewer validation rows than ranks (nothing would be evaluated).
+    """
+    world = world_size()
+    if num_samples < world:
+        raise DataError(f"validation has {num_samples} rows, fewer than the {world} ranks that share it; "
+                        "use a larger validation set or validation=null")
+    return RankSampler(num_samples // world * world, 0, rank(), world, shuffle=False)
+
+
+def load_sharded_state(state_dir: Path, model: nn.Module, optimizer, scheduler) -> TrainingProgress:
+    """``load_state`` into CPU stand-ins of the adapter and optimizer (full tensors), then
+    each rank copies its rows into the sharded parameters and optimizer state. A state folder
+    of any world size (or of a single-device run) loads."""
+    from tunelab.modules.peft import get_adapter_params
+
+    params = get_adapter_params(model)
+    full = {n: torch.empty(p.shape, dtype=p.dtype, requires_grad=True) for n, p in params.items()}
+    captured: dict = {}
+    stand_in_model = types.SimpleNamespace(named_parameters=lambda: iter(full.items()))
+    stand_in_opt = types.SimpleNamespace(param_groups=optimizer.param_groups, load_state_dict=captured.update)
+    progress = load_state(state_dir, model=stand_in_model, optimizer=stand_in_opt, scheduler=scheduler)
+    for name, p in params.items():
+        load_full_into_sharded(p, full[name])
+    ordered = list(params.values())  # optimizer index i <-> i-th adapter parameter, as on one device
+    state = {i: {k: (shard_like(v, ordered[i]) if torch.is_tensor(v) and k != "step" else v)
+                 for k, v in per_param.items()} for i, per_param in captured["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": captured["param_groups"]})
+    return progress
+
+
+def restore_progress(cfg, resume_dir: Path | None, global_batch: int, *, model, optimizer, scheduler,
+                     sampler) -> TrainingProgress:
+    """A fresh ``TrainingProgress``, or the one in ``resume_dir`` with the adapters, optimizer,
+    scheduler, RNG and sampler seed restored (``recipe_setup.restore_progress`` for FSDP).
+
+    The data position counts GLOBAL micro-batches (``batch_size`` x world size), so a
+    checkpoint resumes on any world size that keeps that product.
+
+    Raises:
+        ConfigError: the checkpoint was written with another global micro-batch.
+    """
+    if resume_dir is None:
+        return TrainingProgress(sampler_seed=cfg.seed, batch_size=global_batch)
+    progress = load_sharded_state(resume_dir / "state", model, optimizer, scheduler)
+    if progress.batch_size not in (None, global_batch):
+        raise ConfigError(f"resume: {resume_dir.name} was written with a global micro-batch of "
+                          f"{progress.batch_size} (batch_size x world size), not {global_batch}; "
+                          f"set batch_size={progress.batch_size // world_size()} for {world_size()} rank(s)")
+    sampler.seed = progress.sampler_seed
+    say(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
+    return progress
+
+
+def save_checkpoint(cfg, manager: CheckpointManager, progress: TrainingProgress, *, model: nn.Module, optimizer,
+                    scheduler, dtype: torch.dtype, final: bool) -> Path:
+    """Write ``step_N`` exactly as one device does (collective: every rank calls).
+
+    All ranks gather the full adapter (and, for a merged export, the full model) and optimizer
+    state onto rank 0, which loads them into a CPU "export model" and writes the folder with
+    ``recipe_setup.save_checkpoint`` (COMPLETE last); the others wait at a barrier, so no
+    rank runs ahead of a half-written checkpoint.
+
+    Args:
+        cfg: the recipe config (save_merged, lora, quantize, checkpoint_dir, tokenizer).
+        manager, progress: as ``recipe_setup.save_checkpoint``.
+        model, optimizer, scheduler: the sharded model and its optimizer and scheduler.
+        dtype: the base weight dtype (of the export model).
+        final: the end-of-training save (``save_merged: final`` applies).
+    """
+    merged = cfg.save_merged == "always" or (final and cfg.save_merged == "final")
+    full_state = gather_full_state(model, trainable_only=not merged)
+    full_optimizer = gathered_optimizer_state(optimizer)
+    if is_rank0():
+        # parameters missing from full_state (adapter-only saves) stay on meta: no memory
+        export = build_meta_model(model.args, dtype, cfg.lora, cfg.quantize)
+        export.load_state_dict(full_state, strict=False, assign=True)
+        frozen_optimizer = types.SimpleNamespace(state_dict=lambda: full_optimizer)
+        recipe_setup.save_checkpoint(cfg, manager, progress, model=export, optimizer=frozen_optimizer,
+                                     scheduler=scheduler, final=final)
+    barrier()
+    return manager.output_dir / f"step_{progress.step}"
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Clip the (sharded) gradients to ``max_norm`` (None: only measure); returns the norm over
+    all ranks' shards, the number one device would log."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+def rank0_metrics(cfg, output_dir: Path, step: int, total_steps: int):
+    """``(MetricsLogger, ProgressDisplay)`` on rank 0 (rows a killed run logged after the step
+    it resumes from dropped), ``(None, None)`` on the other ranks."""
+    if not is_rank0():
+        return None, None
+    metrics = MetricsLogger(output_dir, extra_loggers=build_metric_loggers(cfg.metric_loggers))
+    metrics.truncate_after(step)
+    return metrics, ProgressDisplay(total_steps, initial=step)

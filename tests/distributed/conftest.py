@@ -17,6 +17,7 @@ import tunelab
 REPO = Path(tunelab.__file__).resolve().parent
 TINY_TOKENIZER = REPO / "data" / "tiny" / "tokenizer.model"
 DIST_RECIPE = REPO / "recipes" / "lora_finetune_distributed.py"
+DPO_RECIPE = REPO / "recipes" / "lora_dpo_distributed.py"
 WORDS = "apple river stone window garden planet tiger castle forest candle summer rocket".split()
 
 
@@ -40,6 +41,13 @@ def alpaca_jsonl(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def pairs_jsonl(path: Path, n: int, start: int = 0) -> Path:
+    """n of the packaged tiny preference pairs (both record shapes occur), from line ``start``."""
+    lines = (REPO / "data" / "tiny" / "preferences.jsonl").read_text().splitlines()[start : start + n]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 90, extra_env: dict | None = None,
              via_tune: bool = False):
     """Run ``script`` under torchrun on this machine (free port via --standalone); returns the
@@ -55,5 +63,5 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 90, ex
 @pytest.fixture
 def dt():
     """The helpers above, as a fixture (test files cannot import conftest by name)."""
-    return SimpleNamespace(alpaca_jsonl=alpaca_jsonl, torchrun=torchrun, REPO=REPO, TINY_TOKENIZER=TINY_TOKENIZER,
-                           DIST_RECIPE=DIST_RECIPE)
+    return SimpleNamespace(alpaca_jsonl=alpaca_jsonl, pairs_jsonl=pairs_jsonl, torchrun=torchrun, REPO=REPO,
+                           TINY_TOKENIZER=TINY_TOKENIZER, DIST_RECIPE=DIST_RECIPE, DPO_RECIPE=DPO_RECIPE)

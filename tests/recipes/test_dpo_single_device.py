@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tunelab.errors import ConfigError
 from tunelab.recipes import lora_dpo_single_device as recipe
+from tunelab.training import dpo
 from tunelab.training.checkpointing import COMPLETE
 from tunelab.training.metrics import read_metrics
 
@@ -61,7 +62,7 @@ def test_reward_accuracy_rises_and_adapter_loads_in_peft(tmp_path, make_hf_check
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in train] == list(range(1, 25))
-    assert set(train[0]) >= {"step", "epoch", "loss", "lr", "tokens_per_s", "grad_norm", *recipe.REWARD_KEYS}
+    assert set(train[0]) >= {"step", "epoch", "loss", "lr", "tokens_per_s", "grad_norm", *dpo.REWARD_KEYS}
     # step 1: adapters start at B = 0, so policy == reference: loss log 2, rewards 0
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert train[0]["rewards/accuracy"] == 0.0 and train[0]["rewards/margins"] == 0.0
@@ -94,7 +95,7 @@ def test_resume_gives_identical_losses_and_adapter(tmp_path, make_hf_checkpoint)
     shutil.rmtree(out / "step_6")  # as if killed after the step-3 checkpoint
     resumed = run(dpo_argv(ckpt, out, data, *extra, "resume=true"))
     assert [r["step"] for r in resumed] == list(range(1, 7))
-    for key in ("loss", "grad_norm", *recipe.REWARD_KEYS):
+    for key in ("loss", "grad_norm", *dpo.REWARD_KEYS):
         assert [r[key] for r in resumed] == [r[key] for r in straight], key
     a = load_file(tmp_path / "a" / "step_6" / "adapter" / "adapter_model.safetensors")
     b = load_file(out / "step_6" / "adapter" / "adapter_model.safetensors")
@@ -111,7 +112,7 @@ def test_precomputed_reference_matches_in_step_reference(tmp_path, make_hf_check
     in_step = run(dpo_argv(ckpt, tmp_path / "a", data, *common))
     pre = run(dpo_argv(ckpt, tmp_path / "b", data, *common, "precompute_ref_log_probs=true"))
     for r1, r2 in zip(in_step, pre, strict=True):
-        for key in ("loss", *recipe.REWARD_KEYS):
+        for key in ("loss", *dpo.REWARD_KEYS):
             if key == "rewards/accuracy" and r1["step"] == 1:
                 continue
             assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-5), key
@@ -123,23 +124,23 @@ def test_reference_is_the_base_model_exactly(tmp_path, make_hf_checkpoint, quant
     model's (dense, or the same NF4 base for QLoRA) bit for bit, and the policy's differ."""
     from tunelab.data import load_tokenizer, preference_collate, preference_dataset
     from tunelab.models import from_pretrained
-    from tunelab.modules.nf4 import apply_lora_nf4
+    from tunelab.modules.peft import apply_lora
 
     ckpt = make_hf_checkpoint("llama3")
     tok = load_tokenizer(TINY_TOKENIZER)
     ds = preference_dataset(tok, source=pairs_file(tmp_path, 4), max_seq_len=64)
     batch = preference_collate([ds[i] for i in range(4)], tok.pad_id)
     targets = ["q_proj", "v_proj", "down_proj", "output"]
-    model = apply_lora_nf4(from_pretrained(ckpt, quantize=quantize), targets, 8, 16.0)
+    model = apply_lora(from_pretrained(ckpt, quantize=quantize), targets, 8, 16.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_b" in name:
                 p.normal_(0, 0.05)
     cpu = torch.device("cpu")
-    ref = recipe.reference_log_probs(model, batch, cpu)
+    ref = dpo.reference_log_probs(model, batch, cpu)
     with torch.no_grad():
-        base, _ = recipe.policy_log_probs(from_pretrained(ckpt, quantize=quantize), batch, cpu)
-        policy, _ = recipe.policy_log_probs(model, batch, cpu)
+        base, _ = dpo.policy_log_probs(from_pretrained(ckpt, quantize=quantize), batch, cpu)
+        policy, _ = dpo.policy_log_probs(model, batch, cpu)
     assert torch.equal(ref, base)
     assert (policy - ref).abs().max() > 1e-3
     assert all(not m.disabled for m in model.modules() if hasattr(m, "disabled"))  # adapters back on

@@ -1,0 +1,260 @@
+"""The pieces of a preference-tuning (DPO, IPO, hinge, SimPO) step that the single-device and
+the FSDP recipe share: log-probs of the policy and of the reference, the precomputed
+reference, per-pair losses, and metrics reduced over every rank.
+
+The reference is the policy model itself with its LoRA adapters switched off
+(``disable_adapters``) under ``no_grad``: no second model in memory, and for QLoRA it is the
+same NF4 base. A micro-batch of b pairs is ONE forward of 2b rows (chosen rows first,
+``tunelab.data.preference_collate``). Each function takes the recipe's own typed config (any
+object with a ``loss`` group of :class:`LossConfig`), like ``tunelab.training.recipe_setup``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from tunelab.data.preference import preference_collate
+from tunelab.errors import ConfigError
+from tunelab.modules.loss import preference_loss, sequence_log_probs_from_hidden
+from tunelab.modules.peft import disable_adapters
+from tunelab.training.checkpointing import ResumableSampler
+from tunelab.training.distributed import all_gather_stack, all_reduce_sum
+
+__all__ = [
+    "REWARD_KEYS",
+    "LossConfig",
+    "PairStats",
+    "WithReference",
+    "check_loss_settings",
+    "evaluate",
+    "make_preference_loader",
+    "pair_losses",
+    "policy_log_probs",
+    "precompute_reference",
+    "reference_log_probs",
+]
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margins")
+
+
+# ------------------------------------------------------------------------------ settings
+@dataclass(kw_only=True)
+class LossConfig:
+    """``type``: sigmoid (DPO) | ipo | hinge | simpo (see ``tunelab.modules.loss.dpo``).
+    ``label_smoothing`` is used by sigmoid and simpo, ``gamma`` (target margin) by simpo only."""
+
+    type: Literal["sigmoid", "ipo", "hinge", "simpo"]
+    beta: float
+    label_smoothing: float
+    gamma: float
+
+
+def check_loss_settings(cfg) -> None:
+    """DPO-only value ranges (the shared ones are ``recipe_setup.check_settings``'s).
+
+    Args:
+        cfg: the recipe config (``loss`` and ``precompute_ref_log_probs``).
+
+    Raises:
+        ConfigError: one line naming the key and the fix.
+    """
+    loss = cfg.loss
+    if not loss.beta > 0:
+        raise ConfigError(f"loss.beta must be > 0, got {loss.beta}")
+    if not 0.0 <= loss.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
+    if loss.label_smoothing and loss.type in ("ipo", "hinge"):
+        raise ConfigError(f"loss.label_smoothing is not used by loss.type={loss.type}; set it to 0.0")
+    if loss.gamma and loss.type != "simpo":
+        raise ConfigError("loss.gamma (target margin) is only used by loss.type=simpo; set it to 0.0")
+    if cfg.precompute_ref_log_probs and loss.type == "simpo":
+        raise ConfigError("precompute_ref_log_probs: simpo uses no reference model; set it to false")
+
+
+# ------------------------------------------------------------------------------ log-probs
+def policy_log_probs(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts of one micro-batch.
+
+    Args:
+        model: the LoRA model (plain or FSDP-sharded).
+        batch: ``preference_collate`` output (tokens, labels [2b, s]).
+        device: where the model runs.
+
+    Returns:
+        ``(log_probs fp32 [2b], num_tokens int64 [2b])``, the b chosen rows first.
+    """
+    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+    hidden = model(tokens, return_hidden=True)  # (2b, s, dim)
+    try:  # a plain (frozen) head lets the fused per-token loss skip the fp32 logits
+        head = model.output_weight
+    except ConfigError:  # LoRA on `output`: its logits need the module call
+        head = None
+    return sequence_log_probs_from_hidden(hidden, labels, model.logits_from_hidden, output_weight=head)
+
+
+@torch.no_grad()
+def reference_log_probs(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """[2b] log-probs under the base model: the same model with its adapters disabled.
+
+    Args:
+        model, batch, device: as :func:`policy_log_probs`.
+    """
+    with disable_adapters(model):
+        return policy_log_probs(model, batch, device)[0]
+
+
+class WithReference(Dataset):
+    """A preference dataset whose items also carry their precomputed reference log-probs.
+
+    Args:
+        dataset: the preference dataset.
+        ref: [len(dataset), 2] fp32 (chosen, rejected) per pair, in dataset order.
+    """
+
+    def __init__(self, dataset, ref: torch.Tensor):
+        self.dataset, self.ref = dataset, ref
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        c, r = self.ref[i].tolist()
+        return dict(self.dataset[i], ref_chosen_log_probs=c, ref_rejected_log_probs=r)
+
+
+def make_preference_loader(dataset, batch_size: int, sampler, pad_id: int, drop_last: bool = True) -> DataLoader:
+    """DataLoader of ``preference_collate`` batches, each with ``num_tokens`` (real tokens of
+    both sides, for tokens/s).
+
+    Args:
+        dataset: preference pairs (optionally :class:`WithReference`).
+        batch_size: pairs per micro-batch.
+        sampler: the order (``ResumableSampler`` / ``RankSampler``).
+        pad_id: padding token id.
+        drop_last: drop a last incomplete batch (training); False for evaluation.
+    """
+
+    def collate(pairs):
+        batch = preference_collate(pairs, pad_id)
+        batch["num_tokens"] = sum(len(p["chosen_tokens"]) + len(p["rejected_tokens"]) for p in pairs)
+        return batch
+
+    # a private generator: iter(DataLoader) otherwise draws a seed from the global RNG
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def precompute_reference(model, dataset, batch_size: int, pad_id: int, device: torch.device, *,
+                         rank: int = 0, world_size: int = 1) -> WithReference:
+    """Reference log-probs of every pair, before training starts.
+
+    On one device the pairs are scored in dataset order. On ``world_size`` ranks, rank r
+    scores pairs r, r + w, r + 2w, ...; the last slots wrap around to the first pairs so that
+    every rank runs the same number of forwards (FSDP's all-gathers need every rank), and one
+    all-gather then puts the whole table on every rank: each pair's value is there whichever
+    rank the training sampler hands it to, in any epoch.
+
+    Args:
+        model: the LoRA model (its adapters are switched off for this).
+        dataset: preference pairs.
+        batch_size: pairs per forward.
+        pad_id: padding token id.
+        device: where the model runs.
+        rank, world_size: this rank and the number of ranks (all ranks must call).
+
+    Returns:
+        ``dataset`` wrapped as :class:`WithReference`.
+    """
+    n = len(dataset)
+    per_rank = -(-n // world_size)
+    mine = [(rank + k * world_size) % n for k in range(per_rank)]
+    loader = make_preference_loader(Subset(dataset, mine), batch_size, ResumableSampler(per_rank, 0, shuffle=False),
+                                    pad_id, drop_last=False)
+    parts = []
+    for batch in loader:
+        chosen, rejected = reference_log_probs(model, batch, device).chunk(2)  # [b] each
+        parts.append(torch.stack([chosen, rejected], dim=1))  # (b, 2)
+    table = all_gather_stack(torch.cat(parts))  # (w, per_rank, 2): row k of rank r is pair r + k*w
+    return WithReference(dataset, table.transpose(0, 1).reshape(-1, 2)[:n].cpu())  # (n, 2)
+
+
+# ------------------------------------------------------------------------------ losses + metrics
+def pair_losses(model, batch: dict, cfg, device: torch.device):
+    """Per-pair losses [b] and (detached) chosen / rejected rewards [b] of one micro-batch.
+
+    The reference comes from the batch (``ref_log_probs``, precomputed) or is computed here
+    with the adapters off; SimPO uses none.
+
+    Args:
+        model: the LoRA model.
+        batch: ``preference_collate`` output.
+        cfg: the recipe config (its ``loss`` group).
+        device: where the model runs.
+    """
+    ref = None
+    if cfg.loss.type != "simpo":
+        precomputed = batch.get("ref_log_probs")
+        ref = precomputed.to(device) if precomputed is not None else reference_log_probs(model, batch, device)
+    logps, n_tokens = policy_log_probs(model, batch, device)
+    return preference_loss(cfg.loss.type, logps, ref, n_tokens, beta=cfg.loss.beta,
+                           label_smoothing=cfg.loss.label_smoothing, gamma=cfg.loss.gamma)
+
+
+class PairStats:
+    """Running sums over the pairs of one optimizer step (or one evaluation): loss, rewards,
+    correctly ordered pairs, margins and tokens.
+
+    :meth:`reduce` adds the sums of all ranks in one collective and divides by the number of
+    pairs of all ranks, so N ranks log exactly the means one device logs for the same global
+    batch (not a mean of per-rank means). Sums stay on the device until then (no sync per
+    micro-batch) and are fp64, so the order of summation does not show.
+
+    Args:
+        device: where the losses live.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._sums = torch.zeros(7, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, num_tokens: int = 0) -> None:
+        """Add one micro-batch: ``pair_losses``' three [b] tensors and its token count."""
+        counts = torch.tensor([losses.numel(), num_tokens], dtype=torch.float64, device=self.device)
+        sums = torch.stack([t.double().sum() for t in (losses, chosen, rejected, chosen > rejected, chosen - rejected)])
+        self._sums += torch.cat([sums, counts])
+
+    def reduce(self, prefix: str = "") -> tuple[dict[str, float], int]:
+        """``({prefix}loss, {prefix}rewards/..., means over all ranks' pairs}, total tokens)``.
+        Collective when distributed: every rank calls it at the same point."""
+        loss, chosen, rejected, correct, margins, pairs, tokens = all_reduce_sum(self._sums.tolist(), self.device)
+        pairs = max(pairs, 1.0)
+        row = {f"{prefix}loss": loss / pairs, f"{prefix}rewards/chosen": chosen / pairs,
+               f"{prefix}rewards/rejected": rejected / pairs, f"{prefix}rewards/accuracy": correct / pairs,
+               f"{prefix}rewards/margins": margins / pairs}
+        return row, int(tokens)
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, cfg, device: torch.device) -> dict[str, float]:
+    """Mean loss and reward statistics over every validation pair of every rank (dropout off).
+
+    Args:
+        model: the LoRA model.
+        loader: this rank's validation batches (ranks must have equally many).
+        cfg: the recipe config (its ``loss`` group).
+        device: where the model runs.
+
+    Returns:
+        ``eval_loss`` and ``eval_rewards/{chosen,rejected,accuracy,margins}``.
+    """
+    model.eval()
+    stats = PairStats(device)
+    for batch in loader:
+        stats.add(*pair_losses(model, batch, cfg, device))
+    model.train()
+    return stats.reduce(prefix="eval_")[0]
