@@ -58,7 +58,15 @@ from tunelab.training.dpo import (
     precompute_reference,
 )
 from tunelab.training.metrics import peak_memory_gib
-from tunelab.training.recipe_setup import LoRAConfig, LRSchedulerConfig, check_settings, plan_steps, resolve_paths
+from tunelab.training.recipe_setup import (
+    GGUFExportConfig,
+    LoRAConfig,
+    LRSchedulerConfig,
+    check_settings,
+    export_gguf_step,
+    plan_steps,
+    resolve_paths,
+)
 from tunelab.training.schedules import build_lr_scheduler
 from tunelab.training.steps import NonFiniteLossError, optimizer_steps
 from tunelab.training.utils import resolve_dtype, seed_everything
@@ -97,12 +105,14 @@ class RecipeConfig:
     fsdp: FSDPConfig
     dist_timeout_s: int  # a collective waiting longer than this fails the job instead of hanging
     activation_checkpointing: bool
+    offload_activations: bool  # checkpointed layer inputs in pinned CPU memory (CUDA)
     compile: bool
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)
     log_every_n_steps: int
     metric_loggers: list[dict]  # extra loggers beside metrics.jsonl (TensorBoard, W&B), [] = none
     save_every_n_steps: int | None  # plus always at the end
     save_merged: Literal["final", "always", "never"]  # merged export holds the full model on rank 0
+    export_gguf: GGUFExportConfig | None  # {dtype: f16|bf16|q8_0|q4_k_m}: a .gguf of the final model
     keep_last_n_checkpoints: int
     validation: dict | None = component_field(provided=("tokenizer", "max_seq_len"))
     eval_every_n_steps: int | None
@@ -131,14 +141,15 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
 
     seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, device)
-    flags = dist_utils.cuda_only_settings(device, compile=cfg.compile, cpu_offload=cfg.fsdp.cpu_offload)
+    flags = dist_utils.cuda_only_settings(device, compile=cfg.compile, cpu_offload=cfg.fsdp.cpu_offload,
+                                         offload_activations=cfg.offload_activations)
     cfg.fsdp.cpu_offload = flags["cpu_offload"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
     args = dist_utils.read_model_args(cfg, tokenizer)
-    model = dist_utils.setup_sharded_model(cfg, args, device, dtype, flags["compile"])
+    model = dist_utils.setup_sharded_model(cfg, args, device, dtype, flags["compile"], flags["offload_activations"])
     params = list(get_adapter_params(model).values())
     dist_utils.say_model_size(model, cfg, device)
     say(f"loss {cfg.loss.type} (beta {cfg.loss.beta}), reference = the base model (adapters off)")
@@ -240,6 +251,9 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
     say(f"adapter: {final_dir / 'adapter'}")
     if (final_dir / "merged").is_dir():
         say(f"merged model: {final_dir / 'merged'}")
+    # rank 0 exports alone (the others may finish: no collective waits on an export of minutes)
+    if dist_utils.is_rank0() and (gguf := export_gguf_step(cfg, final_dir)) is not None:
+        say(f"gguf: {gguf}")
 
 
 if __name__ == "__main__":

@@ -53,10 +53,12 @@ from tunelab.training.dpo import (
 from tunelab.training.loggers import build_metric_loggers
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
 from tunelab.training.recipe_setup import (
+    GGUFExportConfig,
     LoRAConfig,
     LRSchedulerConfig,
     build_dataset,
     check_settings,
+    export_gguf_step,
     plan_steps,
     prepare_output_dir,
     resolve_paths,
@@ -94,12 +96,14 @@ class RecipeConfig:
     device: str  # auto | cpu | cuda | cuda:N
     dtype: Literal["bf16", "fp32"]
     activation_checkpointing: bool
+    offload_activations: bool  # checkpointed layer inputs in pinned CPU memory (CUDA)
     compile: bool
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)
     log_every_n_steps: int
     metric_loggers: list[dict]  # extra loggers beside metrics.jsonl (TensorBoard, W&B), [] = none
     save_every_n_steps: int | None  # plus always at the end
     save_merged: Literal["final", "always", "never"]
+    export_gguf: GGUFExportConfig | None  # {dtype: f16|bf16|q8_0|q4_k_m}: a .gguf of the final model
     keep_last_n_checkpoints: int
     validation: dict | None = component_field(provided=("tokenizer", "max_seq_len"))
     eval_every_n_steps: int | None
@@ -119,12 +123,12 @@ def main(argv: list[str]) -> None:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    compile_layers = cuda_only_settings_notice(device, compile=cfg.compile)["compile"]
+    flags = cuda_only_settings_notice(device, compile=cfg.compile, offload_activations=cfg.offload_activations)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
-    model = setup_model(cfg, device, dtype, compile_layers)
+    model = setup_model(cfg, device, dtype, flags["compile"], flags["offload_activations"])
     if tokenizer.vocab_size > model.args.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
                           f"{model.args.vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
@@ -223,6 +227,8 @@ def main(argv: list[str]) -> None:
     print(f"adapter: {final_dir / 'adapter'}")
     if (final_dir / "merged").is_dir():
         print(f"merged model: {final_dir / 'merged'}")
+    if (gguf := export_gguf_step(cfg, final_dir)) is not None:
+        print(f"gguf: {gguf}")
 
 
 if __name__ == "__main__":

@@ -525,7 +525,8 @@ def read_model_args(cfg, tokenizer):
     return args
 
 
-def setup_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, compile_layers: bool) -> nn.Module:
+def setup_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, compile_layers: bool,
+                        offload_activations: bool = False) -> nn.Module:
     """Meta build (NF4 decoder projections with quantize=nf4) -> LoRA -> fully_shard per layer
     and root -> allocate the shards -> base weights read shard by shard -> LoRA initialised as
     on one device (call at the same point of the seeded RNG stream on every rank).
@@ -536,9 +537,11 @@ def setup_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
         device: this rank's device.
         dtype: base weight dtype (bf16 also turns on bf16 mixed precision).
         compile_layers: compile each decoder layer.
+        offload_activations: keep the checkpointed layer inputs in pinned CPU memory.
     """
     model = build_meta_model(args, dtype, cfg.lora, cfg.quantize)
-    wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers)
+    wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
+                offload_activations=offload_activations)
     shard_model(model, param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
                 reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload)
     model.to_empty(device="cpu" if cfg.fsdp.cpu_offload else device)

@@ -7,6 +7,7 @@ stays a readable top-to-bottom script while these live once.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,12 +32,14 @@ from tunelab.training.steps import wrap_layers
 
 __all__ = [
     "LRSchedulerConfig",
+    "GGUFExportConfig",
     "LoRAConfig",
     "check_settings",
     "prepare_output_dir",
     "resolve_paths",
     "setup_model",
     "build_dataset",
+    "export_gguf_step",
     "plan_steps",
     "restore_progress",
     "save_checkpoint",
@@ -47,6 +50,13 @@ __all__ = [
 class LRSchedulerConfig:
     warmup_steps: int
     schedule: Literal["cosine", "linear", "constant"]
+
+
+@dataclass(kw_only=True)
+class GGUFExportConfig:
+    """``export_gguf: {dtype: ...}``: write a GGUF file of the final model after training."""
+
+    dtype: Literal["f16", "bf16", "q8_0", "q4_k_m"]
 
 
 @dataclass(kw_only=True)
@@ -68,6 +78,11 @@ def check_settings(cfg) -> None:
             raise ConfigError(f"{key} must be >= 1 (or null where allowed), got {value}")
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError(f"max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
+    if cfg.offload_activations and not cfg.activation_checkpointing:
+        raise ConfigError("offload_activations: true needs activation_checkpointing: true (it offloads the "
+                          "checkpointed layer inputs); enable it or set offload_activations: false")
+    if cfg.export_gguf is not None and importlib.util.find_spec("gguf") is None:  # fail now, not after training
+        raise ConfigError("export_gguf needs the gguf package: pip install 'tunelab[gguf]' (or set export_gguf: null)")
     check_metric_loggers(cfg.metric_loggers)
 
 
@@ -105,14 +120,16 @@ def resolve_paths(cfg) -> None:
                               "model folder); download one with `tune download` or use builtin:tiny")
 
 
-def setup_model(cfg, device: torch.device, dtype: torch.dtype, compile_layers: bool):
+def setup_model(cfg, device: torch.device, dtype: torch.dtype, compile_layers: bool,
+                offload_activations: bool = False):
     """Base model (frozen; NF4 decoder projections with quantize=nf4, i.e. QLoRA) + fp32 LoRA
-    adapters, with the checkpointing/compile switches."""
+    adapters, with the checkpointing / compile / activation-offload switches."""
     model = from_pretrained(cfg.checkpoint_dir, dtype=dtype, device=device, quantize=cfg.quantize)
     # QLoRA: the decoder projections are NF4Linear, which apply_lora turns into NF4LoRALinear
     apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, adapter_dtype=torch.float32)
     set_trainable_params(model)
-    wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers)
+    wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
+                offload_activations=offload_activations)
     return model.train()
 
 
@@ -152,6 +169,25 @@ def save_checkpoint(cfg, manager: CheckpointManager, progress: TrainingProgress,
         writers["merged"] = merged_writer(model, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
     writers["state"] = state_writer(progress, model=model, optimizer=optimizer, scheduler=scheduler)
     return manager.save(progress.step, writers)
+
+
+def export_gguf_step(cfg, final_dir: Path) -> Path | None:
+    """The ``export_gguf`` step after the final save: ``final_dir/model-<dtype>.gguf`` and its
+    Ollama Modelfile, from the merged folder when that save wrote one, else from the base
+    checkpoint + the adapter (merged in fp32 while exporting). None when the key is null; an
+    existing file (a finished run resumed) is kept.
+    """
+    if cfg.export_gguf is None:
+        return None
+    from tunelab.models.gguf import export_gguf
+
+    out = final_dir / f"model-{cfg.export_gguf.dtype}.gguf"
+    if out.exists():
+        print(f"notice: {out} exists; export_gguf kept it")
+        return out
+    merged = final_dir / "merged"
+    source, adapter = (merged, None) if merged.is_dir() else (Path(cfg.checkpoint_dir), final_dir / "adapter")
+    return export_gguf(source, out, dtype=cfg.export_gguf.dtype, adapter_dir=adapter, tokenizer_path=cfg.tokenizer)
 
 
 def plan_steps(cfg, n_rows: int, rows: str, samples_per_batch: int, batch_desc: str) -> tuple[int, int]:

@@ -109,7 +109,8 @@ def test_two_ranks_match_one_device_and_resume_on_one_rank(tmp_path, make_hf_che
 
 def test_qlora_two_ranks_shard_the_packed_base_and_match_one_device(tmp_path, make_hf_checkpoint, dt):
     """quantize=nf4: the packed 4-bit storage is sharded (rank 0 holds about half of all
-    parameter bytes), and 2 ranks x batch 2 give one device's QLoRA losses and adapter."""
+    parameter bytes), and 2 ranks x batch 2 give one device's QLoRA losses and adapter; the
+    export_gguf step runs on rank 0."""
     import re
 
     from tunelab.recipes import lora_finetune_single_device as single_recipe
@@ -119,8 +120,10 @@ def test_qlora_two_ranks_shard_the_packed_base_and_match_one_device(tmp_path, ma
     dist_out, single_out = tmp_path / "dist", tmp_path / "single"
     extra = ("quantize=nf4", "max_steps=2", "gradient_accumulation_steps=1", "save_merged=never")
     run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",
-                      *common(ckpt, dist_out, data, dt.TINY_TOKENIZER), *extra, "batch_size=2")
+                      *common(ckpt, dist_out, data, dt.TINY_TOKENIZER), *extra, "batch_size=2",
+                      "export_gguf.dtype=f16")
     assert run.returncode == 0, run.stderr[-3000:]
+    assert (dist_out / "step_2" / "model-f16.gguf").is_file()  # rank 0 exported base + adapter
     held, total = map(float, re.search(r"held by rank 0: ([\d.]+) MiB of ([\d.]+) MiB", run.stdout).groups())
     assert held < 0.55 * total
     single_recipe.main(["--config", "tiny/qlora", *common(ckpt, single_out, data, dt.TINY_TOKENIZER), *extra,
