@@ -23,9 +23,10 @@ The searches are vectorised over all sub-blocks of a chunk of rows (the candidat
 in llama.cpp's order, since an accepted Q4_K/Q5_K min shifts the later grids). The result is
 byte-identical to llama.cpp's for all but a fraction of a percent of the Q6_K blocks, where
 two candidates tie to float32 rounding (summation order) and either is as good; the tests
-compare against llama.cpp's own ``llama_model_quantize``. Throughput is ~19 (Q4_K) / ~35
-(Q6_K) million weights per CPU-second, about llama.cpp's single-thread reference speed;
-chunks run on a thread pool.
+compare against llama.cpp's own ``llama_model_quantize``. Chunks run on a thread pool; each
+candidate grid costs about a dozen float32 passes over the chunk, so the k-quants run at tens
+of millions of weights per second per core (``bench/gguf_quant_speed.py``, figures in
+``bench/results/gguf_cpu.jsonl``), F16 / BF16 at memory speed through torch.
 
 Q4_K_M mix (:func:`q4_k_m_type`), read from llama.cpp ``src/llama-quant.cpp``
 (``llama_tensor_get_type_impl`` and ``tensor_type_fallback``, vendored in llama-cpp-python
@@ -50,9 +51,11 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
 __all__ = [
@@ -164,29 +167,55 @@ def _quantize_f32(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32).view(np.uint8)
 
 
-def _quantize_f16(array: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(array, dtype=np.float32).astype(np.float16).view(np.uint8)
+def _torch_convert(array: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """float32 array -> (the same array, uint16 bits of its ``dtype`` (f16 / bf16) conversion).
 
-
-def _bf16_elements(x: np.ndarray) -> np.ndarray:
-    """Top 16 bits of each float32, rounded to nearest even; NaNs stay (quiet) NaNs.
-
-    Plain truncation would bias every weight toward zero; adding 0x7fff plus the lowest kept
-    bit before the shift is round-to-nearest-even on the bit pattern (as ggml's
-    ``ggml_compute_fp32_to_bf16``). It cannot overflow uint32 for non-NaN inputs (the largest,
-    -inf, is 0xff800000); NaNs are replaced anyway.
+    torch converts with vector instructions, rounding to nearest even on every value but NaN
+    (subnormals and overflow to inf included), as numpy's ``astype(float16)`` and ggml's bf16
+    do. The output buffer comes from numpy, which asks the kernel for huge pages on large
+    arrays: faulting in a fresh torch allocation page by page cost several times the
+    conversion itself.
     """
-    bits = x.view(np.uint32)
-    nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    # A NaN's payload could round into the exponent (-> inf); keep its top bits, force quiet.
-    quiet_nan = ((bits >> 16) | 0x40).astype(np.uint16)
-    return np.where(nan, quiet_nan, rounded).view(np.uint8)
+    x = np.ascontiguousarray(array, dtype=np.float32)
+    bits = np.empty(x.shape, dtype=np.uint16)
+    if x.flags.writeable:
+        src = torch.from_numpy(x)
+    else:
+        # torch warns that it cannot protect a read-only buffer (e.g. a memory-mapped
+        # checkpoint); it is only read here, and copying it would cost a pass.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(x)
+    torch.from_numpy(bits.view(np.int16)).view(dtype).copy_(src)
+    return x, bits
+
+
+def _has_nan(x: np.ndarray) -> bool:
+    # max propagates NaN: one reduction pass, no temporary (np.isnan(x).any() writes a mask).
+    return x.size > 0 and bool(np.isnan(x.max()))
+
+
+def _quantize_f16(array: np.ndarray) -> np.ndarray:
+    x, bits = _torch_convert(array, torch.float16)
+    if _has_nan(x):  # NaNs as numpy (and gguf's own converter) write them, payload kept
+        nan = np.isnan(x)
+        bits[nan] = x[nan].astype(np.float16).view(np.uint16)
+    return bits.view(np.uint8)
 
 
 def _quantize_bf16(array: np.ndarray) -> np.ndarray:
-    # Chunked like the block types: the bit arithmetic needs several full-size temporaries.
-    return _by_chunks(np.ascontiguousarray(array, dtype=np.float32), 1, 2, _bf16_elements)
+    """float32 -> bf16 bytes, rounded to nearest even like ggml; NaNs as ggml writes them.
+
+    torch's rounding is the same as ggml's (add ``0x7fff`` plus the lowest kept bit, shift),
+    which ``gguf.quants`` mirrors. For a NaN ggml keeps the sign and the top payload bits and
+    forces it quiet (rounding could carry the payload into the exponent: NaN -> inf); torch
+    writes its own NaN, so NaNs are patched.
+    """
+    x, bits = _torch_convert(array, torch.bfloat16)
+    if _has_nan(x):
+        nan = np.isnan(x)
+        bits[nan] = ((x.view(np.uint32)[nan] >> 16) | 0x40).astype(np.uint16)
+    return bits.view(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +327,12 @@ def quantize_q5_1(array: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+# Per-column dot product of two [rows, n] arrays. numpy's einsum adds the row products in row
+# order, each product rounded to float32 first (no fused multiply-add), like the C loops it
+# mirrors; a BLAS call or torch's reductions would sum in another order.
+_COLUMN_DOT = "ij,ij->j"
+
+
 def _fit_scale_min(
     xt: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -325,36 +360,45 @@ def _fit_scale_min(
         scales to 6 bits.
     """
     f32 = np.float32
-    w = np.sqrt(np.einsum("ij,ij->j", xt, xt) / f32(32)) + np.abs(xt)  # [32, n]
+    w = np.sqrt(np.einsum(_COLUMN_DOT, xt, xt) / f32(32)) + np.abs(xt)  # [32, n]
     lo = np.minimum(xt.min(axis=0), f32(0))  # [n]
     hi = xt.max(axis=0)
     flat = hi == lo  # all equal and <= 0: scale 0, the offset carries the value
     sum_w = w.sum(axis=0)
-    sum_x = np.einsum("ij,ij->j", w, xt)
+    sum_x = np.einsum(_COLUMN_DOT, w, xt)
+    # Two [32, n] work buffers reused by every candidate (the weighted codes and the residual
+    # take turns in `work`): fresh temporaries cost a page-in each, and fewer live arrays stay
+    # in cache. Every value is still computed by the same float32 operations in the same order.
+    codes = np.empty_like(xt)
+    work = np.empty_like(xt)
+    top, bottom = f32(nmax), f32(0)
 
-    def error(scale, offset, codes):
-        diff = codes * scale
-        diff += offset
-        diff -= xt
-        np.multiply(diff, diff, out=diff)
-        return np.einsum("ij,ij->j", w, diff)
+    def error(scale, offset):
+        np.multiply(codes, scale, out=work)
+        np.add(work, offset, out=work)
+        np.subtract(work, xt, out=work)
+        np.multiply(work, work, out=work)
+        return np.einsum(_COLUMN_DOT, w, work)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         span = np.where(flat, f32(1), hi - lo)
-        iscale = f32(nmax) / span
+        iscale = top / span
         scale = f32(1) / iscale
-        codes = np.minimum(np.rint((xt - lo) * iscale), f32(nmax))
-        best = error(scale, lo, codes)
+        np.subtract(xt, lo, out=codes)
+        np.multiply(codes, iscale, out=codes)
+        np.rint(codes, out=codes)
+        np.minimum(codes, top, out=codes)
+        best = error(scale, lo)
         for k in range(nstep + 1):
-            iscale = (f32(rmin) + f32(rdelta) * f32(k) + f32(nmax)) / (hi - lo)
-            codes = xt - lo
-            codes *= iscale
+            iscale = (f32(rmin) + f32(rdelta) * f32(k) + top) / (hi - lo)
+            np.subtract(xt, lo, out=codes)
+            np.multiply(codes, iscale, out=codes)
             np.rint(codes, out=codes)
-            np.clip(codes, f32(0), f32(nmax), out=codes)
-            wl = w * codes
+            np.clip(codes, bottom, top, out=codes)
+            wl = np.multiply(w, codes, out=work)
             sum_l = wl.sum(axis=0)
-            sum_l2 = np.einsum("ij,ij->j", wl, codes)
-            sum_xl = np.einsum("ij,ij->j", wl, xt)
+            sum_l2 = np.einsum(_COLUMN_DOT, wl, codes)
+            sum_xl = np.einsum(_COLUMN_DOT, wl, xt)
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
@@ -362,7 +406,7 @@ def _fit_scale_min(
             pos = this_min > 0
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
             this_min = np.where(pos, f32(0), this_min)
-            cur = error(this_scale, this_min, codes)
+            cur = error(this_scale, this_min)
             take = (det > 0) & (cur < best)
             best = np.where(take, cur, best)
             scale = np.where(take, this_scale, scale)
@@ -495,6 +539,26 @@ def quantize_q5_k(array: np.ndarray) -> np.ndarray:
     return _by_chunks(array, QK_K, 176, _q5_k_blocks)
 
 
+def _first_absmax(a: np.ndarray) -> np.ndarray:
+    """Per column of ``a`` [rows, n], the signed entry of largest magnitude; on a tie, the
+    first in row order (``take_along_axis(a, abs(a).argmax(0))``, which C's ``>`` scan gives).
+
+    numpy's argmax along the slow axis is several times slower than a max and a min, which decide
+    every column but the rare ones whose max and min have equal magnitude (or NaN, or all
+    zeros); only those are scanned with argmax.
+    """
+    hi = a.max(axis=0)
+    lo = a.min(axis=0)
+    # hi > -lo: only entries equal to hi reach that magnitude; hi < -lo: only entries = lo.
+    pos = hi > -lo
+    out = np.where(pos, hi, lo)
+    unsure = np.flatnonzero(~(pos | (hi < -lo)))
+    if unsure.size:
+        sub = a[:, unsure]
+        out[unsure] = np.take_along_axis(sub, np.abs(sub).argmax(axis=0)[None, :], axis=0)[0]
+    return out
+
+
 def _fit_symmetric(xt: np.ndarray) -> np.ndarray:
     """Scale of symmetric 16-weight sub-blocks: llama.cpp's ``make_qx_quants(rmse_type=1)``.
 
@@ -513,20 +577,20 @@ def _fit_symmetric(xt: np.ndarray) -> np.ndarray:
     """
     f32 = np.float32
     nmax = f32(32)
-    rows = np.abs(xt).argmax(axis=0)
-    extreme = np.take_along_axis(xt, rows[None, :], axis=0)[0]  # signed, maps to code -32
+    extreme = _first_absmax(xt)  # signed, maps to code -32
     zero = np.abs(extreme) < f32(1e-15)
     extreme = np.where(zero, f32(1), extreme)
     w = xt * xt  # llama.cpp's rmse_type=1 weights
     wx = w * xt
+    codes = np.empty_like(xt)  # reused by every candidate (see _fit_scale_min)
 
     def moments(iscale):
-        codes = xt * iscale
+        np.multiply(xt, iscale, out=codes)
         np.rint(codes, out=codes)
         np.clip(codes, -nmax, nmax - 1, out=codes)
-        sum_lx = np.einsum("ij,ij->j", wx, codes)
+        sum_lx = np.einsum(_COLUMN_DOT, wx, codes)
         np.multiply(codes, codes, out=codes)
-        return sum_lx, np.einsum("ij,ij->j", w, codes)
+        return sum_lx, np.einsum(_COLUMN_DOT, w, codes)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         sum_lx, sum_l2 = moments(-nmax / extreme)
@@ -554,8 +618,7 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
 
     # Super-block: the signed scale of largest magnitude maps to int8 -128, so the sign of
     # the scales uses the full int8 range.
-    arg = np.abs(scale).argmax(axis=1)[:, None]
-    max_scale = np.take_along_axis(scale, arg, axis=1)  # [nb, 1]
+    max_scale = _first_absmax(scale.T)[:, None]  # [nb, 1]
     zero = np.abs(max_scale) < f32(1e-15)
     inv = np.where(zero, f32(0), f32(-128) / np.where(zero, f32(1), max_scale))
     d16 = np.where(zero, f32(0), f32(1) / np.where(zero, f32(1), inv)).astype(np.float16)
