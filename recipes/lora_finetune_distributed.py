@@ -245,7 +245,7 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
     if (final_dir / "merged").is_dir():
         say(f"merged model: {final_dir / 'merged'}")
     # rank 0 exports alone (the others may finish: no collective waits on an export of minutes)
-    if dist_utils.is_rank0() and (gguf := export_gguf_step(cfg, final_dir)) is not None:
+    if is_rank0() and (gguf := export_gguf_step(cfg, final_dir)) is not None:
         say(f"gguf: {gguf}")
 
 
