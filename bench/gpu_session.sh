@@ -8,6 +8,7 @@
 #   .site-uns  trl + datasets (+ unsloth)                                       for: dpo_peer
 # STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast
 #       recipe_<profile of bench/finetune.py: lean eager offload fast qlora packed>
+#       pytest_cuda (the CUDA tests: kernels at real sizes, activation offload; log in $OUT/pytest_cuda.log)
 # (default: the single-GPU set without the peers whose folders are not carried).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -43,6 +44,8 @@ for s in "${steps[@]}"; do
     lora_compile) run 150 python3 bench/lora_step.py --compile --profile lora_lean ;;
     lora_fast)    run 150 python3 bench/lora_step.py --compile --no-ac --profile lora_fast ;;
     recipe_*)     run 300 python3 bench/finetune.py --profile "${s#recipe_}" ;;
+    pytest_cuda)  (cd /tmp/pkg/tunelab && timeout 400 python3 -m pytest -q -p no:cacheprovider tests/kernels \
+                     tests/training/test_offload.py) > "$OUT/pytest_cuda.log" 2>&1; tail -3 "$OUT/pytest_cuda.log" ;;
     *) echo "unknown step $s" ;;
   esac
 done
