@@ -259,3 +259,4 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
 if __name__ == "__main__":
     # record: torchrun's end-of-job summary then shows the failing rank's exception, not just its exit code
     recipe_entry(record(main))
+    dist_utils.exit_finished_run()  # skip interpreter teardown (see its docstring)

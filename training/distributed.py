@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -74,6 +75,7 @@ __all__ = [
     "clip_grad_norm",
     "cuda_only_settings",
     "destroy_distributed",
+    "exit_finished_run",
     "eval_sampler",
     "full_tensor_on_rank0",
     "gather_full_state",
@@ -147,6 +149,20 @@ def destroy_distributed() -> None:
         gc.collect()
         dist.destroy_process_group()
         gc.collect()
+
+
+def exit_finished_run() -> NoReturn:
+    """End a finished torchrun worker without the interpreter's shutdown (call last, on success).
+
+    By then every file is written and closed and the process group destroyed. What remains is
+    CPython finalizing C++ objects (gloo's transport threads, CUDA state), where c10d has been
+    seen to abort a worker ("terminate called without an active exception") after a fully
+    successful run, and torchrun then fails the whole job. ``os._exit`` skips that step, after
+    flushing stdout and stderr.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rank() -> int:
