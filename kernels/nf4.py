@@ -123,9 +123,11 @@ if HAS_TRITON:
 
 
 def _dequantize_nf4_triton(codes, absmax_q, absmax_scale, absmax_offset, code, absmax_code, *, numel, block_size,
-                           scaler_block_size, dtype, bytes_per_program=_BYTES, num_warps=_WARPS) -> torch.Tensor:
+                           scaler_block_size, dtype, out=None, bytes_per_program=_BYTES,
+                           num_warps=_WARPS) -> torch.Tensor:
     # bytes_per_program / num_warps are the launch shape; bench/nf4_dequant.py sweeps them
-    out = torch.empty(numel, dtype=dtype, device=codes.device)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=codes.device)
     n_bytes = codes.numel()
     if numel:
         grid = (triton.cdiv(n_bytes, bytes_per_program),)
@@ -149,15 +151,21 @@ def dequantize_nf4(
     block_size: int = 64,
     scaler_block_size: int = 256,
     dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantize NF4 storage to a flat [numel] tensor of ``dtype`` (no autograd).
 
     The Triton kernel runs for CUDA tensors when triton imports (see ``tunelab.kernels``'
     backend switch), the PyTorch reference otherwise. Arguments as in
     :func:`dequantize_nf4_reference`; all tensors must be contiguous and on one device.
+    ``out`` (contiguous [numel] of ``dtype``), when given, receives the values and is returned:
+    the NF4 layers dequantize every weight into one reused buffer.
     """
     args = (codes, absmax_q, absmax_scale, absmax_offset, code, absmax_code)
     kwargs = dict(numel=numel, block_size=block_size, scaler_block_size=scaler_block_size, dtype=dtype)
+    if out is not None and (out.shape != (numel,) or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [{numel}] {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
     if use_triton(codes) and block_size % 2 == 0:
-        return _dequantize_nf4_triton(*args, **kwargs)
-    return dequantize_nf4_reference(*args, **kwargs)
+        return _dequantize_nf4_triton(*args, **kwargs, out=out)
+    result = dequantize_nf4_reference(*args, **kwargs)
+    return result if out is None else out.copy_(result)

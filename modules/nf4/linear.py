@@ -28,19 +28,39 @@ __all__ = ["NF4Linear", "NF4LoRALinear", "nf4_linear", "quantize_linears_"]
 _STORAGE = ("codes", "absmax_q", "absmax_scale_bits", "absmax_offset_bits", "code", "absmax_code")
 
 
+_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _dense(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` dequantized into the one dense buffer all NF4 layers share per (device, dtype).
+
+    Each layer's dense weight lives only inside one forward or backward call (it is never
+    saved), and calls on a device run in stream order, so one buffer the size of the largest
+    weight serves them all: no allocation per call, and a fixed amount of memory instead of
+    whatever the allocator keeps cached for every weight shape.
+    """
+    if weight.device.type != "cuda":  # the CPU reference allocates anyway: keep it simple there
+        return weight.dequantize(dtype)
+    key, n = (weight.device, dtype), weight.numel()
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < n:
+        _workspaces[key] = buf = torch.empty(n, dtype=dtype, device=weight.device)
+    return weight.dequantize(dtype, out=buf[:n])
+
+
 class _NF4LinearFunction(torch.autograd.Function):
     """``x @ dequant(W)^T`` whose backward dequantizes W again (nothing weight-sized is saved)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
         ctx.weight = weight  # a reference to the 4-bit storage, not a copy
-        return F.linear(x, weight.dequantize(x.dtype))
+        return F.linear(x, _dense(weight, x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        w = ctx.weight.dequantize(grad_out.dtype)  # [out, in]
+        w = _dense(ctx.weight, grad_out.dtype)  # [out, in]
         return grad_out @ w, None  # [..., out] @ [out, in] -> [..., in]
 
 

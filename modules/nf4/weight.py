@@ -121,11 +121,16 @@ class NF4Weight(nn.Module):
         return self.nbytes / max(self.numel(), 1)
 
     # ------------------------------------------------------------------ dequantization
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense tensor (original shape) in ``dtype`` (default: the original dtype).
 
         Values are ``level * block_absmax`` computed in fp32 and rounded once to ``dtype``
         (bitsandbytes' ``dequantize_4bit`` gives the same numbers). No autograd.
+
+        Args:
+            dtype: output dtype.
+            out: optional flat contiguous buffer of ``numel()`` elements of ``dtype`` to write
+                into (its view of the original shape is returned).
         """
         code, absmax_code = self.levels()
         flat = dequantize_nf4(
@@ -139,6 +144,7 @@ class NF4Weight(nn.Module):
             block_size=self.block_size,
             scaler_block_size=self.scaler_block_size,
             dtype=dtype or self.dtype,
+            out=out,
         )
         return flat.view(self.shape)
 

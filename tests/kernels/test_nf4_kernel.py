@@ -48,3 +48,45 @@ def test_weight_dequantize_uses_kernel(triton_backend):
     with torch.no_grad():
         ref = dequantize_nf4_reference(*_args(w4)[0], **_args(w4)[1], dtype=torch.float32).view(8, 96)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_dequantize_into_a_given_buffer(triton_backend):
+    """``out=``: the kernel writes into the caller's buffer (a slice of a larger one, as the
+    NF4 layers' shared workspace is) and returns it; a wrong buffer is refused."""
+    w4 = to_nf4(torch.randn(33, 17, generator=torch.Generator().manual_seed(1)).to(triton_backend))
+    args, kw = _args(w4)
+    workspace = torch.full((w4.numel() + 5,), float("nan"), device=triton_backend)
+    out = dequantize_nf4(*args, **kw, dtype=torch.float32, out=workspace[: w4.numel()])
+    assert out.data_ptr() == workspace.data_ptr()
+    torch.testing.assert_close(out, dequantize_nf4_reference(*args, **kw, dtype=torch.float32), rtol=1e-6, atol=1e-12)
+    assert workspace[w4.numel():].isnan().all()  # nothing written past the weight
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize_nf4(*args, **kw, dtype=torch.bfloat16, out=workspace[: w4.numel()])
+
+
+def test_nf4_layers_share_one_workspace_on_cuda():
+    """On CUDA every NF4 layer dequantizes into one buffer per (device, dtype), sized by the
+    largest weight; forward and backward still equal the dense layer's (the buffer is never
+    saved for backward)."""
+    if not torch.cuda.is_available():
+        pytest.skip("the shared dequantization buffer is used on CUDA only")
+    from tunelab.modules.nf4 import linear as nf4_linear_mod
+
+    torch.manual_seed(0)
+    weights = [torch.randn(o, i, device="cuda") * 0.02 for o, i in ((64, 96), (192, 64), (96, 192))]
+    layers = [nf4_linear_mod.NF4Linear(to_nf4(w)) for w in weights]
+    x = torch.randn(4, 96, device="cuda", requires_grad=True)
+    y = x
+    for layer in layers:
+        y = layer(y)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    dense = [layer.weight.dequantize() for layer in layers]
+    x2 = x.detach().requires_grad_()
+    y2 = x2
+    for w in dense:
+        y2 = y2 @ w.t()
+    (grad2,) = torch.autograd.grad(y2.square().sum(), x2)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad2, rtol=1e-5, atol=1e-6)
+    buf = nf4_linear_mod._workspaces[(torch.device("cuda", torch.cuda.current_device()), torch.float32)]
+    assert buf.numel() == max(w.numel() for w in weights)
