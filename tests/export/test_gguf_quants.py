@@ -352,3 +352,21 @@ def test_matches_llama_cpp_q4_k_m(tmp_path, model):
         "65b": {T.F32, T.Q4_K, T.Q6_K},
     }[model]
     assert seen == expected
+
+
+def test_first_absmax_matches_argmax_on_ties_nan_and_zeros():
+    """Q6_K's per-column largest-magnitude pick (max/min shortcut) equals the plain first-argmax
+    of |a| on the cases the shortcut cannot decide: +x/-x ties in both orders, all zeros, NaN."""
+    from tunelab.models.gguf.quants import _first_absmax
+
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((16, 40)).astype(np.float32)
+    a[:, 0] = 0.0
+    a[[2, 9], 1] = [3.0, -3.0]  # tie, positive first
+    a[[1, 5], 2] = [-4.0, 4.0]  # tie, negative first
+    a[3, 3] = np.nan
+    want = np.take_along_axis(a, np.abs(a).argmax(axis=0)[None, :], axis=0)[0]
+    got = _first_absmax(a)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[~np.isnan(want)], want[~np.isnan(want)])
+    assert got[1] == 3.0 and got[2] == -4.0
