@@ -2,28 +2,41 @@
 
 The performance.md workload, sharded: Llama-3.1-8B shape (or 70B shape) with random bf16
 weights built on the meta device and sharded by ``fully_shard`` per decoder layer + root (the
-recipe's own ``setup``: tunelab.training.distributed), batch 2 x 2048 random tokens PER GPU,
-LoRA r16 / alpha 32 on all seven projections (fp32 adapters, bf16 compute, fp32 gradient
+recipe's own ``shard_model``: tunelab.training.distributed), batch 2 x 2048 random tokens PER
+GPU, LoRA r16 / alpha 32 on all seven projections (fp32 adapters, bf16 compute, fp32 gradient
 reduce), activation checkpointing per layer, AdamW on the adapters, 2 warm-up + 6 timed steps.
 tokens_per_s is per GPU (batch * seq * steps / time on each rank); peak_gib is the largest
-torch.cuda.max_memory_allocated over the ranks. Rank 0 prints one JSON line (append it to
-bench/results/fsdp.jsonl).
+torch.cuda.max_memory_allocated over the ranks. Rank 0 prints one JSON line per measured
+setting (append them to bench/results/).
+
+One launch can sweep the FSDP switches (comma lists; every combination, each on a freshly
+built and sharded model in the same process group): PREFETCH (``fsdp.prefetch_layers``) and
+RESHARD (``fsdp.reshard_after_forward`` 1/0). The defaults (PREFETCH=0, RESHARD=1) are the
+recipes' default behaviour and keep the profile name ``fsdp_lora_<shape>_ac``; other settings
+add ``_pf<k>`` / ``_noreshard`` to the profile, and every line's config string names them.
 
     torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py             # 8B, world size 1
     torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py             # 8B on 2 GPUs
+    PREFETCH=0,1,2 RESHARD=1,0 ROUNDS=2 torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py
     SHAPE=70b torchrun --standalone --nproc_per_node 8 bench/fsdp_step.py   # 70B shape
     SHAPE=70b LAYERS=8 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py  # 70B layers on 1 GPU
     SHAPE=tiny torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py  # CPU / gloo smoke run
 
 Environment knobs: SHAPE (8b | 70b | tiny), LAYERS (override the layer count), BATCH, SEQ,
-STEPS, WARMUP, AC (1/0), RESHARD (reshard_after_forward 1/0), OFFLOAD (CPU offload 1/0),
-PROFILE (name recorded in the line), BENCH_OUT (also append the line to this file),
-TUNELAB_COMMIT (the commit recorded where the tree has no .git).
+STEPS, WARMUP, AC (1/0), RESHARD (list of 1/0), PREFETCH (list of k >= 0), ROUNDS (repeat the
+whole sweep, in the same order, to see the run-to-run spread), OFFLOAD (CPU offload 1/0),
+PROFILE (the profile name's base), TRACE (a folder: a gzipped chrome trace of one timed step
+per setting and rank, for finding the exposed collectives), BENCH_OUT (also append the lines
+to this file), TUNELAB_COMMIT (the commit recorded where the tree has no .git). NCCL_*
+variables that are set are recorded in the line's ``env``.
 """
 
 from __future__ import annotations
 
+import gc
+import gzip
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,6 +58,11 @@ def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def env_ints(name: str, default: str) -> list[int]:
+    """A comma-separated list of integers from the environment (``"0,1,2"``)."""
+    return [int(v) for v in os.environ.get(name, default).split(",") if v.strip()]
+
+
 def model_args(shape: str):
     layers = os.environ.get("LAYERS")
     extra = {"n_layers": int(layers)} if layers else {}
@@ -57,26 +75,19 @@ def model_args(shape: str):
     raise SystemExit(f"SHAPE={shape!r}: use 8b, 70b or tiny")
 
 
-def main() -> None:
-    shape = os.environ.get("SHAPE", "8b")
-    batch, seq = env_int("BATCH", 2), env_int("SEQ", 2048 if shape != "tiny" else 64)
-    steps, warmup = env_int("STEPS", 6 if shape != "tiny" else 2), env_int("WARMUP", 2 if shape != "tiny" else 1)
-    ac, reshard, offload = bool(env_int("AC", 1)), bool(env_int("RESHARD", 1)), bool(env_int("OFFLOAD", 0))
-    device = dist_utils.init_distributed("auto", timeout_s=600)
+def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, reshard: bool, prefetch: int,
+                  offload: bool):
+    """The recipe's setup with random weights instead of a checkpoint: meta build, LoRA,
+    checkpointing, ``shard_model`` with the given switches, then each rank fills its shard."""
     cuda = device.type == "cuda"
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    dtype = torch.bfloat16 if cuda else torch.float32
-
-    # the recipe's setup, with random weights instead of a checkpoint
-    args = model_args(shape)
     model = build_model(args, device="meta", dtype=dtype)
     apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=torch.float32)
     set_trainable_params(model)
     wrap_layers(model, activation_checkpointing=ac, compile_layers=False)
     dist_utils.shard_model(model, param_dtype=dtype if cuda else None, reshard_after_forward=reshard,
-                           cpu_offload=offload and cuda)
-    model.to_empty(device="cpu" if offload and cuda else device)
-    gen = torch.Generator(device=model.tok_embeddings.weight.to_local().device).manual_seed(rank)
+                           cpu_offload=offload, prefetch_layers=prefetch)
+    model.to_empty(device="cpu" if offload else device)
+    gen = torch.Generator(device=model.tok_embeddings.weight.to_local().device).manual_seed(dist_utils.rank())
     with torch.no_grad():
         for name, p in model.named_parameters():
             local = p.to_local()
@@ -87,13 +98,15 @@ def main() -> None:
     torch.manual_seed(0)
     dist_utils.init_lora_sharded(model)
     model.rope.reset_parameters(device=device)
-    model.train()
-    params = list(get_adapter_params(model).values())
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    return model.train()
 
-    g = torch.Generator().manual_seed(1000 + rank)  # every rank its own random (non-zero) tokens
-    tokens = torch.randint(1, args.vocab_size, (batch, seq), generator=g).to(device)
-    labels = torch.randint(1, args.vocab_size, (batch, seq), generator=g).to(device)
+
+def measure(model, tokens: torch.Tensor, labels: torch.Tensor, *, steps: int, warmup: int,
+            trace: Path | None) -> tuple[float, float]:
+    """Warm-up steps, then ``steps`` timed ones; returns (seconds, last loss). With ``trace``,
+    one more step runs under the profiler afterwards (so the timing does not include it)."""
+    device = tokens.device
+    optimizer = torch.optim.AdamW(list(get_adapter_params(model).values()), lr=1e-4)
 
     def step() -> float:
         hidden = model(tokens, return_hidden=True)  # (b, s, dim)
@@ -104,40 +117,92 @@ def main() -> None:
         return loss.item()
 
     def sync() -> None:
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
         dist_utils.barrier()
 
     for _ in range(warmup):
         step()
     sync()
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
     sync()
     elapsed = time.perf_counter() - start
+    if trace is not None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            sync()
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        raw = trace.with_suffix("")  # the .json beside the .json.gz
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as f, gzip.open(trace, "wb") as out:
+            shutil.copyfileobj(f, out)
+        raw.unlink()
+    return elapsed, loss
 
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    layers = f" layers{args.n_layers}" if os.environ.get("LAYERS") else ""
-    row = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "system": "tunelab",
-        "bench": "fsdp_step",
-        "world_size": world,
-        "profile": os.environ.get("PROFILE") or f"fsdp_lora_{shape}{'_ac' if ac else '_no_ac'}",
-        "config": f"{shape}{layers} bs{batch} seq{seq} per gpu, lora r16 all 7 proj, ac={ac}, "
-                  f"reshard_after_forward={reshard}, cpu_offload={offload and cuda}, {'bf16' if cuda else 'fp32'} eager",
-        "tokens_per_s": round(batch * seq * steps / elapsed, 1),  # per GPU
-        "peak_gib": round(peak.item(), 2) if cuda else None,
-        "step_ms": round(1000 * elapsed / steps, 1),
-        "loss": round(loss, 4),
-    }
-    if rank == 0:
-        emit(row)
+
+def main() -> None:
+    shape = os.environ.get("SHAPE", "8b")
+    batch, seq = env_int("BATCH", 2), env_int("SEQ", 2048 if shape != "tiny" else 64)
+    steps, warmup = env_int("STEPS", 6 if shape != "tiny" else 2), env_int("WARMUP", 2 if shape != "tiny" else 1)
+    ac, offload_asked = bool(env_int("AC", 1)), bool(env_int("OFFLOAD", 0))
+    reshards, prefetches = [bool(r) for r in env_ints("RESHARD", "1")], env_ints("PREFETCH", "0")
+    rounds = env_int("ROUNDS", 1)
+    trace_dir = Path(os.environ["TRACE"]) if os.environ.get("TRACE") else None
+    device = dist_utils.init_distributed("auto", timeout_s=600)
+    cuda = device.type == "cuda"
+    offload = offload_asked and cuda
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    args = model_args(shape)
+    nccl_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}  # e.g. NCCL_MAX_NCHANNELS
+
+    g = torch.Generator().manual_seed(1000 + rank)  # every rank its own random (non-zero) tokens
+    tokens = torch.randint(1, args.vocab_size, (batch, seq), generator=g).to(device)
+    labels = torch.randint(1, args.vocab_size, (batch, seq), generator=g).to(device)
+
+    for _ in range(rounds):
+        for reshard in reshards:
+            for prefetch in prefetches:
+                model = build_sharded(args, device=device, dtype=dtype, ac=ac, reshard=reshard, prefetch=prefetch,
+                                      offload=offload)
+                # switches off = the name earlier results carry; others get their own profile
+                switches = (f"_pf{prefetch}" if prefetch else "") + ("" if reshard else "_noreshard")
+                profile = (os.environ.get("PROFILE") or f"fsdp_lora_{shape}{'_ac' if ac else '_no_ac'}") + switches
+                trace = trace_dir / f"trace_{profile}_rank{rank}.json.gz" if trace_dir else None
+                elapsed, loss = measure(model, tokens, labels, steps=steps, warmup=warmup, trace=trace)
+                peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+                layers = f" layers{args.n_layers}" if os.environ.get("LAYERS") else ""
+                row = {
+                    "device": device_name(device),
+                    "torch": torch.__version__,
+                    "system": "tunelab",
+                    "bench": "fsdp_step",
+                    "world_size": world,
+                    "profile": profile,
+                    "config": f"{shape}{layers} bs{batch} seq{seq} per gpu, lora r16 all 7 proj, ac={ac}, "
+                              f"reshard_after_forward={reshard}, prefetch_layers={prefetch}, cpu_offload={offload}, "
+                              f"{'bf16' if cuda else 'fp32'} eager",
+                    "tokens_per_s": round(batch * seq * steps / elapsed, 1),  # per GPU
+                    "peak_gib": round(peak.item(), 2) if cuda else None,
+                    "step_ms": round(1000 * elapsed / steps, 1),
+                    "loss": round(loss, 4),
+                    **({"env": nccl_env} if nccl_env else {}),
+                }
+                if rank == 0:
+                    emit(row)
+                # the next setting starts from an empty allocator: FSDP states hold reference cycles
+                del model
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
     dist_utils.destroy_distributed()
 
 

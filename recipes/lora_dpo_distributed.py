@@ -77,6 +77,9 @@ from tunelab.training.utils import resolve_dtype, seed_everything
 class FSDPConfig:
     reshard_after_forward: bool  # true: gather each layer again in backward (least memory)
     cpu_offload: bool  # sharded params/grads/optimizer state in host memory (CUDA only)
+    # 0: FSDP2's own overlap; k: each layer's forward/backward issues the all-gathers of the
+    # next/previous k layers (hides more of them; k - 1 more gathered layers in memory)
+    prefetch_layers: int
 
 
 @dataclass(kw_only=True)

@@ -42,7 +42,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tunelab.errors import CheckpointError, ConfigError, DataError
@@ -290,6 +290,7 @@ def shard_model(
     param_dtype: torch.dtype | None,
     reshard_after_forward: bool,
     cpu_offload: bool,
+    prefetch_layers: int = 0,
 ) -> nn.Module:
     """``fully_shard`` each decoder layer, then the root (embeddings, final norm, head).
 
@@ -300,10 +301,25 @@ def shard_model(
         reshard_after_forward: free each layer's gathered weights after its forward (ZeRO-3;
             gathered again in backward) instead of keeping them until backward (ZeRO-2-like).
         cpu_offload: keep the sharded parameters, gradients and optimizer state on the CPU.
+        prefetch_layers: 0 leaves the overlap to FSDP2 (a layer's all-gather is issued when
+            its own forward starts, on a side stream; backward gathers the layer before the
+            current one, found from the recorded forward order). k >= 1 prefetches explicitly:
+            the root's and each layer's forward issue the all-gathers of the next k layers right
+            after their own (before their compute is queued), and each backward those of the k
+            layers before it. Up to k gathered layers wait ahead of the one computing (k - 1
+            layers of gathered weights more than FSDP2's own overlap; 1 is its overlap issued
+            earlier). With ``reshard_after_forward=False`` backward gathers nothing, so only the
+            forward part acts. The arithmetic is unchanged: only when all-gathers are issued moves.
 
     Gradients are averaged over ranks (FSDP's default); a recipe that normalises the loss by
-    the label tokens of the whole global batch multiplies it by the world size.
+    the label tokens of the whole global batch multiplies it by the world size. Only
+    parameters that received a gradient are reduce-scattered, so with LoRA the frozen base
+    weights are gathered but never reduced (FSDP2 skips parameters whose ``.grad`` is None).
+
+    Raises:
+        ConfigError: ``prefetch_layers`` < 0.
     """
+    _check_prefetch_layers(prefetch_layers)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in model.layers:
@@ -311,7 +327,39 @@ def shard_model(
     # The root keeps its weights gathered from forward to backward (FSDP's default for the root):
     # the loss multiplies the hidden states by model.output_weight after the forward returns.
     fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    if prefetch_layers:
+        _set_layer_prefetch(model, prefetch_layers)
     return model
+
+
+def _set_layer_prefetch(model: nn.Module, k: int) -> None:
+    """Explicit all-gather prefetching over the fixed layer order (see ``shard_model``).
+
+    Safe because every training forward runs all layers in order and every backward runs
+    them in reverse: a prefetched layer always computes (and reshards) later in the same
+    pass; one that never ran would stay gathered, and an optimizer step would then leave it
+    stale. Activation checkpointing lives inside each layer's forward (``wrap_layers``),
+    outside FSDP's module hooks, so the recompute in backward fires no forward hook and
+    cannot start a second forward-prefetch chain (the pitfall of checkpoint wrappers placed
+    around an FSDP module, or of reentrant checkpointing).
+    """
+    layers = list(model.layers)
+    # the root computes only the embedding before layer 0: its prefetch starts the chain
+    model.set_modules_to_forward_prefetch(layers[:k])
+    # backward starts at the root (the head's gradient), then the last layer, going down
+    model.set_modules_to_backward_prefetch(layers[::-1][:k])
+    for i, layer in enumerate(layers):
+        layer.set_modules_to_forward_prefetch(layers[i + 1 : i + 1 + k])
+        # nearest first: FSDP2 issues them in list order and layer i - 1 is needed first.
+        # Layer 0 gets an empty list, i.e. FSDP2's default: nothing but the root (still
+        # gathered) comes before it, so nothing is issued.
+        layer.set_modules_to_backward_prefetch(layers[max(i - k, 0) : i][::-1])
+
+
+def _check_prefetch_layers(prefetch_layers: int) -> None:
+    if isinstance(prefetch_layers, bool) or not isinstance(prefetch_layers, int) or prefetch_layers < 0:
+        raise ConfigError(f"fsdp.prefetch_layers must be an integer >= 0 (0 = FSDP2's own overlap, k = "
+                          f"all-gather the next k layers ahead), got {prefetch_layers!r}")
 
 
 def _row_range(full_rows: int, local_rows: int) -> tuple[int, int]:
@@ -435,6 +483,12 @@ def gather_full_state(model: nn.Module, *, trainable_only: bool) -> dict[str, to
     Gathered one tensor at a time; with ``trainable_only=False`` rank 0 ends up holding the
     whole model in host memory (what a merged HF export needs).
     """
+    # A no-grad forward (evaluation, DPO's reference) leaves the modules that keep their weights
+    # gathered after forward (the root; every layer with reshard_after_forward: false) holding
+    # the unsharded compute copies (bf16 under mixed precision): back to the fp32 shards first.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if trainable_only and not p.requires_grad:
@@ -481,13 +535,15 @@ def name_failing_rank() -> Iterator[None]:
 
 
 def check_distributed_settings(cfg) -> None:
-    """Value ranges of the keys only the FSDP recipes have (``dist_timeout_s``).
+    """Value ranges of the keys only the FSDP recipes have (``dist_timeout_s``,
+    ``fsdp.prefetch_layers``), checked before any process group is joined.
 
     Raises:
         ConfigError: one line naming the key.
     """
     if cfg.dist_timeout_s < 1:
         raise ConfigError(f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
+    _check_prefetch_layers(cfg.fsdp.prefetch_layers)
 
 
 def prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None]:
@@ -559,7 +615,8 @@ def setup_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
     wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
                 offload_activations=offload_activations)
     shard_model(model, param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
-                reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload)
+                reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload,
+                prefetch_layers=cfg.fsdp.prefetch_layers)
     model.to_empty(device="cpu" if cfg.fsdp.cpu_offload else device)
     load_hf_weights_sharded(model, cfg.checkpoint_dir)
     init_lora_sharded(model)
