@@ -7,6 +7,7 @@
 #   .site      HF+PEFT peer extras  (../shared/bench/peer_wheels.sh makes it)   for: hf_lora
 #   .site-uns  trl + datasets (+ unsloth)                                       for: dpo_peer
 # STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast
+#       fsdp1_sweep fsdp2_sweep (two GPUs: nvidia-h200-x2, NCCL_NVLS_ENABLE=0 as KINDS.md says)
 #       recipe_<profile of bench/finetune.py: lean eager offload fast qlora packed>
 #       pytest_cuda (the CUDA tests: kernels at real sizes, activation offload; log in $OUT/pytest_cuda.log)
 # (default: the single-GPU set without the peers whose folders are not carried).
@@ -41,6 +42,8 @@ for s in "${steps[@]}"; do
     nf4)          run 60 python3 bench/nf4_dequant.py ;;
     nf4_variants) run 150 python3 bench/nf4_variants.py ;;
     fsdp1)        run 90 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
+    fsdp1_sweep)  PREFETCH=0,1,2 RESHARD=1,0 run 200 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
+    fsdp2_sweep)  PREFETCH=0,1,2 RESHARD=1,0 ROUNDS=2 run 400 torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py ;;
     lora_compile) run 150 python3 bench/lora_step.py --compile --profile lora_lean ;;
     lora_fast)    run 150 python3 bench/lora_step.py --compile --no-ac --profile lora_fast ;;
     recipe_*)     run 300 python3 bench/finetune.py --profile "${s#recipe_}" ;;
