@@ -9,6 +9,7 @@
 # STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast
 #       fsdp1_sweep fsdp2_sweep (two GPUs: nvidia-h200-x2, NCCL_NVLS_ENABLE=0 as KINDS.md says)
 #       recipe_<profile of bench/finetune.py: lean eager offload fast qlora packed>
+#       attention (SDPA backends, packed flex vs dense mask)
 #       pytest_cuda (the CUDA tests: kernels at real sizes, activation offload; log in $OUT/pytest_cuda.log)
 # (default: the single-GPU set without the peers whose folders are not carried).
 set -u
@@ -41,6 +42,7 @@ for s in "${steps[@]}"; do
     dpo_peer)     PYTHONPATH=$PWD/.site-uns run 200 python3 .peer/dpo_anchor.py trl ;;
     nf4)          run 60 python3 bench/nf4_dequant.py ;;
     nf4_variants) run 150 python3 bench/nf4_variants.py ;;
+    attention)    run 150 python3 bench/attention_bench.py ;;
     fsdp1)        run 90 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
     fsdp1_sweep)  PREFETCH=0,1,2 RESHARD=1,0 run 200 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
     fsdp2_sweep)  PREFETCH=0,1,2 RESHARD=1,0 ROUNDS=2 run 400 torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py ;;
@@ -48,7 +50,7 @@ for s in "${steps[@]}"; do
     lora_fast)    run 150 python3 bench/lora_step.py --compile --no-ac --profile lora_fast ;;
     recipe_*)     run 300 python3 bench/finetune.py --profile "${s#recipe_}" ;;
     pytest_cuda)  (cd /tmp/pkg/tunelab && timeout 400 python3 -m pytest -q -p no:cacheprovider tests/kernels \
-                     tests/training/test_offload.py) > "$OUT/pytest_cuda.log" 2>&1; tail -3 "$OUT/pytest_cuda.log" ;;
+                     tests/training/test_offload.py tests/modules/test_attention_backends.py) > "$OUT/pytest_cuda.log" 2>&1; tail -3 "$OUT/pytest_cuda.log" ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -1,12 +1,294 @@
-"""Grouped-query self-attention with RoPE and an optional KV cache."""
+"""Grouped-query self-attention with RoPE and an optional KV cache.
+
+Which kernel runs is decided per call from what the caller passes, so nothing has to be
+threaded through configs:
+
+- **Causal rows, no mask** (training without packing): ``F.scaled_dot_product_attention`` with
+  ``is_causal=True`` under the SDPA backend policy below (:func:`causal_attention`).
+- **Packed rows on CUDA**: ``TransformerDecoder.forward`` builds one flex-attention
+  ``BlockMask`` per forward from ``document_ids`` (:func:`document_mask`: causal AND same
+  document, block-sparse, so whole blocks of other documents are skipped) and every layer runs
+  ``flex_attention`` on it (:func:`flex_document_attention`), compiled once per process
+  (lazily) or captured into the layer's graph when the layer itself is compiled.
+- **Packed rows on CPU, and KV-cache decoding**: SDPA with a dense boolean mask (the exact
+  reference; flex on CPU has no backward).
+
+Switches, environment variables read once (at the first model built or the first call):
+
+- ``TUNELAB_SDPA_BACKEND=auto|cudnn|flash|efficient|math`` (default ``auto``): the SDPA
+  backend of the unmasked causal path. ``auto`` is torch's own choice with k/v expanded to
+  all query heads (the behaviour before this switch existed). A named backend is put first in
+  torch's priority order (``sdpa_kernel(..., set_priority=True)``, traced by torch.compile) with
+  the others kept as fallbacks, so a shape it does not support still runs. ``cudnn`` and
+  ``flash`` take grouped-query k/v as they are (``enable_gqa=True``): no expanded copies of k
+  and v, which also saves their memory. A bad value raises ``ConfigError`` naming the switch.
+- ``TUNELAB_PACKED_ATTENTION=sdpa|flex`` (default ``sdpa``, the dense-mask path everywhere):
+  ``flex`` runs packed rows on CUDA through compiled flex_attention on the block-sparse
+  document mask. It stays opt-in until it has been measured and run on the GPU (the CUDA tests
+  and bench/attention_bench.py); then the default flips here.
+"""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from tunelab.errors import ConfigError
 from tunelab.modules.rope import apply_rope
+
+SDPA_BACKEND_ENV = "TUNELAB_SDPA_BACKEND"
+PACKED_ATTENTION_ENV = "TUNELAB_PACKED_ATTENTION"
+
+# Fallback order after the preferred backend: torch's own default order (math always last, so
+# any input still runs).
+_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+SDPA_BACKEND_CHOICES = ("auto", "cudnn", "flash", "efficient", "math")
+# Backends whose kernels take fewer k/v heads than q heads themselves (flash and cuDNN do; the
+# memory-efficient kernel only in recent torch, and math expands internally).
+_NATIVE_GQA = ("cudnn", "flash")
+PACKED_ATTENTION_CHOICES = ("flex", "sdpa")
+FLEX_BLOCK_SIZE = 128  # flex_attention's default tile: the unit at which blocks are skipped
+
+
+@dataclass(frozen=True)
+class SDPAPolicy:
+    """How the unmasked causal path calls SDPA.
+
+    Args:
+        name: the switch's value (``auto``, ``cudnn``, ``flash``, ``efficient``, ``math``).
+        backends: priority order handed to ``sdpa_kernel(..., set_priority=True)``; ``None``
+            leaves torch's own choice untouched.
+        native_gqa: pass grouped-query k/v with ``enable_gqa=True`` instead of expanding them.
+    """
+
+    name: str
+    backends: tuple[SDPBackend, ...] | None
+    native_gqa: bool
+
+
+def parse_sdpa_backend(value: str) -> SDPAPolicy:
+    """The policy for one value of ``TUNELAB_SDPA_BACKEND``.
+
+    Raises:
+        ConfigError: ``value`` is not one of :data:`SDPA_BACKEND_CHOICES`.
+    """
+    name = value.strip().lower()
+    if name not in SDPA_BACKEND_CHOICES:
+        raise ConfigError(f"{SDPA_BACKEND_ENV}={value!r} is not an SDPA backend; use one of "
+                          f"{', '.join(SDPA_BACKEND_CHOICES)} (or unset it for auto)")
+    if name == "auto":
+        return SDPAPolicy("auto", None, False)
+    order = (_BACKENDS[name], *(b for n, b in _BACKENDS.items() if n != name))
+    return SDPAPolicy(name, order, name in _NATIVE_GQA)
+
+
+_sdpa_policy: SDPAPolicy | None = None
+_packed_attention: str | None = None
+
+
+def sdpa_policy() -> SDPAPolicy:
+    """The process's SDPA policy, read from ``TUNELAB_SDPA_BACKEND`` on first use and cached
+    (a compiled layer then sees a constant)."""
+    global _sdpa_policy
+    if _sdpa_policy is None:
+        _sdpa_policy = parse_sdpa_backend(os.environ.get(SDPA_BACKEND_ENV, "auto"))
+    return _sdpa_policy
+
+
+def packed_attention() -> str:
+    """``flex`` or ``sdpa``: the packed-row path on CUDA, from ``TUNELAB_PACKED_ATTENTION``
+    (read once).
+
+    Raises:
+        ConfigError: the variable holds another value.
+    """
+    global _packed_attention
+    if _packed_attention is None:
+        value = os.environ.get(PACKED_ATTENTION_ENV, "sdpa")
+        if value.strip().lower() not in PACKED_ATTENTION_CHOICES:
+            raise ConfigError(f"{PACKED_ATTENTION_ENV}={value!r} is not a packed-attention path; use one of "
+                              f"{', '.join(PACKED_ATTENTION_CHOICES)} (or unset it for sdpa)")
+        _packed_attention = value.strip().lower()
+    return _packed_attention
+
+
+def set_attention_switches(sdpa_backend: str | None = None, packed: str | None = None) -> None:
+    """Override the switches in-process (tests, benchmarks); ``None`` forgets the override so
+    the environment is read again at the next use.
+
+    Args:
+        sdpa_backend: a ``TUNELAB_SDPA_BACKEND`` value, or None.
+        packed: a ``TUNELAB_PACKED_ATTENTION`` value, or None.
+    """
+    global _sdpa_policy, _packed_attention
+    _sdpa_policy = None if sdpa_backend is None else parse_sdpa_backend(sdpa_backend)
+    _packed_attention = None
+    if packed is not None:
+        if packed not in PACKED_ATTENTION_CHOICES:
+            raise ConfigError(f"packed attention {packed!r} is not one of {', '.join(PACKED_ATTENTION_CHOICES)}")
+        _packed_attention = packed
+
+
+# ---------------------------------------------------------------- kernels
+def _expand_kv(k: torch.Tensor, v: torch.Tensor, n_rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [b, nkv, s, hd] -> [b, nkv * n_rep, s, hd]: kv head j serves query heads
+    j * n_rep ... j * n_rep + n_rep - 1 (HF's repeat_kv order, and enable_gqa's)."""
+    if n_rep == 1:
+        return k, v
+    return k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: SDPAPolicy | None = None
+) -> torch.Tensor:
+    """Causal self-attention without a mask tensor, under an SDPA backend policy.
+
+    Args:
+        q: [b, nh, s, hd].
+        k: [b, nkv, s, hd] with ``nh % nkv == 0``.
+        v: like ``k``.
+        policy: default :func:`sdpa_policy` (the environment switch).
+
+    Returns:
+        [b, nh, s, hd].
+    """
+    policy = sdpa_policy() if policy is None else policy
+    n_rep = q.shape[1] // k.shape[1]
+    if policy.backends is None:
+        k, v = _expand_kv(k, v, n_rep)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    gqa = policy.native_gqa and n_rep > 1
+    if not gqa:
+        k, v = _expand_kv(k, v, n_rep)
+    # The context manager (not a global setting) so other SDPA users in the process keep
+    # torch's defaults; dynamo traces it, so a compiled layer bakes the choice into its graph.
+    with sdpa_kernel(list(policy.backends), set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+
+_compiled_flex = None
+
+
+def _flex_compiled():
+    """``torch.compile(flex_attention)``, built at first use: eager flex_attention is an
+    unfused reference that materialises the scores; compiled, it is one fused block-sparse
+    kernel forward and backward."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
+) -> torch.Tensor:
+    """flex_attention over a :func:`document_block_mask` (grouped-query k/v used as they are).
+
+    Args:
+        q: [b, nh, s, hd].
+        k: [b, nkv, s, hd] with ``nh % nkv == 0``.
+        v: like ``k``.
+        block_mask: built for ``b`` rows of ``s`` tokens.
+
+    Returns:
+        [b, nh, s, hd].
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if torch.compiler.is_compiling() or not q.is_cuda:
+        # Inside a compiled layer dynamo captures this call into the layer's own graph (a
+        # nested compiled function would only add a graph break). On CPU the eager reference
+        # runs (tests; forward only: torch has no CPU flex backward).
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return _flex_compiled()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def document_block_mask(document_ids: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """A flex-attention ``BlockMask``: query i sees key j iff ``j <= i`` and both carry the
+    same document id (per row).
+
+    Built from block-level min/max of the ids, never a dense [s, s] mask: a (query block, key
+    block) tile is skipped when it lies above the diagonal or its id ranges do not overlap,
+    is "full" (the kernel skips the mask function) when it lies strictly below the diagonal
+    and both blocks hold one and the same id, and is "partial" (mask function applied per
+    element) otherwise. Skipped and full tiles are exact for any ids; for ids that never
+    decrease along the row (packed rows) the partial set is exactly the tiles that mix.
+
+    Args:
+        document_ids: [b, s] integer ids.
+        block_size: tile size (flex_attention's default is 128).
+
+    Returns:
+        A BlockMask of shape [b, 1, s, s] (broadcast over heads).
+    """
+    b, s = document_ids.shape
+    device = document_ids.device
+    n = -(-s // block_size)
+    pad = n * block_size - s
+    # Pad the last block with copies of the row's last id: that leaves its id range unchanged.
+    ids = torch.cat([document_ids, document_ids[:, -1:].expand(b, pad)], dim=1).view(b, n, block_size)
+    lo, hi = ids.amin(-1), ids.amax(-1)  # (b, n)
+    blk = torch.arange(n, device=device)
+    qb, kb = blk[:, None], blk[None, :]  # (n, 1), (1, n)
+    overlap = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])  # (b, nq, nk)
+    single = lo == hi  # (b, n): the block holds one document
+    complete = (blk + 1) * block_size <= s  # the last block may be cut short by the row end
+    full = (
+        (kb < qb)
+        & (single[:, :, None] & single[:, None, :] & (lo[:, :, None] == lo[:, None, :]))
+        & (complete[:, None] & complete[None, :])
+    )
+    partial = (kb <= qb) & overlap & ~full
+
+    def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (b, nq, nk) bool -> counts (b, 1, nq) and key-block indices (b, 1, nq, nk) with the
+        # selected blocks first in ascending order (BlockMask's layout; the rest is ignored).
+        dense = dense[:, None].to(torch.int32)
+        idx = torch.argsort(dense, dim=-1, descending=True, stable=True)
+        return dense.sum(-1).to(torch.int32), idx.to(torch.int32)
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+
+    def same_document_causal(b_idx, h_idx, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (document_ids[b_idx, q_idx] == document_ids[b_idx, kv_idx])
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=same_document_causal, seq_lengths=(s, s))
+
+
+def dense_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """document_ids [b, s] -> bool [b, 1, s, s] (True = may attend): causal and same document."""
+    s = document_ids.shape[1]
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (b, s, s)
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    return (same_doc & causal)[:, None]  # (b, 1, s, s): broadcast over heads
+
+
+def document_mask(document_ids: torch.Tensor, *, use_flex: bool | None = None) -> torch.Tensor | BlockMask:
+    """The attention mask of packed rows, in the form the fastest available path takes.
+
+    Args:
+        document_ids: [b, s] ids of the packed documents.
+        use_flex: ``True`` a flex ``BlockMask``, ``False`` a dense bool mask; ``None`` (the
+            model's choice): flex on CUDA unless ``TUNELAB_PACKED_ATTENTION=sdpa``.
+
+    Returns:
+        A :func:`document_block_mask` or a :func:`dense_document_mask`.
+    """
+    if use_flex is None:
+        use_flex = document_ids.is_cuda and packed_attention() == "flex"
+    return document_block_mask(document_ids) if use_flex else dense_document_mask(document_ids)
 
 
 class KVCache(nn.Module):
@@ -57,9 +339,9 @@ class Attention(nn.Module):
     """Multi-head self-attention with grouped-query heads (``n_kv_heads`` divides ``n_heads``).
 
     q/k/v/o projections are plain ``nn.Linear(bias=False)`` attributes (LoRA swaps them by leaf
-    name). Attention runs through ``F.scaled_dot_product_attention``: with ``is_causal`` when
-    no mask is given (lets the fused kernels skip the mask), else with the boolean ``mask``
-    (True = may attend).
+    name). ``mask`` picks the kernel (see the module docstring): None is causal attention
+    through SDPA under the ``TUNELAB_SDPA_BACKEND`` policy, a flex ``BlockMask`` runs
+    flex_attention, a boolean tensor (True = may attend) runs SDPA with that mask.
 
     Args:
         dim: model width.
@@ -80,17 +362,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.kv_cache: KVCache | None = None
+        sdpa_policy()  # a bad TUNELAB_SDPA_BACKEND fails when the model is built, not mid-step
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [b, s, dim], cos/sin [b, s, head_dim], mask None (causal) or bool broadcastable to
-        [b, n_heads, s, s_kv], input_pos [s] (only with a KV cache) -> [b, s, dim]."""
+        """x [b, s, dim], cos/sin [b, s, head_dim], mask None (causal), a ``BlockMask`` for
+        [b, 1, s, s] or bool broadcastable to [b, n_heads, s, s_kv], input_pos [s] (only with a
+        KV cache) -> [b, s, dim]."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (b, nh, s, hd)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, s, hd)
@@ -102,12 +386,12 @@ class Attention(nn.Module):
                 raise ValueError("input_pos is required when KV caches are set up")
             k, v = self.kv_cache.update(input_pos, k, v)  # (b, nkv, max_seq_len, hd)
 
-        n_rep = self.n_heads // self.n_kv_heads
-        if n_rep > 1:
-            # Each kv head serves n_rep consecutive query heads (HF's repeat_kv order).
-            k = k.repeat_interleave(n_rep, dim=1)  # (b, nh, s_kv, hd)
-            v = v.repeat_interleave(n_rep, dim=1)
-
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if mask is None:
+            out = causal_attention(q, k, v)  # (b, nh, s, hd)
+        elif isinstance(mask, BlockMask):
+            out = flex_document_attention(q, k, v, mask)
+        else:
+            k, v = _expand_kv(k, v, self.n_heads // self.n_kv_heads)  # (b, nh, s_kv, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)  # (b, s, nh*hd)
         return self.o_proj(out)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.modules.attention import Attention, KVCache
+from tunelab.modules.attention import Attention, BlockMask, KVCache, document_mask
 from tunelab.modules.feed_forward import FeedForward
 from tunelab.modules.rms_norm import RMSNorm
 from tunelab.modules.rope import RotaryEmbedding
@@ -41,7 +41,7 @@ class TransformerDecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin, mask=mask, input_pos=input_pos)
@@ -160,7 +160,8 @@ class TransformerDecoder(nn.Module):
             position_ids: RoPE positions [b, s] (default ``arange(s)``, or ``input_pos`` when
                 decoding with a cache). Packed rows restart them at each document.
             document_ids: [b, s] ids of packed documents; attention is causal and confined to
-                positions with the same id. Not supported together with a KV cache.
+                positions with the same id (flex_attention on CUDA, masked SDPA on CPU). Not
+                supported together with a KV cache.
             input_pos: [s] positions to write into / attend over in the KV cache; required
                 when caches are set up, ignored otherwise.
             return_hidden: return the final-normed hidden states instead of logits (a fused
@@ -181,9 +182,10 @@ class TransformerDecoder(nn.Module):
         else:
             input_pos = None
             if document_ids is not None:
-                same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (b, s, s)
-                causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
-                mask = (same_doc & causal)[:, None]  # (b, 1, s, s): broadcast over heads
+                # Built once here, outside the (possibly checkpointed / compiled) layers, and
+                # shared by all of them: a flex BlockMask on CUDA, a dense [b, 1, s, s] bool
+                # mask on CPU (see tunelab.modules.attention).
+                mask = document_mask(document_ids)
         if position_ids is None:
             position_ids = torch.arange(s, device=tokens.device)[None].expand(b, s)
 
