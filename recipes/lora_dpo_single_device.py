@@ -67,7 +67,7 @@ from tunelab.training.recipe_setup import (
     setup_model,
 )
 from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.steps import NonFiniteLossError, optimizer_steps
+from tunelab.training.steps import apply_optimizer_step, optimizer_steps
 from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
 
 
@@ -182,18 +182,9 @@ def main(argv: list[str]) -> None:
             step_row, n_tokens = stats.reduce()  # loss + rewards/*: means over the step's pairs
             loss_value = step_row["loss"]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-                raise NonFiniteLossError(
-                    f"loss {loss_value} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
-                    f"stopped without saving ({kept}); lower optimizer.lr or loss.beta, set max_grad_norm or "
-                    "use dtype=fp32")
-            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it next)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batches_consumed += accum
+            # finite check, optimizer + lr schedule step, training position + 1 step
+            lr = apply_optimizer_step(progress, optimizer, scheduler, accum=accum, loss=loss_value,
+                                      grad_norm=grad_norm, last_saved=last_saved, knobs="optimizer.lr or loss.beta")
             tokens_seen += n_tokens
 
             step = progress.step

@@ -31,7 +31,6 @@ are ``tunelab.training.distributed``'s, shared with ``lora_dpo_distributed``.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ from tunelab.training.recipe_setup import (
     resolve_paths,
 )
 from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.steps import IGNORE_INDEX, NonFiniteLossError, loss_sum, make_loader, optimizer_steps
+from tunelab.training.steps import IGNORE_INDEX, apply_optimizer_step, loss_sum, make_loader, optimizer_steps
 from tunelab.training.utils import resolve_dtype, seed_everything
 
 
@@ -203,17 +202,9 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
                 step_loss += loss.detach()
             loss_value = all_reduce_sum([step_loss.item()], device)[0] / n_labels
             grad_norm = dist_utils.clip_grad_norm(params, cfg.max_grad_norm)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-                raise NonFiniteLossError(
-                    f"loss {loss_value} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
-                    f"stopped without saving ({kept}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
-            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it next)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batches_consumed += accum
+            # finite check, optimizer + lr schedule step, training position + 1 step
+            lr = apply_optimizer_step(progress, optimizer, scheduler, accum=accum, loss=loss_value,
+                                      grad_norm=grad_norm, last_saved=last_saved)
             tokens_seen += n_tokens
 
             step = progress.step

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,8 @@ from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
 from tunelab.modules.peft import LoRALinear
 from tunelab.training.offload import ActivationOffloader
 
-__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum", "optimizer_steps"]
+__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum", "optimizer_steps",
+           "apply_optimizer_step"]
 
 IGNORE_INDEX = -100  # label of positions that are not trained on
 
@@ -120,3 +123,36 @@ def optimizer_steps(progress, loader, sampler, *, accum: int, samples_per_batch:
         batches = iter(loader)
         while progress.step < total_steps and progress.batches_consumed // accum < steps_per_epoch:
             yield [next(batches) for _ in range(accum)]
+
+
+def apply_optimizer_step(progress, optimizer, scheduler, *, accum: int, loss: float, grad_norm: float,
+                         last_saved: Path | None, knobs: str = "optimizer.lr") -> float:
+    """End one optimizer step: check it is finite, step the optimizer and the lr schedule, clear
+    the gradients and advance the training position (``accum`` micro-batches consumed).
+
+    Args:
+        progress: the ``TrainingProgress`` (``step``, ``batches_consumed``).
+        optimizer, scheduler: what to step.
+        accum: micro-batches this step consumed.
+        loss, grad_norm: the step's loss and (pre-clipping) gradient norm.
+        last_saved: the newest checkpoint folder, named in the error.
+        knobs: the settings the error suggests lowering.
+
+    Returns:
+        The lr this step used (the scheduler has moved on to the next one).
+
+    Raises:
+        NonFiniteLossError: loss or gradient norm is nan/inf; nothing was stepped or saved.
+    """
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+        raise NonFiniteLossError(
+            f"loss {loss} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
+            f"stopped without saving ({kept}); lower {knobs}, set max_grad_norm or use dtype=fp32")
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    progress.batches_consumed += accum
+    return lr
