@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,25 @@ def _build(
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise DataError(f"dataset {name}: max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     ds = TokenizedDataset(name, max_seq_len, pad_id)
+    for rowno, (tokens, mask) in converted_rows(rows, convert, ds):
+        tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
+        labels = shift_labels(tokens, mask)
+        if all(x == IGNORE_INDEX for x in labels):
+            ds._skip("fully_masked", f"row {rowno}: {len(tokens)} tokens, none trained on")
+            continue
+        ds._add(tokens, labels)
+    return finish_dataset(ds, name, unit="row", units="rows")
+
+
+def converted_rows(rows: Iterable[Any], convert: Callable[[dict], Any], ds) -> Iterator[tuple[int, Any]]:
+    """``(row number, convert(row))`` for each row that converts; malformed rows, non-objects and
+    rows ``convert`` rejects (``_Skip``) are counted on ``ds`` with the first example of each.
+
+    Args:
+        rows: the source's rows (``MalformedRow`` for lines that did not parse).
+        convert: row dict -> whatever the builder needs; raises ``_Skip`` for a bad row.
+        ds: the dataset being built (``_skip(reason, detail)``).
+    """
     for rowno, row in enumerate(rows, 1):
         if isinstance(row, MalformedRow):
             ds._skip("malformed", f"{row.where}: {row.reason}")
@@ -144,26 +163,32 @@ def _build(
             ds._skip("malformed", f"row {rowno}: expected an object, got {type(row).__name__}")
             continue
         try:
-            tokens, mask = convert(row)
+            yield rowno, convert(row)
         except _Skip as s:
             ds._skip(s.reason, f"row {rowno}: {s.detail}")
-            continue
-        tokens, mask = tokens[:max_seq_len], mask[:max_seq_len]
-        labels = shift_labels(tokens, mask)
-        if all(x == IGNORE_INDEX for x in labels):
-            ds._skip("fully_masked", f"row {rowno}: {len(tokens)} tokens, none trained on")
-            continue
-        ds._add(tokens, labels)
 
+
+def finish_dataset(ds, name: str, *, unit: str, units: str):
+    """The end of every builder: a ``DataError`` if no row was usable, else one log line.
+
+    Args:
+        ds: the built dataset (``len``, skip counts and examples).
+        name: the source's name for messages.
+        unit, units: what one / several usable items are called ("row"/"rows", or
+            "preference pair"/"pairs").
+
+    Raises:
+        DataError: nothing usable, naming how many rows were skipped and why.
+    """
     if len(ds) == 0:
         if not ds.skip_reasons:
             raise DataError(f"dataset {name}: no rows found (empty file or split)")
         examples = "; ".join(ds.skip_examples.values())
         raise DataError(
-            f"dataset {name}: no usable row, {ds.num_skipped} skipped ({ds.describe_skips()}); "
+            f"dataset {name}: no usable {unit}, {ds.num_skipped} skipped ({ds.describe_skips()}); "
             f"first problems: {examples}"
         )
-    summary = f"dataset {name}: {len(ds)} rows used, {ds.num_skipped} skipped"
+    summary = f"dataset {name}: {len(ds)} {units} used, {ds.num_skipped} skipped"
     if ds.num_skipped:
         summary += f" ({ds.describe_skips()})"
     log.info(summary)

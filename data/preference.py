@@ -40,10 +40,11 @@ from tunelab.data.datasets import (
     _content_text,
     _rows,
     _Skip,
-    log,
+    converted_rows,
+    finish_dataset,
     shift_labels,
 )
-from tunelab.data.sources import MalformedRow, source_name
+from tunelab.data.sources import source_name
 from tunelab.data.tokenizers import Message
 from tunelab.errors import DataError
 
@@ -178,30 +179,12 @@ def preference_dataset(
             raise _Skip("fully_masked", "a response has no scored token after truncation")
         return (*sides, n_prompt)
 
-    for rowno, row in enumerate(_rows(source, split, data_files), 1):
-        if isinstance(row, MalformedRow):
-            ds._skip("malformed", f"{row.where}: {row.reason}")
-            continue
-        if not isinstance(row, dict):
-            ds._skip("malformed", f"row {rowno}: expected an object, got {type(row).__name__}")
-            continue
-        try:
-            chosen_ids, chosen_labels, rejected_ids, rejected_labels, n_prompt = convert(row)
-        except _Skip as s:
-            ds._skip(s.reason, f"row {rowno}: {s.detail}")
-            continue
+    for _, (chosen_ids, chosen_labels, rejected_ids, rejected_labels, n_prompt) in converted_rows(
+            _rows(source, split, data_files), convert, ds):
         ds._add(chosen_ids, chosen_labels)
         ds._add(rejected_ids, rejected_labels)
         ds.prompt_lens.append(n_prompt)
-
-    if len(ds) == 0:
-        if not ds.skip_reasons:
-            raise DataError(f"dataset {name}: no rows found (empty file or split)")
-        raise DataError(f"dataset {name}: no usable preference pair, {ds.num_skipped} skipped "
-                        f"({ds.describe_skips()}); first problems: {'; '.join(ds.skip_examples.values())}")
-    log.info("dataset %s: %d pairs used, %d skipped%s", name, len(ds), ds.num_skipped,
-             f" ({ds.describe_skips()})" if ds.num_skipped else "")
-    return ds
+    return finish_dataset(ds, name, unit="preference pair", units="pairs")
 
 
 def preference_collate(
