@@ -24,7 +24,6 @@ What llama.cpp expects of a ``llama`` file, and how it is met here:
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.models.checkpoint import (
     _IGNORED_HF,
+    _NATIVE_LAYER,
     _check_dir,
     _check_state_dict,
     _open,
@@ -65,7 +65,6 @@ _TOP_GGUF = {
     "norm.weight": "output_norm.weight",
     "output.weight": "output.weight",
 }
-_NATIVE_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def gguf_tensor_name(native_name: str) -> str:
