@@ -76,9 +76,10 @@ def peak_gib(device: torch.device) -> float | None:
 
 
 def emit(row: dict, out: str | None = None) -> None:
-    """Print the result line (commit and date added) and append it to ``out`` / $BENCH_OUT if set
+    """Print the result line (commit, date and the TUNELAB_* switches set added) and append it to ``out`` / $BENCH_OUT if set
     (not $OUT: on the GPU machine that names the folder of files that come back)."""
-    row = {"commit": commit(), **row, "date": time.strftime("%Y-%m-%d")}
+    switches = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TUNELAB_") and k != "TUNELAB_COMMIT"}
+    row = {"commit": commit(), **row, **({"env": switches} if switches else {}), "date": time.strftime("%Y-%m-%d")}
     line = json.dumps(row)
     print(line, flush=True)
     out = out or os.environ.get("BENCH_OUT")
@@ -107,3 +108,66 @@ def time_steps(step, *, warmup: int, steps: int, device: torch.device) -> tuple[
         result = step()
     sync()
     return time.perf_counter() - start, result
+
+
+# Kernel-name fragments -> phase, first match wins (cuBLAS on Hopper names its GEMMs nvjet_* or
+# sm90_xmma_*; our Triton kernels carry their function names; inductor's start with triton_).
+PHASES = [
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "cublas", "splitk")),
+    ("fused_ce", ("_ce_", "cross_entropy", "logsumexp")),
+    ("rms_norm", ("rms",)),
+    ("rope", ("rope",)),
+    ("swiglu", ("swiglu", "silu")),
+    ("nf4", ("nf4", "dequant")),
+    ("lora_triton", ("lora",)),
+    ("inductor", ("triton_",)),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("elementwise", ("elementwise", "vectorized", "reduce", "index", "scatter", "gather", "cat")),
+]
+
+
+def kernel_breakdown(step, *, steps: int, device: torch.device) -> dict:
+    """Profile ``steps`` calls of ``step()`` and sum GPU kernel time by phase (PHASES).
+
+    Returns {"step_ms": wall ms per step, "gpu_busy_ms": summed kernel ms per step, "phases":
+    {phase: ms per step}, "top": the 25 costliest kernels [name, calls per step, ms per step]}.
+    Kernel sums can exceed wall time only where streams overlap (the offload side stream)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+    totals: dict[str, list] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = totals.setdefault(evt.name, [0, 0.0])
+        t[0] += 1
+        t[1] += evt.time_range.elapsed_us() / 1000.0  # a kernel event spans its GPU run; us -> ms
+    phases: dict[str, float] = {}
+    for name, (_, ms) in totals.items():
+        low = name.lower()
+        phase = next((p for p, keys in PHASES if any(k in low for k in keys)), "other")
+        phases[phase] = phases.get(phase, 0.0) + ms / steps
+    top = sorted(totals.items(), key=lambda kv: -kv[1][1])[:25]
+    return {
+        "step_ms": round(1000 * wall / steps, 1),
+        "gpu_busy_ms": round(sum(ms for _, ms in totals.values()) / steps, 1),
+        "phases": {k: round(v, 2) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
+        "top": [[name[:120], round(n / steps, 1), round(ms / steps, 2)] for name, (n, ms) in top],
+    }
+
+
+def write_breakdown(path: str | None, step, *, steps: int, device: torch.device, label: str) -> None:
+    """``kernel_breakdown`` appended as one JSON line (with ``label``) to ``path``; CUDA only."""
+    if not path or device.type != "cuda":
+        return
+    row = {"commit": commit(), "label": label, **kernel_breakdown(step, steps=steps, device=device)}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -14,7 +14,8 @@ the timed steps. Prints one JSON line (append it to bench/results/).
     python bench/dpo_step.py                               # 8B, GPU
     SHAPE=tiny STEPS=2 WARMUP=1 python bench/dpo_step.py   # CPU smoke run (prompt 16 + 16)
     Env: SHAPE=8b|tiny, STEPS (8), WARMUP (2), AC=1|0, COMPILE=0|1, PROFILE (name in the row),
-         BENCH_OUT (also append the line to this file).
+         BENCH_OUT (also append the line to this file), TRACE (append a per-phase kernel-time
+         breakdown there).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tunelab.training import dpo
 from tunelab.training.steps import wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
-from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps  # noqa: E402
+from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps, write_breakdown  # noqa: E402
 
 PAIRS = 2
 
@@ -80,12 +81,14 @@ def main() -> None:
     pending = iter(batches)
     elapsed, loss = time_steps(lambda: step(next(pending)), warmup=warmup, steps=steps, device=device)
 
+    profile = os.environ.get("PROFILE") or f"dpo_{'lean' if ac else 'no_ac'}{'_compile' if use_compile else ''}"
+    write_breakdown(os.environ.get("TRACE"), lambda: step(batches[0]), steps=2, device=device, label=profile)
     tokens_per_step = 2 * PAIRS * (prompt_len + response_len)
     emit({
         "device": device_name(device),
         "torch": torch.__version__,
         "system": "tunelab",
-        "profile": os.environ.get("PROFILE") or f"dpo_{'lean' if ac else 'no_ac'}{'_compile' if use_compile else ''}",
+        "profile": profile,
         "config": f"{shape} dpo sigmoid {PAIRS} pairs prompt{prompt_len}+resp{response_len} lora r16 all-linear "
                   f"ref=adapters-off ac={ac} compile={use_compile}",
         "tokens_per_s": round(tokens_per_step * steps / elapsed, 1),

@@ -23,7 +23,7 @@ add ``_pf<k>`` / ``_noreshard`` to the profile, and every line's config string n
     SHAPE=tiny torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py  # CPU / gloo smoke run
 
 Environment knobs: SHAPE (8b | 70b | tiny), LAYERS (override the layer count), BATCH, SEQ,
-STEPS, WARMUP, AC (1/0), RESHARD (list of 1/0), PREFETCH (list of k >= 0), ROUNDS (repeat the
+STEPS, WARMUP, AC (1/0), QUANT (nf4: the QLoRA model, NF4 base sharded), RESHARD (list of 1/0), PREFETCH (list of k >= 0), ROUNDS (repeat the
 whole sweep, in the same order, to see the run-to-run spread), OFFLOAD (CPU offload 1/0),
 PROFILE (the profile name's base), TRACE (a folder: a gzipped chrome trace of one timed step
 per setting and rank, for finding the exposed collectives), BENCH_OUT (also append the lines
@@ -40,13 +40,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from tunelab.kernels.fused_ce import loss_sum
-from tunelab.models import build_model, llama3_1_8b, llama3_1_70b, tiny
-from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
+from tunelab.models import llama3_1_8b, llama3_1_70b, tiny
+from tunelab.modules.peft import get_adapter_params
 from tunelab.training import distributed as dist_utils
 from tunelab.training.steps import wrap_layers
 
@@ -76,13 +77,14 @@ def model_args(shape: str):
 
 
 def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, reshard: bool, prefetch: int,
-                  offload: bool):
-    """The recipe's setup with random weights instead of a checkpoint: meta build, LoRA,
-    checkpointing, ``shard_model`` with the given switches, then each rank fills its shard."""
+                  offload: bool, quantize: str | None):
+    """The recipe's setup with random weights instead of a checkpoint: meta build (LoRA, or
+    QLoRA with ``quantize="nf4"``), checkpointing, ``shard_model`` with the given switches, then
+    each rank fills its shard (NF4 storage: random codes and block scales, so the dequantized
+    weights are random too; compute and memory equal a real checkpoint's)."""
     cuda = device.type == "cuda"
-    model = build_model(args, device="meta", dtype=dtype)
-    apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=torch.float32)
-    set_trainable_params(model)
+    lora = SimpleNamespace(targets=TARGETS, rank=16, alpha=32, dropout=0.0)
+    model = dist_utils.build_meta_model(args, dtype, lora, quantize)
     wrap_layers(model, activation_checkpointing=ac, compile_layers=False)
     dist_utils.shard_model(model, param_dtype=dtype if cuda else None, reshard_after_forward=reshard,
                            cpu_offload=offload, prefetch_layers=prefetch)
@@ -93,6 +95,10 @@ def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, r
             local = p.to_local()
             if name.endswith("norm.weight"):
                 local.fill_(1.0)
+            elif local.dtype == torch.uint8:  # NF4 codes and quantized block scales
+                local.random_(0, 256, generator=gen)
+            elif name.endswith(("absmax_scale_bits", "absmax_offset_bits")):
+                local.fill_(0.02)  # block absmax = offset + scale * code in [-1, 1]: within [0, 0.04]
             elif ".lora_" not in name:
                 local.normal_(0.0, 0.02, generator=gen)
     torch.manual_seed(0)
@@ -154,6 +160,7 @@ def main() -> None:
     ac, offload_asked = bool(env_int("AC", 1)), bool(env_int("OFFLOAD", 0))
     reshards, prefetches = [bool(r) for r in env_ints("RESHARD", "1")], env_ints("PREFETCH", "0")
     rounds = env_int("ROUNDS", 1)
+    quantize = os.environ.get("QUANT") or None
     trace_dir = Path(os.environ["TRACE"]) if os.environ.get("TRACE") else None
     device = dist_utils.init_distributed("auto", timeout_s=600)
     cuda = device.type == "cuda"
@@ -171,10 +178,11 @@ def main() -> None:
         for reshard in reshards:
             for prefetch in prefetches:
                 model = build_sharded(args, device=device, dtype=dtype, ac=ac, reshard=reshard, prefetch=prefetch,
-                                      offload=offload)
+                                      offload=offload, quantize=quantize)
                 # switches off = the name earlier results carry; others get their own profile
                 switches = (f"_pf{prefetch}" if prefetch else "") + ("" if reshard else "_noreshard")
-                profile = (os.environ.get("PROFILE") or f"fsdp_lora_{shape}{'_ac' if ac else '_no_ac'}") + switches
+                kind = "qlora" if quantize else "lora"
+                profile = (os.environ.get("PROFILE") or f"fsdp_{kind}_{shape}{'_ac' if ac else '_no_ac'}") + switches
                 trace = trace_dir / f"trace_{profile}_rank{rank}.json.gz" if trace_dir else None
                 elapsed, loss = measure(model, tokens, labels, steps=steps, warmup=warmup, trace=trace)
                 peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
@@ -187,7 +195,7 @@ def main() -> None:
                     "bench": "fsdp_step",
                     "world_size": world,
                     "profile": profile,
-                    "config": f"{shape}{layers} bs{batch} seq{seq} per gpu, lora r16 all 7 proj, ac={ac}, "
+                    "config": f"{shape}{layers} bs{batch} seq{seq} per gpu, {kind}{' ' + quantize if quantize else ''} r16 all 7 proj, ac={ac}, "
                               f"reshard_after_forward={reshard}, prefetch_layers={prefetch}, cpu_offload={offload}, "
                               f"{'bf16' if cuda else 'fp32'} eager",
                     "tokens_per_s": round(batch * seq * steps / elapsed, 1),  # per GPU

@@ -7,25 +7,41 @@
 #   .site      HF+PEFT peer extras  (../shared/bench/peer_wheels.sh makes it)   for: hf_lora
 #   .site-uns  trl + datasets (+ unsloth)                                       for: dpo_peer
 # STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast
+#       unsloth_lora unsloth_qlora (the best peers of performance.md; carry .site-uns)
 #       fsdp1_sweep fsdp2_sweep (two GPUs: nvidia-h200-x2, NCCL_NVLS_ENABLE=0 as KINDS.md says)
 #       recipe_<profile of bench/finetune.py: lean eager offload fast qlora packed>
 #       attention (SDPA backends, packed flex vs dense mask)
 #       pytest_cuda (the CUDA tests: kernels at real sizes, activation offload; log in $OUT/pytest_cuda.log)
+# Env DEADLINE=<epoch seconds> cuts every step short so the lane ends by then.
+#       NAME=VALUE sets an environment variable for the steps after it (e.g. TUNELAB_SDPA_BACKEND=cudnn,
+#       COMPILE=1, TRACE=$OUT/breakdown.jsonl: per-phase kernel times of lora/qlora/dpo steps)
 # (default: the single-GPU set without the peers whose folders are not carried).
+# Two single-GPU lanes side by side on nvidia-h200-x2: CUDA_VISIBLE_DEVICES=0 RESULTS=$OUT/a.jsonl
+# ERRLOG=$OUT/a.err bash bench/gpu_session.sh ... & (the same with 1 / b) & wait.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/tunelab   # the repo root is the package
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+[ -d /tmp/site/omegaconf ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 BASE=/tmp/pkg:/tmp/site
 export PYTHONPATH=$BASE
-R=$OUT/results.jsonl
+R=${RESULTS:-$OUT/results.jsonl}
+E=${ERRLOG:-$OUT/err.log}
 export TUNELAB_COMMIT=${TUNELAB_COMMIT:-unknown}   # the tree travels without .git: pass the commit in
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-run() {  # run SECONDS CMD...: one benchmark, its JSON line appended to $R, stderr to err.log
-  local t=$1; shift
-  echo "== $*" | tee -a "$OUT/err.log"
-  timeout "$t" "$@" 2>>"$OUT/err.log" | grep '^{' | tee -a "$R" || echo "   (failed or timed out)"
+budget() {  # budget SECONDS: SECONDS, cut to what is left before DEADLINE (epoch seconds) if set
+  local t=$1
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - $(date +%s)))
+    [ "$left" -lt "$t" ] && t=$left
+  fi
+  echo "$t"
+}
+run() {  # run SECONDS CMD...: one benchmark, its JSON line appended to $R, stderr to $E
+  local t; t=$(budget "$1"); shift
+  [ "$t" -lt 20 ] && { echo "   (skipped, past DEADLINE: $*)"; return; }
+  echo "== $* ($(date +%T))" | tee -a "$E"
+  timeout "$t" "$@" 2>>"$E" | grep '^{' | tee -a "$R" || echo "   (failed or timed out)"
 }
 steps=("$@")
 if [ ${#steps[@]} -eq 0 ]; then
@@ -35,10 +51,12 @@ if [ ${#steps[@]} -eq 0 ]; then
 fi
 for s in "${steps[@]}"; do
   case $s in
+    *=*)          export "$s"; echo "   $s" ;;
     lora_eager)   run 100 python3 bench/lora_step.py --profile lora_lean_eager ;;
     hf_lora)      PYTHONPATH=$PWD/.site run 120 python3 .peer/anchors.py hf_lora ;;
     qlora)        run 120 python3 bench/qlora_step.py ;;
     dpo)          run 100 python3 bench/dpo_step.py ;;
+    unsloth_*)    PYTHONPATH=$PWD/.site-uns run 240 python3 .peer/anchors.py "$s" ;;
     dpo_peer)     PYTHONPATH=$PWD/.site-uns run 200 python3 .peer/dpo_anchor.py trl ;;
     nf4)          run 60 python3 bench/nf4_dequant.py ;;
     nf4_variants) run 150 python3 bench/nf4_variants.py ;;
@@ -49,7 +67,7 @@ for s in "${steps[@]}"; do
     lora_compile) run 150 python3 bench/lora_step.py --compile --profile lora_lean ;;
     lora_fast)    run 150 python3 bench/lora_step.py --compile --no-ac --profile lora_fast ;;
     recipe_*)     run 300 python3 bench/finetune.py --profile "${s#recipe_}" ;;
-    pytest_cuda)  (cd /tmp/pkg/tunelab && timeout 400 python3 -m pytest -q -p no:cacheprovider tests/kernels \
+    pytest_cuda)  (cd /tmp/pkg/tunelab && timeout "$(budget 180)" python3 -m pytest -q -p no:cacheprovider tests/kernels \
                      tests/training/test_offload.py tests/modules/test_attention_backends.py) > "$OUT/pytest_cuda.log" 2>&1; tail -3 "$OUT/pytest_cuda.log" ;;
     *) echo "unknown step $s" ;;
   esac

@@ -15,6 +15,7 @@ peak = torch.cuda.max_memory_allocated. Prints one JSON line (append it to bench
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_p
 from tunelab.training.steps import wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
-from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps  # noqa: E402
+from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps, write_breakdown  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +42,7 @@ def main() -> None:
                     help="dtype of the LoRA A/B weights (the recipe keeps them fp32)")
     ap.add_argument("--profile", default=None, help="name recorded in the JSON line")
     ap.add_argument("--out", default=None, help="also append the JSON line to this file")
+    ap.add_argument("--trace", default=os.environ.get("TRACE"), help="append a per-phase GPU kernel-time breakdown here")
     opts = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,11 +73,13 @@ def main() -> None:
     elapsed, loss = time_steps(step, warmup=opts.warmup, steps=opts.steps, device=device)
 
     tokens_per_s = opts.batch * opts.seq * opts.steps / elapsed
+    profile = opts.profile or ("lora_lean" if opts.ac else "lora_fast")
+    write_breakdown(opts.trace, step, steps=2, device=device, label=profile)
     emit({
         "device": device_name(device),
         "torch": torch.__version__,
         "system": "tunelab",
-        "profile": opts.profile or ("lora_lean" if opts.ac else "lora_fast"),
+        "profile": profile,
         "config": f"{opts.shape} bs{opts.batch} seq{opts.seq} lora r16 all-linear ac={opts.ac} "
                   f"compile={opts.compile} fused-ce adapters={opts.adapter_dtype}",
         "tokens_per_s": round(tokens_per_s, 1),

@@ -13,7 +13,8 @@ timed steps (reset after warm-up). Prints one JSON line (append it to bench/resu
     python bench/qlora_step.py                                # 8B, GPU
     SHAPE=tiny STEPS=2 WARMUP=1 python bench/qlora_step.py    # CPU smoke run (seq 64)
     Env: SHAPE=8b|tiny, STEPS (6), WARMUP (2), BATCH (2), SEQ (2048; tiny: 64), AC=1|0,
-         PROFILE (name in the row), BENCH_OUT (also append the line to this file).
+         COMPILE=0|1 (torch.compile per layer), PROFILE (name in the row), BENCH_OUT (also
+         append the line to this file), TRACE (append a per-phase kernel-time breakdown there).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_p
 from tunelab.training.steps import loss_sum, wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
-from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps  # noqa: E402
+from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps, write_breakdown  # noqa: E402
 
 
 
@@ -41,6 +42,7 @@ def main() -> None:
     batch = int(os.environ.get("BATCH", 2))
     seq = int(os.environ.get("SEQ", 2048 if shape == "8b" else 64))
     ac = os.environ.get("AC", "1") == "1"
+    compile_layers = os.environ.get("COMPILE", "0") == "1"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -48,7 +50,7 @@ def main() -> None:
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=torch.float32)
     set_trainable_params(model)
-    wrap_layers(model, activation_checkpointing=ac, compile_layers=False)
+    wrap_layers(model, activation_checkpointing=ac, compile_layers=compile_layers)
     model.train()
     params = list(get_adapter_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -71,13 +73,16 @@ def main() -> None:
         return loss.item()
 
     elapsed, loss = time_steps(step, warmup=warmup, steps=steps, device=device)
+    profile = os.environ.get("PROFILE") or ("qlora_lean" if ac else "qlora_no_ac")
+    write_breakdown(os.environ.get("TRACE"), step, steps=2, device=device, label=profile)
 
     emit({
         "device": device_name(device),
         "torch": torch.__version__,
         "system": "tunelab",
-        "profile": os.environ.get("PROFILE") or ("qlora_lean" if ac else "qlora_no_ac"),
-        "config": f"{shape} bs{batch} seq{seq} qlora nf4 r16 all-linear ac={ac} eager fused-adamw",
+        "profile": profile,
+        "config": f"{shape} bs{batch} seq{seq} qlora nf4 r16 all-linear ac={ac} "
+                  f"{'compile' if compile_layers else 'eager'} fused-adamw",
         "tokens_per_s": round(batch * seq * steps / elapsed, 1),
         "peak_gib": peak_gib(device),
         "load_peak_gib": round(load_peak, 2) if load_peak is not None else None,
