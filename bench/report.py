@@ -30,15 +30,15 @@ SINGLE_GPU = [
     ("lora_fast", "tunelab LoRA fast (compile, no checkpointing)", N),
     ("qlora_lean", "tunelab QLoRA (NF4, checkpointing, eager)", R),
     ("dpo_lean", "tunelab DPO, 2 pairs x (512 + 512) tokens per step", None),
-    ("peer_hf_lora", "HF transformers + PEFT (same run as tunelab)", R),
-    ("peer_unsloth_lora", "Unsloth 2026.10.9 LoRA (shared notes)", R),
-    ("peer_unsloth_qlora", "Unsloth 2026.10.9 QLoRA (shared notes)", R),
-    ("peer_torchtune_lora_compile", "torchtune 0.6.1 + compile (shared notes)", R),
-    ("peer_torchtune_lora_compile_no_ac", "torchtune 0.6.1 + compile, no checkpointing (shared notes)", N),
-    ("peer_trl_dpo", "TRL 1.15 DPOTrainer + PEFT (shared notes)", None),
+    ("peer_hf_lora", "HF transformers + PEFT", R),
+    ("peer_unsloth_lora", "Unsloth 2026.10.9 LoRA", R),
+    ("peer_unsloth_qlora", "Unsloth 2026.10.9 QLoRA", R),
+    ("peer_torchtune_lora_compile", "torchtune 0.6.1 + compile", R),
+    ("peer_torchtune_lora_compile_no_ac", "torchtune 0.6.1 + compile, no checkpointing", N),
+    ("peer_trl_dpo", "TRL 1.15 DPOTrainer + PEFT", None),
 ]
 FSDP = [("fsdp_lora_8b_ac", "8B"), ("fsdp_lora_70b_ac", "70B shape (80 layers)"),
-        ("peer_torchtune_fsdp_lora_8b_ac", "torchtune 0.6.1 8B (shared notes)")]
+        ("peer_torchtune_fsdp_lora_8b_ac", "torchtune 0.6.1 8B")]
 
 
 def load(pattern: str) -> list[dict]:
@@ -57,6 +57,16 @@ def _commit(row: dict) -> str:
     return row.get("commit") or "peer"
 
 
+def _label(label: str, row: dict) -> str:
+    """A peer row says where its figure comes from: measured beside tunelab in one device call
+    (``same_run_as``: that call's tunelab commit) or copied from the shared notes (``source``)."""
+    if row.get("same_run_as"):
+        return f"{label} (same run as {row['same_run_as']})"
+    if row.get("source"):
+        return f"{label} (shared notes)"
+    return label
+
+
 def single_gpu_table(rows: list[dict]) -> list[str]:
     lines = ["| system / profile | tokens/s | peak GiB | of the limit | commit |", "|---|---|---|---|---|"]
     for profile, label, limit in SINGLE_GPU:
@@ -64,7 +74,7 @@ def single_gpu_table(rows: list[dict]) -> list[str]:
         if row is None:
             continue
         of_limit = f"{row['tokens_per_s'] / limit:.0%}" if limit else "—"
-        lines.append(f"| {label} | {row['tokens_per_s']:,.0f} | {row['peak_gib']:.2f} | {of_limit} | {_commit(row)} |")
+        lines.append(f"| {_label(label, row)} | {row['tokens_per_s']:,.0f} | {row['peak_gib']:.2f} | {of_limit} | {_commit(row)} |")
     return lines
 
 
@@ -81,13 +91,14 @@ def fsdp_table(rows: list[dict]) -> list[str]:
             eff = (f"{row['tokens_per_s'] / one['tokens_per_s']:.0%}"
                    if ws > 1 and one is not None and one.get("commit") == row.get("commit") else "—")
             peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else "—"
-            lines.append(f"| {label} | {ws} | {row['tokens_per_s']:,.0f} | {peak} | {eff} | {_commit(row)} |")
+            lines.append(f"| {_label(label, row)} | {ws} | {row['tokens_per_s']:,.0f} | {peak} | {eff} | {_commit(row)} |")
     return lines
 
 
 def render() -> str:
-    single = load("h200.jsonl") + load("peers_shared.jsonl")
-    multi = load("h200_x2.jsonl") + load("peers_shared.jsonl")
+    # the shared notes first: a peer measured here later (newest) replaces its shared figure
+    single = load("peers_shared.jsonl") + load("h200.jsonl")
+    multi = load("peers_shared.jsonl") + load("h200_x2.jsonl")
     out = [START, "", "One H200 (`bench/results/h200.jsonl`, `peers_shared.jsonl`):", "",
            *single_gpu_table(single), "", "Two H200s, FSDP2 (`bench/results/h200_x2.jsonl`):", "",
            *fsdp_table(multi), "", END]

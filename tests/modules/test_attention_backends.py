@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -317,7 +318,9 @@ def test_attention_bench_smoke():
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "bench" / "attention_bench.py"), "--smoke"],
                           capture_output=True, text=True, timeout=120,
-                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin", "TUNELAB_COMMIT": "test"})
+                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin", "TUNELAB_COMMIT": "test",
+                               # where tunelab is found through PYTHONPATH (the GPU machine), keep it
+                               **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     bench_path = [r["variant"] for r in rows]
