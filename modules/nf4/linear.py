@@ -14,6 +14,7 @@ dense ``<name>.weight`` and quantizes it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -194,6 +195,11 @@ class NF4LoRALinear(LoRALinear):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return nf4_linear(x, self.weight)
+
+    def fused_base(self, x: torch.Tensor):
+        # the fused LoRA function dequantizes the base (into the shared buffer) in its forward
+        # and again in its backward: one autograd node per projection, as for a dense base
+        return functools.partial(_dense, self.weight) if self._fused_applies(x) else None
 
     def dense_base_weight(self) -> torch.Tensor:
         return self.weight.dequantize()

@@ -168,20 +168,23 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.base_forward(x)
-        if self._fused_path_applies(x):
+        base = self.fused_base(x)
+        if base is not None:
             # One autograd node that reuses x for both paths and skips W0's gradient.
-            return lora_linear(x, self.weight, self.lora_a.weight, self.lora_b.weight, self.scaling)
+            return lora_linear(x, base, self.lora_a.weight, self.lora_b.weight, self.scaling)
         return self.base_forward(x) + self.adapter_forward(x)
 
-    def _fused_path_applies(self, x: torch.Tensor) -> bool:
-        """The fused function covers a dense base (not a subclass's own base path, e.g. NF4)
-        without active dropout, where the kernels are switched on for x's device."""
-        return (
-            use_triton(x)
-            and type(self).base_forward is LoRALinear.base_forward
-            and (self.dropout_p == 0.0 or not self.training)
-            and self.weight.dtype == x.dtype
-        )
+    def fused_base(self, x: torch.Tensor):
+        """The base weight for the fused LoRA function (``tunelab.kernels.lora_linear``), or
+        None where the unfused module path runs: no active dropout, the kernels switched on for
+        x's device, and a dense base in x's dtype. A quantized subclass returns a function that
+        dequantizes its base instead (see ``lora_linear``)."""
+        if not self._fused_applies(x) or type(self).base_forward is not LoRALinear.base_forward:
+            return None
+        return self.weight if self.weight.dtype == x.dtype else None
+
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        return use_triton(x) and (self.dropout_p == 0.0 or not self.training)
 
     def dense_base_weight(self) -> torch.Tensor:
         """The base weight as a plain dense tensor (a quantized subclass dequantizes here)."""

@@ -31,11 +31,12 @@ def _inputs(n, d_in, d_out, r, dtype, adapter_dtype, seed=0, w_grad=False):
 
 def _run(fn, x, w, a, b, dy, scaling=2.0):
     x = x.detach().requires_grad_()
-    w = w.detach().requires_grad_(w.requires_grad)
+    if isinstance(w, torch.Tensor):  # else a function giving the base weight
+        w = w.detach().requires_grad_(w.requires_grad)
     a = a.detach().requires_grad_()
     b = b.detach().requires_grad_()
     y = fn(x, w, a, b, scaling)
-    inputs = [x, a, b] + ([w] if w.requires_grad else [])
+    inputs = [x, a, b] + ([w] if isinstance(w, torch.Tensor) and w.requires_grad else [])
     return (y, *torch.autograd.grad(y, inputs, dy))
 
 
@@ -72,6 +73,29 @@ def test_saves_only_x_and_xa():
     weights = {w.data_ptr(), a.data_ptr(), b.data_ptr()}
     activations = sorted(t.numel() for t in saved if t.data_ptr() not in weights)
     assert activations == [2 * 5 * 3, 2 * 5 * 16]  # x A^T and x
+
+
+def test_function_base_matches_dense_and_is_never_saved():
+    """A base given as ``dtype -> W0`` (a quantized layer) gives the dense base's outputs and
+    gradients; it is called once in the forward and once in the backward, and no weight-sized
+    tensor is saved (the reference path too)."""
+    x, w, a, b, dy = _inputs(6, 20, 28, 4, torch.float32, torch.float32, seed=4)
+    calls = []
+
+    def base(dtype):
+        calls.append(dtype)
+        return w.to(dtype)
+
+    for fn in (LoRALinearFunction.apply, lora_linear_reference):
+        calls.clear()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            got = _run(fn, x, base, a, b, dy)
+        want = _run(fn, x, w, a, b, dy)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, **TOL)
+        assert calls == [torch.float32, torch.float32], fn
+        assert all(t.numel() != w.numel() for t in saved), fn
 
 
 def _module(dropout=0.0, seed=3):
@@ -116,3 +140,50 @@ def test_dispatch_reference_on_cpu():
     args = _inputs(3, 8, 6, 2, torch.float32, torch.float32, seed=4)
     with backend("reference"):
         assert torch.equal(lora_linear(*args[:4], 2.0), lora_linear_reference(*args[:4], 2.0))
+
+
+def test_mm_plus_low_rank_op_passes_opcheck():
+    """The custom op that keeps the LoRA update in place under torch.compile: schema, fake
+    (meta) implementation and autograd registration consistent (torch.library.opcheck)."""
+    from tunelab.kernels.lora import _mm_plus_low_rank_op
+
+    g = torch.Generator().manual_seed(5)
+    m1, m2 = torch.randn(6, 10, generator=g), torch.randn(10, 7, generator=g)
+    l1, l2 = torch.randn(6, 3, generator=g), torch.randn(3, 7, generator=g)
+    torch.library.opcheck(_mm_plus_low_rank_op, (m1, m2, l1, l2, 0.5),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.testing.assert_close(_mm_plus_low_rank_op(m1, m2, l1, l2, 0.5), m1 @ m2 + 0.5 * l1 @ l2, **TOL)
+
+
+@needs_triton
+def test_compiled_module_keeps_the_update_in_place_and_matches_eager():
+    """torch.compile of a LoRA layer (fullgraph: no graph break) runs the custom op in forward
+    and backward and gives the eager numbers."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = [str(node.target) for node in gm.graph.nodes]
+            return gm.forward
+        return compiler
+
+    m = _module(seed=6)
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    outs = {}
+    for name in ("eager", "compiled"):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        record = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+        fn = torch.compile(m, fullgraph=True, backend=record) if name == "compiled" else m
+        with backend("triton"):
+            y = fn(xi)
+            y.square().sum().backward()
+        outs[name] = (y, xi.grad, m.lora_a.weight.grad, m.lora_b.weight.grad)
+    for a, b in zip(outs["compiled"], outs["eager"]):
+        torch.testing.assert_close(a, b, **TOL)
+    for kind in ("forward", "backward"):
+        targets = graphs[kind]
+        assert any("mm_plus_low_rank" in t for t in targets), (kind, targets)
+        assert not any("addmm" in t for t in targets), (kind, targets)  # no functionalized copy + addmm
