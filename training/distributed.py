@@ -254,6 +254,25 @@ def _meta_nf4(shape: tuple[int, int], dtype: torch.dtype, block_size: int = 64, 
                      torch.empty(1, dtype=torch.float32, **meta), shape, dtype, block_size, scaler_block_size)
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_nf4_sharding_supported() -> None:
+    """FSDP2 before torch 2.13 re-wraps every sharded tensor in a Parameter that requires grad,
+    which an integer tensor (NF4's packed storage) cannot: say so up front instead of failing
+    deep inside ``fully_shard`` (seen with torch 2.11 on the H200 machine).
+
+    Raises:
+        ConfigError: torch older than 2.13 with ``quantize: nf4``.
+    """
+    if _torch_version() < (2, 13):
+        raise ConfigError(f"quantize: nf4 with the FSDP recipes needs torch >= 2.13 (this is {torch.__version__}, "
+                          "whose FSDP2 cannot shard the integer NF4 storage); upgrade torch, or run the QLoRA "
+                          "config on one GPU (lora_finetune_single_device; a 70B QLoRA base is ~37 GB)")
+
+
 def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -> nn.Module:
     """The LoRA (or QLoRA) model on the meta device, adapters fp32, only adapters trainable.
 
@@ -267,6 +286,8 @@ def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -
     model = build_model(args, device="meta", dtype=dtype)
     if quantize == "nf4":
         from tunelab.modules.nf4 import NF4Linear, NF4Weight
+
+        check_nf4_sharding_supported()
 
         for layer in model.layers:
             for name, m in list(layer.named_modules()):

@@ -174,3 +174,21 @@ def test_fsdp_bench_tiny_smoke(dt):
     row = rows[0]
     assert {"commit", "device", "world_size", "profile", "tokens_per_s", "peak_gib"} <= set(row)
     assert row["world_size"] == 2 and row["device"] == "cpu" and row["tokens_per_s"] > 0
+
+
+def test_nf4_sharding_on_old_torch_fails_with_the_fix(monkeypatch):
+    """torch 2.11's FSDP2 cannot shard integer parameters (NF4 storage): a one-line error naming
+    the fix, before any model is built (the 2-rank QLoRA test above covers torch >= 2.13)."""
+    from types import SimpleNamespace
+
+    from tunelab.errors import ConfigError
+    from tunelab.models import tiny
+    from tunelab.training import distributed as dist_utils
+
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    lora = SimpleNamespace(targets=["q_proj"], rank=2, alpha=4, dropout=0.0)
+    with pytest.raises(ConfigError, match=r"needs torch >= 2\.13.*lora_finetune_single_device"):
+        dist_utils.build_meta_model(tiny(vocab_size=64), torch.float32, lora, "nf4")
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    model = dist_utils.build_meta_model(tiny(vocab_size=64), torch.float32, lora, "nf4")
+    assert any(p.dtype == torch.uint8 for p in model.parameters())
