@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-ac", dest="ac", action="store_false", help="no activation checkpointing")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (as the 8B configs)")
+    ap.add_argument("--offload", action="store_true", help="offload_activations: checkpointed layer inputs in pinned CPU memory")
     ap.add_argument("--adapter-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of the LoRA A/B weights (the recipe keeps them fp32)")
     ap.add_argument("--profile", default=None, help="name recorded in the JSON line")
@@ -51,7 +52,7 @@ def main() -> None:
     adapter_dtype = torch.float32 if opts.adapter_dtype == "fp32" else torch.bfloat16
     apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=adapter_dtype)
     set_trainable_params(model)
-    wrap_layers(model, activation_checkpointing=opts.ac, compile_layers=opts.compile)
+    wrap_layers(model, activation_checkpointing=opts.ac, compile_layers=opts.compile, offload_activations=opts.offload)
     model.train()
     params = list(get_adapter_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -81,7 +82,7 @@ def main() -> None:
         "system": "tunelab",
         "profile": profile,
         "config": f"{opts.shape} bs{opts.batch} seq{opts.seq} lora r16 all-linear ac={opts.ac} "
-                  f"compile={opts.compile} fused-ce adapters={opts.adapter_dtype}",
+                  f"compile={opts.compile} offload={opts.offload} fused-ce adapters={opts.adapter_dtype}",
         "tokens_per_s": round(tokens_per_s, 1),
         "peak_gib": peak_gib(device),
         "step_ms": round(1000 * elapsed / opts.steps, 1),

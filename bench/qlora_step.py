@@ -13,7 +13,7 @@ timed steps (reset after warm-up). Prints one JSON line (append it to bench/resu
     python bench/qlora_step.py                                # 8B, GPU
     SHAPE=tiny STEPS=2 WARMUP=1 python bench/qlora_step.py    # CPU smoke run (seq 64)
     Env: SHAPE=8b|tiny, STEPS (6), WARMUP (2), BATCH (2), SEQ (2048; tiny: 64), AC=1|0,
-         COMPILE=0|1 (torch.compile per layer), PROFILE (name in the row), BENCH_OUT (also
+         COMPILE=0|1 (torch.compile per layer), OFFLOAD=0|1 (offload_activations), PROFILE (name in the row), BENCH_OUT (also
          append the line to this file), TRACE (append a per-phase kernel-time breakdown there).
 """
 
@@ -43,6 +43,7 @@ def main() -> None:
     seq = int(os.environ.get("SEQ", 2048 if shape == "8b" else 64))
     ac = os.environ.get("AC", "1") == "1"
     compile_layers = os.environ.get("COMPILE", "0") == "1"
+    offload = os.environ.get("OFFLOAD", "0") == "1"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -50,7 +51,7 @@ def main() -> None:
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=torch.float32)
     set_trainable_params(model)
-    wrap_layers(model, activation_checkpointing=ac, compile_layers=compile_layers)
+    wrap_layers(model, activation_checkpointing=ac, compile_layers=compile_layers, offload_activations=offload)
     model.train()
     params = list(get_adapter_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -81,7 +82,7 @@ def main() -> None:
         "torch": torch.__version__,
         "system": "tunelab",
         "profile": profile,
-        "config": f"{shape} bs{batch} seq{seq} qlora nf4 r16 all-linear ac={ac} "
+        "config": f"{shape} bs{batch} seq{seq} qlora nf4 r16 all-linear ac={ac} offload={offload} "
                   f"{'compile' if compile_layers else 'eager'} fused-adamw",
         "tokens_per_s": round(batch * seq * steps / elapsed, 1),
         "peak_gib": peak_gib(device),
