@@ -6,7 +6,7 @@
 #   .peer      a copy of ../shared/bench (anchors.py, dpo_anchor.py)
 #   .site      HF+PEFT peer extras  (../shared/bench/peer_wheels.sh makes it)   for: hf_lora
 #   .site-uns  trl + datasets (+ unsloth)                                       for: dpo_peer
-# STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast
+# STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast lora_offload
 #       unsloth_lora unsloth_qlora (the best peers of performance.md; carry .site-uns)
 #       fsdp1_sweep fsdp2_sweep (two GPUs: nvidia-h200-x2, NCCL_NVLS_ENABLE=0 as KINDS.md says)
 #       recipe_<profile of bench/finetune.py: lean eager offload fast qlora packed>
@@ -66,6 +66,7 @@ for s in "${steps[@]}"; do
     fsdp2_sweep)  PREFETCH=0,1,2 RESHARD=1,0 ROUNDS=2 run 400 torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py ;;
     lora_compile) run 150 python3 bench/lora_step.py --compile --profile lora_lean ;;
     lora_fast)    run 150 python3 bench/lora_step.py --compile --no-ac --profile lora_fast ;;
+    lora_offload) run 150 python3 bench/lora_step.py --compile --offload --profile lora_lean_offload ;;
     recipe_*)     run 300 python3 bench/finetune.py --profile "${s#recipe_}" ;;
     pytest_cuda)  (cd /tmp/pkg/tunelab && timeout "$(budget 180)" python3 -m pytest -q -p no:cacheprovider tests/kernels \
                      tests/training/test_offload.py tests/modules/test_attention_backends.py) > "$OUT/pytest_cuda.log" 2>&1; tail -3 "$OUT/pytest_cuda.log" ;;
