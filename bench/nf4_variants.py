@@ -2,9 +2,11 @@
 CUDA-graph replay, Llama-3.1-8B linear shapes).
 
 Variants (each checked bit-for-bit against the PyTorch reference before timing):
-  flat      the shipped kernel (kernels/nf4.py): one byte per lane, per-byte scale gathers.
+  flat      kernels/nf4.py's earlier kernel, now its fallback for block sizes that are not powers
+            of two (_dequantize_nf4_flat_kernel): one byte per lane, per-byte scale gathers.
   tile      [blocks, 32] byte tile: one scale load per 64-weight block, broadcast over the row.
-  tile_cs   tile + streaming (evict-first) loads and cache-streaming stores.
+  tile_cs   tile + streaming (evict-first) loads and cache-streaming stores; with 64 blocks and
+            4 warps, the kernel kernels/nf4.py ships (_dequantize_nf4_kernel).
   per_out   [blocks, 64] output tile: each output loads its own byte (duplicated loads hit L1)
             so the store is a plain contiguous vector.
 
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tunelab.kernels.nf4 import _dequantize_nf4_triton, dequantize_nf4_reference
+from tunelab.kernels.nf4 import _dequantize_nf4_flat_kernel, dequantize_nf4_reference
 from tunelab.modules.nf4 import to_nf4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,8 +116,14 @@ def main() -> None:
             args = (w4.codes, w4.absmax_q, w4.absmax_scale, w4.absmax_offset, code, absmax_code)
             kw = dict(numel=n, block_size=w4.block_size, scaler_block_size=w4.scaler_block_size, dtype=torch.bfloat16)
             if spec is None:
-                def call(args=args, kw=kw):
-                    return _dequantize_nf4_triton(*args, **kw)
+                def call(w4=w4, code=code, absmax_code=absmax_code, n=n):
+                    out = torch.empty(n, dtype=torch.bfloat16, device=w4.codes.device)
+                    n_bytes = w4.codes.numel()
+                    _dequantize_nf4_flat_kernel[(triton.cdiv(n_bytes, 1024),)](
+                        w4.codes, w4.absmax_q, w4.absmax_scale, w4.absmax_offset.reshape(1), code, absmax_code,
+                        out, n, n_bytes, BLOCK_SIZE=w4.block_size, SCALER_BLOCK_SIZE=w4.scaler_block_size,
+                        BYTES=1024, num_warps=4)
+                    return out
             else:
                 kernel, blocks, warps, stream = spec
 

@@ -1,6 +1,6 @@
-"""The Triton NF4 dequantization kernel against the PyTorch reference.
+"""The Triton NF4 dequantization kernel against the PyTorch reference, bit for bit.
 
-Runs on CUDA, or on CPU under Triton's interpreter (``test_nf4_interpreter.py`` starts that
+Runs on CUDA, or on CPU under Triton's interpreter (``test_interpreter.py`` starts that
 subprocess; in a plain CPU process the ``device`` fixture skips). Shapes are small on purpose.
 """
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.kernels.nf4 import dequantize_nf4, dequantize_nf4_reference
+from tunelab.kernels.nf4 import _dequantize_nf4_triton, dequantize_nf4, dequantize_nf4_reference
 from tunelab.modules.nf4 import to_nf4
 
-# sizes: one block, a short last block, odd length (padding nibble), several 256-block scales
-SHAPES = [(64,), (33, 17), (5,), (3, 7000)]
+# sizes: one block, a short last block, odd length (padding nibble), several 256-block scales,
+# one past a whole program of the tiled kernel (64 blocks = 4096 weights), odd over 2 programs
+SHAPES = [(64,), (33, 17), (5,), (1,), (3, 7000), (4097,), (3, 2731)]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _args(w4):
@@ -23,20 +25,57 @@ def _args(w4):
     )
 
 
+def _expected(args, kw, dtype, device):
+    """The reference in ``dtype``, which the kernel must equal exactly: it computes the same fp32
+    products (compiled without multiply-add fusion) and rounds once. Triton's CPU interpreter
+    truncates fp32 -> bf16 instead of rounding to nearest, so there the bf16 reference is the
+    truncated fp32 one (still an exact comparison)."""
+    ref = dequantize_nf4_reference(*args, **kw, dtype=torch.float32)
+    if dtype == torch.bfloat16 and device == "cpu":
+        return (ref.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    return ref.to(dtype)
+
+
+def _random_nf4(shape, device, seed=0, **quant):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+    return to_nf4(w.to(device), **quant)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_matches_reference(triton_backend, shape):
-    """fp32 output: equal up to one fp32 rounding (the GPU may fuse the scale's multiply-add),
-    so rtol 1e-6. bf16/fp16: the kernel rounds the same fp32 value once; the interpreter
-    truncates to bf16 instead of rounding, so allow one bf16 ulp (rtol 2^-7)."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(shape, generator=g) * 0.02
-    w4 = to_nf4(w.to(triton_backend))
+    w4 = _random_nf4(shape, triton_backend)
     args, kw = _args(w4)
-    for dtype, rtol in ((torch.float32, 1e-6), (torch.bfloat16, 2**-7), (torch.float16, 2**-10)):
+    for dtype in DTYPES:
         out = dequantize_nf4(*args, **kw, dtype=dtype)
-        ref = dequantize_nf4_reference(*args, **kw, dtype=dtype)
-        assert out.dtype == dtype and out.shape == (w.numel(),)
-        torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=1e-12)
+        assert out.dtype == dtype and out.shape == (w4.numel(),)
+        torch.testing.assert_close(out, _expected(args, kw, dtype, triton_backend), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "block_size, scaler_block_size",
+    # powers of two run the tiled kernel (2: one byte per row); 6 and 48 the flat fallback
+    [(2, 4), (32, 256), (128, 3), (256, 256), (6, 256), (48, 5)],
+)
+def test_other_block_sizes(triton_backend, block_size, scaler_block_size):
+    for n in (1, block_size - 1, 4097, 9001):
+        w4 = _random_nf4((n,), triton_backend, seed=n, block_size=block_size, scaler_block_size=scaler_block_size)
+        args, kw = _args(w4)
+        for dtype in DTYPES:
+            out = dequantize_nf4(*args, **kw, dtype=dtype)
+            torch.testing.assert_close(out, _expected(args, kw, dtype, triton_backend), rtol=0, atol=0,
+                                       msg=lambda m: f"n={n} block_size={block_size} {dtype}: {m}")
+
+
+@pytest.mark.parametrize("bytes_per_program, num_warps", [(8, 1), (1024, 4), (2048, 8), (8192, 8)])
+def test_launch_shapes(triton_backend, bytes_per_program, num_warps):
+    """Every launch shape bench/nf4_dequant.py sweeps gives the same values, down to programs
+    smaller than one block (bytes_per_program=8 < 32 bytes: one block per program)."""
+    w4 = _random_nf4((7, 1171), triton_backend)
+    args, kw = _args(w4)
+    for dtype in DTYPES:
+        out = _dequantize_nf4_triton(*args, **kw, dtype=dtype, bytes_per_program=bytes_per_program,
+                                     num_warps=num_warps)
+        torch.testing.assert_close(out, _expected(args, kw, dtype, triton_backend), rtol=0, atol=0)
 
 
 def test_weight_dequantize_uses_kernel(triton_backend):
@@ -47,21 +86,22 @@ def test_weight_dequantize_uses_kernel(triton_backend):
     assert out.shape == w.shape and out.dtype == w.dtype
     with torch.no_grad():
         ref = dequantize_nf4_reference(*_args(w4)[0], **_args(w4)[1], dtype=torch.float32).view(8, 96)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_dequantize_into_a_given_buffer(triton_backend):
     """``out=``: the kernel writes into the caller's buffer (a slice of a larger one, as the
     NF4 layers' shared workspace is) and returns it; a wrong buffer is refused."""
-    w4 = to_nf4(torch.randn(33, 17, generator=torch.Generator().manual_seed(1)).to(triton_backend))
+    w4 = _random_nf4((33, 17), triton_backend, seed=1)  # odd: the last byte's low nibble is padding
     args, kw = _args(w4)
-    workspace = torch.full((w4.numel() + 5,), float("nan"), device=triton_backend)
-    out = dequantize_nf4(*args, **kw, dtype=torch.float32, out=workspace[: w4.numel()])
-    assert out.data_ptr() == workspace.data_ptr()
-    torch.testing.assert_close(out, dequantize_nf4_reference(*args, **kw, dtype=torch.float32), rtol=1e-6, atol=1e-12)
-    assert workspace[w4.numel():].isnan().all()  # nothing written past the weight
+    for dtype in DTYPES:
+        workspace = torch.full((w4.numel() + 5,), float("nan"), dtype=dtype, device=triton_backend)
+        out = dequantize_nf4(*args, **kw, dtype=dtype, out=workspace[: w4.numel()])
+        assert out.data_ptr() == workspace.data_ptr()
+        torch.testing.assert_close(out, _expected(args, kw, dtype, triton_backend), rtol=0, atol=0)
+        assert workspace[w4.numel():].isnan().all()  # nothing written past the weight
     with pytest.raises(ValueError, match="out must be"):
-        dequantize_nf4(*args, **kw, dtype=torch.bfloat16, out=workspace[: w4.numel()])
+        dequantize_nf4(*args, **kw, dtype=torch.bfloat16, out=workspace[: w4.numel()].float())
 
 
 def test_nf4_layers_share_one_workspace_on_cuda():
