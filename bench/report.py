@@ -27,8 +27,13 @@ R, N = LIMIT_RECOMPUTE, LIMIT_NO_RECOMPUTE
 SINGLE_GPU = [
     ("lora_lean", "tunelab LoRA, default 8B config (checkpointing + compile)", R),
     ("lora_lean_eager", "tunelab LoRA, same, eager", R),
+    ("lora_lean_offload", "tunelab LoRA, default + offload_activations (fits 16.7 GiB)", R),
     ("lora_fast", "tunelab LoRA fast (compile, no checkpointing)", N),
     ("qlora_lean", "tunelab QLoRA (NF4, checkpointing, eager)", R),
+    ("qlora_lean_offload", "tunelab QLoRA + offload_activations (fits 7.0 GiB)", R),
+    ("recipe_lean", "tunelab recipe end to end (bench/finetune.py), default 8B config", R),
+    ("recipe_offload", "tunelab recipe, + offload_activations", R),
+    ("recipe_packed", "tunelab recipe, packed alpaca-like rows (real tokens only)", R),
     ("dpo_lean", "tunelab DPO, 2 pairs x (512 + 512) tokens per step", None),
     ("peer_hf_lora", "HF transformers + PEFT", R),
     ("peer_unsloth_lora", "Unsloth 2026.10.9 LoRA", R),
@@ -95,13 +100,24 @@ def fsdp_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def efficiency_spread(rows: list[dict], profile: str = "fsdp_lora_8b_ac") -> str | None:
+    """One line on every recorded 2-GPU efficiency of ``profile`` (each against the 1-GPU run of
+    its own device call): the figure moves from call to call, so the newest alone says little."""
+    effs = sorted(r["efficiency"] for r in rows if r.get("profile") == profile and r.get("efficiency"))
+    if not effs:
+        return None
+    median = effs[len(effs) // 2] if len(effs) % 2 else (effs[len(effs) // 2 - 1] + effs[len(effs) // 2]) / 2
+    return (f"Every recorded 8B efficiency (default switches, each against the 1-GPU run of its own device call): "
+            f"{len(effs)} runs, {effs[0]:.0%} to {effs[-1]:.0%}, median {median:.0%}.")
+
+
 def render() -> str:
     # the shared notes first: a peer measured here later (newest) replaces its shared figure
     single = load("peers_shared.jsonl") + load("h200.jsonl")
     multi = load("peers_shared.jsonl") + load("h200_x2.jsonl")
     out = [START, "", "One H200 (`bench/results/h200.jsonl`, `peers_shared.jsonl`):", "",
            *single_gpu_table(single), "", "Two H200s, FSDP2 (`bench/results/h200_x2.jsonl`):", "",
-           *fsdp_table(multi), "", END]
+           *fsdp_table(multi), "", *([spread, ""] if (spread := efficiency_spread(multi)) else []), END]
     return "\n".join(out)
 
 
