@@ -92,9 +92,14 @@ def fsdp_table(rows: list[dict]) -> list[str]:
             row = newest(rows, profile=profile, world_size=ws)
             if row is None:
                 continue
-            # efficiency: per-GPU throughput at world 2 over world 1 (same commit only)
-            eff = (f"{row['tokens_per_s'] / one['tokens_per_s']:.0%}"
-                   if ws > 1 and one is not None and one.get("commit") == row.get("commit") else "—")
+            # efficiency: per-GPU throughput at world 2 over world 1 of the same device call (the
+            # line's own field), else over the newest world-1 line of the same commit
+            if ws > 1 and row.get("efficiency"):
+                eff = f"{row['efficiency']:.0%}"
+            elif ws > 1 and one is not None and one.get("commit") == row.get("commit"):
+                eff = f"{row['tokens_per_s'] / one['tokens_per_s']:.0%}"
+            else:
+                eff = "—"
             peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else "—"
             lines.append(f"| {_label(label, row)} | {ws} | {row['tokens_per_s']:,.0f} | {peak} | {eff} | {_commit(row)} |")
     return lines
@@ -107,8 +112,18 @@ def efficiency_spread(rows: list[dict], profile: str = "fsdp_lora_8b_ac") -> str
     if not effs:
         return None
     median = effs[len(effs) // 2] if len(effs) % 2 else (effs[len(effs) // 2 - 1] + effs[len(effs) // 2]) / 2
-    return (f"Every recorded 8B efficiency (default switches, each against the 1-GPU run of its own device call): "
-            f"{len(effs)} runs, {effs[0]:.0%} to {effs[-1]:.0%}, median {median:.0%}.")
+    line = (f"Every recorded 8B efficiency (default switches, each against the 1-GPU run(s) of its own device "
+            f"call): {len(effs)} runs, {effs[0]:.0%} to {effs[-1]:.0%}, median {median:.0%}.")
+    by_commit: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("profile") == profile and r.get("world_size") == 1 and r.get("commit"):
+            by_commit.setdefault(r["commit"], []).append(r["tokens_per_s"])
+    repeats = [(c, v) for c, v in by_commit.items() if len(v) > 1]
+    if repeats:  # the same 1-GPU run twice in one call: how far it moves by itself
+        commit, runs = max(repeats, key=lambda cv: max(cv[1]) / min(cv[1]))
+        line += (f" The 1-GPU step alone moved {max(runs) / min(runs) - 1:.0%} between two runs of one call "
+                 f"({commit}: {', '.join(f'{v:,.0f}' for v in runs)} tok/s).")
+    return line
 
 
 def render() -> str:

@@ -22,10 +22,12 @@ Switches, environment variables read once (at the first model built or the first
   the others kept as fallbacks, so a shape it does not support still runs. ``cudnn`` and
   ``flash`` take grouped-query k/v as they are (``enable_gqa=True``): no expanded copies of k
   and v, which also saves their memory. A bad value raises ``ConfigError`` naming the switch.
-- ``TUNELAB_PACKED_ATTENTION=sdpa|flex`` (default ``sdpa``, the dense-mask path everywhere):
-  ``flex`` runs packed rows on CUDA through compiled flex_attention on the block-sparse
-  document mask. It stays opt-in until it has been measured and run on the GPU (the CUDA tests
-  and bench/attention_bench.py); then the default flips here.
+- ``TUNELAB_PACKED_ATTENTION=flex|sdpa`` (default ``flex``): packed rows on CUDA run compiled
+  flex_attention on the block-sparse document mask; ``sdpa`` takes the dense-mask SDPA path
+  there too (CPU always does). Measured on an H200 (bench/results/kernels.jsonl,
+  attention_bench.py): 0.72 ms fwd+bwd for flex against 2.00 ms for the dense mask at 2 x 2048
+  tokens, 32 heads; the packed 8B recipe went from 0.75x to 0.84x of the dense tokens/s
+  (bench/results/h200.jsonl, recipe_packed).
 """
 
 from __future__ import annotations
@@ -115,10 +117,10 @@ def packed_attention() -> str:
     """
     global _packed_attention
     if _packed_attention is None:
-        value = os.environ.get(PACKED_ATTENTION_ENV, "sdpa")
+        value = os.environ.get(PACKED_ATTENTION_ENV, "flex")
         if value.strip().lower() not in PACKED_ATTENTION_CHOICES:
             raise ConfigError(f"{PACKED_ATTENTION_ENV}={value!r} is not a packed-attention path; use one of "
-                              f"{', '.join(PACKED_ATTENTION_CHOICES)} (or unset it for sdpa)")
+                              f"{', '.join(PACKED_ATTENTION_CHOICES)} (or unset it for flex)")
         _packed_attention = value.strip().lower()
     return _packed_attention
 
