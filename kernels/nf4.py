@@ -225,9 +225,30 @@ def dequantize_nf4(
     """
     args = (codes, absmax_q, absmax_scale, absmax_offset, code, absmax_code)
     kwargs = dict(numel=numel, block_size=block_size, scaler_block_size=scaler_block_size, dtype=dtype)
+    if torch.compiler.is_compiling():
+        # one opaque node (see _dequantize_nf4_op); a fresh output: the compiled graph plans its
+        # own buffers
+        result = _dequantize_nf4_op(*args, **kwargs)
+        return result if out is None else out.copy_(result)
     if out is not None and (out.shape != (numel,) or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous [{numel}] {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
     if use_triton(codes) and block_size % 2 == 0:
         return _dequantize_nf4_triton(*args, **kwargs, out=out)
     result = dequantize_nf4_reference(*args, **kwargs)
     return result if out is None else out.copy_(result)
+
+
+@torch.library.custom_op("tunelab::dequantize_nf4", mutates_args=())
+def _dequantize_nf4_op(codes: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
+                       absmax_offset: torch.Tensor, code: torch.Tensor, absmax_code: torch.Tensor, numel: int,
+                       block_size: int, scaler_block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_nf4`` as a custom op for torch.compile: traced QLoRA layers call the kernel
+    as one node instead of dynamo tracing into the Triton launch (or the reference's table
+    lookups) in every projection of the forward and the backward."""
+    return dequantize_nf4(codes, absmax_q, absmax_scale, absmax_offset, code, absmax_code, numel=numel,
+                          block_size=block_size, scaler_block_size=scaler_block_size, dtype=dtype)
+
+
+@_dequantize_nf4_op.register_fake
+def _(codes, absmax_q, absmax_scale, absmax_offset, code, absmax_code, numel, block_size, scaler_block_size, dtype):
+    return codes.new_empty(numel, dtype=dtype)

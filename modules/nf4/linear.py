@@ -40,7 +40,8 @@ def _dense(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     weight serves them all: no allocation per call, and a fixed amount of memory instead of
     whatever the allocator keeps cached for every weight shape.
     """
-    if weight.device.type != "cuda":  # the CPU reference allocates anyway: keep it simple there
+    if weight.device.type != "cuda" or torch.compiler.is_compiling():
+        # the CPU reference allocates anyway; a compiled graph plans its own buffers
         return weight.dequantize(dtype)
     key, n = (weight.device, dtype), weight.numel()
     buf = _workspaces.get(key)

@@ -75,9 +75,17 @@ def _tables_cpu() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
     return code, dyn, nf4_mids, lut
 
 
-@functools.cache
+# Per-device copies of the tables, filled on first use (quantizing fills it for the weight's
+# device). A plain dict, not functools.cache: torch.compile reads a dict entry as a constant,
+# but traces into a cache wrapper down to the tables' construction and breaks the graph there.
+_DEVICE_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
 def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(t.to(device) for t in _tables_cpu())
+    tables = _DEVICE_TABLES.get(device)
+    if tables is None:
+        tables = _DEVICE_TABLES[device] = tuple(t.to(device) for t in _tables_cpu())
+    return tables
 
 
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -148,3 +148,55 @@ def test_apply_lora_on_nf4_tiny_model(make_hf_checkpoint):
         apply_lora(from_pretrained(ckpt, quantize="nf4"), ["q_prj"], rank=4, alpha=8)
     merged = merge_lora_state_dict(quant)  # dense, no lora keys, every weight present
     assert set(merged) == set(dense.state_dict()) - {k for k in dense.state_dict() if ".lora_" in k}
+
+
+def test_dequantize_op_passes_opcheck():
+    """The custom op compiled QLoRA layers call: schema and fake implementation consistent."""
+    from tunelab.kernels.nf4 import _dequantize_nf4_op
+
+    w4 = to_nf4(torch.randn(24, 40) * 0.05)
+    code, absmax_code = w4.levels()
+    args = (w4.codes, w4.absmax_q, w4.absmax_scale, w4.absmax_offset, code, absmax_code, w4.numel(), 64, 256,
+            torch.bfloat16)
+    torch.library.opcheck(_dequantize_nf4_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.testing.assert_close(_dequantize_nf4_op(*args).view(24, 40), w4.dequantize(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="backend 'triton' needs the triton package")
+def test_compiled_qlora_layer_is_one_graph_with_opaque_dequantization(monkeypatch):
+    """torch.compile of a QLoRA layer (fullgraph: no graph break, as the 8B QLoRA config
+    compiles each decoder layer): the forward and the backward graph each dequantize the base
+    through the custom op and add the update in place; numbers equal eager."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.setattr("tunelab.kernels.nf4.use_triton", lambda x: x.is_cuda)  # see the test above
+    graphs = {}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = [str(node.target) for node in gm.graph.nodes]
+            return gm.forward
+        return compiler
+
+    torch.manual_seed(1)
+    layer = NF4LoRALinear(to_nf4(torch.randn(40, 72) * 0.05), rank=4, alpha=8.0)
+    torch.nn.init.normal_(layer.lora_b.weight)
+    x = torch.randn(2, 6, 72)
+    results = {}
+    for name in ("eager", "compiled"):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        fn = layer
+        if name == "compiled":
+            torch._dynamo.reset()
+            fn = torch.compile(layer, fullgraph=True,
+                               backend=aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward")))
+        with backend("triton"):
+            y = fn(xi)
+            y.square().sum().backward()
+        results[name] = (y, xi.grad, layer.lora_a.weight.grad, layer.lora_b.weight.grad)
+    for a, b in zip(results["compiled"], results["eager"]):
+        torch.testing.assert_close(a, b, **TOL)
+    for kind in ("forward", "backward"):
+        assert any("tunelab.dequantize_nf4" in t for t in graphs[kind]), (kind, graphs[kind])
+        assert any("tunelab.mm_plus_low_rank" in t for t in graphs[kind]), (kind, graphs[kind])
