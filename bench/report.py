@@ -31,6 +31,8 @@ SINGLE_GPU = [
     ("lora_fast", "tunelab LoRA fast (compile, no checkpointing)", N),
     ("qlora_lean", "tunelab QLoRA (NF4, checkpointing, eager)", R),
     ("qlora_lean_offload", "tunelab QLoRA + offload_activations (fits 7.0 GiB)", R),
+    ("qlora_lean_compile", "tunelab QLoRA, compiled per layer", R),
+    ("qlora_lean_compile_offload", "tunelab QLoRA, compiled + offload_activations", R),
     ("recipe_lean", "tunelab recipe end to end (bench/finetune.py), default 8B config", R),
     ("recipe_offload", "tunelab recipe, + offload_activations", R),
     ("recipe_packed", "tunelab recipe, packed alpaca-like rows (real tokens only)", R),
