@@ -370,3 +370,21 @@ def fake_hub(tmp_path, monkeypatch):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def graph_recorder():
+    """``(backend, graphs)``: a torch.compile backend (AOTAutograd, graphs run as traced) that
+    records the op targets of the forward and the backward graph into ``graphs["forward"]`` /
+    ``graphs["backward"]``, for tests that check what a compiled layer calls."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, list[str]] = {}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = [str(node.target) for node in gm.graph.nodes]
+            return gm.forward
+        return compiler
+
+    return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward")), graphs

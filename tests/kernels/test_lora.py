@@ -156,26 +156,16 @@ def test_mm_plus_low_rank_op_passes_opcheck():
 
 
 @needs_triton
-def test_compiled_module_keeps_the_update_in_place_and_matches_eager():
+def test_compiled_module_keeps_the_update_in_place_and_matches_eager(graph_recorder):
     """torch.compile of a LoRA layer (fullgraph: no graph break) runs the custom op in forward
     and backward and gives the eager numbers."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind] = [str(node.target) for node in gm.graph.nodes]
-            return gm.forward
-        return compiler
-
+    record, graphs = graph_recorder
     m = _module(seed=6)
     x = torch.randn(2, 5, 24, device=DEVICE)
     outs = {}
     for name in ("eager", "compiled"):
         m.zero_grad()
         xi = x.clone().requires_grad_()
-        record = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
         fn = torch.compile(m, fullgraph=True, backend=record) if name == "compiled" else m
         with backend("triton"):
             y = fn(xi)

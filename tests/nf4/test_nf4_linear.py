@@ -163,21 +163,12 @@ def test_dequantize_op_passes_opcheck():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="backend 'triton' needs the triton package")
-def test_compiled_qlora_layer_is_one_graph_with_opaque_dequantization(monkeypatch):
+def test_compiled_qlora_layer_is_one_graph_with_opaque_dequantization(monkeypatch, graph_recorder):
     """torch.compile of a QLoRA layer (fullgraph: no graph break, as the 8B QLoRA config
     compiles each decoder layer): the forward and the backward graph each dequantize the base
     through the custom op and add the update in place; numbers equal eager."""
-    from torch._dynamo.backends.common import aot_autograd
-
     monkeypatch.setattr("tunelab.kernels.nf4.use_triton", lambda x: x.is_cuda)  # see the test above
-    graphs = {}
-
-    def recorder(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind] = [str(node.target) for node in gm.graph.nodes]
-            return gm.forward
-        return compiler
-
+    record, graphs = graph_recorder
     torch.manual_seed(1)
     layer = NF4LoRALinear(to_nf4(torch.randn(40, 72) * 0.05), rank=4, alpha=8.0)
     torch.nn.init.normal_(layer.lora_b.weight)
@@ -189,8 +180,7 @@ def test_compiled_qlora_layer_is_one_graph_with_opaque_dequantization(monkeypatc
         fn = layer
         if name == "compiled":
             torch._dynamo.reset()
-            fn = torch.compile(layer, fullgraph=True,
-                               backend=aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward")))
+            fn = torch.compile(layer, fullgraph=True, backend=record)
         with backend("triton"):
             y = fn(xi)
             y.square().sum().backward()
