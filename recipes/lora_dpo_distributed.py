@@ -56,7 +56,7 @@ from tunelab.training.dpo import (
     pair_losses,
     precompute_reference,
 )
-from tunelab.training.metrics import peak_memory_gib
+from tunelab.training.metrics import Throughput, peak_memory_gib
 from tunelab.training.recipe_setup import (
     GGUFExportConfig,
     LoRAConfig,
@@ -190,7 +190,7 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
     say(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} x {world} pairs each)")
     n_pairs = global_batch * accum  # the step loss is the mean over all pairs of all ranks
     last_saved = resume_dir
-    timer, tokens_seen = time.perf_counter(), 0
+    throughput = Throughput()  # tokens/s of training steps (eval and saves excluded)
     try:
         for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=global_batch,
                                              steps_per_epoch=steps_per_epoch, total_steps=total_steps):
@@ -208,19 +208,17 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
             # finite check, optimizer + lr schedule step, training position + 1 step
             lr = apply_optimizer_step(progress, optimizer, scheduler, accum=accum, loss=loss_value,
                                       grad_norm=grad_norm, last_saved=last_saved, knobs="optimizer.lr or loss.beta")
-            tokens_seen += n_tokens
+            throughput.step(n_tokens)
 
             step = progress.step
             if is_rank0() and (step % cfg.log_every_n_steps == 0 or step in (1, total_steps)):
-                elapsed = time.perf_counter() - timer
                 row = {"step": step, "epoch": progress.epoch, **step_row, "lr": lr,
-                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # all ranks together
+                       "tokens_per_s": throughput.rate(),  # all ranks together
                        "grad_norm": grad_norm}
                 if (mem := peak_memory_gib(device)) is not None:
                     row["peak_mem_gib"] = mem  # rank 0's
                 metrics.log(row)
                 display.update(row)
-                timer, tokens_seen = time.perf_counter(), 0
             if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
                                            or step == total_steps):
                 eval_row = evaluate(model, val_loader, cfg, device)  # collective: every rank
@@ -229,10 +227,10 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
                     display.write(f"step {step}: eval_loss={eval_row['eval_loss']:.4f} "
                                   f"eval_accuracy={eval_row['eval_rewards/accuracy']:.3f} "
                                   f"eval_margin={eval_row['eval_rewards/margins']:.3f}")
-                timer = time.perf_counter()
+                throughput.resume()
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
                 last_saved = checkpoint(final=False)
-                timer = time.perf_counter()
+                throughput.resume()
     finally:
         if is_rank0():
             display.close()

@@ -51,7 +51,7 @@ from tunelab.training.dpo import (
     precompute_reference,
 )
 from tunelab.training.loggers import build_metric_loggers
-from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
+from tunelab.training.metrics import MetricsLogger, ProgressDisplay, Throughput, peak_memory_gib
 from tunelab.training.recipe_setup import (
     GGUFExportConfig,
     LoRAConfig,
@@ -169,7 +169,7 @@ def main(argv: list[str]) -> None:
     display = ProgressDisplay(total_steps, initial=progress.step)
     print(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} pairs each)")
     last_saved = resume_dir
-    timer, tokens_seen = time.perf_counter(), 0
+    throughput = Throughput()  # tokens/s of training steps (eval and saves excluded)
     try:
         for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=cfg.batch_size,
                                              steps_per_epoch=steps_per_epoch, total_steps=total_steps):
@@ -185,18 +185,16 @@ def main(argv: list[str]) -> None:
             # finite check, optimizer + lr schedule step, training position + 1 step
             lr = apply_optimizer_step(progress, optimizer, scheduler, accum=accum, loss=loss_value,
                                       grad_norm=grad_norm, last_saved=last_saved, knobs="optimizer.lr or loss.beta")
-            tokens_seen += n_tokens
+            throughput.step(n_tokens)
 
             step = progress.step
             if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
-                elapsed = time.perf_counter() - timer
                 row = {"step": step, "epoch": progress.epoch, **step_row, "lr": lr,
-                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "grad_norm": grad_norm}
+                       "tokens_per_s": throughput.rate(), "grad_norm": grad_norm}
                 if (mem := peak_memory_gib(device)) is not None:
                     row["peak_mem_gib"] = mem
                 metrics.log(row)
                 display.update(row)
-                timer, tokens_seen = time.perf_counter(), 0
             if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
                                            or step == total_steps):
                 eval_row = {"step": step, "epoch": progress.epoch, **evaluate(model, val_loader, cfg, device)}
@@ -204,10 +202,10 @@ def main(argv: list[str]) -> None:
                 display.write(f"step {step}: eval_loss={eval_row['eval_loss']:.4f} "
                               f"eval_accuracy={eval_row['eval_rewards/accuracy']:.3f} "
                               f"eval_margin={eval_row['eval_rewards/margins']:.3f}")
-                timer = time.perf_counter()
+                throughput.resume()
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
                 last_saved = checkpoint(final=False)
-                timer = time.perf_counter()
+                throughput.resume()
     finally:
         display.close()
         metrics.close()

@@ -31,7 +31,6 @@ are ``tunelab.training.distributed``'s, shared with ``lora_dpo_distributed``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,7 +44,7 @@ from tunelab.modules.peft import get_adapter_params
 from tunelab.training import distributed as dist_utils
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry
 from tunelab.training.distributed import RankSampler, all_reduce_sum, is_rank0, say
-from tunelab.training.metrics import peak_memory_gib
+from tunelab.training.metrics import Throughput, peak_memory_gib
 from tunelab.training.recipe_setup import (
     GGUFExportConfig,
     LoRAConfig,
@@ -184,7 +183,7 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
     metrics, display = dist_utils.rank0_metrics(cfg, out, progress.step, total_steps)  # None off rank 0
     say(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} x {world} samples each)")
     last_saved = resume_dir
-    timer, tokens_seen = time.perf_counter(), 0
+    throughput = Throughput()  # tokens/s of training steps (eval and saves excluded)
     try:
         for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=global_batch,
                                              steps_per_epoch=steps_per_epoch, total_steps=total_steps):
@@ -205,29 +204,27 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
             # finite check, optimizer + lr schedule step, training position + 1 step
             lr = apply_optimizer_step(progress, optimizer, scheduler, accum=accum, loss=loss_value,
                                       grad_norm=grad_norm, last_saved=last_saved)
-            tokens_seen += n_tokens
+            throughput.step(n_tokens)
 
             step = progress.step
             if is_rank0() and (step % cfg.log_every_n_steps == 0 or step in (1, total_steps)):
-                elapsed = time.perf_counter() - timer
                 row = {"step": step, "epoch": progress.epoch, "loss": loss_value, "lr": lr,
-                       "tokens_per_s": tokens_seen / max(elapsed, 1e-9),  # all ranks together
+                       "tokens_per_s": throughput.rate(),  # all ranks together
                        "grad_norm": grad_norm}
                 if (mem := peak_memory_gib(device)) is not None:
                     row["peak_mem_gib"] = mem  # rank 0's
                 metrics.log(row)
                 display.update(row)
-                timer, tokens_seen = time.perf_counter(), 0
             if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
                                            or step == total_steps):
                 eval_loss = evaluate(model, val_loader, device)
                 if is_rank0():
                     metrics.log({"step": step, "epoch": progress.epoch, "eval_loss": eval_loss})
                     display.write(f"step {step}: eval_loss={eval_loss:.4f}")
-                timer = time.perf_counter()
+                throughput.resume()
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
                 last_saved = save_checkpoint(final=False)
-                timer = time.perf_counter()
+                throughput.resume()
     finally:
         if is_rank0():
             display.close()

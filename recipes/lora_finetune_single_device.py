@@ -19,7 +19,6 @@ newest complete ``step_N`` with exactly the losses an uninterrupted run would ha
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,7 +35,7 @@ from tunelab.modules.peft import get_adapter_params
 from tunelab.training.checkpointing import ResumableSampler
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
 from tunelab.training.loggers import build_metric_loggers
-from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
+from tunelab.training.metrics import MetricsLogger, ProgressDisplay, Throughput, peak_memory_gib
 from tunelab.training.recipe_setup import (
     GGUFExportConfig,
     LoRAConfig,
@@ -171,7 +170,7 @@ def main(argv: list[str]) -> None:
     display = ProgressDisplay(total_steps, initial=progress.step)
     print(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} samples each)")
     last_saved = resume_dir
-    timer, tokens_seen = time.perf_counter(), 0
+    throughput = Throughput()  # tokens/s of training steps (eval and saves excluded)
     try:
         for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=cfg.batch_size,
                                              steps_per_epoch=steps_per_epoch, total_steps=total_steps):
@@ -187,28 +186,26 @@ def main(argv: list[str]) -> None:
             # finite check, optimizer + lr schedule step, training position + 1 step
             lr = apply_optimizer_step(progress, optimizer, scheduler, accum=accum, loss=loss_value,
                                       grad_norm=grad_norm, last_saved=last_saved)
-            tokens_seen += sum(b["num_tokens"] for b in micro_batches)
+            throughput.step(sum(b["num_tokens"] for b in micro_batches))
 
             step = progress.step
             if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
-                elapsed = time.perf_counter() - timer
                 row = {"step": step, "epoch": progress.epoch, "loss": loss_value,
-                       "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                       "lr": lr, "tokens_per_s": throughput.rate(),
                        "grad_norm": grad_norm}
                 if (mem := peak_memory_gib(device)) is not None:
                     row["peak_mem_gib"] = mem
                 metrics.log(row)
                 display.update(row)
-                timer, tokens_seen = time.perf_counter(), 0
             if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
                                            or step == total_steps):
                 eval_row = {"step": step, "epoch": progress.epoch, "eval_loss": evaluate(model, val_loader, device)}
                 metrics.log(eval_row)
                 display.write(f"step {step}: eval_loss={eval_row['eval_loss']:.4f}")
-                timer = time.perf_counter()
+                throughput.resume()
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
                 last_saved = checkpoint(final=False)
-                timer = time.perf_counter()
+                throughput.resume()
     finally:
         display.close()
         metrics.close()

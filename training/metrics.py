@@ -11,11 +11,43 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+
+class Throughput:
+    """Tokens per second over training steps only: evaluation and checkpoint saves between
+    steps are not counted as training time.
+
+    The clock runs from one ``step(tokens)`` to the next; ``resume()`` restarts it after a pause
+    (eval, save) without dropping what was counted, and ``rate()`` reports the tokens per second
+    since the previous ``rate()`` and starts a new window.
+    """
+
+    def __init__(self) -> None:
+        self._tokens, self._seconds = 0, 0.0
+        self._since = time.perf_counter()
+
+    def step(self, tokens: int) -> None:
+        """Count one finished training step of ``tokens`` tokens."""
+        now = time.perf_counter()
+        self._seconds += now - self._since
+        self._since = now
+        self._tokens += tokens
+
+    def resume(self) -> None:
+        """After a pause: the time since the last step is not training time."""
+        self._since = time.perf_counter()
+
+    def rate(self) -> float:
+        """Tokens per second of the steps counted since the last call (then reset)."""
+        value = self._tokens / max(self._seconds, 1e-9)
+        self._tokens, self._seconds = 0, 0.0
+        return value
 
 
 class MetricsLogger:

@@ -95,3 +95,24 @@ def test_device_dtype_notice(capsys):
     assert flags == {"compile": False, "other": False}
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["notice: compile switched off on cpu (needs CUDA)"]
+
+
+def test_throughput_counts_training_steps_only(monkeypatch):
+    """tokens/s covers the steps' own time: an eval or a save between two steps (resume()) is
+    left out, counts carry over a pause, and rate() starts a new window."""
+    from types import SimpleNamespace
+
+    import tunelab.training.metrics as metrics_mod
+
+    clock = iter([0.0, 2.0, 3.0, 103.0, 105.0, 106.0, 110.0])  # perf_counter readings in call order
+    monkeypatch.setattr(metrics_mod, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    meter = metrics_mod.Throughput()  # t=0
+    meter.step(100)  # t=2: 2 s
+    meter.step(100)  # t=3: 1 s
+    meter.resume()  # t=103: a 100 s eval is not training
+    meter.step(200)  # t=105: 2 s
+    assert meter.rate() == 400 / 5
+    meter.step(50)  # t=106: 1 s
+    meter.resume()  # t=110
+    assert meter.rate() == 50 / 1
+    assert meter.rate() == 0.0  # nothing counted since
