@@ -37,7 +37,6 @@ from typing import Literal
 import torch
 
 from tunelab.data.tokenizers import load_tokenizer
-from tunelab.errors import ConfigError
 from tunelab.modules.peft import get_adapter_params
 from tunelab.training.checkpointing import ResumableSampler
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
@@ -50,15 +49,17 @@ from tunelab.training.dpo import (
     pair_losses,
     precompute_reference,
 )
-from tunelab.training.loggers import build_metric_loggers
-from tunelab.training.metrics import MetricsLogger, ProgressDisplay, Throughput, peak_memory_gib
+from tunelab.training.metrics import Throughput, peak_memory_gib
 from tunelab.training.recipe_setup import (
     GGUFExportConfig,
     LoRAConfig,
     LRSchedulerConfig,
     build_dataset,
     check_settings,
+    check_vocab,
+    count_parameters,
     export_gguf_step,
+    open_metrics,
     plan_steps,
     prepare_output_dir,
     resolve_paths,
@@ -129,13 +130,11 @@ def main(argv: list[str]) -> None:
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
     model = setup_model(cfg, device, dtype, flags["compile"], flags["offload_activations"])
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
-                          f"{model.args.vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
+    check_vocab(tokenizer, model.args.vocab_size)
     params = list(get_adapter_params(model).values())
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable (LoRA rank {cfg.lora.rank}) on {device} "
-          f"in {cfg.dtype}; loss {cfg.loss.type} (beta {cfg.loss.beta})")
+    n_params, n_trainable = count_parameters(model)
+    print(f"model: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable (LoRA rank "
+          f"{cfg.lora.rank}) on {device} in {cfg.dtype}; loss {cfg.loss.type} (beta {cfg.loss.beta})")
 
     dataset = build_dataset(cfg.dataset, tokenizer, cfg.max_seq_len, "dataset")
     accum = cfg.gradient_accumulation_steps
@@ -164,9 +163,7 @@ def main(argv: list[str]) -> None:
                                final=final)
 
     # -------------------------------------------------------------------------------- loop
-    metrics = MetricsLogger(out, extra_loggers=build_metric_loggers(cfg.metric_loggers))
-    metrics.truncate_after(progress.step)  # rows a killed run logged after its last checkpoint
-    display = ProgressDisplay(total_steps, initial=progress.step)
+    metrics, display = open_metrics(cfg, out, progress.step, total_steps)  # resumes: later rows dropped
     print(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} pairs each)")
     last_saved = resume_dir
     throughput = Throughput()  # tokens/s of training steps (eval and saves excluded)

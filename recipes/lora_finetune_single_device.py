@@ -28,21 +28,21 @@ from torch.utils.data import DataLoader
 
 from tunelab.data.packing import PackedDataset
 from tunelab.data.tokenizers import load_tokenizer
-from tunelab.errors import ConfigError
 from tunelab.modules.generation import generate
-from tunelab.modules.nf4 import NF4Weight
 from tunelab.modules.peft import get_adapter_params
 from tunelab.training.checkpointing import ResumableSampler
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry, save_config
-from tunelab.training.loggers import build_metric_loggers
-from tunelab.training.metrics import MetricsLogger, ProgressDisplay, Throughput, peak_memory_gib
+from tunelab.training.metrics import Throughput, peak_memory_gib
 from tunelab.training.recipe_setup import (
     GGUFExportConfig,
     LoRAConfig,
     LRSchedulerConfig,
     build_dataset,
     check_settings,
+    check_vocab,
+    count_parameters,
     export_gguf_step,
+    open_metrics,
     plan_steps,
     prepare_output_dir,
     resolve_paths,
@@ -132,13 +132,10 @@ def main(argv: list[str]) -> None:
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
     model = setup_model(cfg, device, dtype, flags["compile"], flags["offload_activations"])
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
-                          f"{model.args.vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
+    check_vocab(tokenizer, model.args.vocab_size)
     params = list(get_adapter_params(model).values())
-    n_params = sum(p.numel() for p in model.parameters())
-    n_params += sum(w.numel() for w in model.modules() if isinstance(w, NF4Weight))  # 4-bit base: buffers
-    print(f"model: {n_params / 1e6:.1f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+    n_params, n_trainable = count_parameters(model)
+    print(f"model: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
           f"(LoRA rank {cfg.lora.rank}) on {device} in {cfg.dtype}")
 
     dataset = build_dataset(cfg.dataset, tokenizer, cfg.max_seq_len, "dataset")
@@ -165,9 +162,7 @@ def main(argv: list[str]) -> None:
                                final=final)
 
     # -------------------------------------------------------------------------------- loop
-    metrics = MetricsLogger(out, extra_loggers=build_metric_loggers(cfg.metric_loggers))
-    metrics.truncate_after(progress.step)  # rows a killed run logged after its last checkpoint
-    display = ProgressDisplay(total_steps, initial=progress.step)
+    metrics, display = open_metrics(cfg, out, progress.step, total_steps)  # resumes: later rows dropped
     print(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} samples each)")
     last_saved = resume_dir
     throughput = Throughput()  # tokens/s of training steps (eval and saves excluded)

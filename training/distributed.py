@@ -58,8 +58,6 @@ from tunelab.models.hf_config import args_from_hf_config
 from tunelab.training import recipe_setup
 from tunelab.training.checkpointing import COMPLETE, CheckpointManager, ResumableSampler, TrainingProgress, load_state
 from tunelab.training.config import instantiate, save_config
-from tunelab.training.loggers import build_metric_loggers
-from tunelab.training.metrics import MetricsLogger, ProgressDisplay
 from tunelab.training.steps import wrap_layers
 from tunelab.training.utils import cuda_only_settings_notice
 
@@ -612,9 +610,7 @@ def read_model_args(cfg, tokenizer):
         raise ConfigError(f"{cfg.checkpoint_dir} is pre-quantized, which the FSDP recipes do not load; "
                           "use the dense checkpoint (with quantize=nf4 for QLoRA)")
     args = args_from_hf_config(hf_config)
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
-                          f"{args.vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
+    recipe_setup.check_vocab(tokenizer, args.vocab_size)
     return args
 
 
@@ -647,12 +643,7 @@ def setup_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
 
 def say_model_size(model: nn.Module, cfg, device: torch.device) -> None:
     """Rank 0 prints the parameter counts and how much of the parameter storage it holds."""
-    from tunelab.modules.nf4 import NF4Weight
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    nf4 = [w for w in model.modules() if isinstance(w, NF4Weight)]  # 4-bit storage: count weights, not bytes
-    n_params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for w in nf4 for p in w.parameters())
-    n_params += sum(w.numel() for w in nf4)
+    n_params, trainable = recipe_setup.count_parameters(model)
     say(f"model: {n_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA rank {cfg.lora.rank}), "
         f"FSDP over {world_size()} rank(s) on {device.type} in {cfg.dtype}")
     mib = [sum(t.numel() * t.element_size() for t in ts) / 2**20
@@ -769,6 +760,4 @@ def rank0_metrics(cfg, output_dir: Path, step: int, total_steps: int):
     it resumes from dropped), ``(None, None)`` on the other ranks."""
     if not is_rank0():
         return None, None
-    metrics = MetricsLogger(output_dir, extra_loggers=build_metric_loggers(cfg.metric_loggers))
-    metrics.truncate_after(step)
-    return metrics, ProgressDisplay(total_steps, initial=step)
+    return recipe_setup.open_metrics(cfg, output_dir, step, total_steps)

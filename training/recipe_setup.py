@@ -27,7 +27,8 @@ from tunelab.training.checkpointing import (
     state_writer,
 )
 from tunelab.training.config import instantiate
-from tunelab.training.loggers import check_metric_loggers
+from tunelab.training.loggers import build_metric_loggers, check_metric_loggers
+from tunelab.training.metrics import MetricsLogger, ProgressDisplay
 from tunelab.training.steps import wrap_layers
 
 __all__ = [
@@ -131,6 +132,36 @@ def setup_model(cfg, device: torch.device, dtype: torch.dtype, compile_layers: b
     wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
                 offload_activations=offload_activations)
     return model.train()
+
+
+def check_vocab(tokenizer, vocab_size: int) -> None:
+    """Every token id the tokenizer makes must have a row in the model's embedding.
+
+    Raises:
+        ConfigError: the tokenizer has more ids than the model's vocab.
+    """
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
+                          f"{vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(weights, trainable)`` of the model. An NF4 base counts its weights, not its storage
+    (buffers on one device; frozen integer parameters under FSDP, not counted twice)."""
+    from tunelab.modules.nf4 import NF4Weight
+
+    nf4 = [w for w in model.modules() if isinstance(w, NF4Weight)]
+    storage = {id(t) for w in nf4 for t in w.parameters()}
+    total = sum(p.numel() for p in model.parameters() if id(p) not in storage) + sum(w.numel() for w in nf4)
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def open_metrics(cfg, output_dir: Path, step: int, total_steps: int) -> tuple[MetricsLogger, ProgressDisplay]:
+    """metrics.jsonl (+ the config's ``metric_loggers``) and the progress bar, resuming at
+    ``step``: rows a killed run logged after that step are dropped."""
+    metrics = MetricsLogger(output_dir, extra_loggers=build_metric_loggers(cfg.metric_loggers))
+    metrics.truncate_after(step)
+    return metrics, ProgressDisplay(total_steps, initial=step)
 
 
 def build_dataset(node: dict, tokenizer, max_seq_len: int, what: str):

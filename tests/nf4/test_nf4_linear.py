@@ -13,7 +13,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.kernels import HAS_TRITON, backend
 from tunelab.modules.nf4 import NF4Linear, NF4LoRALinear, NF4Weight, quantize_linears_, to_nf4
-from tunelab.modules.peft import LoRALinear, apply_lora, get_adapter_params, merge_lora_state_dict
+from tunelab.modules.peft import LoRALinear, apply_lora, get_adapter_params, merge_lora_state_dict, set_trainable_params
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -190,3 +190,27 @@ def test_compiled_qlora_layer_is_one_graph_with_opaque_dequantization(monkeypatc
     for kind in ("forward", "backward"):
         assert any("tunelab.dequantize_nf4" in t for t in graphs[kind]), (kind, graphs[kind])
         assert any("tunelab.mm_plus_low_rank" in t for t in graphs[kind]), (kind, graphs[kind])
+
+
+def test_count_parameters_counts_an_nf4_base_by_its_weights():
+    """The model-size line of every recipe: an NF4 base counts its weights (not its packed
+    bytes), whether the storage is buffers (one device) or frozen parameters (the FSDP build)."""
+    from types import SimpleNamespace
+
+    from tunelab.models import build_model, tiny
+    from tunelab.training import distributed as dist_utils
+    from tunelab.training.recipe_setup import count_parameters
+
+    args = tiny(vocab_size=64)
+    lora = SimpleNamespace(targets=["q_proj", "v_proj"], rank=2, alpha=4, dropout=0.0)
+    dense = build_model(args, device="meta", dtype=torch.float32)  # the same model, dense
+    apply_lora(dense, lora.targets, lora.rank, lora.alpha)
+    adapters = sum(p.numel() for n, p in dense.named_parameters() if ".lora_" in n)
+    want = (sum(p.numel() for p in dense.parameters()), adapters)
+
+    one_device = build_model(args, device="cpu", dtype=torch.float32)
+    quantize_linears_(one_device)
+    apply_lora(one_device, lora.targets, lora.rank, lora.alpha)
+    set_trainable_params(one_device)
+    assert count_parameters(one_device) == want
+    assert count_parameters(dist_utils.build_meta_model(args, torch.float32, lora, "nf4")) == want
