@@ -88,6 +88,22 @@ def emit(row: dict, out: str | None = None) -> None:
             f.write(line + "\n")
 
 
+def lora_train_step(model, optimizer, tokens: torch.Tensor, labels: torch.Tensor):
+    """The workload's training step as a closure returning the loss: the recipe's loss (fused
+    chunked linear + cross-entropy on CUDA, summed, / label count), backward, optimizer step."""
+    from tunelab.kernels import loss_sum
+
+    def step() -> float:
+        hidden = model(tokens, return_hidden=True)  # (b, s, dim)
+        loss = loss_sum(hidden, model.output_weight, labels) / labels.numel()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
 def time_steps(step, *, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
     """Run ``step()`` warmup times, reset the peak-memory counter, then time ``steps`` calls.
 

@@ -45,14 +45,13 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from tunelab.kernels.fused_ce import loss_sum
 from tunelab.models import llama3_1_8b, llama3_1_70b, tiny
 from tunelab.modules.peft import get_adapter_params
 from tunelab.training import distributed as dist_utils
 from tunelab.training.steps import wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
-from _common import TARGETS, device_name, emit  # noqa: E402
+from _common import TARGETS, device_name, emit, lora_train_step  # noqa: E402
 
 
 def env_int(name: str, default: int) -> int:
@@ -114,13 +113,7 @@ def measure(model, tokens: torch.Tensor, labels: torch.Tensor, *, steps: int, wa
     device = tokens.device
     optimizer = torch.optim.AdamW(list(get_adapter_params(model).values()), lr=1e-4)
 
-    def step() -> float:
-        hidden = model(tokens, return_hidden=True)  # (b, s, dim)
-        loss = loss_sum(hidden, model.output_weight, labels) / labels.numel()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    step = lora_train_step(model, optimizer, tokens, labels)
 
     def sync() -> None:
         if device.type == "cuda":

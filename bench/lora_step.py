@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from tunelab.kernels import loss_sum
 from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
 from tunelab.training.steps import wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
-from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps, write_breakdown  # noqa: E402
+from _common import (TARGETS, device_name, emit, lora_train_step, peak_gib, random_model, time_steps,  # noqa: E402
+                     write_breakdown)
 
 
 def main() -> None:
@@ -62,14 +62,7 @@ def main() -> None:
     tokens = torch.randint(0, vocab, (opts.batch, opts.seq), generator=gen).to(device)
     labels = torch.randint(0, vocab, (opts.batch, opts.seq), generator=gen).to(device)
 
-    def step() -> float:
-        # the recipe's loss: fused chunked linear + cross-entropy on CUDA, summed, / label count
-        hidden = model(tokens, return_hidden=True)  # (b, s, dim)
-        loss = loss_sum(hidden, model.output_weight, labels) / labels.numel()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    step = lora_train_step(model, optimizer, tokens, labels)
 
     elapsed, loss = time_steps(step, warmup=opts.warmup, steps=opts.steps, device=device)
 
