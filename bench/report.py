@@ -12,6 +12,7 @@ the profile's own mode). tests/test_readme_tables.py keeps the README in sync wi
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -113,17 +114,16 @@ def efficiency_spread(rows: list[dict], profile: str = "fsdp_lora_8b_ac") -> str
     effs = sorted(r["efficiency"] for r in rows if r.get("profile") == profile and r.get("efficiency"))
     if not effs:
         return None
-    median = effs[len(effs) // 2] if len(effs) % 2 else (effs[len(effs) // 2 - 1] + effs[len(effs) // 2]) / 2
     line = (f"Every recorded 8B efficiency (default switches, each against the 1-GPU run(s) of its own device "
-            f"call): {len(effs)} runs, {effs[0]:.0%} to {effs[-1]:.0%}, median {median:.0%}.")
+            f"call): {len(effs)} runs, {effs[0]:.0%} to {effs[-1]:.0%}, median {statistics.median(effs):.0%}.")
     by_commit: dict[str, list[float]] = {}
     for r in rows:
         if r.get("profile") == profile and r.get("world_size") == 1 and r.get("commit"):
             by_commit.setdefault(r["commit"], []).append(r["tokens_per_s"])
     repeats = [(c, v) for c, v in by_commit.items() if len(v) > 1]
-    if repeats:  # the same 1-GPU run twice in one call: how far it moves by itself
+    if repeats:  # the same code's 1-GPU step measured more than once: how far it moves by itself
         commit, runs = max(repeats, key=lambda cv: max(cv[1]) / min(cv[1]))
-        line += (f" The 1-GPU step alone moved {max(runs) / min(runs) - 1:.0%} between two runs of one call "
+        line += (f" The 1-GPU step of one commit alone moved {max(runs) / min(runs) - 1:.0%} between runs "
                  f"({commit}: {', '.join(f'{v:,.0f}' for v in runs)} tok/s).")
     return line
 
