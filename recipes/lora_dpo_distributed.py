@@ -127,12 +127,7 @@ def main(argv: list[str]) -> None:
     check_settings(cfg)
     check_loss_settings(cfg)
     dist_utils.check_distributed_settings(cfg)
-    device = dist_utils.init_distributed(cfg.device, cfg.dist_timeout_s, recipe="lora_dpo_distributed")
-    try:
-        with dist_utils.name_failing_rank():
-            train(cfg, device)
-    finally:
-        dist_utils.destroy_distributed()  # in order, before interpreter exit (gloo can abort there)
+    dist_utils.run_rank(train, cfg, recipe="lora_dpo_distributed")  # join the group, train, leave it
 
 
 def train(cfg: RecipeConfig, device: torch.device) -> None:

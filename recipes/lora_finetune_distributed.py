@@ -126,12 +126,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_recipe_args(argv, RecipeConfig)
     check_settings(cfg)
     dist_utils.check_distributed_settings(cfg)
-    device = dist_utils.init_distributed(cfg.device, cfg.dist_timeout_s, recipe="lora_finetune_distributed")
-    try:
-        with dist_utils.name_failing_rank():
-            train(cfg, device)
-    finally:
-        dist_utils.destroy_distributed()  # in order, before interpreter exit (gloo can abort there)
+    dist_utils.run_rank(train, cfg, recipe="lora_finetune_distributed")  # join the group, train, leave it
 
 
 def train(cfg: RecipeConfig, device: torch.device) -> None:

@@ -33,11 +33,11 @@ import math
 import os
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -85,6 +85,7 @@ __all__ = [
     "load_hf_weights_sharded",
     "load_sharded_state",
     "name_failing_rank",
+    "run_rank",
     "prepare_output_dir",
     "rank",
     "rank0_metrics",
@@ -551,6 +552,19 @@ def name_failing_rank() -> Iterator[None]:
         if world_size() > 1:
             print(f"error: rank {rank()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
+
+
+def run_rank(train: Callable[[Any, torch.device], None], cfg, recipe: str) -> None:
+    """This rank's part of a distributed recipe: join the process group (``cfg.device``,
+    ``cfg.dist_timeout_s``), run ``train(cfg, device)`` with a failure naming its rank, and
+    leave the group in order whatever happened (before interpreter exit, where gloo can abort).
+    """
+    device = init_distributed(cfg.device, cfg.dist_timeout_s, recipe=recipe)
+    try:
+        with name_failing_rank():
+            train(cfg, device)
+    finally:
+        destroy_distributed()
 
 
 def check_distributed_settings(cfg) -> None:
