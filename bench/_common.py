@@ -75,6 +75,11 @@ def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
+def reserved_gib(device: torch.device) -> float | None:
+    """Peak memory the caching allocator held (CUDA graph pools included)."""
+    return round(torch.cuda.max_memory_reserved(device) / 2**30, 2) if device.type == "cuda" else None
+
+
 def emit(row: dict, out: str | None = None) -> None:
     """Print the result line (commit, date and the TUNELAB_* switches set added) and append it to ``out`` / $BENCH_OUT if set
     (not $OUT: on the GPU machine that names the folder of files that come back)."""
@@ -88,24 +93,45 @@ def emit(row: dict, out: str | None = None) -> None:
             f.write(line + "\n")
 
 
-def lora_train_step(model, optimizer, tokens: torch.Tensor, labels: torch.Tensor):
+def lora_train_step(model, optimizer, tokens: torch.Tensor, labels: torch.Tensor, *, graph: bool = False):
     """The workload's training step as a closure returning the loss: the recipe's loss (fused
-    chunked linear + cross-entropy on CUDA, summed, / label count), backward, optimizer step."""
+    chunked linear + cross-entropy on CUDA, summed, / label count), backward, optimizer step.
+    With ``graph`` the step is captured once and replayed as a CUDA graph
+    (:class:`tunelab.training.cuda_graph.GraphedStep`; the optimizer must be capturable)."""
     from tunelab.kernels import loss_sum
 
+    from torch.profiler import record_function  # names the phases in host_gaps' op stacks
+
+    def body() -> torch.Tensor:
+        with record_function("step.forward"):
+            hidden = model(tokens, return_hidden=True)  # (b, s, dim)
+        with record_function("step.loss"):
+            loss = loss_sum(hidden, model.output_weight, labels) / labels.numel()
+        with record_function("step.backward"):
+            loss.backward()
+        with record_function("step.optimizer"):
+            optimizer.step()
+        return loss.detach()
+
+    if graph:
+        from tunelab.training.cuda_graph import GraphedStep
+
+        graphed = GraphedStep(body, {}, lambda: optimizer.zero_grad(set_to_none=True))
+        return lambda: graphed().item()
+
     def step() -> float:
-        hidden = model(tokens, return_hidden=True)  # (b, s, dim)
-        loss = loss_sum(hidden, model.output_weight, labels) / labels.numel()
-        loss.backward()
-        optimizer.step()
+        loss = body()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     return step
 
 
-def time_steps(step, *, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+def time_steps(step, *, warmup: int, steps: int, device: torch.device, reset_peak: bool = True) -> tuple[float, float]:
     """Run ``step()`` warmup times, reset the peak-memory counter, then time ``steps`` calls.
+
+    ``reset_peak=False`` keeps the warm-up in the peak: a CUDA-graph step allocates only while
+    it is captured (in the first call), and its replays reuse that memory without counting it.
 
     Returns (seconds for the timed steps, the last step's return value)."""
 
@@ -116,7 +142,7 @@ def time_steps(step, *, warmup: int, steps: int, device: torch.device) -> tuple[
     for _ in range(warmup):
         step()
     sync()
-    if device.type == "cuda":
+    if device.type == "cuda" and reset_peak:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     result = float("nan")
@@ -180,10 +206,80 @@ def kernel_breakdown(step, *, steps: int, device: torch.device) -> dict:
     }
 
 
+def host_gaps(step, *, steps: int, device: torch.device, min_gap_us: float = 20.0) -> dict:
+    """Where the GPU waits for the host: profile ``steps`` calls of ``step()`` (CPU + CUDA),
+    merge all GPU activity (every stream), and charge each idle gap longer than ``min_gap_us``
+    to the CPU ops that were running when the kernel after the gap was launched.
+
+    Returns {"gap_ms": idle ms per step, "gaps_per_step", "by_op": [[outermost op, second,
+    innermost op, ms per step, gaps per step], ...] (costliest first), "self_cpu": [[op, self CPU ms per step,
+    calls per step], ...] (the 20 ops with the most own host time)}."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = [e for e in json.load(open(f.name))["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    gaps = []  # (idle us, the launch event of the kernel after the gap or None)
+    busy_end = None
+    for e in gpu:
+        if busy_end is not None and e["ts"] - busy_end > min_gap_us:
+            gaps.append((e["ts"] - busy_end, launches.get(e.get("args", {}).get("correlation"))))
+        busy_end = max(busy_end or 0.0, e["ts"] + e["dur"])
+    stacks = _op_stacks([e for e in events if e.get("cat") == "cpu_op"], [g[1] for g in gaps if g[1]])
+    by_op: dict[tuple[str, str, str], list] = {}
+    for gap, launch in gaps:
+        slot = by_op.setdefault(stacks.get(id(launch), ("?", "", "?")), [0.0, 0])
+        slot[0] += gap
+        slot[1] += 1
+    gap_total, n_gaps = sum(g for g, _ in gaps), len(gaps)
+    self_cpu = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:20]
+    return {
+        "gap_ms": round(gap_total / 1000 / steps, 1),
+        "gaps_per_step": round(n_gaps / steps, 1),
+        "by_op": [[*names, round(ms / 1000 / steps, 2), round(n / steps, 1)]
+                  for names, (ms, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:15]],
+        "self_cpu": [[a.key[:80], round(a.self_cpu_time_total / 1000 / steps, 2), round(a.count / steps, 1)]
+                     for a in self_cpu],
+    }
+
+
+def _op_stacks(ops: list[dict], points: list[dict]) -> dict[int, tuple[str, str, str]]:
+    """For each trace event in ``points``: (outermost, second, innermost) name of the CPU ops of its
+    thread that enclose its start, by one sweep per thread (ops on a thread nest)."""
+    out: dict[int, tuple[str, str, str]] = {}
+    for tid in {p["tid"] for p in points}:
+        mine = sorted((o for o in ops if o["tid"] == tid), key=lambda o: (o["ts"], -o["dur"]))
+        stack: list[dict] = []
+        i = 0
+        for p in sorted((p for p in points if p["tid"] == tid), key=lambda p: p["ts"]):
+            while i < len(mine) and mine[i]["ts"] <= p["ts"]:
+                while stack and stack[-1]["ts"] + stack[-1]["dur"] < mine[i]["ts"]:
+                    stack.pop()
+                stack.append(mine[i])
+                i += 1
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] < p["ts"]:
+                stack.pop()
+            names = [o["name"][:80] for o in stack] or ["?"]
+            out[id(p)] = (names[0], names[1] if len(names) > 2 else "", names[-1])
+    return out
+
+
 def write_breakdown(path: str | None, step, *, steps: int, device: torch.device, label: str) -> None:
-    """``kernel_breakdown`` appended as one JSON line (with ``label``) to ``path``; CUDA only."""
+    """``kernel_breakdown`` and ``host_gaps`` appended as one JSON line (with ``label``) to
+    ``path``; CUDA only."""
     if not path or device.type != "cuda":
         return
-    row = {"commit": commit(), "label": label, **kernel_breakdown(step, steps=steps, device=device)}
+    row = {"commit": commit(), "label": label, **kernel_breakdown(step, steps=steps, device=device),
+           "host": host_gaps(step, steps=steps, device=device)}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -23,7 +23,7 @@ add ``_pf<k>`` / ``_noreshard`` to the profile, and every line's config string n
     SHAPE=tiny torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py  # CPU / gloo smoke run
 
 Environment knobs: SHAPE (8b | 70b | tiny), LAYERS (override the layer count), BATCH, SEQ,
-STEPS, WARMUP, AC (1/0), QUANT (nf4: the QLoRA model, NF4 base sharded), RESHARD (list of 1/0), PREFETCH (list of k >= 0), ROUNDS (repeat the
+STEPS, WARMUP, AC (1/0), COMPILE (1: torch.compile per layer, CUDA), QUANT (nf4: the QLoRA model, NF4 base sharded), RESHARD (list of 1/0), PREFETCH (list of k >= 0), ROUNDS (repeat the
 whole sweep, in the same order, to see the run-to-run spread), OFFLOAD (CPU offload 1/0),
 PROFILE (the profile name's base), TRACE (a folder: a gzipped chrome trace of one timed step
 per setting and rank, for finding the exposed collectives), BENCH_OUT (also append the lines
@@ -76,7 +76,7 @@ def model_args(shape: str):
 
 
 def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, reshard: bool, prefetch: int,
-                  offload: bool, quantize: str | None):
+                  offload: bool, quantize: str | None, compile_layers: bool = False):
     """The recipe's setup with random weights instead of a checkpoint: meta build (LoRA, or
     QLoRA with ``quantize="nf4"``), checkpointing, ``shard_model`` with the given switches, then
     each rank fills its shard (NF4 storage: random codes and block scales, so the dequantized
@@ -84,7 +84,7 @@ def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, r
     cuda = device.type == "cuda"
     lora = SimpleNamespace(targets=TARGETS, rank=16, alpha=32, dropout=0.0)
     model = dist_utils.build_meta_model(args, dtype, lora, quantize)
-    wrap_layers(model, activation_checkpointing=ac, compile_layers=False)
+    wrap_layers(model, activation_checkpointing=ac, compile_layers=compile_layers)
     dist_utils.shard_model(model, param_dtype=dtype if cuda else None, reshard_after_forward=reshard,
                            cpu_offload=offload, prefetch_layers=prefetch)
     model.to_empty(device="cpu" if offload else device)
@@ -151,6 +151,7 @@ def main() -> None:
     batch, seq = env_int("BATCH", 2), env_int("SEQ", 2048 if shape != "tiny" else 64)
     steps, warmup = env_int("STEPS", 6 if shape != "tiny" else 2), env_int("WARMUP", 2 if shape != "tiny" else 1)
     ac, offload_asked = bool(env_int("AC", 1)), bool(env_int("OFFLOAD", 0))
+    compile_layers = bool(env_int("COMPILE", 0)) and torch.cuda.is_available()
     reshards, prefetches = [bool(r) for r in env_ints("RESHARD", "1")], env_ints("PREFETCH", "0")
     rounds = env_int("ROUNDS", 1)
     quantize = os.environ.get("QUANT") or None
@@ -171,9 +172,10 @@ def main() -> None:
         for reshard in reshards:
             for prefetch in prefetches:
                 model = build_sharded(args, device=device, dtype=dtype, ac=ac, reshard=reshard, prefetch=prefetch,
-                                      offload=offload, quantize=quantize)
+                                      offload=offload, quantize=quantize, compile_layers=compile_layers)
                 # switches off = the name earlier results carry; others get their own profile
-                switches = (f"_pf{prefetch}" if prefetch else "") + ("" if reshard else "_noreshard")
+                switches = ((f"_pf{prefetch}" if prefetch else "") + ("" if reshard else "_noreshard")
+                            + ("_compile" if compile_layers else ""))
                 kind = "qlora" if quantize else "lora"
                 profile = (os.environ.get("PROFILE") or f"fsdp_{kind}_{shape}{'_ac' if ac else '_no_ac'}") + switches
                 trace = trace_dir / f"trace_{profile}_rank{rank}.json.gz" if trace_dir else None
@@ -190,7 +192,7 @@ def main() -> None:
                     "profile": profile,
                     "config": f"{shape}{layers} bs{batch} seq{seq} per gpu, {kind}{' ' + quantize if quantize else ''} r16 all 7 proj, ac={ac}, "
                               f"reshard_after_forward={reshard}, prefetch_layers={prefetch}, cpu_offload={offload}, "
-                              f"{'bf16' if cuda else 'fp32'} eager",
+                              f"{'bf16' if cuda else 'fp32'} {'compiled layers' if compile_layers else 'eager'}",
                     "tokens_per_s": round(batch * seq * steps / elapsed, 1),  # per GPU
                     "peak_gib": round(peak.item(), 2) if cuda else None,
                     "step_ms": round(1000 * elapsed / steps, 1),

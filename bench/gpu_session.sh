@@ -8,13 +8,14 @@
 #   .site-uns  trl + datasets (+ unsloth)                                       for: dpo_peer
 # STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast lora_offload
 #       unsloth_lora unsloth_qlora (the best peers of performance.md; carry .site-uns)
-#       fsdp1_sweep fsdp2_sweep (two GPUs: nvidia-h200-x2, NCCL_NVLS_ENABLE=0 as KINDS.md says)
+#       fsdp2 fsdp1_sweep fsdp2_sweep (two GPUs: nvidia-h200-x2, NCCL_NVLS_ENABLE=0 as KINDS.md says)
 #       recipe_<profile of bench/finetune.py: lean eager offload fast qlora packed>
 #       attention (SDPA backends, packed flex vs dense mask)
 #       pytest_cuda (the CUDA tests: kernels at real sizes, activation offload; log in $OUT/pytest_cuda.log)
 # Env DEADLINE=<epoch seconds> cuts every step short so the lane ends by then.
 #       NAME=VALUE sets an environment variable for the steps after it (e.g. TUNELAB_SDPA_BACKEND=cudnn,
-#       COMPILE=1, TRACE=$OUT/breakdown.jsonl: per-phase kernel times of lora/qlora/dpo steps)
+#       COMPILE=1, GRAPH=1 (lora/qlora step as one CUDA graph), TRACE=$OUT/breakdown.jsonl: per-phase
+#       kernel times and host gaps of lora/qlora/dpo steps)
 # (default: the single-GPU set without the peers whose folders are not carried).
 # Two single-GPU lanes side by side on nvidia-h200-x2: CUDA_VISIBLE_DEVICES=0 RESULTS=$OUT/a.jsonl
 # ERRLOG=$OUT/a.err bash bench/gpu_session.sh ... & (the same with 1 / b) & wait.
@@ -62,6 +63,7 @@ for s in "${steps[@]}"; do
     nf4_variants) run 150 python3 bench/nf4_variants.py ;;
     attention)    run 150 python3 bench/attention_bench.py ;;
     fsdp1)        run 90 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
+    fsdp2)        run 120 torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py ;;
     fsdp1_sweep)  PREFETCH=0,1,2 RESHARD=1,0 run 200 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
     fsdp2_sweep)  PREFETCH=0,1,2 RESHARD=1,0 ROUNDS=2 run 400 torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py ;;
     lora_compile) run 150 python3 bench/lora_step.py --compile --profile lora_lean ;;

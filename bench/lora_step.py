@@ -25,7 +25,7 @@ from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_p
 from tunelab.training.steps import wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
-from _common import (TARGETS, device_name, emit, lora_train_step, peak_gib, random_model, time_steps,  # noqa: E402
+from _common import (TARGETS, device_name, emit, lora_train_step, peak_gib, random_model, reserved_gib, time_steps,  # noqa: E402
                      write_breakdown)
 
 
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--no-ac", dest="ac", action="store_false", help="no activation checkpointing")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (as the 8B configs)")
     ap.add_argument("--offload", action="store_true", help="offload_activations: checkpointed layer inputs in pinned CPU memory")
+    ap.add_argument("--graph", action="store_true", default=os.environ.get("GRAPH") == "1", help="replay the whole step as one CUDA graph (GraphedStep)")
     ap.add_argument("--adapter-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of the LoRA A/B weights (the recipe keeps them fp32)")
     ap.add_argument("--profile", default=None, help="name recorded in the JSON line")
@@ -55,19 +56,19 @@ def main() -> None:
     wrap_layers(model, activation_checkpointing=opts.ac, compile_layers=opts.compile, offload_activations=opts.offload)
     model.train()
     params = list(get_adapter_params(model).values())
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda", capturable=opts.graph)
 
     vocab = model.args.vocab_size
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (opts.batch, opts.seq), generator=gen).to(device)
     labels = torch.randint(0, vocab, (opts.batch, opts.seq), generator=gen).to(device)
 
-    step = lora_train_step(model, optimizer, tokens, labels)
+    step = lora_train_step(model, optimizer, tokens, labels, graph=opts.graph)
 
-    elapsed, loss = time_steps(step, warmup=opts.warmup, steps=opts.steps, device=device)
+    elapsed, loss = time_steps(step, warmup=opts.warmup, steps=opts.steps, device=device, reset_peak=not opts.graph)
 
     tokens_per_s = opts.batch * opts.seq * opts.steps / elapsed
-    profile = opts.profile or ("lora_lean" if opts.ac else "lora_fast")
+    profile = (opts.profile or ("lora_lean" if opts.ac else "lora_fast")) + ("_graph" if opts.graph else "")
     write_breakdown(opts.trace, step, steps=2, device=device, label=profile)
     emit({
         "device": device_name(device),
@@ -75,9 +76,10 @@ def main() -> None:
         "system": "tunelab",
         "profile": profile,
         "config": f"{opts.shape} bs{opts.batch} seq{opts.seq} lora r16 all-linear ac={opts.ac} "
-                  f"compile={opts.compile} offload={opts.offload} fused-ce adapters={opts.adapter_dtype}",
+                  f"compile={opts.compile} offload={opts.offload} graph={opts.graph} fused-ce adapters={opts.adapter_dtype}",
         "tokens_per_s": round(tokens_per_s, 1),
         "peak_gib": peak_gib(device),
+        "reserved_gib": reserved_gib(device),
         "step_ms": round(1000 * elapsed / opts.steps, 1),
         "loss": round(loss, 4),
     }, opts.out)

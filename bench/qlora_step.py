@@ -13,7 +13,7 @@ timed steps (reset after warm-up). Prints one JSON line (append it to bench/resu
     python bench/qlora_step.py                                # 8B, GPU
     SHAPE=tiny STEPS=2 WARMUP=1 python bench/qlora_step.py    # CPU smoke run (seq 64)
     Env: SHAPE=8b|tiny, STEPS (6), WARMUP (2), BATCH (2), SEQ (2048; tiny: 64), AC=1|0,
-         COMPILE=0|1 (torch.compile per layer), OFFLOAD=0|1 (offload_activations), PROFILE (name in the row), BENCH_OUT (also
+         COMPILE=0|1 (torch.compile per layer), GRAPH=0|1 (the step as one CUDA graph), OFFLOAD=0|1 (offload_activations), PROFILE (name in the row), BENCH_OUT (also
          append the line to this file), TRACE (append a per-phase kernel-time breakdown there).
 """
 
@@ -26,13 +26,11 @@ from pathlib import Path
 import torch
 
 from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
-from tunelab.training.steps import loss_sum, wrap_layers
+from tunelab.training.steps import wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
-from _common import TARGETS, device_name, emit, peak_gib, random_model, time_steps, write_breakdown  # noqa: E402
-
-
-
+from _common import (TARGETS, device_name, emit, lora_train_step, peak_gib, random_model, reserved_gib, time_steps,  # noqa: E402
+                     write_breakdown)
 
 
 def main() -> None:
@@ -44,6 +42,7 @@ def main() -> None:
     ac = os.environ.get("AC", "1") == "1"
     compile_layers = os.environ.get("COMPILE", "0") == "1"
     offload = os.environ.get("OFFLOAD", "0") == "1"
+    graph = os.environ.get("GRAPH", "0") == "1"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -54,26 +53,17 @@ def main() -> None:
     wrap_layers(model, activation_checkpointing=ac, compile_layers=compile_layers, offload_activations=offload)
     model.train()
     params = list(get_adapter_params(model).values())
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda", capturable=graph)
     base_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".weight." in n)
     base_params = sum(m.weight.numel() for m in model.modules() if hasattr(m, "weight") and hasattr(m.weight, "codes"))
 
     vocab = model.args.vocab_size
     gen = torch.Generator().manual_seed(0)
-    batch_data = {
-        "tokens": torch.randint(1, vocab, (batch, seq), generator=gen),  # never zeros
-        "labels": torch.randint(1, vocab, (batch, seq), generator=gen),
-    }
+    tokens = torch.randint(1, vocab, (batch, seq), generator=gen).to(device)  # never zeros
+    labels = torch.randint(1, vocab, (batch, seq), generator=gen).to(device)
+    step = lora_train_step(model, optimizer, tokens, labels, graph=graph)
 
-    def step() -> float:
-        n_labels = batch * seq
-        loss = loss_sum(model, batch_data, device) / n_labels
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    elapsed, loss = time_steps(step, warmup=warmup, steps=steps, device=device)
+    elapsed, loss = time_steps(step, warmup=warmup, steps=steps, device=device, reset_peak=not graph)
     profile = os.environ.get("PROFILE") or ("qlora_lean" if ac else "qlora_no_ac")
     write_breakdown(os.environ.get("TRACE"), step, steps=2, device=device, label=profile)
 
@@ -83,9 +73,10 @@ def main() -> None:
         "system": "tunelab",
         "profile": profile,
         "config": f"{shape} bs{batch} seq{seq} qlora nf4 r16 all-linear ac={ac} offload={offload} "
-                  f"{'compile' if compile_layers else 'eager'} fused-adamw",
+                  f"{'compile' if compile_layers else 'eager'}{' graph' if graph else ''} fused-adamw",
         "tokens_per_s": round(batch * seq * steps / elapsed, 1),
         "peak_gib": peak_gib(device),
+        "reserved_gib": reserved_gib(device),
         "load_peak_gib": round(load_peak, 2) if load_peak is not None else None,
         "nf4_bytes_per_param": round(base_bytes / max(base_params, 1), 4),
         "step_ms": round(1000 * elapsed / steps, 1),
