@@ -132,6 +132,7 @@ def time_steps(step, *, warmup: int, steps: int, device: torch.device, reset_pea
 
     ``reset_peak=False`` keeps the warm-up in the peak: a CUDA-graph step allocates only while
     it is captured (in the first call), and its replays reuse that memory without counting it.
+    Either way the peak starts from what was allocated before the first call.
 
     Returns (seconds for the timed steps, the last step's return value)."""
 
@@ -139,6 +140,8 @@ def time_steps(step, *, warmup: int, steps: int, device: torch.device, reset_pea
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # model building is not the step's memory
     for _ in range(warmup):
         step()
     sync()
@@ -274,12 +277,62 @@ def _op_stacks(ops: list[dict], points: list[dict]) -> dict[int, tuple[str, str,
     return out
 
 
+def memory_at_peak(step, *, device: torch.device, top: int = 20) -> dict:
+    """What is allocated at the peak of one ``step()``: the CUDA allocator's event history of the
+    call, replayed to find the moment of the largest total, and the live blocks at that moment
+    grouped by the innermost frame in this repository (else the innermost Python frame).
+
+    Returns {"peak_gib": the replayed peak, "before_gib": allocated when the step began,
+    "at_peak": [[frame, MiB, blocks], ...] (largest first)}."""
+    root = str(Path(__file__).resolve().parents[1])
+    torch.cuda.synchronize(device)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        step()
+        torch.cuda.synchronize(device)
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snap["device_traces"][device.index or 0]
+    live: dict[int, dict] = {}
+    total = peak = 0
+    peak_live: dict[int, dict] = {}
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+            if total > peak:
+                peak, peak_live = total, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+
+    def where(e: dict) -> str:
+        frames = e.get("frames") or []
+        mine = [f for f in frames if f["filename"].startswith(root)]
+        f = (mine or [f for f in frames if f["filename"].endswith(".py")] or [{"filename": "?", "line": 0, "name": "?"}])[0]
+        return f"{f['filename'].replace(root + '/', '')}:{f['line']} {f['name']}"
+
+    groups: dict[str, list] = {}
+    for e in peak_live.values():
+        g = groups.setdefault(where(e), [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    return {
+        "peak_gib": round((before + peak) / 2**30, 3),
+        "before_gib": round(before / 2**30, 3),
+        "at_peak": [[k, round(v[0] / 2**20, 1), v[1]] for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]],
+    }
+
+
 def write_breakdown(path: str | None, step, *, steps: int, device: torch.device, label: str) -> None:
-    """``kernel_breakdown`` and ``host_gaps`` appended as one JSON line (with ``label``) to
-    ``path``; CUDA only."""
+    """``kernel_breakdown`` and ``host_gaps`` (and with MEMTRACE=1 ``memory_at_peak``) appended
+    as one JSON line (with ``label``) to ``path``; CUDA only."""
     if not path or device.type != "cuda":
         return
     row = {"commit": commit(), "label": label, **kernel_breakdown(step, steps=steps, device=device),
            "host": host_gaps(step, steps=steps, device=device)}
+    if os.environ.get("MEMTRACE") == "1":
+        row["memory"] = memory_at_peak(step, device=device)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
