@@ -286,7 +286,7 @@ def memory_at_peak(step, *, device: torch.device, top: int = 20) -> dict:
     "at_peak": [[frame, MiB, blocks], ...] (largest first)}."""
     root = str(Path(__file__).resolve().parents[1])
     torch.cuda.synchronize(device)
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")  # C++ stacks broke compiled backward
     before = torch.cuda.memory_allocated(device)
     try:
         step()
