@@ -15,6 +15,8 @@ Profiles (``--profile``):
   fast     compile, no activation checkpointing
   qlora    the 8B QLoRA config (NF4 base)
   packed   lean with packing on alpaca-like lengths (log-normal, median ~200 tokens, 40-2048)
+  graph, offload_graph, qlora_graph, qlora_offload_graph, packed_graph: the same with
+           cuda_graph=true (QLoRA ones also compiled)
 
     python bench/finetune.py --profile lean                 # GPU
     python bench/finetune.py --shape tiny --steps 2 --warmup 1 --profile packed   # CPU smoke
@@ -49,6 +51,12 @@ PROFILES = {
     "fast": ("llama3_1/8B_lora_single_device", ["activation_checkpointing=false"]),
     "qlora": ("llama3_1/8B_qlora_single_device", []),
     "packed": ("llama3_1/8B_lora_single_device", ["packing=true"]),
+    "graph": ("llama3_1/8B_lora_single_device", ["cuda_graph=true"]),
+    "offload_graph": ("llama3_1/8B_lora_single_device", ["offload_activations=true", "cuda_graph=true"]),
+    "qlora_graph": ("llama3_1/8B_qlora_single_device", ["compile=true", "cuda_graph=true"]),
+    "qlora_offload_graph": ("llama3_1/8B_qlora_single_device", ["compile=true", "offload_activations=true",
+                                                                "cuda_graph=true"]),
+    "packed_graph": ("llama3_1/8B_lora_single_device", ["packing=true", "cuda_graph=true"]),
 }
 WORDS = [f"w{i}" for i in range(300)]
 
@@ -97,7 +105,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     config, overrides = PROFILES[args.profile]
     seq, batch = (2048, 2) if args.shape == "8b" else (64, 2)
-    packed = args.profile == "packed"
+    packed = args.profile.startswith("packed")
     total_steps = args.warmup + args.steps
     data = cache / f"data-{'packed' if packed else 'dense'}-{seq}.jsonl"
     if not data.is_file():  # packed rows average ~200 tokens: enough for 10 rows of 2048 per step

@@ -71,7 +71,7 @@ for s in "${steps[@]}"; do
     lora_offload) run 150 python3 bench/lora_step.py --compile --offload --profile lora_lean_offload ;;
     recipe_*)     run 300 python3 bench/finetune.py --profile "${s#recipe_}" ;;
     pytest_cuda)  (cd /tmp/pkg/tunelab && timeout "$(budget 180)" python3 -m pytest -p no:cacheprovider tests/kernels \
-                     tests/training/test_offload.py tests/modules/test_attention_backends.py) > "$OUT/pytest_cuda.log" 2>&1; tail -3 "$OUT/pytest_cuda.log" ;;
+                     tests/training/test_offload.py tests/training/test_cuda_graph.py tests/modules/test_attention_backends.py) > "$OUT/pytest_cuda.log" 2>&1; tail -3 "$OUT/pytest_cuda.log" ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -14,9 +14,9 @@ def _as_list(x) -> list[int]:
 
 
 def padded_collate(
-    batch: Sequence[dict], pad_id: int, ignore_index: int = IGNORE_INDEX
+    batch: Sequence[dict], pad_id: int, ignore_index: int = IGNORE_INDEX, pad_to: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Right-pad samples to the longest one in the batch.
+    """Right-pad samples to the longest one in the batch (or to ``pad_to``).
 
     Args:
         batch: samples ``{"tokens", "labels"}`` (lists or 1-D tensors), optionally with
@@ -24,6 +24,8 @@ def padded_collate(
         pad_id: token id written into the padding (never trained on: its labels are
             ``ignore_index``).
         ignore_index: label value of padding positions.
+        pad_to: pad every batch to this length instead (fixed shapes, e.g. for a CUDA graph);
+            must be at least the longest sample.
 
     Returns:
         ``tokens`` and ``labels`` LongTensors [b, s_max]; ``position_ids`` (continuing past the
@@ -34,6 +36,10 @@ def padded_collate(
         raise ValueError("padded_collate: empty batch")
     rows = [{k: _as_list(v) for k, v in sample.items()} for sample in batch]
     s_max = max(len(r["tokens"]) for r in rows)
+    if pad_to is not None:
+        if s_max > pad_to:
+            raise ValueError(f"padded_collate: a sample of {s_max} tokens is longer than pad_to={pad_to}")
+        s_max = pad_to
     pad_value = {"tokens": pad_id, "labels": ignore_index}
     out: dict[str, list[list[int]]] = {k: [] for k in rows[0]}
     for r in rows:

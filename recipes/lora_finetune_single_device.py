@@ -51,7 +51,8 @@ from tunelab.training.recipe_setup import (
     setup_model,
 )
 from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.steps import IGNORE_INDEX, apply_optimizer_step, loss_sum, make_loader, optimizer_steps
+from tunelab.training.steps import (IGNORE_INDEX, apply_optimizer_step, loss_sum, make_loader, micro_batch_backward,
+                                    optimizer_steps)
 from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
 
 SAMPLE_NEW_TOKENS = 32  # length of the greedy completion printed at the end
@@ -82,6 +83,7 @@ class RecipeConfig:
     activation_checkpointing: bool
     offload_activations: bool  # checkpointed layer inputs in pinned CPU memory (CUDA)
     compile: bool
+    cuda_graph: bool  # replay each micro-batch's forward + backward as a CUDA graph (CUDA; rows padded to max_seq_len)
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)
     log_every_n_steps: int
     metric_loggers: list[dict]  # extra loggers beside metrics.jsonl (TensorBoard, W&B), [] = none
@@ -126,7 +128,8 @@ def main(argv: list[str]) -> None:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    flags = cuda_only_settings_notice(device, compile=cfg.compile, offload_activations=cfg.offload_activations)
+    flags = cuda_only_settings_notice(device, compile=cfg.compile, offload_activations=cfg.offload_activations,
+                                      cuda_graph=cfg.cuda_graph)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -141,7 +144,8 @@ def main(argv: list[str]) -> None:
     dataset = build_dataset(cfg.dataset, tokenizer, cfg.max_seq_len, "dataset")
     train_data = PackedDataset(dataset, cfg.max_seq_len, pad_id=tokenizer.pad_id) if cfg.packing else dataset
     sampler = ResumableSampler(len(train_data), seed=cfg.seed)
-    loader = make_loader(train_data, cfg.batch_size, sampler, tokenizer.pad_id, cfg.packing)
+    loader = make_loader(train_data, cfg.batch_size, sampler, tokenizer.pad_id, cfg.packing,
+                         pad_to=cfg.max_seq_len if flags["cuda_graph"] else None)  # a graph needs fixed shapes
     accum = cfg.gradient_accumulation_steps
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_data), "packed rows" if cfg.packing else "samples",
                                               cfg.batch_size, "batch_size x gradient_accumulation_steps")
@@ -166,6 +170,7 @@ def main(argv: list[str]) -> None:
     print(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} samples each)")
     last_saved = resume_dir
     throughput = Throughput()  # tokens/s of training steps (eval and saves excluded)
+    backward = micro_batch_backward(model, params, device, cuda_graph=flags["cuda_graph"])
     try:
         for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=cfg.batch_size,
                                              steps_per_epoch=steps_per_epoch, total_steps=total_steps):
@@ -173,14 +178,12 @@ def main(argv: list[str]) -> None:
             n_labels = max(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches), 1)
             step_loss = torch.zeros((), device=device)
             for batch in micro_batches:
-                loss = loss_sum(model, batch, device)
-                (loss / n_labels).backward()
-                step_loss += loss.detach()
+                step_loss += backward(batch, n_labels)  # forward + backward, gradients accumulate
             loss_value = step_loss.item() / n_labels
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf).item()
             # finite check, optimizer + lr schedule step, training position + 1 step
             lr = apply_optimizer_step(progress, optimizer, scheduler, accum=accum, loss=loss_value,
-                                      grad_norm=grad_norm, last_saved=last_saved)
+                                      grad_norm=grad_norm, last_saved=last_saved, grads_in_place=flags["cuda_graph"])
             throughput.step(sum(b["num_tokens"] for b in micro_batches))
 
             step = progress.step

@@ -82,6 +82,9 @@ def check_settings(cfg) -> None:
     if cfg.offload_activations and not cfg.activation_checkpointing:
         raise ConfigError("offload_activations: true needs activation_checkpointing: true (it offloads the "
                           "checkpointed layer inputs); enable it or set offload_activations: false")
+    if getattr(cfg, "cuda_graph", False) and cfg.lora.dropout > 0:
+        raise ConfigError(f"cuda_graph: true replays a recorded step, so it cannot draw new dropout masks: "
+                          f"set lora.dropout: 0 (it is {cfg.lora.dropout}) or cuda_graph: false")
     if cfg.export_gguf is not None and importlib.util.find_spec("gguf") is None:  # fail now, not after training
         raise ConfigError("export_gguf needs the gguf package: pip install 'tunelab[gguf]' (or set export_gguf: null)")
     check_metric_loggers(cfg.metric_loggers)

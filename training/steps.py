@@ -18,8 +18,8 @@ from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
 from tunelab.modules.peft import LoRALinear
 from tunelab.training.offload import ActivationOffloader
 
-__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum", "optimizer_steps",
-           "apply_optimizer_step"]
+__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum", "micro_batch_backward",
+           "optimizer_steps", "apply_optimizer_step"]
 
 IGNORE_INDEX = -100  # label of positions that are not trained on
 
@@ -68,9 +68,12 @@ class NonFiniteLossError(TunelabError):
     """The loss or gradient norm became nan/inf; training stopped before the optimizer step."""
 
 
-def make_loader(dataset, batch_size: int, sampler, pad_id: int, packed: bool) -> DataLoader:
+def make_loader(dataset, batch_size: int, sampler, pad_id: int, packed: bool, pad_to: int | None = None) -> DataLoader:
+    """Batches of ``batch_size`` samples (incomplete last batch dropped), padded to the longest
+    sample or to ``pad_to`` (fixed shapes for ``cuda_graph``), or packed rows as they are."""
+
     def collate(samples):
-        batch = packed_collate(samples) if packed else padded_collate(samples, pad_id)
+        batch = packed_collate(samples) if packed else padded_collate(samples, pad_id, pad_to=pad_to)
         if "num_tokens" not in batch:  # real tokens, for tok/s (packed rows count their own)
             batch["num_tokens"] = sum(len(s["tokens"]) for s in samples)
         return batch
@@ -96,6 +99,24 @@ def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
                                reduction="sum")
     hidden = model(tokens, return_hidden=True, **extra)  # (b, s, dim)
     return fused_loss_sum(hidden, model.output_weight, labels, ignore_index=IGNORE_INDEX)
+
+
+def micro_batch_backward(model, params: list, device: torch.device, *, cuda_graph: bool = False):
+    """``(batch, n_labels) -> summed loss`` (detached): the forward and backward of one
+    micro-batch, accumulating the gradients of ``loss_sum / n_labels`` (``n_labels`` = label
+    tokens of the whole optimizer step). With ``cuda_graph`` it is captured once and replayed
+    (:class:`~tunelab.training.cuda_graph.MicroBatchGraph`; clear gradients in place then)."""
+
+    def eager(batch: dict, n_labels: int) -> torch.Tensor:
+        loss = loss_sum(model, batch, device)
+        (loss / n_labels).backward()
+        return loss.detach()
+
+    if not cuda_graph:
+        return eager
+    from tunelab.training.cuda_graph import MicroBatchGraph
+
+    return MicroBatchGraph(lambda batch: loss_sum(model, batch, device), params, device, fallback=eager)
 
 
 def optimizer_steps(progress, loader, sampler, *, accum: int, samples_per_batch: int, steps_per_epoch: int,
@@ -126,7 +147,7 @@ def optimizer_steps(progress, loader, sampler, *, accum: int, samples_per_batch:
 
 
 def apply_optimizer_step(progress, optimizer, scheduler, *, accum: int, loss: float, grad_norm: float,
-                         last_saved: Path | None, knobs: str = "optimizer.lr") -> float:
+                         last_saved: Path | None, knobs: str = "optimizer.lr", grads_in_place: bool = False) -> float:
     """End one optimizer step: check it is finite, step the optimizer and the lr schedule, clear
     the gradients and advance the training position (``accum`` micro-batches consumed).
 
@@ -137,6 +158,8 @@ def apply_optimizer_step(progress, optimizer, scheduler, *, accum: int, loss: fl
         loss, grad_norm: the step's loss and (pre-clipping) gradient norm.
         last_saved: the newest checkpoint folder, named in the error.
         knobs: the settings the error suggests lowering.
+        grads_in_place: zero the gradients instead of dropping them (a CUDA graph writes
+            into the same buffers every step).
 
     Returns:
         The lr this step used (the scheduler has moved on to the next one).
@@ -152,7 +175,7 @@ def apply_optimizer_step(progress, optimizer, scheduler, *, accum: int, loss: fl
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not grads_in_place)
     progress.step += 1
     progress.batches_consumed += accum
     return lr

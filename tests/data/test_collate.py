@@ -21,6 +21,15 @@ def test_padded_collate_right_pads():
     assert out["labels"].tolist() == [[6, 7, -100], [-100, -100, -100], [10, -100, -100]]
 
 
+def test_padded_collate_pad_to_fixed_length():
+    batch = [{"tokens": [5, 6], "labels": [6, -100]}, {"tokens": [8], "labels": [9]}]
+    out = padded_collate(batch, pad_id=0, pad_to=4)
+    assert out["tokens"].tolist() == [[5, 6, 0, 0], [8, 0, 0, 0]]
+    assert out["labels"].tolist() == [[6, -100, -100, -100], [9, -100, -100, -100]]
+    with pytest.raises(ValueError, match="longer than pad_to=1"):
+        padded_collate(batch, pad_id=0, pad_to=1)
+
+
 def test_padded_collate_custom_ignore_index_and_pad():
     out = padded_collate([{"tokens": [1], "labels": [3]}, {"tokens": [1, 2], "labels": [2, 3]}],
                          pad_id=7, ignore_index=-1)

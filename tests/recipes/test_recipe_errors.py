@@ -79,3 +79,11 @@ def test_cli_prints_one_line_and_exits_1(tmp_path, small_jsonl, rt):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint_dir"), proc.stderr
     assert issubclass(CheckpointError, TunelabError)
+
+
+def test_cuda_graph_with_dropout(tmp_path, small_jsonl, make_hf_checkpoint, rt):
+    argv = rt.lora_argv(make_hf_checkpoint("llama3"), tmp_path / "out", small_jsonl, "cuda_graph=true",
+                        "lora.dropout=0.1")
+    with pytest.raises(ConfigError, match="lora.dropout: 0") as info:
+        recipe.main(argv)
+    _one_line(info.value)
