@@ -12,8 +12,7 @@
 Only ``x`` and the small ``x A^T`` [N, r] are saved (the weights are parameters, not copies).
 Autograd of the unfused module records four nodes (two linears, a scale, an add); here it is one
 node and the matmuls stay in cuBLAS, all in x's dtype (fp32 adapters are cast down, see below).
-The big matmuls stay in cuBLAS; one Triton kernel writes the rank-r product ``(x A^T) B^T``
-(cuBLAS ran that K=16 product at a third to a half of the write bandwidth on an H200).
+This is torch-level code: there is no Triton kernel in it.
 
 ``W0`` may also be given as a function ``dtype -> dense W0`` (a quantized base: QLoRA's NF4
 layers dequantize into a shared buffer): it is called once in the forward and once in the
@@ -28,14 +27,9 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
-from tunelab.kernels._dispatch import HAS_TRITON, use_triton
+from tunelab.kernels._dispatch import use_triton
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-__all__ = ["lora_linear", "lora_linear_reference", "LoRALinearFunction", "BaseWeight", "low_rank_product",
-           "low_rank_product_reference"]
+__all__ = ["lora_linear", "lora_linear_reference", "LoRALinearFunction", "BaseWeight"]
 
 # the frozen base: a dense [out, in] tensor, or a function giving it in the requested dtype
 BaseWeight = Union[torch.Tensor, Callable[[torch.dtype], torch.Tensor]]
@@ -69,54 +63,13 @@ class _FrozenLinear(torch.autograd.Function):
         return grad_out @ ctx.weight_fn(grad_out.dtype), None
 
 
-_LOW_RANK_BM, _LOW_RANK_BN = 64, 256  # a 32 KiB bf16 output tile per program
-
-
-def low_rank_product_reference(l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
-    """``l1 @ l2`` ([M, r] @ [r, N]) accumulated in fp32, rounded once to l1's dtype."""
-    return (l1.float() @ l2.float()).to(l1.dtype)
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _low_rank_kernel(L1, L2, OUT, M, N, s1m, s1r, s2r, s2n, R: tl.constexpr, RP: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr):
-        # one [BM, BN] output tile = L1[BM, R] @ L2[R, BN]; the rank is padded to RP (>= 16, a
-        # power of two, what tl.dot takes) with zeros
-        rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
-        rr = tl.arange(0, RP)
-        a = tl.load(L1 + rm[:, None] * s1m + rr[None, :] * s1r, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        b = tl.load(L2 + rr[:, None] * s2r + rn[None, :] * s2n, mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
-        # fp32 operands: bf16 / fp16 values are exact in the tf32 the GPU multiplies in (and
-        # the CPU interpreter mis-multiplies bf16 operands); fp32 accumulate
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32))
-        tl.store(OUT + rm[:, None] * N + rn[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-def low_rank_product(l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
-    """``l1 @ l2`` for a small inner size r ([M, r] @ [r, N] -> contiguous [M, N]): the Triton
-    kernel for bf16/fp16 where kernels run (a pure write of the output: each tile is one
-    rank-r dot), else ``torch.mm`` (fp32 keeps cuBLAS' exact fp32 GEMM)."""
-    if not (use_triton(l1) and l1.dtype in (torch.bfloat16, torch.float16) and l1.dtype == l2.dtype):
-        return torch.mm(l1, l2)
-    (m, r), n = l1.shape, l2.shape[1]
-    out = torch.empty(m, n, dtype=l1.dtype, device=l1.device)
-    grid = (triton.cdiv(m, _LOW_RANK_BM), triton.cdiv(n, _LOW_RANK_BN))
-    _low_rank_kernel[grid](l1, l2, out, m, n, l1.stride(0), l1.stride(1), l2.stride(0), l2.stride(1),
-                           R=r, RP=max(16, triton.next_power_of_2(r)), BM=_LOW_RANK_BM, BN=_LOW_RANK_BN, num_warps=4)
-    return out
-
-
 def _mm_plus_low_rank_eager(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
                             alpha: float) -> torch.Tensor:
     # The rank-r product first, then the big GEMM accumulates onto it (beta = alpha scales the
     # update): its epilogue reads the update while the GEMM is compute-bound, where adding the
     # update afterwards was a separate memory-bound pass over the [N, out] result (read + write;
     # ~23 ms of a 360 ms 8B lean step on an H200, bench/results/breakdown.jsonl).
-    return low_rank_product(l1, l2).addmm_(m1, m2, beta=alpha)
+    return torch.mm(l1, l2).addmm_(m1, m2, beta=alpha)
 
 
 @torch.library.custom_op("tunelab::mm_plus_low_rank", mutates_args=())

@@ -177,30 +177,3 @@ def test_compiled_module_keeps_the_update_in_place_and_matches_eager(graph_recor
         targets = graphs[kind]
         assert any("mm_plus_low_rank" in t for t in targets), (kind, targets)
         assert not any("addmm" in t for t in targets), (kind, targets)  # no functionalized copy + addmm
-
-
-@pytest.mark.parametrize("r", [16, 8, 12, 32])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_rank_product_kernel_matches_reference(device, r, dtype):
-    """The rank-r product kernel: each output is one fp32 dot of length r rounded once, as the
-    reference; odd M and N exercise the tile masks, a transposed l2 (B^T, as the LoRA function
-    passes it) the strides. Tolerance one unit in the last place (the interpreter truncates
-    fp32 -> bf16 where the GPU rounds; the fp32 sums may differ in order)."""
-    from tunelab.kernels.lora import low_rank_product, low_rank_product_reference
-
-    g = torch.Generator().manual_seed(r)
-    l1 = torch.randn(100, r, generator=g).to(device, dtype)
-    l2 = torch.randn(300, r, generator=g).to(device, dtype).t()  # [r, 300], column-major view
-    with backend("triton"):
-        out = low_rank_product(l1, l2)
-    ref = low_rank_product_reference(l1, l2)
-    assert out.shape == (100, 300) and out.dtype == dtype and out.is_contiguous()
-    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
-    torch.testing.assert_close(out.float(), ref.float(), rtol=ulp, atol=1e-3)
-
-
-def test_low_rank_product_fp32_uses_torch():
-    from tunelab.kernels.lora import low_rank_product
-
-    l1, l2 = torch.randn(5, 4), torch.randn(4, 7)
-    torch.testing.assert_close(low_rank_product(l1, l2), l1 @ l2, rtol=0, atol=0)
