@@ -29,14 +29,22 @@ SINGLE_GPU = [
     ("lora_lean", "tunelab LoRA, default 8B config (checkpointing + compile)", R),
     ("lora_lean_eager", "tunelab LoRA, same, eager", R),
     ("lora_lean_offload", "tunelab LoRA, default + offload_activations (fits 16.7 GiB)", R),
+    ("lora_lean_graph", "tunelab LoRA, default + the step as one CUDA graph", R),
+    ("lora_lean_offload_graph", "tunelab LoRA, default + offload_activations + CUDA graph", R),
     ("lora_fast", "tunelab LoRA fast (compile, no checkpointing)", N),
+    ("lora_fast_graph", "tunelab LoRA fast + CUDA graph", N),
     ("qlora_lean", "tunelab QLoRA (NF4, checkpointing, eager)", R),
     ("qlora_lean_offload", "tunelab QLoRA + offload_activations (fits 7.0 GiB)", R),
     ("qlora_lean_compile", "tunelab QLoRA, compiled per layer", R),
     ("qlora_lean_compile_offload", "tunelab QLoRA, compiled + offload_activations", R),
+    ("qlora_lean_compile_graph", "tunelab QLoRA, compiled + CUDA graph", R),
+    ("qlora_lean_compile_offload_graph", "tunelab QLoRA, compiled + offload_activations + CUDA graph", R),
     ("recipe_lean", "tunelab recipe end to end (bench/finetune.py), default 8B config", R),
     ("recipe_offload", "tunelab recipe, + offload_activations", R),
     ("recipe_packed", "tunelab recipe, packed alpaca-like rows (real tokens only)", R),
+    ("recipe_graph", "tunelab recipe, default 8B config + cuda_graph: true", R),
+    ("recipe_packed_graph", "tunelab recipe, packed rows + cuda_graph: true", R),
+    ("recipe_qlora_offload_graph", "tunelab recipe, 8B QLoRA config + compile + offload + cuda_graph", R),
     ("dpo_lean", "tunelab DPO, 2 pairs x (512 + 512) tokens per step", None),
     ("peer_hf_lora", "HF transformers + PEFT", R),
     ("peer_unsloth_lora", "Unsloth 2026.10.9 LoRA", R),
@@ -45,7 +53,7 @@ SINGLE_GPU = [
     ("peer_torchtune_lora_compile_no_ac", "torchtune 0.6.1 + compile, no checkpointing", N),
     ("peer_trl_dpo", "TRL 1.15 DPOTrainer + PEFT", None),
 ]
-FSDP = [("fsdp_lora_8b_ac", "8B"), ("fsdp_lora_70b_ac", "70B shape (80 layers)"),
+FSDP = [("fsdp_lora_8b_ac", "8B"), ("fsdp_lora_8b_ac_compile", "8B, compiled layers"), ("fsdp_lora_70b_ac", "70B shape (80 layers)"),
         ("peer_torchtune_fsdp_lora_8b_ac", "torchtune 0.6.1 8B")]
 
 
@@ -108,13 +116,13 @@ def fsdp_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def efficiency_spread(rows: list[dict], profile: str = "fsdp_lora_8b_ac") -> str | None:
+def efficiency_spread(rows: list[dict], profile: str, what: str) -> str | None:
     """One line on every recorded 2-GPU efficiency of ``profile`` (each against the 1-GPU run of
     its own device call): the figure moves from call to call, so the newest alone says little."""
     effs = sorted(r["efficiency"] for r in rows if r.get("profile") == profile and r.get("efficiency"))
     if not effs:
         return None
-    line = (f"Every recorded 8B efficiency (default switches, each against the 1-GPU run(s) of its own device "
+    line = (f"Every recorded 8B efficiency ({what}, each against the 1-GPU run(s) of its own device "
             f"call): {len(effs)} runs, {effs[0]:.0%} to {effs[-1]:.0%}, median {statistics.median(effs):.0%}.")
     by_commit: dict[str, list[float]] = {}
     for r in rows:
@@ -134,7 +142,11 @@ def render() -> str:
     multi = load("peers_shared.jsonl") + load("h200_x2.jsonl")
     out = [START, "", "One H200 (`bench/results/h200.jsonl`, `peers_shared.jsonl`):", "",
            *single_gpu_table(single), "", "Two H200s, FSDP2 (`bench/results/h200_x2.jsonl`):", "",
-           *fsdp_table(multi), "", *([spread, ""] if (spread := efficiency_spread(multi)) else []), END]
+           *fsdp_table(multi), ""]
+    for profile, what in [("fsdp_lora_8b_ac", "default switches, eager"), ("fsdp_lora_8b_ac_compile", "compiled layers")]:
+        if spread := efficiency_spread(multi, profile, what):
+            out += [spread, ""]
+    out.append(END)
     return "\n".join(out)
 
 
