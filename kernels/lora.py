@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from tunelab.kernels._dispatch import use_triton
 
-__all__ = ["lora_linear", "lora_linear_reference", "LoRALinearFunction", "BaseWeight"]
+__all__ = ["lora_linear", "lora_linear_reference", "LoRALinearFunction", "BaseWeight", "lora_linear_group",
+           "LoRAGroupFunction"]
 
 # the frozen base: a dense [out, in] tensor, or a function giving it in the requested dtype
 BaseWeight = Union[torch.Tensor, Callable[[torch.dtype], torch.Tensor]]
@@ -142,6 +143,110 @@ class LoRALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_b = (g.t() @ xa).mul_(s).to(ctx.adapter_dtype)  # (out, r)
         return grad_x, grad_w, grad_a, grad_b, None
+
+
+@torch.library.custom_op("tunelab::mm_sum_plus_low_rank", mutates_args=())
+def _mm_sum_plus_low_rank_op(m1s: list[torch.Tensor], m2s: list[torch.Tensor], l1: torch.Tensor,
+                             l2: torch.Tensor) -> torch.Tensor:
+    """``l1 @ l2 + sum_i m1s[i] @ m2s[i]`` in one buffer, each GEMM accumulating in its epilogue
+    (opaque under torch.compile for the reason ``mm_plus_low_rank`` gives)."""
+    out = torch.mm(l1, l2)
+    for m1, m2 in zip(m1s, m2s):
+        out.addmm_(m1, m2)
+    return out
+
+
+@_mm_sum_plus_low_rank_op.register_fake
+def _(m1s, m2s, l1, l2):
+    return l1.new_empty(l1.shape[0], l2.shape[1])
+
+
+class LoRAGroupFunction(torch.autograd.Function):
+    """Several LoRA linears of one input (q/k/v; gate/up) as one autograd node.
+
+    Forward: one ``x [A_1; ...; A_k]^T`` GEMM for all the adapters' down-projections (the
+    input is read once, not k times), then each output as in :class:`LoRALinearFunction`.
+    Backward, with ``gb_i = s_i g_i B_i``::
+
+        grad_x = [gb_1, ..., gb_k] [A_1; ...; A_k] + sum_i g_i W_i     one buffer, GEMMs accumulating
+        grad_A = [gb_1, ..., gb_k]^T x                                  one GEMM, split by rows
+        grad_B_i = s_i g_i^T (x A_i^T)
+
+    Bases must be frozen (dense tensors or dequantizing functions, as in ``lora_linear``).
+    Args after ``x``: ``scalings`` (tuple of k floats), then the k bases, k A's, k B's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scalings, *args):
+        k = len(scalings)
+        weights, adapters_a, adapters_b = args[:k], args[k:2 * k], args[2 * k:]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, in)
+        a_cat = torch.cat([a.to(x.dtype) for a in adapters_a])  # (R, in), R = sum of ranks
+        bs = [b.to(x.dtype) for b in adapters_b]
+        xa = x2 @ a_cat.t()  # (N, R): every adapter's x A_i^T from one read of x
+        ranks = [a.shape[0] for a in adapters_a]
+        outs, start = [], 0
+        for w, b, s, r in zip(weights, bs, scalings, ranks):
+            out = mm_plus_low_rank(x2, _dense(w, x.dtype).t(), xa[:, start:start + r], b.t(), s)
+            outs.append(out.view(*shape[:-1], out.shape[-1]))
+            start += r
+        dense = [w for w in weights if isinstance(w, torch.Tensor)]
+        ctx.weight_fns = [None if isinstance(w, torch.Tensor) else w for w in weights]
+        ctx.save_for_backward(x2, xa, a_cat, *bs, *dense)
+        ctx.k, ctx.ranks, ctx.scalings, ctx.shape = k, ranks, scalings, shape
+        ctx.adapter_dtypes = [a.dtype for a in adapters_a]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        k = ctx.k
+        x2, xa, a_cat, *rest = ctx.saved_tensors
+        bs, dense = rest[:k], iter(rest[k:])
+        weights = [next(dense) if fn is None else fn for fn in ctx.weight_fns]
+        gs = [None if g is None else g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grad_outs]
+        gbs = [torch.zeros(x2.shape[0], r, dtype=x2.dtype, device=x2.device) if g is None else (g @ b).mul_(s)
+               for g, b, s, r in zip(gs, bs, ctx.scalings, ctx.ranks)]
+        gb_cat = torch.cat(gbs, dim=1)  # (N, R), already scaled
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            used = [(g, w) for g, w in zip(gs, weights) if g is not None]
+            if torch.compiler.is_compiling():
+                grad_x = _mm_sum_plus_low_rank_op([g for g, _ in used], [_dense(w, g.dtype) for g, w in used],
+                                                  gb_cat, a_cat)
+            else:  # eager dequantizing bases share one buffer: use each right after it is rebuilt
+                grad_x = torch.mm(gb_cat, a_cat)
+                for g, w in used:
+                    grad_x.addmm_(g, _dense(w, g.dtype))
+            grad_x = grad_x.view(ctx.shape)
+        grad_a_cat = gb_cat.t() @ x2  # (R, in)
+        grad_as, grad_bs, start = [], [], 0
+        for i, (g, r, s) in enumerate(zip(gs, ctx.ranks, ctx.scalings)):
+            grad_as.append(grad_a_cat[start:start + r].to(ctx.adapter_dtypes[i])
+                           if ctx.needs_input_grad[2 + k + i] else None)
+            want_b = ctx.needs_input_grad[2 + 2 * k + i] and g is not None
+            grad_bs.append((g.t() @ xa[:, start:start + r]).mul_(s).to(ctx.adapter_dtypes[i]) if want_b else None)
+            start += r
+        return (grad_x, None, *([None] * k), *grad_as, *grad_bs)
+
+
+def lora_linear_group(x: torch.Tensor, weights: list[BaseWeight], adapters_a: list[torch.Tensor],
+                      adapters_b: list[torch.Tensor], scalings: list[float]) -> tuple[torch.Tensor, ...]:
+    """``lora_linear`` of several frozen bases on the same ``x`` (one autograd node; see
+    :class:`LoRAGroupFunction`): the fused function where kernels run, the reference elsewhere.
+
+    Args:
+        x: input [..., in].
+        weights: the bases W_i [out_i, in] (or dequantizing functions), frozen.
+        adapters_a, adapters_b: A_i [r_i, in] and B_i [out_i, r_i] (one dtype for all A's).
+        scalings: ``alpha_i / r_i``.
+
+    Returns:
+        The k outputs [..., out_i] in x's dtype.
+    """
+    if use_triton(x):
+        return LoRAGroupFunction.apply(x, tuple(scalings), *weights, *adapters_a, *adapters_b)
+    return tuple(lora_linear_reference(x, w, a, b, s) for w, a, b, s in zip(weights, adapters_a, adapters_b, scalings))
 
 
 def lora_linear(

@@ -42,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from tunelab.errors import ConfigError
+from tunelab.modules.peft.lora import project
 from tunelab.modules.rope import apply_rope
 
 SDPA_BACKEND_ENV = "TUNELAB_SDPA_BACKEND"
@@ -378,9 +379,10 @@ class Attention(nn.Module):
         [b, 1, s, s] or bool broadcastable to [b, n_heads, s, s_kv], input_pos [s] (only with a
         KV cache) -> [b, s, dim]."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (b, nh, s, hd)
-        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, s, hd)
-        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one LoRA node when all three are adapted
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (b, nh, s, hd)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, s, hd)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)
 
         if self.kv_cache is not None:

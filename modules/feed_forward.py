@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tunelab.kernels import swiglu
+from tunelab.modules.peft.lora import project
 
 
 class FeedForward(nn.Module):
@@ -26,4 +27,5 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
+        gate, up = project(x, self.gate_proj, self.up_proj)  # one LoRA node when both are adapted
+        return self.down_proj(swiglu(gate, up))  # silu(gate) * up

@@ -23,6 +23,7 @@ from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.kernels import lora_linear, use_triton
+from tunelab.kernels.lora import lora_linear_group
 
 __all__ = [
     "LoRALinear",
@@ -202,6 +203,20 @@ class LoRALinear(nn.Module):
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, "
             f"alpha={self.alpha}, dropout={self.dropout_p}, disabled={self.disabled}"
         )
+
+
+def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """``tuple(layer(x) for layer in layers)`` for projections of one input (q/k/v, gate/up),
+    as one fused LoRA node (:func:`~tunelab.kernels.lora.lora_linear_group`: the input read
+    once for all adapters, one input-gradient buffer) where every layer is an active LoRA
+    layer on the fused path with a frozen base; layer by layer otherwise."""
+    if len(layers) > 1 and all(isinstance(m, LoRALinear) and not m.disabled for m in layers):
+        bases = [m.fused_base(x) for m in layers]
+        frozen = all(b is not None and not (isinstance(b, torch.Tensor) and b.requires_grad) for b in bases)
+        if frozen and len({m.lora_a.weight.dtype for m in layers}) == 1:
+            return lora_linear_group(x, bases, [m.lora_a.weight for m in layers], [m.lora_b.weight for m in layers],
+                                     [m.scaling for m in layers])
+    return tuple(m(x) for m in layers)
 
 
 def _check_lora_args(rank: int, alpha: float, dropout: float) -> None:

@@ -177,3 +177,143 @@ def test_compiled_module_keeps_the_update_in_place_and_matches_eager(graph_recor
         targets = graphs[kind]
         assert any("mm_plus_low_rank" in t for t in targets), (kind, targets)
         assert not any("addmm" in t for t in targets), (kind, targets)  # no functionalized copy + addmm
+
+
+def _group_inputs(dtype=torch.float32, adapter_dtype=torch.float32, seed=7, outs=(40, 16, 16), ranks=(4, 4, 8)):
+    g = torch.Generator().manual_seed(seed)
+    d_in = 24
+    x = torch.randn(2, 5, d_in, generator=g).to(DEVICE, dtype)
+    ws = [(torch.randn(o, d_in, generator=g) / d_in**0.5).to(DEVICE, dtype) for o in outs]
+    As = [(torch.randn(r, d_in, generator=g) / d_in**0.5).to(DEVICE, adapter_dtype) for r in ranks]
+    Bs = [torch.randn(o, r, generator=g).to(DEVICE, adapter_dtype) for o, r in zip(outs, ranks)]
+    dys = [torch.randn(2, 5, o, generator=g).to(DEVICE, dtype) for o in outs]
+    return x, ws, As, Bs, dys
+
+
+def _group_grads(fn, x, ws, As, Bs, dys, scalings):
+    x = x.detach().requires_grad_()
+    As = [a.detach().requires_grad_() for a in As]
+    Bs = [b.detach().requires_grad_() for b in Bs]
+    ys = fn(x, ws, As, Bs, scalings)
+    grads = torch.autograd.grad(ys, [x, *As, *Bs], dys)
+    return [*ys, *grads]
+
+
+@pytest.mark.parametrize("base", ["dense", "function"])
+def test_group_function_matches_one_function_per_projection(base):
+    """q/k/v-like projections of one input as one node (different ranks and scalings): outputs,
+    input gradient and every adapter gradient equal the separate LoRA functions' (fp32 1e-5:
+    the same products, the input gradient summed in one buffer instead of three). A base given
+    as a function (QLoRA) is rebuilt in the backward right before each use."""
+    from tunelab.kernels.lora import LoRAGroupFunction
+
+    x, ws, As, Bs, dys = _group_inputs()
+    scalings = [2.0, 0.5, 1.0]
+    calls = []
+
+    def as_fn(w):
+        def fn(dtype):
+            calls.append(w.shape)
+            return w.to(dtype)
+        return fn
+
+    bases = ws if base == "dense" else [as_fn(w) for w in ws]
+    fused = _group_grads(lambda x, w, a, b, s: LoRAGroupFunction.apply(x, tuple(s), *bases, *a, *b),
+                         x, ws, As, Bs, dys, scalings)
+    separate = _group_grads(lambda x, w, a, b, s: [LoRALinearFunction.apply(x, wi, ai, bi, si)
+                                                   for wi, ai, bi, si in zip(w, a, b, s)], x, ws, As, Bs, dys, scalings)
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, **TOL)
+    if base == "function":
+        assert len(calls) == 6  # each base rebuilt once forward, once backward
+
+
+def test_group_function_skips_outputs_without_gradient():
+    from tunelab.kernels.lora import LoRAGroupFunction
+
+    x, ws, As, Bs, _ = _group_inputs(outs=(8, 6), ranks=(2, 2))
+    x.requires_grad_()
+    As = [a.requires_grad_() for a in As]
+    q, k = LoRAGroupFunction.apply(x, (1.0, 1.0), *ws, *As, *Bs)
+    gx, ga0, ga1 = torch.autograd.grad(q.sum(), [x, *As])  # k unused: its B gets no gradient
+    ref_q = LoRALinearFunction.apply(x, ws[0], As[0], Bs[0], 1.0)
+    rx, ra0 = torch.autograd.grad(ref_q.sum(), [x, As[0]])
+    torch.testing.assert_close(gx, rx, **TOL)
+    torch.testing.assert_close(ga0, ra0, **TOL)
+    torch.testing.assert_close(ga1, torch.zeros_like(ga1), rtol=0, atol=0)
+
+
+def test_attention_and_mlp_use_one_node_and_match_the_reference(device):
+    """LoRA on q/k/v and gate/up: the modules' projections go through one group node each,
+    and the whole block's output and adapter gradients equal the kernels-off reference."""
+    from tunelab.models import build_model, tiny
+    from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
+
+    torch.manual_seed(0)
+    model = build_model(tiny(vocab_size=96), device=device, dtype=torch.float32)
+    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank=4, alpha=8)
+    for p in get_adapter_params(model).values():
+        torch.nn.init.normal_(p, std=0.05)
+    set_trainable_params(model)
+    tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    results = {}
+    for name in ("triton", "reference"):
+        model.zero_grad()
+        with backend(name):
+            hidden = model(tokens, return_hidden=True)
+            if name == "triton":
+                x = torch.randn(2, 12, model.args.dim, device=device, requires_grad=True)
+                q, k, v = model.layers[0].attn.q_proj, model.layers[0].attn.k_proj, model.layers[0].attn.v_proj
+                from tunelab.modules.peft.lora import project
+
+                assert "LoRAGroupFunction" in type(project(x, q, k, v)[0].grad_fn).__name__
+        hidden.square().mean().backward()
+        results[name] = (hidden, {k: p.grad.clone() for k, p in get_adapter_params(model).items()})
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], **TOL)
+    for k, v in results["reference"][1].items():
+        torch.testing.assert_close(results["triton"][1][k], v, **TOL)
+
+
+def test_mm_sum_plus_low_rank_op_passes_opcheck():
+    from tunelab.kernels.lora import _mm_sum_plus_low_rank_op
+
+    g = torch.Generator().manual_seed(6)
+    m1s = [torch.randn(6, 5, generator=g), torch.randn(6, 3, generator=g)]
+    m2s = [torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)]
+    l1, l2 = torch.randn(6, 2, generator=g), torch.randn(2, 7, generator=g)
+    torch.library.opcheck(_mm_sum_plus_low_rank_op, (m1s, m2s, l1, l2), test_utils=("test_schema", "test_faketensor"))
+    torch.testing.assert_close(_mm_sum_plus_low_rank_op(m1s, m2s, l1, l2),
+                               m1s[0] @ m2s[0] + m1s[1] @ m2s[1] + l1 @ l2, **TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("base", ["dense", "function"])
+def test_compiled_group_is_one_graph_with_the_in_place_ops(graph_recorder, base):
+    """torch.compile (fullgraph) of three LoRA projections of one input, dense or
+    dequantizing bases: the same numbers as eager, the update and the summed input gradient
+    kept in their custom ops (no functionalized addmm copies)."""
+    from tunelab.modules.peft.lora import project
+
+    record, graphs = graph_recorder
+    torch.manual_seed(8)
+    layers = [LoRALinear(24, o, rank=4, alpha=8).to(DEVICE) for o in (40, 16, 16)]
+    for m in layers:
+        torch.nn.init.normal_(m.lora_b.weight)
+        if base == "function":  # a base the fused path must rebuild (as NF4 layers do)
+            m.fused_base = (lambda w: (lambda x: (lambda dtype: w.to(dtype))))(m.weight)
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    outs = {}
+    for name in ("eager", "compiled"):
+        for m in layers:
+            m.zero_grad()
+        xi = x.clone().requires_grad_()
+        fn = torch.compile(lambda t: project(t, *layers), fullgraph=True, backend=record) if name == "compiled" \
+            else (lambda t: project(t, *layers))
+        with backend("triton"):
+            ys = fn(xi)
+            sum(y.square().sum() for y in ys).backward()
+        outs[name] = (*ys, xi.grad, *(p.grad for m in layers for p in (m.lora_a.weight, m.lora_b.weight)))
+    for a, b in zip(outs["compiled"], outs["eager"]):
+        torch.testing.assert_close(a, b, **TOL)
+    assert any("mm_sum_plus_low_rank" in t for t in graphs["backward"]), graphs["backward"]
+    assert not any("addmm" in t for t in graphs["forward"] + graphs["backward"])
