@@ -256,6 +256,64 @@ def host_gaps(step, *, steps: int, device: torch.device, min_gap_us: float = 20.
     }
 
 
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Merge [start, end) spans into sorted disjoint ones."""
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _overlap(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+    """Total length where two disjoint sorted span lists overlap."""
+    i = j = 0
+    total = 0.0
+    while i < len(x) and j < len(y):
+        total += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def comm_overlap(step, *, steps: int, device: torch.device) -> dict:
+    """How much of the collectives' GPU time hides behind compute: profile ``steps`` calls of
+    ``step()`` (every rank must call this: the step runs collectives) and split the GPU time
+    into compute kernels, NCCL kernels, their overlap, NCCL alone (exposed) and idle.
+
+    Returns ms per step: {"window", "compute", "nccl", "nccl_overlapped", "nccl_exposed", "idle"}."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = [e for e in json.load(open(f.name))["traceEvents"]
+                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not events:
+        return {}
+    spans = {"nccl": [], "compute": []}
+    for e in events:
+        spans["nccl" if "nccl" in e["name"].lower() else "compute"].append((e["ts"], e["ts"] + e["dur"]))
+    nccl, compute = _union(spans["nccl"]), _union(spans["compute"])
+    busy = sum(b - a for a, b in _union(spans["nccl"] + spans["compute"]))
+    window = max(b for _, b in nccl + compute) - min(a for a, _ in nccl + compute)
+    both = _overlap(nccl, compute)
+    n_total = sum(b - a for a, b in nccl)
+    ms = lambda us: round(us / 1000 / steps, 1)  # noqa: E731
+    return {"window": ms(window), "compute": ms(sum(b - a for a, b in compute)), "nccl": ms(n_total),
+            "nccl_overlapped": ms(both), "nccl_exposed": ms(n_total - both), "idle": ms(window - busy)}
+
+
 def _op_stacks(ops: list[dict], points: list[dict]) -> dict[int, tuple[str, str, str]]:
     """For each trace event in ``points``: (outermost, second, innermost) name of the CPU ops of its
     thread that enclose its start, by one sweep per thread (ops on a thread nest)."""

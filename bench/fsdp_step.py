@@ -25,7 +25,8 @@ add ``_pf<k>`` / ``_noreshard`` to the profile, and every line's config string n
 Environment knobs: SHAPE (8b | 70b | tiny), LAYERS (override the layer count), BATCH, SEQ,
 STEPS, WARMUP, AC (1/0), COMPILE (1: torch.compile per layer, CUDA), QUANT (nf4: the QLoRA model, NF4 base sharded), RESHARD (list of 1/0), PREFETCH (list of k >= 0), ROUNDS (repeat the
 whole sweep, in the same order, to see the run-to-run spread), OFFLOAD (CPU offload 1/0),
-PROFILE (the profile name's base), TRACE (a folder: a gzipped chrome trace of one timed step
+PROFILE (the profile name's base), OVERLAP (1: add the GPU time split of two more steps to the
+line: compute, NCCL, NCCL hidden behind compute, NCCL exposed, idle; ms per step), TRACE (a folder: a gzipped chrome trace of one timed step
 per setting and rank, for finding the exposed collectives), BENCH_OUT (also append the lines
 to this file), TUNELAB_COMMIT (the commit recorded where the tree has no .git). NCCL_*
 variables that are set are recorded in the line's ``env``.
@@ -51,7 +52,7 @@ from tunelab.training import distributed as dist_utils
 from tunelab.training.steps import wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
-from _common import TARGETS, device_name, emit, lora_train_step  # noqa: E402
+from _common import TARGETS, comm_overlap, device_name, emit, lora_train_step  # noqa: E402
 
 
 def env_int(name: str, default: int) -> int:
@@ -107,9 +108,10 @@ def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, r
 
 
 def measure(model, tokens: torch.Tensor, labels: torch.Tensor, *, steps: int, warmup: int,
-            trace: Path | None) -> tuple[float, float]:
-    """Warm-up steps, then ``steps`` timed ones; returns (seconds, last loss). With ``trace``,
-    one more step runs under the profiler afterwards (so the timing does not include it)."""
+            trace: Path | None) -> tuple[float, float, dict | None]:
+    """Warm-up steps, then ``steps`` timed ones; returns (seconds, last loss, comm overlap or
+    None). With ``trace``, one more step runs under the profiler afterwards (so the timing does
+    not include it); with $OVERLAP set, two more under ``comm_overlap``."""
     device = tokens.device
     optimizer = torch.optim.AdamW(list(get_adapter_params(model).values()), lr=1e-4)
 
@@ -130,6 +132,10 @@ def measure(model, tokens: torch.Tensor, labels: torch.Tensor, *, steps: int, wa
         loss = step()
     sync()
     elapsed = time.perf_counter() - start
+    if os.environ.get("OVERLAP") and device.type == "cuda":  # every rank profiles: the step has collectives
+        overlap = comm_overlap(step, steps=2, device=device)
+    else:
+        overlap = None
     if trace is not None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -143,7 +149,7 @@ def measure(model, tokens: torch.Tensor, labels: torch.Tensor, *, steps: int, wa
         with open(raw, "rb") as f, gzip.open(trace, "wb") as out:
             shutil.copyfileobj(f, out)
         raw.unlink()
-    return elapsed, loss
+    return elapsed, loss, overlap
 
 
 def main() -> None:
@@ -179,7 +185,7 @@ def main() -> None:
                 kind = "qlora" if quantize else "lora"
                 profile = (os.environ.get("PROFILE") or f"fsdp_{kind}_{shape}{'_ac' if ac else '_no_ac'}") + switches
                 trace = trace_dir / f"trace_{profile}_rank{rank}.json.gz" if trace_dir else None
-                elapsed, loss = measure(model, tokens, labels, steps=steps, warmup=warmup, trace=trace)
+                elapsed, loss, overlap = measure(model, tokens, labels, steps=steps, warmup=warmup, trace=trace)
                 peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 layers = f" layers{args.n_layers}" if os.environ.get("LAYERS") else ""
@@ -198,6 +204,7 @@ def main() -> None:
                     "step_ms": round(1000 * elapsed / steps, 1),
                     "loss": round(loss, 4),
                     **({"env": nccl_env} if nccl_env else {}),
+                    **({"gpu_ms_per_step": overlap} if overlap else {}),
                 }
                 if rank == 0:
                     emit(row)

@@ -15,14 +15,15 @@
 # Env DEADLINE=<epoch seconds> cuts every step short so the lane ends by then.
 #       NAME=VALUE sets an environment variable for the steps after it (e.g. TUNELAB_SDPA_BACKEND=cudnn,
 #       COMPILE=1, GRAPH=1 (lora/qlora step as one CUDA graph), TRACE=$OUT/breakdown.jsonl: per-phase
-#       kernel times and host gaps of lora/qlora/dpo steps)
+#       kernel times and host gaps of lora/qlora/dpo steps), OVERLAP=1 (fsdp steps: compute / NCCL /
+#       exposed NCCL / idle GPU ms per step in each line), MEMTRACE=1 (with TRACE: live memory at the peak)
 # (default: the single-GPU set without the peers whose folders are not carried).
 # Two single-GPU lanes side by side on nvidia-h200-x2: CUDA_VISIBLE_DEVICES=0 RESULTS=$OUT/a.jsonl
 # ERRLOG=$OUT/a.err bash bench/gpu_session.sh ... & (the same with 1 / b) & wait.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
-mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/tunelab   # the repo root is the package
+mkdir -p /tmp/pkg && ln -sfn "$(pwd -P)" /tmp/pkg/tunelab   # the repo root is the package (its real path: never a link to itself)
 [ -d /tmp/site/omegaconf ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 BASE=/tmp/pkg:/tmp/site
 export PYTHONPATH=$BASE

@@ -12,25 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.models import build_model, tiny
-from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
-from tunelab.training.steps import apply_optimizer_step, micro_batch_backward, wrap_layers
+from tunelab.modules.peft import get_adapter_params
+from tunelab.training.steps import apply_optimizer_step, loss_sum, micro_batch_backward
 
 
-def _model(device, offload: bool = False):
-    torch.manual_seed(0)
-    model = build_model(tiny(vocab_size=96), device=device, dtype=torch.float32)
-    apply_lora(model, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8)
-    for p in get_adapter_params(model).values():  # lora_b starts at zero: make the adapters act
-        torch.nn.init.normal_(p, std=0.02)
-    set_trainable_params(model)
-    return wrap_layers(model, activation_checkpointing=True, compile_layers=False, offload_activations=offload)
-
-
-def _train(device, cuda_graph: bool, offload: bool = False, steps: int = 3):
+def _train(make, device, cuda_graph: bool, offload: bool = False, steps: int = 3):
     from types import SimpleNamespace
 
-    model = _model(device, offload)
+    model = make(device, offload)
     if offload:
         model.layers[0].forward.args[0].min_bytes = 0  # the tiny model's inputs are a few KiB
     params = list(get_adapter_params(model).values())
@@ -53,9 +42,9 @@ def _train(device, cuda_graph: bool, offload: bool = False, steps: int = 3):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("offload", [False, True])
-def test_graph_replay_matches_eager_training(offload):
-    eager_losses, eager_params, _ = _train("cuda", cuda_graph=False, offload=offload)
-    graph_losses, graph_params, graphed = _train("cuda", cuda_graph=True, offload=offload)
+def test_graph_replay_matches_eager_training(tiny_lora_model, offload):
+    eager_losses, eager_params, _ = _train(tiny_lora_model, "cuda", cuda_graph=False, offload=offload)
+    graph_losses, graph_params, graphed = _train(tiny_lora_model, "cuda", cuda_graph=True, offload=offload)
     assert graphed.step is not None and graphed.step.graph is not None  # it was captured and replayed
     assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
     for k in eager_params:
@@ -63,8 +52,8 @@ def test_graph_replay_matches_eager_training(offload):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_batch_of_other_shape_runs_eagerly(capsys):
-    model = _model("cuda")
+def test_batch_of_other_shape_runs_eagerly(tiny_lora_model, capsys):
+    model = tiny_lora_model("cuda")
     params = list(get_adapter_params(model).values())
     backward = micro_batch_backward(model, params, torch.device("cuda"), cuda_graph=True)
     short = {"tokens": torch.randint(0, 96, (2, 16)), "labels": torch.randint(0, 96, (2, 16))}
@@ -74,15 +63,13 @@ def test_batch_of_other_shape_runs_eagerly(capsys):
         p.grad.zero_()
     loss = backward(short, 32)
     assert "run eagerly" in capsys.readouterr().out
-    expected = _model("cuda")
-    from tunelab.training.steps import loss_sum
-
+    expected = tiny_lora_model("cuda")
     assert loss.item() == pytest.approx(loss_sum(expected, short, torch.device("cuda")).item(), rel=1e-5)
 
 
-def test_cpu_training_path_is_the_eager_one():
+def test_cpu_training_path_is_the_eager_one(tiny_lora_model):
     # on CPU the recipe switches cuda_graph off; micro_batch_backward(eager) is what runs
-    losses, _, backward = _train("cpu", cuda_graph=False, steps=2)
+    losses, _, backward = _train(tiny_lora_model, "cpu", cuda_graph=False, steps=2)
     assert len(losses) == 2 and all(l > 0 for l in losses)
     assert not hasattr(backward, "step")
 

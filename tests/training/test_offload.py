@@ -13,18 +13,8 @@ import torch
 
 from tunelab.errors import ConfigError
 from tunelab.models import build_model, tiny
-from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
+from tunelab.modules.peft import get_adapter_params
 from tunelab.training.steps import wrap_layers
-
-
-def _model(device, offload: bool, seed=0):
-    torch.manual_seed(seed)
-    model = build_model(tiny(vocab_size=96), device=device, dtype=torch.float32)
-    apply_lora(model, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8)
-    for p in get_adapter_params(model).values():  # lora_b starts at zero: make the adapters act
-        torch.nn.init.normal_(p, std=0.02)
-    set_trainable_params(model)
-    return wrap_layers(model, activation_checkpointing=True, compile_layers=False, offload_activations=offload)
 
 
 def _grads(model, tokens):
@@ -33,9 +23,9 @@ def _grads(model, tokens):
     return loss.detach(), {k: p.grad.clone() for k, p in get_adapter_params(model).items()}
 
 
-def test_offloaded_inputs_give_identical_gradients_over_two_steps():
+def test_offloaded_inputs_give_identical_gradients_over_two_steps(tiny_lora_model):
     tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
-    plain, offloaded = _model("cpu", False), _model("cpu", True)
+    plain, offloaded = tiny_lora_model("cpu", False), tiny_lora_model("cpu", True)
     offloader = offloaded.layers[0].forward.args[0]
     offloader.min_bytes = 0  # the tiny model's inputs are a few KiB
     for _ in range(2):  # the second step reuses the host buffers of the first
@@ -66,11 +56,11 @@ def test_offload_needs_activation_checkpointing():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned-memory offload runs on CUDA")
-def test_cuda_offload_matches_and_frees_device_memory():
+def test_cuda_offload_matches_and_frees_device_memory(tiny_lora_model):
     tokens = torch.randint(0, 96, (4, 512), device="cuda")
     held = {}
     for offload in (False, True):
-        model = _model("cuda", offload)
+        model = tiny_lora_model("cuda", offload)
         if offload:
             model.layers[0].forward.args[0].min_bytes = 0
         _grads(model, tokens)  # warm-up (allocator, host buffers)
