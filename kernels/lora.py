@@ -65,7 +65,9 @@ class _FrozenLinear(torch.autograd.Function):
 
 
 def _mm_plus_low_rank_eager(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
-                            alpha: float) -> torch.Tensor:
+                            alpha: float, skip: bool = False) -> torch.Tensor:
+    if skip:  # an output nobody reads (see LoRALinearFunction's compute_output): no GEMM
+        return m1.new_empty(m1.shape[0], m2.shape[1])
     # The rank-r product first, then the big GEMM accumulates onto it (beta = alpha scales the
     # update): its epilogue reads the update while the GEMM is compute-bound, where adding the
     # update afterwards was a separate memory-bound pass over the [N, out] result (read + write;
@@ -75,42 +77,46 @@ def _mm_plus_low_rank_eager(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor
 
 @torch.library.custom_op("tunelab::mm_plus_low_rank", mutates_args=())
 def _mm_plus_low_rank_op(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
-                         alpha: float) -> torch.Tensor:
-    return _mm_plus_low_rank_eager(m1, m2, l1, l2, alpha)
+                         alpha: float, skip: bool = False) -> torch.Tensor:
+    return _mm_plus_low_rank_eager(m1, m2, l1, l2, alpha, skip)
 
 
 @_mm_plus_low_rank_op.register_fake
-def _(m1, m2, l1, l2, alpha):
+def _(m1, m2, l1, l2, alpha, skip=False):
     return m1.new_empty(m1.shape[0], m2.shape[1])
 
 
 def mm_plus_low_rank(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
-                     alpha: float) -> torch.Tensor:
+                     alpha: float, skip: bool = False) -> torch.Tensor:
     """``m1 @ m2 + alpha * l1 @ l2`` (l1 @ l2 of rank r): the update, then the GEMM added onto it in place.
 
     Under torch.compile the in-place add would be functionalized into an out-of-place addmm,
     which inductor runs as a copy of the base product plus the addmm (an extra read and write
     of every LoRA output and input gradient: 15 ms of a 390 ms 8B step on an H200, 673 device
     copies per step in bench/results/h200.jsonl's breakdown). An opaque custom op keeps it in
-    place; eager calls skip the op's dispatch cost.
+    place; eager calls skip the op's dispatch cost. ``skip`` returns uninitialised memory of the
+    result's shape instead, from the same op: a compiled graph that skips is then the same graph
+    as one that computes, so both save the same tensors for backward (checkpointing checks).
     """
     if torch.compiler.is_compiling():
-        return _mm_plus_low_rank_op(m1, m2, l1, l2, alpha)
-    return _mm_plus_low_rank_eager(m1, m2, l1, l2, alpha)
+        return _mm_plus_low_rank_op(m1, m2, l1, l2, alpha, skip)
+    return _mm_plus_low_rank_eager(m1, m2, l1, l2, alpha, skip)
 
 
 class LoRALinearFunction(torch.autograd.Function):
     """``x W0^T + s (x A^T) B^T`` with a hand-written backward (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scaling: float):
+    def forward(ctx, x, weight, lora_a, lora_b, scaling: float, compute_output: bool = True):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         # Mixed precision: fp32 adapters are cast down to x's dtype (A is only [r, in]);
         # casting the [N, in] activations up instead would copy them and run fp32 GEMMs.
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         xa = F.linear(x2, a)  # (N, r)
-        out = mm_plus_low_rank(x2, _dense(weight, x.dtype).t(), xa, b.t(), scaling)  # (N, out)
+        # (N, out); compute_output=False: the caller never reads it (a checkpoint recompute), the
+        # backward needs only what is saved below
+        out = mm_plus_low_rank(x2, _dense(weight, x.dtype).t(), xa, b.t(), scaling, skip=not compute_output)
         if isinstance(weight, torch.Tensor):
             ctx.weight_fn = None
             ctx.save_for_backward(x2, xa, weight, a, b)
@@ -142,7 +148,7 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_a = (gb.t() @ x2).mul_(s).to(ctx.adapter_dtype)  # (r, in)
         if ctx.needs_input_grad[3]:
             grad_b = (g.t() @ xa).mul_(s).to(ctx.adapter_dtype)  # (out, r)
-        return grad_x, grad_w, grad_a, grad_b, None
+        return grad_x, grad_w, grad_a, grad_b, None, None
 
 
 @torch.library.custom_op("tunelab::mm_sum_plus_low_rank", mutates_args=())
@@ -250,7 +256,8 @@ def lora_linear_group(x: torch.Tensor, weights: list[BaseWeight], adapters_a: li
 
 
 def lora_linear(
-    x: torch.Tensor, weight: BaseWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+    x: torch.Tensor, weight: BaseWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+    compute_output: bool = True,
 ) -> torch.Tensor:
     """LoRA linear without dropout: the fused autograd function where the kernels run (CUDA by
     default, see ``tunelab.kernels`` backends), the PyTorch reference elsewhere.
@@ -262,10 +269,13 @@ def lora_linear(
         lora_a: A [r, in].
         lora_b: B [out, r] (same dtype as A; may differ from x's, e.g. fp32 adapters on bf16).
         scaling: ``alpha / r``.
+        compute_output: False where the caller will not read the result (a checkpoint
+            recompute): the fused function then skips the base GEMM but saves the same tensors
+            for backward. The reference path always computes it.
 
     Returns:
         [..., out] in x's dtype.
     """
     if use_triton(x):
-        return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scaling)
+        return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scaling, compute_output)
     return lora_linear_reference(x, weight, lora_a, lora_b, scaling)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ from tunelab.data.collate import packed_collate, padded_collate
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
 from tunelab.modules.peft import LoRALinear
+from tunelab.modules.recompute import recomputing
 from tunelab.training.offload import ActivationOffloader
 
 __all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum", "micro_batch_backward",
@@ -37,7 +39,9 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_lay
     Args:
         model: a ``TransformerDecoder`` (``model.layers``).
         activation_checkpointing: recompute each layer's activations in backward
-            (non-reentrant, so dropout RNG and keyword arguments are handled).
+            (non-reentrant, so dropout RNG and keyword arguments are handled); the rerun is
+            marked (``modules.recompute``) so that it skips the MLP's down-projection GEMM,
+            whose output only the discarded rerun would read.
         compile_layers: compile each layer's forward.
         offload_activations: keep the checkpointed layer inputs in pinned CPU memory between
             forward and backward (:class:`~tunelab.training.offload.ActivationOffloader`);
@@ -52,11 +56,16 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_lay
         if compile_layers:
             forward = torch.compile(forward)
         if activation_checkpointing:
-            forward = functools.partial(checkpoint, forward, use_reentrant=False)
+            forward = functools.partial(checkpoint, forward, use_reentrant=False, context_fn=_recompute_contexts)
         if offloader is not None:
             forward = functools.partial(_with_hooks, offloader, forward)
         layer.forward = forward
     return model
+
+
+def _recompute_contexts():
+    # (forward, recompute): modules skip work whose result only the thrown-away rerun would read
+    return contextlib.nullcontext(), recomputing()
 
 
 def _with_hooks(offloader: ActivationOffloader, forward, *args, **kwargs):

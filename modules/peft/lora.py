@@ -219,6 +219,17 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     return tuple(m(x) for m in layers)
 
 
+def project_unread(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``layer(x)`` where the caller will not read the result (activation checkpointing's
+    recompute of a projection whose backward needs only its input): a fused LoRA layer skips its
+    base GEMM and saves the same tensors for backward; any other layer runs as usual."""
+    if isinstance(layer, LoRALinear) and not layer.disabled:
+        base = layer.fused_base(x)
+        if base is not None and not (isinstance(base, torch.Tensor) and base.requires_grad):
+            return lora_linear(x, base, layer.lora_a.weight, layer.lora_b.weight, layer.scaling, compute_output=False)
+    return layer(x)
+
+
 def _check_lora_args(rank: int, alpha: float, dropout: float) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"lora.rank must be a positive integer, got {rank!r}")

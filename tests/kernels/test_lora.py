@@ -150,8 +150,10 @@ def test_mm_plus_low_rank_op_passes_opcheck():
     g = torch.Generator().manual_seed(5)
     m1, m2 = torch.randn(6, 10, generator=g), torch.randn(10, 7, generator=g)
     l1, l2 = torch.randn(6, 3, generator=g), torch.randn(3, 7, generator=g)
-    torch.library.opcheck(_mm_plus_low_rank_op, (m1, m2, l1, l2, 0.5),
-                          test_utils=("test_schema", "test_faketensor"))
+    for skip in (False, True):
+        torch.library.opcheck(_mm_plus_low_rank_op, (m1, m2, l1, l2, 0.5, skip),
+                              test_utils=("test_schema", "test_faketensor"))
+    assert _mm_plus_low_rank_op(m1, m2, l1, l2, 0.5, True).shape == (6, 7)
     torch.testing.assert_close(_mm_plus_low_rank_op(m1, m2, l1, l2, 0.5), m1 @ m2 + 0.5 * l1 @ l2, **TOL)
 
 
@@ -245,9 +247,11 @@ def test_group_function_skips_outputs_without_gradient():
 
 def test_attention_and_mlp_use_one_node_and_match_the_reference(device):
     """LoRA on q/k/v and gate/up: the modules' projections go through one group node each,
-    and the whole block's output and adapter gradients equal the kernels-off reference."""
+    and the whole checkpointed model's output and adapter gradients (its recompute skipping the
+    down projections' GEMMs) equal the kernels-off reference."""
     from tunelab.models import build_model, tiny
     from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
+    from tunelab.training.steps import wrap_layers
 
     torch.manual_seed(0)
     model = build_model(tiny(vocab_size=96), device=device, dtype=torch.float32)
@@ -255,6 +259,7 @@ def test_attention_and_mlp_use_one_node_and_match_the_reference(device):
     for p in get_adapter_params(model).values():
         torch.nn.init.normal_(p, std=0.05)
     set_trainable_params(model)
+    wrap_layers(model, activation_checkpointing=True, compile_layers=False)  # with the recompute's skipped GEMM
     tokens = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
     results = {}
     for name in ("triton", "reference"):
@@ -267,7 +272,7 @@ def test_attention_and_mlp_use_one_node_and_match_the_reference(device):
                 from tunelab.modules.peft.lora import project
 
                 assert "LoRAGroupFunction" in type(project(x, q, k, v)[0].grad_fn).__name__
-        hidden.square().mean().backward()
+            hidden.square().mean().backward()  # (the recompute must see the same backend)
         results[name] = (hidden, {k: p.grad.clone() for k, p in get_adapter_params(model).items()})
     torch.testing.assert_close(results["triton"][0], results["reference"][0], **TOL)
     for k, v in results["reference"][1].items():
@@ -317,3 +322,67 @@ def test_compiled_group_is_one_graph_with_the_in_place_ops(graph_recorder, base)
         torch.testing.assert_close(a, b, **TOL)
     assert any("mm_sum_plus_low_rank" in t for t in graphs["backward"]), graphs["backward"]
     assert not any("addmm" in t for t in graphs["forward"] + graphs["backward"])
+
+
+def _mlp_block(layers):
+    """gate/up/down like FeedForward, with torch's silu (runs in-process on CPU, compiled too)."""
+    from tunelab.modules.peft.lora import project, project_unread
+    from tunelab.modules.recompute import is_recomputing
+
+    gate, up, down = layers
+
+    def block(x):
+        g, u = project(x, gate, up)
+        h = torch.nn.functional.silu(g) * u
+        y = project_unread(h, down) if is_recomputing() else down(h)
+        return x + y
+
+    return block
+
+
+@needs_triton
+@pytest.mark.parametrize("compiled", [False, True])
+def test_recompute_skips_the_unread_down_projection(monkeypatch, compiled):
+    """Checkpointing's rerun (marked by wrap_layers' context) skips the down projection's GEMM
+    (the spy sees skip=True once per layer in backward) and the gradients equal those of a rerun
+    that computes everything (fp32, exact: the same kernels, the skipped result is never read).
+    Compiled (inductor), the skipping graph must save the same tensors as the forward's graph:
+    checkpointing raises otherwise."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    import tunelab.kernels.lora as lora_mod
+    from tunelab.training.steps import _recompute_contexts
+
+    skips = []
+    eager_mm = lora_mod._mm_plus_low_rank_eager
+
+    def spy(m1, m2, l1, l2, alpha, skip=False):
+        skips.append(skip)
+        return eager_mm(m1, m2, l1, l2, alpha, skip)
+
+    monkeypatch.setattr(lora_mod, "_mm_plus_low_rank_eager", spy)
+    torch.manual_seed(9)
+    layers = [LoRALinear(16, 40, rank=4, alpha=8), LoRALinear(16, 40, rank=4, alpha=8), LoRALinear(40, 16, rank=4, alpha=8)]
+    for m in layers:
+        torch.nn.init.normal_(m.lora_b.weight)
+    block = _mlp_block(layers)
+    if compiled:
+        block = torch.compile(block, backend="inductor")
+    x = torch.randn(2, 6, 16)
+    results = {}
+    for name, context_fn in (("marked", _recompute_contexts), ("plain", None)):
+        for m in layers:
+            m.zero_grad()
+        skips.clear()
+        xi = x.clone().requires_grad_()
+        kwargs = {"context_fn": context_fn} if context_fn else {}
+        run = functools.partial(checkpoint, block, use_reentrant=False, **kwargs)
+        with backend("triton"):
+            out = run(run(xi))  # two layers
+            out.square().sum().backward()
+        results[name] = (out, xi.grad, *(p.grad for m in layers for p in (m.lora_a.weight, m.lora_b.weight)))
+        assert skips.count(True) == (2 if name == "marked" else 0), skips  # compiled: the op's body calls it
+    for a, b in zip(results["marked"], results["plain"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
