@@ -46,7 +46,7 @@ from tunelab.data.tokenizers import load_tokenizer
 from tunelab.modules.peft import get_adapter_params
 from tunelab.training import distributed as dist_utils
 from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry
-from tunelab.training.distributed import RankSampler, is_rank0, say
+from tunelab.training.distributed import FSDPConfig, RankSampler, is_rank0, say
 from tunelab.training.dpo import (
     LossConfig,
     PairStats,
@@ -72,15 +72,6 @@ from tunelab.training.utils import resolve_dtype, seed_everything
 
 
 # ------------------------------------------------------------------------------------ settings
-@dataclass(kw_only=True)
-class FSDPConfig:
-    reshard_after_forward: bool  # true: gather each layer again in backward (least memory)
-    cpu_offload: bool  # sharded params/grads/optimizer state in host memory (CUDA only)
-    # 0: FSDP2's own overlap; k: each layer's forward/backward issues the all-gathers of the
-    # next/previous k layers (hides more of them; k - 1 more gathered layers in memory)
-    prefetch_layers: int
-
-
 @dataclass(kw_only=True)
 class RecipeConfig:
     """Every key is required in the YAML (the configs are the one source of defaults).

@@ -35,6 +35,7 @@ import sys
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -62,6 +63,7 @@ from tunelab.training.steps import wrap_layers
 from tunelab.training.utils import cuda_only_settings_notice
 
 __all__ = [
+    "FSDPConfig",
     "RankSampler",
     "all_gather_stack",
     "all_reduce_sum",
@@ -304,6 +306,17 @@ def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -
 
 
 # ------------------------------------------------------------------------ sharding
+@dataclass(kw_only=True)
+class FSDPConfig:
+    """The ``fsdp:`` section of the distributed recipes' configs (the arguments of :func:`shard_model`)."""
+
+    reshard_after_forward: bool  # true: gather each layer again in backward (least memory)
+    cpu_offload: bool  # sharded params/grads/optimizer state in host memory (CUDA only)
+    # 0: FSDP2's own overlap; k: each layer's forward/backward issues the all-gathers of the
+    # next/previous k layers (hides more of them; k - 1 more gathered layers in memory)
+    prefetch_layers: int
+
+
 def shard_model(
     model: nn.Module,
     *,
