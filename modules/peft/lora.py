@@ -205,15 +205,23 @@ class LoRALinear(nn.Module):
         )
 
 
+def _frozen_fused_base(layer: nn.Module, x: torch.Tensor):
+    """The base ``layer`` hands the fused LoRA functions for ``x`` if it is an active LoRA layer
+    on the fused path with a frozen base (what the grouped and output-skipping calls need), else None."""
+    if not isinstance(layer, LoRALinear) or layer.disabled:
+        return None
+    base = layer.fused_base(x)
+    return None if isinstance(base, torch.Tensor) and base.requires_grad else base
+
+
 def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """``tuple(layer(x) for layer in layers)`` for projections of one input (q/k/v, gate/up),
     as one fused LoRA node (:func:`~tunelab.kernels.lora.lora_linear_group`: the input read
     once for all adapters, one input-gradient buffer) where every layer is an active LoRA
     layer on the fused path with a frozen base; layer by layer otherwise."""
-    if len(layers) > 1 and all(isinstance(m, LoRALinear) and not m.disabled for m in layers):
-        bases = [m.fused_base(x) for m in layers]
-        frozen = all(b is not None and not (isinstance(b, torch.Tensor) and b.requires_grad) for b in bases)
-        if frozen and len({m.lora_a.weight.dtype for m in layers}) == 1:
+    if len(layers) > 1:
+        bases = [_frozen_fused_base(m, x) for m in layers]
+        if all(b is not None for b in bases) and len({m.lora_a.weight.dtype for m in layers}) == 1:
             return lora_linear_group(x, bases, [m.lora_a.weight for m in layers], [m.lora_b.weight for m in layers],
                                      [m.scaling for m in layers])
     return tuple(m(x) for m in layers)
@@ -223,11 +231,10 @@ def project_unread(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``layer(x)`` where the caller will not read the result (activation checkpointing's
     recompute of a projection whose backward needs only its input): a fused LoRA layer skips its
     base GEMM and saves the same tensors for backward; any other layer runs as usual."""
-    if isinstance(layer, LoRALinear) and not layer.disabled:
-        base = layer.fused_base(x)
-        if base is not None and not (isinstance(base, torch.Tensor) and base.requires_grad):
-            return lora_linear(x, base, layer.lora_a.weight, layer.lora_b.weight, layer.scaling, compute_output=False)
-    return layer(x)
+    base = _frozen_fused_base(layer, x)
+    if base is None:
+        return layer(x)
+    return lora_linear(x, base, layer.lora_a.weight, layer.lora_b.weight, layer.scaling, compute_output=False)
 
 
 def _check_lora_args(rank: int, alpha: float, dropout: float) -> None:
