@@ -173,21 +173,38 @@ PHASES = [
 ]
 
 
+def _profiled(step, *, steps: int, device: torch.device, cpu: bool = False):
+    """Run ``step()`` ``steps`` times under the profiler (GPU kernels, and host ops with ``cpu``);
+    returns (the profile, wall seconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]
+    torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+    return prof, wall
+
+
+def _trace_events(prof) -> list[dict]:
+    """The complete ("X") events of a profile's chrome trace (kernels, runtime calls, host ops)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        return [e for e in json.load(open(f.name))["traceEvents"] if e.get("ph") == "X"]
+
+
 def kernel_breakdown(step, *, steps: int, device: torch.device) -> dict:
     """Profile ``steps`` calls of ``step()`` and sum GPU kernel time by phase (PHASES).
 
     Returns {"step_ms": wall ms per step, "gpu_busy_ms": summed kernel ms per step, "phases":
     {phase: ms per step}, "top": the 25 costliest kernels [name, calls per step, ms per step]}.
     Kernel sums can exceed wall time only where streams overlap (the offload side stream)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize(device)
-        wall = time.perf_counter() - start
+    prof, wall = _profiled(step, steps=steps, device=device)
     totals: dict[str, list] = {}
     for evt in prof.events():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
@@ -217,18 +234,8 @@ def host_gaps(step, *, steps: int, device: torch.device, min_gap_us: float = 20.
     Returns {"gap_ms": idle ms per step, "gaps_per_step", "by_op": [[outermost op, second,
     innermost op, ms per step, gaps per step], ...] (costliest first), "self_cpu": [[op, self CPU ms per step,
     calls per step], ...] (the 20 ops with the most own host time)}."""
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize(device)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = [e for e in json.load(open(f.name))["traceEvents"] if e.get("ph") == "X"]
+    prof, _ = _profiled(step, steps=steps, device=device, cpu=True)
+    events = _trace_events(prof)
     gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
@@ -286,19 +293,8 @@ def comm_overlap(step, *, steps: int, device: torch.device) -> dict:
     into compute kernels, NCCL kernels, their overlap, NCCL alone (exposed) and idle.
 
     Returns ms per step: {"window", "compute", "nccl", "nccl_overlapped", "nccl_exposed", "idle"}."""
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize(device)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = [e for e in json.load(open(f.name))["traceEvents"]
-                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    prof, _ = _profiled(step, steps=steps, device=device)
+    events = [e for e in _trace_events(prof) if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not events:
         return {}
     spans = {"nccl": [], "compute": []}
