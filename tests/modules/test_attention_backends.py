@@ -180,20 +180,27 @@ def test_decoder_flex_under_activation_checkpointing(monkeypatch, cpu_flex_backw
         torch.testing.assert_close(g_f[name], g_d[name], atol=1e-5, rtol=0, msg=name)
 
 
-def test_blockmask_in_compiled_layer_no_graph_break_no_recompile():
-    """A compiled decoder layer takes a fresh BlockMask every call (new ids, new mask_mod
-    closure) as one graph and compiles once (aot_eager on CPU: the tracing, not the kernel);
-    forward only, as CPU flex has no backward. Output within 1e-5 of the dense path."""
+def _compiled_tiny_layer(seq: int):
+    """A one-layer tiny model's decoder layer, a random [2, seq, dim] input with its RoPE tables,
+    and the layer's forward compiled fullgraph with aot_eager behind a compile counter (CPU:
+    tracing, not codegen). Returns (layer, x, cos, sin, counter, compiled)."""
     import torch._dynamo.testing
 
     torch.manual_seed(0)
     model = build_model(tiny(n_layers=1))
     layer = model.layers[0]
-    x = torch.randn(2, 128, model.args.dim)
-    cos, sin = model.rope(torch.arange(128)[None].expand(2, -1), dtype=x.dtype)
+    x = torch.randn(2, seq, model.args.dim)
+    cos, sin = model.rope(torch.arange(seq)[None].expand(2, -1), dtype=x.dtype)
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(layer.forward, backend=counter, fullgraph=True)
+    return layer, x, cos, sin, counter, torch.compile(layer.forward, backend=counter, fullgraph=True)
+
+
+def test_blockmask_in_compiled_layer_no_graph_break_no_recompile():
+    """A compiled decoder layer takes a fresh BlockMask every call (new ids, new mask_mod
+    closure) as one graph and compiles once (aot_eager on CPU: the tracing, not the kernel);
+    forward only, as CPU flex has no backward. Output within 1e-5 of the dense path."""
+    layer, x, cos, sin, counter, compiled = _compiled_tiny_layer(seq=128)
     with torch.no_grad():
         for n_docs in (3, 5, 9):
             doc = torch.sort(torch.randint(0, n_docs, (2, 128)), dim=1).values
@@ -290,17 +297,8 @@ def test_policy_sets_the_priority_during_the_call_only(monkeypatch, backend):
 def test_policy_traces_into_a_compiled_layer():
     """sdpa_kernel(..., set_priority=True) inside a compiled layer: one graph (fullgraph), same
     output and gradients as eager within 1e-5 (aot_eager on CPU: tracing, not codegen)."""
-    import torch._dynamo.testing
-
     A.set_attention_switches("cudnn")
-    torch.manual_seed(0)
-    model = build_model(tiny(n_layers=1))
-    layer = model.layers[0]
-    x = torch.randn(2, 64, model.args.dim)
-    cos, sin = model.rope(torch.arange(64)[None].expand(2, -1), dtype=x.dtype)
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(layer.forward, backend=counter, fullgraph=True)
+    layer, x, cos, sin, counter, compiled = _compiled_tiny_layer(seq=64)
     out = compiled(x, cos, sin)
     out.sum().backward()
     grads = [p.grad.clone() for p in layer.parameters()]
