@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,8 +61,20 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 90, ex
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+def resume_on_one_rank(dist_out: Path, resumed_out: Path, script: str | Path, *args: str) -> Path:
+    """Copy a finished 2-rank run to ``resumed_out`` without its final step_4, resume it with
+    ``script`` on one rank (``args``: config and overrides), check it resumed; returns the folder."""
+    shutil.copytree(dist_out, resumed_out)
+    shutil.rmtree(resumed_out / "step_4")
+    run = torchrun(1, script, *args, "resume=true")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed from" in run.stdout
+    return resumed_out
+
+
 @pytest.fixture
 def dt():
     """The helpers above, as a fixture (test files cannot import conftest by name)."""
-    return SimpleNamespace(alpaca_jsonl=alpaca_jsonl, pairs_jsonl=pairs_jsonl, torchrun=torchrun, REPO=REPO,
+    return SimpleNamespace(alpaca_jsonl=alpaca_jsonl, pairs_jsonl=pairs_jsonl, torchrun=torchrun,
+                           resume_on_one_rank=resume_on_one_rank, REPO=REPO,
                            TINY_TOKENIZER=TINY_TOKENIZER, DIST_RECIPE=DIST_RECIPE, DPO_RECIPE=DPO_RECIPE)
