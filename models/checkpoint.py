@@ -63,18 +63,30 @@ _HF_TO_NATIVE_TOP = {v: k for k, v in _TOP_NAMES.items()}
 _IGNORED_HF = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
+def rename_weight(name: str, top: dict[str, str], layer_pattern: re.Pattern, layer_names: dict[str, str],
+                  layer_prefix: str, what: str) -> str:
+    """One naming scheme to another: ``top`` maps the whole names outside the layers; a
+    ``layer_pattern`` match (groups: layer index, rest) maps the rest by ``layer_names`` under
+    ``layer_prefix`` + index.
+
+    Raises:
+        KeyError: ``name`` is neither (the message says it is not ``what``).
+    """
+    if name in top:
+        return top[name]
+    m = layer_pattern.match(name)
+    if m and m.group(2) in layer_names:
+        return f"{layer_prefix}{m.group(1)}.{layer_names[m.group(2)]}"
+    raise KeyError(f"{name!r} is not {what}")
+
+
 def native_to_hf_key(name: str) -> str:
     """``layers.0.attn.q_proj.weight`` -> ``model.layers.0.self_attn.q_proj.weight``.
 
     Raises:
         KeyError: the name is not a native Llama weight (e.g. a LoRA adapter weight).
     """
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    m = _NATIVE_LAYER.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise KeyError(f"{name!r} is not a native Llama weight name")
+    return rename_weight(name, _TOP_NAMES, _NATIVE_LAYER, _LAYER_NAMES, "model.layers.", "a native Llama weight name")
 
 
 def hf_to_native_key(name: str) -> str:
@@ -83,12 +95,7 @@ def hf_to_native_key(name: str) -> str:
     Raises:
         KeyError: the name is not an HF Llama weight.
     """
-    if name in _HF_TO_NATIVE_TOP:
-        return _HF_TO_NATIVE_TOP[name]
-    m = _HF_LAYER.match(name)
-    if m and m.group(2) in _HF_TO_NATIVE_LAYER:
-        return f"layers.{m.group(1)}.{_HF_TO_NATIVE_LAYER[m.group(2)]}"
-    raise KeyError(f"{name!r} is not an HF Llama weight name")
+    return rename_weight(name, _HF_TO_NATIVE_TOP, _HF_LAYER, _HF_TO_NATIVE_LAYER, "layers.", "an HF Llama weight name")
 
 
 # ---------------------------------------------------------------------------- reading

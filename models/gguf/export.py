@@ -38,6 +38,7 @@ from tunelab.models.checkpoint import (
     _open,
     hf_to_native_key,
     read_hf_config,
+    rename_weight,
     safetensors_files,
 )
 from tunelab.models.hf_config import args_from_hf_config
@@ -73,12 +74,7 @@ def gguf_tensor_name(native_name: str) -> str:
     Raises:
         KeyError: not a native Llama weight name.
     """
-    if native_name in _TOP_GGUF:
-        return _TOP_GGUF[native_name]
-    m = _NATIVE_LAYER.match(native_name)
-    if m and m.group(2) in _LAYER_GGUF:
-        return f"blk.{m.group(1)}.{_LAYER_GGUF[m.group(2)]}"
-    raise KeyError(f"{native_name!r} is not a native Llama weight name")
+    return rename_weight(native_name, _TOP_GGUF, _NATIVE_LAYER, _LAYER_GGUF, "blk.", "a native Llama weight name")
 
 
 def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
