@@ -179,11 +179,12 @@ class LoRAGroupFunction(torch.autograd.Function):
         grad_B_i = s_i g_i^T (x A_i^T)
 
     Bases must be frozen (dense tensors or dequantizing functions, as in ``lora_linear``).
-    Args after ``x``: ``scalings`` (tuple of k floats), then the k bases, k A's, k B's.
+    Args after ``x``: ``scalings`` (tuple of k floats), ``compute_outputs`` (False: the base
+    GEMMs are skipped, as ``lora_linear``'s ``compute_output``), then the k bases, k A's, k B's.
     """
 
     @staticmethod
-    def forward(ctx, x, scalings, *args):
+    def forward(ctx, x, scalings, compute_outputs, *args):
         k = len(scalings)
         weights, adapters_a, adapters_b = args[:k], args[k:2 * k], args[2 * k:]
         shape = x.shape
@@ -194,7 +195,8 @@ class LoRAGroupFunction(torch.autograd.Function):
         ranks = [a.shape[0] for a in adapters_a]
         outs, start = [], 0
         for w, b, s, r in zip(weights, bs, scalings, ranks):
-            out = mm_plus_low_rank(x2, _dense(w, x.dtype).t(), xa[:, start:start + r], b.t(), s)
+            out = mm_plus_low_rank(x2, _dense(w, x.dtype).t(), xa[:, start:start + r], b.t(), s,
+                                   skip=not compute_outputs)
             outs.append(out.view(*shape[:-1], out.shape[-1]))
             start += r
         dense = [w for w in weights if isinstance(w, torch.Tensor)]
@@ -229,15 +231,16 @@ class LoRAGroupFunction(torch.autograd.Function):
         grad_as, grad_bs, start = [], [], 0
         for i, (g, r, s) in enumerate(zip(gs, ctx.ranks, ctx.scalings)):
             grad_as.append(grad_a_cat[start:start + r].to(ctx.adapter_dtypes[i])
-                           if ctx.needs_input_grad[2 + k + i] else None)
-            want_b = ctx.needs_input_grad[2 + 2 * k + i] and g is not None
+                           if ctx.needs_input_grad[3 + k + i] else None)
+            want_b = ctx.needs_input_grad[3 + 2 * k + i] and g is not None
             grad_bs.append((g.t() @ xa[:, start:start + r]).mul_(s).to(ctx.adapter_dtypes[i]) if want_b else None)
             start += r
-        return (grad_x, None, *([None] * k), *grad_as, *grad_bs)
+        return (grad_x, None, None, *([None] * k), *grad_as, *grad_bs)
 
 
 def lora_linear_group(x: torch.Tensor, weights: list[BaseWeight], adapters_a: list[torch.Tensor],
-                      adapters_b: list[torch.Tensor], scalings: list[float]) -> tuple[torch.Tensor, ...]:
+                      adapters_b: list[torch.Tensor], scalings: list[float],
+                      compute_outputs: bool = True) -> tuple[torch.Tensor, ...]:
     """``lora_linear`` of several frozen bases on the same ``x`` (one autograd node; see
     :class:`LoRAGroupFunction`): the fused function where kernels run, the reference elsewhere.
 
@@ -246,12 +249,14 @@ def lora_linear_group(x: torch.Tensor, weights: list[BaseWeight], adapters_a: li
         weights: the bases W_i [out_i, in] (or dequantizing functions), frozen.
         adapters_a, adapters_b: A_i [r_i, in] and B_i [out_i, r_i] (one dtype for all A's).
         scalings: ``alpha_i / r_i``.
+        compute_outputs: False where the caller reads none of the outputs (a checkpoint
+            recompute), as ``lora_linear``'s ``compute_output``.
 
     Returns:
         The k outputs [..., out_i] in x's dtype.
     """
     if use_triton(x):
-        return LoRAGroupFunction.apply(x, tuple(scalings), *weights, *adapters_a, *adapters_b)
+        return LoRAGroupFunction.apply(x, tuple(scalings), compute_outputs, *weights, *adapters_a, *adapters_b)
     return tuple(lora_linear_reference(x, w, a, b, s) for w, a, b, s in zip(weights, adapters_a, adapters_b, scalings))
 
 

@@ -43,6 +43,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from tunelab.errors import ConfigError
 from tunelab.modules.peft.lora import project
+from tunelab.modules.recompute import is_recomputing, keeps_regions, kept
 from tunelab.modules.rope import apply_rope
 
 SDPA_BACKEND_ENV = "TUNELAB_SDPA_BACKEND"
@@ -153,7 +154,7 @@ def _expand_kv(k: torch.Tensor, v: torch.Tensor, n_rep: int) -> tuple[torch.Tens
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: SDPAPolicy | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: SDPAPolicy | None = None, gqa: bool = False
 ) -> torch.Tensor:
     """Causal self-attention without a mask tensor, under an SDPA backend policy.
 
@@ -162,6 +163,8 @@ def causal_attention(
         k: [b, nkv, s, hd] with ``nh % nkv == 0``.
         v: like ``k``.
         policy: default :func:`sdpa_policy` (the environment switch).
+        gqa: under the ``auto`` policy, hand k/v to SDPA with ``enable_gqa=True`` instead of
+            expanding them (kept attention: the expanded copies would be what SDPA saves).
 
     Returns:
         [b, nh, s, hd].
@@ -169,6 +172,8 @@ def causal_attention(
     policy = sdpa_policy() if policy is None else policy
     n_rep = q.shape[1] // k.shape[1]
     if policy.backends is None:
+        if gqa and n_rep > 1:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         k, v = _expand_kv(k, v, n_rep)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     gqa = policy.native_gqa and n_rep > 1
@@ -294,6 +299,28 @@ def document_mask(document_ids: torch.Tensor, *, use_flex: bool | None = None) -
     return document_block_mask(document_ids) if use_flex else dense_document_mask(document_ids)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None,
+           gqa: bool = False) -> torch.Tensor:
+    """Attention of q [b, nh, s, hd] over k/v [b, nkv, s_kv, hd] by the kernel ``mask`` picks
+    (see the module docstring): None causal SDPA, a ``BlockMask`` flex_attention, a bool
+    tensor (True = may attend, broadcastable to [b, nh, s, s_kv]) masked SDPA. ``gqa`` as in
+    :func:`causal_attention`. Returns [b, nh, s, hd]."""
+    if mask is None:
+        return causal_attention(q, k, v, gqa=gqa)
+    if isinstance(mask, BlockMask):
+        return flex_document_attention(q, k, v, mask)
+    k, v = _expand_kv(k, v, q.shape[1] // k.shape[1])  # (b, nh, s_kv, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor | BlockMask | None) -> torch.Tensor:
+    """RoPE on q/k, then :func:`attend` with grouped-query k/v as they are: the piece of a layer
+    kept for checkpointing's rerun (its saved tensors are then q, k, v and the output)."""
+    q, k = apply_rope(q, k, cos, sin)
+    return attend(q, k, v, mask, gqa=True)
+
+
 class KVCache(nn.Module):
     """Keys and values of past positions for incremental decoding.
 
@@ -379,23 +406,23 @@ class Attention(nn.Module):
         [b, 1, s, s] or bool broadcastable to [b, n_heads, s, s_kv], input_pos [s] (only with a
         KV cache) -> [b, s, dim]."""
         b, s, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one LoRA node when all three are adapted
+        keep = self.kv_cache is None and keeps_regions()
+        # one LoRA node when all three are adapted; a rerun that replays the kept attention below
+        # reads none of q/k/v (their GEMMs are skipped, the projection's saved input refilled)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj, unread=keep and is_recomputing())
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (b, nh, s, hd)
         k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, s, hd)
         v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
-
-        if self.kv_cache is not None:
-            if input_pos is None:
-                raise ValueError("input_pos is required when KV caches are set up")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (b, nkv, max_seq_len, hd)
-
-        if mask is None:
-            out = causal_attention(q, k, v)  # (b, nh, s, hd)
-        elif isinstance(mask, BlockMask):
-            out = flex_document_attention(q, k, v, mask)
+        if keep:
+            # RoPE + attention kept, not recomputed: its saved q/k/v/output are offloaded in
+            # the forward, and checkpointing's rerun gets the output back (modules.recompute)
+            out = kept(rope_attention, q, k, v, cos, sin, mask)
         else:
-            k, v = _expand_kv(k, v, self.n_heads // self.n_kv_heads)  # (b, nh, s_kv, hd)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            q, k = apply_rope(q, k, cos, sin)
+            if self.kv_cache is not None:
+                if input_pos is None:
+                    raise ValueError("input_pos is required when KV caches are set up")
+                k, v = self.kv_cache.update(input_pos, k, v)  # (b, nkv, max_seq_len, hd)
+            out = attend(q, k, v, mask)  # (b, nh, s, hd)
         out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)  # (b, s, nh*hd)
         return self.o_proj(out)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tunelab.kernels import swiglu
-from tunelab.modules.peft.lora import project, project_unread
+from tunelab.modules.peft.lora import project
 from tunelab.modules.recompute import is_recomputing
 
 
@@ -30,6 +30,6 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)  # one LoRA node when both are adapted
         hidden = swiglu(gate, up)  # silu(gate) * up
-        if is_recomputing():  # checkpointing's rerun only refills saved tensors: nothing reads this output
-            return project_unread(hidden, self.down_proj)
-        return self.down_proj(hidden)
+        # checkpointing's rerun only refills saved tensors: nothing reads the output there
+        (out,) = project(hidden, self.down_proj, unread=is_recomputing())
+        return out

@@ -1,24 +1,32 @@
-"""Offload the checkpointed layer inputs to pinned CPU memory, overlapped with compute.
+"""Offload checkpointed activations to pinned CPU memory, overlapped with compute.
 
 With activation checkpointing each decoder layer keeps only its input hidden states for the
 backward ([b, s, dim]: 32 MiB per layer for an 8B model at 4,096 tokens, 1 GiB for 32 layers).
 :class:`ActivationOffloader` is a ``saved_tensors_hooks`` pair put around each checkpointed
 layer call, so it sees exactly those tensors (the activations saved inside the layer go to the
 checkpoint's own, inner hooks). It copies each to a pinned host buffer on a side stream while
-the next layers compute, and in backward brings it back: the layer being recomputed waits for
-its own copy, and the copy of the layer before it (the next one backward needs) starts at once
-on the side stream, so the transfer hides behind that layer's recompute. At ~50 GB/s each way
-(H200 host link) a 32 MiB input moves in ~0.7 ms against several ms of layer compute.
+the next layers compute, and in backward brings it back before its layer is recomputed.
+
+It also keeps the layer's *kept regions* (``modules.recompute.kept``: attention's RoPE + SDPA):
+their saved tensors (q, k, v, the attention output; 80 MiB per 8B layer) are offloaded the
+same way, and the attention output is handed back to the recompute, which then skips the
+q/k/v projections, RoPE and the attention kernel. Fetch order in backward, per layer: its input
+and attention output arrive before the layer's recompute starts; its q/k/v start coming back
+when the recompute starts (needed only after the MLP's backward); the previous layer's input and
+attention output start when this layer's attention backward begins (past its memory peak). At
+~50 GB/s each way (H200 host link) a layer's 112 MiB move in ~2.3 ms.
 
 Only floating tensors that require grad and are at least ``min_bytes`` are moved (the
 activations); position ids, masks, the RoPE tables and other shared inputs stay where they
 are, and so does layer 0's input under LoRA (the frozen embedding's output is not in the
-autograd graph): 31 of 32 inputs move for an 8B model. On a CPU device
-the "offload" is a copy to another CPU tensor (the same bookkeeping, tested in CI).
+autograd graph). On a CPU device the "offload" is a copy to another CPU tensor (the same
+bookkeeping, tested in CI).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,21 +35,30 @@ from torch.autograd.graph import saved_tensors_hooks
 __all__ = ["ActivationOffloader"]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Handle:
-    host: torch.Tensor | None  # pinned CPU copy (None once consumed)
+    host: torch.Tensor | None  # pinned CPU copy (None once every use is done)
     device: torch.device
-    index: int  # position in pack order within one forward
+    group: int  # the layer call it was packed in (index into the offloader's groups)
+    kept: bool  # saved by a kept region (needed only once backward reaches that region)
+    early: bool  # needed when its layer's recompute starts (the layer input, a replayed output)
+    uses: int = 1  # unpacks and replays still to come
     copied: torch.cuda.Event | None = None  # device -> host copy done
     fetched: torch.Tensor | None = None  # prefetched device copy
     fetched_event: torch.cuda.Event | None = None
 
 
+def _key(t: torch.Tensor) -> tuple:
+    # the same tensor saved twice (SDPA saves its output, which the region also returns)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 class ActivationOffloader:
     """Saved-tensor hooks that park large activations in pinned host memory.
 
-    Use one instance per model; enter :meth:`hooks` around each checkpointed layer call
-    (``training.steps.wrap_layers`` does this for ``offload_activations=True``).
+    Use one instance per model; enter :meth:`hooks` around each checkpointed layer call and
+    pass :meth:`keeper` to the call's forward and recompute (``training.steps.wrap_layers`` does
+    both for ``offload_activations=True``).
 
     Args:
         min_bytes: tensors smaller than this stay on the device (copy overhead not worth it).
@@ -50,7 +67,8 @@ class ActivationOffloader:
     def __init__(self, min_bytes: int = 1 << 20):
         self.min_bytes = min_bytes
         self._stream: torch.cuda.Stream | None = None
-        self._handles: list[_Handle | None] = []  # this forward's handles, in pack order
+        self._groups: list[list[_Handle]] = []  # this forward's handles, one list per layer call
+        self._live = 0  # handles with uses left
         self._free: dict[tuple, list[torch.Tensor]] = {}  # pinned buffers to reuse, by (shape, dtype)
         self.offloaded_bytes = 0  # of the last forward (for logs and tests)
 
@@ -64,14 +82,13 @@ class ActivationOffloader:
     def _release(self, host: torch.Tensor) -> None:
         self._free.setdefault((tuple(host.shape), host.dtype), []).append(host)
 
-    # ------------------------------------------------------------------ hooks
-    def _pack(self, t: torch.Tensor):
-        if not (t.is_floating_point() and t.requires_grad and t.numel() * t.element_size() >= self.min_bytes):
-            return t
-        if all(h is None for h in self._handles):  # the previous backward consumed everything: new forward
-            self._handles, self.offloaded_bytes = [], 0
+    # ------------------------------------------------------------------ device -> host
+    def _moves(self, t: torch.Tensor) -> bool:
+        return t.is_floating_point() and t.requires_grad and t.numel() * t.element_size() >= self.min_bytes
+
+    def _offload(self, t: torch.Tensor, *, kept: bool, early: bool) -> _Handle:
         host = self._host_buffer(t)
-        handle = _Handle(host=host, device=t.device, index=len(self._handles))
+        handle = _Handle(host=host, device=t.device, group=len(self._groups) - 1, kept=kept, early=early)
         if t.is_cuda:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(t.device)
@@ -83,13 +100,18 @@ class ActivationOffloader:
             t.record_stream(self._stream)  # keep t's memory until the copy has read it
         else:
             host.copy_(t)
-        self._handles.append(handle)
+        self._groups[-1].append(handle)
+        self._live += 1
         self.offloaded_bytes += t.numel() * t.element_size()
         return handle
 
+    def _pack(self, t: torch.Tensor):
+        return self._offload(t, kept=False, early=True) if self._moves(t) else t
+
+    # ------------------------------------------------------------------ host -> device
     def _fetch(self, handle: _Handle) -> None:
         """Start the host -> device copy of ``handle`` on the side stream."""
-        if handle.fetched is not None or handle.device.type != "cuda":
+        if handle.fetched is not None or handle.host is None or handle.device.type != "cuda":
             return
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(handle.copied)
@@ -97,29 +119,90 @@ class ActivationOffloader:
             handle.fetched_event = torch.cuda.Event()
             handle.fetched_event.record()
 
-    def _unpack(self, packed):
-        if not isinstance(packed, _Handle):
-            return packed
-        handle = packed
-        if handle.host is None:
+    def _fetch_group(self, group: int, early_only: bool = False) -> None:
+        if 0 <= group < len(self._groups):
+            for handle in self._groups[group]:
+                if handle.early or not early_only:
+                    self._fetch(handle)
+
+    def _take(self, handle: _Handle, *, unpack: bool) -> torch.Tensor:
+        """``handle``'s tensor back on its device, for one of its uses (an unpack or a replay)."""
+        if handle.uses <= 0:
             raise RuntimeError("an offloaded activation was unpacked twice (backward with retain_graph=True); "
                                "set offload_activations: false for this")
+        self._fetch_group(handle.group)  # the rest of this layer is needed during its backward
+        if unpack and (handle.kept or not any(h.kept for h in self._groups[handle.group])):
+            # backward has reached this layer's last part: bring what the previous layer's
+            # recompute needs first
+            self._fetch_group(handle.group - 1, early_only=True)
         if handle.device.type == "cuda":
-            self._fetch(handle)
             current = torch.cuda.current_stream(handle.device)
             current.wait_event(handle.fetched_event)
             out = handle.fetched
             out.record_stream(current)  # allocated on the side stream, used on this one
-            previous = handle.index - 1  # backward runs the layers in reverse: prefetch the next one
-            if previous >= 0 and self._handles[previous] is not None:
-                self._fetch(self._handles[previous])
         else:
             out = handle.host.clone()
-        self._handles[handle.index] = None
-        self._release(handle.host)  # its next copy is ordered after this one on the side stream
-        handle.host = handle.fetched = None
+        handle.uses -= 1
+        if handle.uses == 0:
+            self._live -= 1
+            self._release(handle.host)  # its next copy is ordered after this one on the side stream
+            handle.host = handle.fetched = None
         return out
 
-    def hooks(self) -> saved_tensors_hooks:
-        """The context to run one checkpointed layer call in."""
-        return saved_tensors_hooks(self._pack, self._unpack)
+    def _unpack(self, packed):
+        return self._take(packed, unpack=True) if isinstance(packed, _Handle) else packed
+
+    # ------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        """The context to run one checkpointed layer call in (packs its inputs)."""
+        if self._live == 0:  # the previous backward consumed everything: a new forward
+            self._groups, self.offloaded_bytes = [], 0
+        self._groups.append([])
+        with saved_tensors_hooks(self._pack, self._unpack):
+            yield
+
+    def keeper(self) -> _Keeper:
+        """A fresh store for one checkpointed call's kept regions (``modules.recompute.Keeper``)."""
+        return _Keeper(self)
+
+
+class _Keeper:
+    """One checkpointed call's kept regions: their saved tensors and outputs, via the offloader."""
+
+    def __init__(self, offloader: ActivationOffloader):
+        self._offloader = offloader
+        self._outputs: list[tuple[_Handle | torch.Tensor, bool]] = []
+        self._replayed = 0
+
+    def run(self, fn, *args) -> torch.Tensor:
+        off, seen = self._offloader, {}
+
+        def pack(t: torch.Tensor):
+            if not off._moves(t):
+                return t
+            handle = seen.get(_key(t))
+            if handle is None:
+                handle = seen[_key(t)] = off._offload(t, kept=True, early=False)
+            else:
+                handle.uses += 1
+            return handle
+
+        with saved_tensors_hooks(pack, off._unpack):
+            out = fn(*args)
+        handle = seen.get(_key(out))
+        if handle is not None:  # the region saved its own output (SDPA does): one copy serves both
+            handle.uses += 1
+            handle.early = True
+        elif out.numel() * out.element_size() >= off.min_bytes:
+            handle = off._offload(out.detach(), kept=True, early=True)
+        self._outputs.append((out.detach() if handle is None else handle, out.requires_grad))
+        return out
+
+    def replay(self) -> torch.Tensor:
+        token, requires_grad = self._outputs[self._replayed]
+        self._replayed += 1
+        out = self._offloader._take(token, unpack=False) if isinstance(token, _Handle) else token
+        # as in the forward: what the rerun saves downstream depends on it (a frozen linear
+        # saves its input only when that input requires grad)
+        return out.detach().requires_grad_(requires_grad)

@@ -17,7 +17,7 @@ from tunelab.data.collate import packed_collate, padded_collate
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
 from tunelab.modules.peft import LoRALinear
-from tunelab.modules.recompute import recomputing
+from tunelab.modules.recompute import keeping, recomputing
 from tunelab.training.offload import ActivationOffloader
 
 __all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum", "micro_batch_backward",
@@ -44,8 +44,9 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_lay
             whose output only the discarded rerun would read.
         compile_layers: compile each layer's forward.
         offload_activations: keep the checkpointed layer inputs in pinned CPU memory between
-            forward and backward (:class:`~tunelab.training.offload.ActivationOffloader`);
-            needs ``activation_checkpointing``.
+            forward and backward (:class:`~tunelab.training.offload.ActivationOffloader`), and
+            attention's saved tensors too, so the rerun skips the q/k/v projections and the
+            attention kernel (``modules.recompute.kept``); needs ``activation_checkpointing``.
     """
     if offload_activations and not activation_checkpointing:
         raise ConfigError("offload_activations: true needs activation_checkpointing: true (it offloads the "
@@ -56,7 +57,8 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_lay
         if compile_layers:
             forward = torch.compile(forward)
         if activation_checkpointing:
-            forward = functools.partial(checkpoint, forward, use_reentrant=False, context_fn=_recompute_contexts)
+            contexts = _recompute_contexts if offloader is None else functools.partial(_keep_contexts, offloader)
+            forward = functools.partial(checkpoint, forward, use_reentrant=False, context_fn=contexts)
         if offloader is not None:
             forward = functools.partial(_with_hooks, offloader, forward)
         layer.forward = forward
@@ -66,6 +68,12 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_lay
 def _recompute_contexts():
     # (forward, recompute): modules skip work whose result only the thrown-away rerun would read
     return contextlib.nullcontext(), recomputing()
+
+
+def _keep_contexts(offloader: ActivationOffloader):
+    # as above, and the call's kept regions (attention) go to the offloader and are replayed
+    keeper = offloader.keeper()
+    return keeping(keeper), recomputing(keeper)
 
 
 def _with_hooks(offloader: ActivationOffloader, forward, *args, **kwargs):

@@ -214,27 +214,31 @@ def _frozen_fused_base(layer: nn.Module, x: torch.Tensor):
     return None if isinstance(base, torch.Tensor) and base.requires_grad else base
 
 
-def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+def project(x: torch.Tensor, *layers: nn.Module, unread: bool = False) -> tuple[torch.Tensor, ...]:
     """``tuple(layer(x) for layer in layers)`` for projections of one input (q/k/v, gate/up),
     as one fused LoRA node (:func:`~tunelab.kernels.lora.lora_linear_group`: the input read
     once for all adapters, one input-gradient buffer) where every layer is an active LoRA
-    layer on the fused path with a frozen base; layer by layer otherwise."""
-    if len(layers) > 1:
-        bases = [_frozen_fused_base(m, x) for m in layers]
-        if all(b is not None for b in bases) and len({m.lora_a.weight.dtype for m in layers}) == 1:
+    layer on the fused path with a frozen base; layer by layer otherwise.
+
+    Args:
+        x: the shared input [..., in].
+        layers: the projections.
+        unread: the caller will not read the results (activation checkpointing's recompute of
+            projections whose backward needs only their input): fused LoRA layers then skip
+            their base GEMMs and save the same tensors for backward; other layers run as usual.
+    """
+    if len(layers) == 1 and not unread:
+        return (layers[0](x),)
+    bases = [_frozen_fused_base(m, x) for m in layers]
+    if all(b is not None for b in bases):
+        if len(layers) > 1 and len({m.lora_a.weight.dtype for m in layers}) == 1:
             return lora_linear_group(x, bases, [m.lora_a.weight for m in layers], [m.lora_b.weight for m in layers],
-                                     [m.scaling for m in layers])
+                                     [m.scaling for m in layers], compute_outputs=not unread)
+    if unread:
+        return tuple(m(x) if b is None else
+                     lora_linear(x, b, m.lora_a.weight, m.lora_b.weight, m.scaling, compute_output=False)
+                     for m, b in zip(layers, bases))
     return tuple(m(x) for m in layers)
-
-
-def project_unread(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """``layer(x)`` where the caller will not read the result (activation checkpointing's
-    recompute of a projection whose backward needs only its input): a fused LoRA layer skips its
-    base GEMM and saves the same tensors for backward; any other layer runs as usual."""
-    base = _frozen_fused_base(layer, x)
-    if base is None:
-        return layer(x)
-    return lora_linear(x, base, layer.lora_a.weight, layer.lora_b.weight, layer.scaling, compute_output=False)
 
 
 def _check_lora_args(rank: int, alpha: float, dropout: float) -> None:

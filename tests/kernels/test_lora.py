@@ -220,7 +220,7 @@ def test_group_function_matches_one_function_per_projection(base):
         return fn
 
     bases = ws if base == "dense" else [as_fn(w) for w in ws]
-    fused = _group_grads(lambda x, w, a, b, s: LoRAGroupFunction.apply(x, tuple(s), *bases, *a, *b),
+    fused = _group_grads(lambda x, w, a, b, s: LoRAGroupFunction.apply(x, tuple(s), True, *bases, *a, *b),
                          x, ws, As, Bs, dys, scalings)
     separate = _group_grads(lambda x, w, a, b, s: [LoRALinearFunction.apply(x, wi, ai, bi, si)
                                                    for wi, ai, bi, si in zip(w, a, b, s)], x, ws, As, Bs, dys, scalings)
@@ -236,7 +236,7 @@ def test_group_function_skips_outputs_without_gradient():
     x, ws, As, Bs, _ = _group_inputs(outs=(8, 6), ranks=(2, 2))
     x.requires_grad_()
     As = [a.requires_grad_() for a in As]
-    q, k = LoRAGroupFunction.apply(x, (1.0, 1.0), *ws, *As, *Bs)
+    q, k = LoRAGroupFunction.apply(x, (1.0, 1.0), True, *ws, *As, *Bs)
     gx, ga0, ga1 = torch.autograd.grad(q.sum(), [x, *As])  # k unused: its B gets no gradient
     ref_q = LoRALinearFunction.apply(x, ws[0], As[0], Bs[0], 1.0)
     rx, ra0 = torch.autograd.grad(ref_q.sum(), [x, As[0]])
@@ -326,7 +326,7 @@ def test_compiled_group_is_one_graph_with_the_in_place_ops(graph_recorder, base)
 
 def _mlp_block(layers):
     """gate/up/down like FeedForward, with torch's silu (runs in-process on CPU, compiled too)."""
-    from tunelab.modules.peft.lora import project, project_unread
+    from tunelab.modules.peft.lora import project
     from tunelab.modules.recompute import is_recomputing
 
     gate, up, down = layers
@@ -334,7 +334,7 @@ def _mlp_block(layers):
     def block(x):
         g, u = project(x, gate, up)
         h = torch.nn.functional.silu(g) * u
-        y = project_unread(h, down) if is_recomputing() else down(h)
+        (y,) = project(h, down, unread=is_recomputing())
         return x + y
 
     return block

@@ -13,7 +13,7 @@ import torch
 
 from tunelab.errors import ConfigError
 from tunelab.models import build_model, tiny
-from tunelab.modules.peft import get_adapter_params
+from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
 from tunelab.training.steps import wrap_layers
 
 
@@ -34,10 +34,14 @@ def test_offloaded_inputs_give_identical_gradients_over_two_steps(tiny_lora_mode
         assert torch.equal(loss_a, loss_b)
         for k in grads_a:
             assert torch.equal(grads_a[k], grads_b[k]), k
-    # one input per layer, except layer 0's: the frozen embedding's output is not in the graph
-    n_layers = len(offloaded.layers)
-    assert offloader.offloaded_bytes == (n_layers - 1) * tokens.numel() * offloaded.args.dim * 4
-    assert all(h is None for h in offloader._handles)  # backward consumed every offloaded input
+    # per layer: its input (not layer 0's: the frozen embedding's output is not in the graph)
+    # and what the kept attention saved that requires grad: RoPE'd q and k, v, the output (k
+    # not in layer 0, whose k_proj has no adapter and whose input needs no gradient)
+    n, d = tokens.numel(), offloaded.args
+    q = out = n * d.n_heads * d.head_dim * 4
+    k = v = n * d.n_kv_heads * d.head_dim * 4
+    assert offloader.offloaded_bytes == (q + v + out) + (n * d.dim * 4 + q + k + v + out)
+    assert offloader._live == 0  # backward consumed every offloaded tensor
 
 
 def test_small_and_non_grad_tensors_stay():
@@ -76,3 +80,104 @@ def test_cuda_offload_matches_and_frees_device_memory(tiny_lora_model):
         torch.testing.assert_close(held["gradsTrue"][k], g, rtol=0, atol=0)
     layer_input = tokens.numel() * model.args.dim * 4
     assert held[False] - held[True] >= (len(model.layers) - 2) * layer_input  # all but layer 0's (and slack)
+
+
+def _all_linear_model(offload: bool, compiled: bool, n_layers: int = 3):
+    torch.manual_seed(0)
+    model = build_model(tiny(vocab_size=96, n_layers=n_layers), device="cpu", dtype=torch.float32)
+    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank=4, alpha=8)
+    for p in get_adapter_params(model).values():
+        torch.nn.init.normal_(p, std=0.05)
+    set_trainable_params(model)
+    wrap_layers(model, activation_checkpointing=True, compile_layers=compiled, offload_activations=offload)
+    if offload:
+        model.layers[0].forward.args[0].min_bytes = 0
+    return model
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypatch, compiled):
+    """With offloading, attention (RoPE + SDPA) is kept instead of recomputed: the rerun calls it
+    no more, skips the q/k/v GEMMs (and the down projection's) and the gradients over two steps
+    equal plain checkpointing's. The LoRA functions take their fused path on CPU here (they are
+    torch-level code); the other kernels run their references. fp32, 1e-5: the kept attention
+    hands SDPA grouped-query k/v (enable_gqa) where the plain path expands them, a different
+    summation order; compiled (inductor), each rerun graph must also save exactly what its
+    forward graph saved (checkpointing raises otherwise)."""
+    import tunelab.kernels.lora as lora_kernels
+    import tunelab.modules.attention as attention
+    import tunelab.modules.peft.lora as peft_lora
+
+    monkeypatch.setattr(peft_lora, "use_triton", lambda x: True)
+    monkeypatch.setattr(lora_kernels, "use_triton", lambda x: True)
+    skips, kept_calls = [], []
+    eager_mm, rope_attention = lora_kernels._mm_plus_low_rank_eager, attention.rope_attention
+
+    def spy_mm(m1, m2, l1, l2, alpha, skip=False):
+        skips.append(skip)
+        return eager_mm(m1, m2, l1, l2, alpha, skip)
+
+    def spy_attention(*args):
+        kept_calls.append(1)
+        return rope_attention(*args)
+
+    monkeypatch.setattr(lora_kernels, "_mm_plus_low_rank_eager", spy_mm)
+    monkeypatch.setattr(attention, "rope_attention", spy_attention)
+    torch._dynamo.reset()
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    plain, offloaded = _all_linear_model(False, compiled), _all_linear_model(True, compiled)
+    n_layers = len(offloaded.layers)
+    for _ in range(2):
+        loss_a, grads_a = _grads(plain, tokens)
+        skips.clear(), kept_calls.clear()
+        loss_b, grads_b = _grads(offloaded, tokens)
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+        for k in grads_a:
+            torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-5, msg=k)
+        assert len(kept_calls) == n_layers  # forward only: the reruns replayed it
+        assert skips.count(True) == 4 * n_layers  # q, k, v and down per rerun
+        for p in offloaded.parameters():
+            p.grad = None
+        for p in plain.parameters():
+            p.grad = None
+    torch._dynamo.reset()
+
+
+def test_fetch_order_follows_the_backward():
+    """Which offloaded tensors are brought back when (the policy; the copies themselves run on
+    CUDA): a layer's q/k/v when its recompute starts, the previous layer's input and attention
+    output once backward reaches this layer's attention, so each arrives before it is needed
+    without holding the next layer's q/k/v during this layer's MLP backward."""
+    model = _all_linear_model(True, False, n_layers=3)
+    off = model.layers[0].forward.args[0]
+    events = []
+    fetch, take = off._fetch, off._take
+
+    def spy_fetch(handle):
+        if handle.host is not None and not getattr(handle, "seen", False):
+            handle.seen = True
+            events.append(("fetch", handle.group, handle.early))
+        return fetch(handle)
+
+    def spy_take(handle, *, unpack):
+        events.append(("take" if unpack else "replay", handle.group, handle.early))
+        return take(handle, unpack=unpack)
+
+    off._fetch, off._take = spy_fetch, spy_take
+    loss = model(torch.randint(0, 96, (2, 24))).float().logsumexp(-1).mean()
+    groups = [[(h.kept, h.early) for h in g] for g in off._groups]
+    assert groups[2] == [(False, True), (True, False), (True, False), (True, False), (True, True)]  # in, q, k, v, out
+    loss.backward()
+    first = [e for e in events if e[0] == "fetch"]
+    assert len(first) == sum(len(g) for g in groups)  # every tensor came back once
+    # last layer: everything on its first use; then, per layer g < 2, its input and output
+    # (early) when layer g + 1's attention backward takes its first kept tensor, the rest
+    # (q, k, v) when layer g's own recompute takes its input
+    for g in (1, 0):
+        first_kept_take = next(i for i, e in enumerate(events) if e[0] == "take" and e[1] == g + 1 and not e[2])
+        early_fetches = [i for i, e in enumerate(events) if e == ("fetch", g, True)]
+        late_fetches = [i for i, e in enumerate(events) if e == ("fetch", g, False)]
+        assert early_fetches and min(early_fetches) > first_kept_take
+        first_take = next(i for i, e in enumerate(events) if e[0] in ("take", "replay") and e[1] == g)
+        assert min(early_fetches) < first_take < min(late_fetches)
+    assert off._live == 0  # all consumed
