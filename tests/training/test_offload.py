@@ -1,7 +1,8 @@
-"""Activation offloading of the checkpointed layer inputs (training/offload.py).
+"""Activation offloading: the checkpointed layer inputs and the kept attention (training/offload.py).
 
 fp32 on CPU: offloading only moves saved tensors between buffers, so losses and gradients must
-be bit-identical to plain activation checkpointing. The CUDA test (skipped on CPU) checks the
+be bit-identical to plain activation checkpointing (within 1e-5 where attention is kept: see
+the kept-attention test). The CUDA test (skipped on CPU) checks the
 same with real pinned-memory copies on side streams, and that the device memory held between
 forward and backward drops by the offloaded inputs.
 """
@@ -76,8 +77,8 @@ def test_cuda_offload_matches_and_frees_device_memory(tiny_lora_model):
         held[offload] = torch.cuda.memory_allocated() - before
         loss.backward()
         held[f"grads{offload}"] = {k: p.grad.clone() for k, p in get_adapter_params(model).items()}
-    for k, g in held["gradsFalse"].items():
-        torch.testing.assert_close(held["gradsTrue"][k], g, rtol=0, atol=0)
+    for k, g in held["gradsFalse"].items():  # 1e-5: the kept attention's SDPA takes GQA k/v unexpanded
+        torch.testing.assert_close(held["gradsTrue"][k], g, rtol=1e-5, atol=1e-5)
     layer_input = tokens.numel() * model.args.dim * 4
     assert held[False] - held[True] >= (len(model.layers) - 2) * layer_input  # all but layer 0's (and slack)
 
