@@ -23,7 +23,8 @@ add ``_pf<k>`` / ``_noreshard`` to the profile, and every line's config string n
     SHAPE=tiny torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py  # CPU / gloo smoke run
 
 Environment knobs: SHAPE (8b | 70b | tiny), LAYERS (override the layer count), BATCH, SEQ,
-STEPS, WARMUP, AC (1/0), COMPILE (1: torch.compile per layer, CUDA), QUANT (nf4: the QLoRA model, NF4 base sharded), RESHARD (list of 1/0), PREFETCH (list of k >= 0), ROUNDS (repeat the
+STEPS, WARMUP, AC (1/0), COMPILE (1: torch.compile per layer, CUDA), QUANT (nf4: the QLoRA model, NF4 base sharded), RESHARD (list of 1/0), PREFETCH (list of k >= 0),
+SHARD_FROZEN (list of 1/0: ``fsdp.shard_frozen``; 0 keeps the frozen base whole on every rank), ROUNDS (repeat the
 whole sweep, in the same order, to see the run-to-run spread), OFFLOAD (CPU offload 1/0),
 PROFILE (the profile name's base), OVERLAP (1: add the GPU time split of two more steps to the
 line: compute, NCCL, NCCL hidden behind compute, NCCL exposed, idle; ms per step), TRACE (a folder: a gzipped chrome trace of one timed step
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import gzip
+import itertools
 import os
 import shutil
 import sys
@@ -77,22 +79,26 @@ def model_args(shape: str):
 
 
 def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, reshard: bool, prefetch: int,
-                  offload: bool, quantize: str | None, compile_layers: bool = False):
+                  offload: bool, quantize: str | None, compile_layers: bool = False, shard_frozen: bool = True):
     """The recipe's setup with random weights instead of a checkpoint: meta build (LoRA, or
     QLoRA with ``quantize="nf4"``), checkpointing, ``shard_model`` with the given switches, then
     each rank fills its shard (NF4 storage: random codes and block scales, so the dequantized
-    weights are random too; compute and memory equal a real checkpoint's)."""
+    weights are random too; compute and memory equal a real checkpoint's). A frozen base left
+    out of FSDP (``shard_frozen=False``) is filled the same on every rank, as a checkpoint would."""
     cuda = device.type == "cuda"
     lora = SimpleNamespace(targets=TARGETS, rank=16, alpha=32, dropout=0.0)
     model = dist_utils.build_meta_model(args, dtype, lora, quantize)
     wrap_layers(model, activation_checkpointing=ac, compile_layers=compile_layers)
     dist_utils.shard_model(model, param_dtype=dtype if cuda else None, reshard_after_forward=reshard,
-                           cpu_offload=offload, prefetch_layers=prefetch)
+                           cpu_offload=offload, prefetch_layers=prefetch, shard_frozen=shard_frozen)
     model.to_empty(device="cpu" if offload else device)
-    gen = torch.Generator(device=model.tok_embeddings.weight.to_local().device).manual_seed(dist_utils.rank())
+    param_device = dist_utils.local_tensor(model.tok_embeddings.weight).device
+    sharded = torch.Generator(device=param_device).manual_seed(dist_utils.rank())
+    replicated = torch.Generator(device=param_device).manual_seed(1234)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            local = p.to_local()
+            local = dist_utils.local_tensor(p)
+            gen = replicated if local is p else sharded
             if name.endswith("norm.weight"):
                 local.fill_(1.0)
             elif local.dtype == torch.uint8:  # NF4 codes and quantized block scales
@@ -159,6 +165,7 @@ def main() -> None:
     ac, offload_asked = bool(env_int("AC", 1)), bool(env_int("OFFLOAD", 0))
     compile_layers = bool(env_int("COMPILE", 0)) and torch.cuda.is_available()
     reshards, prefetches = [bool(r) for r in env_ints("RESHARD", "1")], env_ints("PREFETCH", "0")
+    shard_frozens = [bool(f) for f in env_ints("SHARD_FROZEN", "1")]
     rounds = env_int("ROUNDS", 1)
     quantize = os.environ.get("QUANT") or None
     trace_dir = Path(os.environ["TRACE"]) if os.environ.get("TRACE") else None
@@ -175,44 +182,45 @@ def main() -> None:
     labels = torch.randint(1, args.vocab_size, (batch, seq), generator=g).to(device)
 
     for _ in range(rounds):
-        for reshard in reshards:
-            for prefetch in prefetches:
-                model = build_sharded(args, device=device, dtype=dtype, ac=ac, reshard=reshard, prefetch=prefetch,
-                                      offload=offload, quantize=quantize, compile_layers=compile_layers)
-                # switches off = the name earlier results carry; others get their own profile
-                switches = ((f"_pf{prefetch}" if prefetch else "") + ("" if reshard else "_noreshard")
-                            + ("_compile" if compile_layers else ""))
-                kind = "qlora" if quantize else "lora"
-                profile = (os.environ.get("PROFILE") or f"fsdp_{kind}_{shape}{'_ac' if ac else '_no_ac'}") + switches
-                trace = trace_dir / f"trace_{profile}_rank{rank}.json.gz" if trace_dir else None
-                elapsed, loss, overlap = measure(model, tokens, labels, steps=steps, warmup=warmup, trace=trace)
-                peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-                layers = f" layers{args.n_layers}" if os.environ.get("LAYERS") else ""
-                row = {
-                    "device": device_name(device),
-                    "torch": torch.__version__,
-                    "system": "tunelab",
-                    "bench": "fsdp_step",
-                    "world_size": world,
-                    "profile": profile,
-                    "config": f"{shape}{layers} bs{batch} seq{seq} per gpu, {kind}{' ' + quantize if quantize else ''} r16 all 7 proj, ac={ac}, "
-                              f"reshard_after_forward={reshard}, prefetch_layers={prefetch}, cpu_offload={offload}, "
-                              f"{'bf16' if cuda else 'fp32'} {'compiled layers' if compile_layers else 'eager'}",
-                    "tokens_per_s": round(batch * seq * steps / elapsed, 1),  # per GPU
-                    "peak_gib": round(peak.item(), 2) if cuda else None,
-                    "step_ms": round(1000 * elapsed / steps, 1),
-                    "loss": round(loss, 4),
-                    **({"env": nccl_env} if nccl_env else {}),
-                    **({"gpu_ms_per_step": overlap} if overlap else {}),
-                }
-                if rank == 0:
-                    emit(row)
-                # the next setting starts from an empty allocator: FSDP states hold reference cycles
-                del model
-                gc.collect()
-                if cuda:
-                    torch.cuda.empty_cache()
+        for reshard, prefetch, shard_frozen in itertools.product(reshards, prefetches, shard_frozens):
+            model = build_sharded(args, device=device, dtype=dtype, ac=ac, reshard=reshard, prefetch=prefetch,
+                                  offload=offload, quantize=quantize, compile_layers=compile_layers,
+                                  shard_frozen=shard_frozen)
+            # switches off = the name earlier results carry; others get their own profile
+            switches = ((f"_pf{prefetch}" if prefetch else "") + ("" if reshard else "_noreshard")
+                        + ("" if shard_frozen else "_replicated") + ("_compile" if compile_layers else ""))
+            kind = "qlora" if quantize else "lora"
+            profile = (os.environ.get("PROFILE") or f"fsdp_{kind}_{shape}{'_ac' if ac else '_no_ac'}") + switches
+            trace = trace_dir / f"trace_{profile}_rank{rank}.json.gz" if trace_dir else None
+            elapsed, loss, overlap = measure(model, tokens, labels, steps=steps, warmup=warmup, trace=trace)
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=device)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            layers = f" layers{args.n_layers}" if os.environ.get("LAYERS") else ""
+            row = {
+                "device": device_name(device),
+                "torch": torch.__version__,
+                "system": "tunelab",
+                "bench": "fsdp_step",
+                "world_size": world,
+                "profile": profile,
+                "config": f"{shape}{layers} bs{batch} seq{seq} per gpu, {kind}{' ' + quantize if quantize else ''} r16 all 7 proj, ac={ac}, "
+                          f"reshard_after_forward={reshard}, prefetch_layers={prefetch}, cpu_offload={offload}, "
+                          f"{'' if shard_frozen else 'frozen base replicated (shard_frozen=False), '}"
+                          f"{'bf16' if cuda else 'fp32'} {'compiled layers' if compile_layers else 'eager'}",
+                "tokens_per_s": round(batch * seq * steps / elapsed, 1),  # per GPU
+                "peak_gib": round(peak.item(), 2) if cuda else None,
+                "step_ms": round(1000 * elapsed / steps, 1),
+                "loss": round(loss, 4),
+                **({"env": nccl_env} if nccl_env else {}),
+                **({"gpu_ms_per_step": overlap} if overlap else {}),
+            }
+            if rank == 0:
+                emit(row)
+            # the next setting starts from an empty allocator: FSDP states hold reference cycles
+            del model
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
     dist_utils.destroy_distributed()
 
 

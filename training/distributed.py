@@ -266,12 +266,12 @@ def check_nf4_sharding_supported() -> None:
     deep inside ``fully_shard`` (seen with torch 2.11 on the H200 machine).
 
     Raises:
-        ConfigError: torch older than 2.13 with ``quantize: nf4``.
+        ConfigError: torch older than 2.13 (NF4 storage to shard).
     """
     if _torch_version() < (2, 13):
         raise ConfigError(f"quantize: nf4 with the FSDP recipes needs torch >= 2.13 (this is {torch.__version__}, "
-                          "whose FSDP2 cannot shard the integer NF4 storage); upgrade torch, or run the QLoRA "
-                          "config on one GPU (lora_finetune_single_device; a 70B QLoRA base is ~37 GB)")
+                          "whose FSDP2 cannot shard the integer NF4 storage); upgrade torch, or set "
+                          "fsdp.shard_frozen: false (every GPU then holds the whole NF4 base: ~37 GB for 70B)")
 
 
 def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -> nn.Module:
@@ -288,7 +288,6 @@ def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -
     if quantize == "nf4":
         from tunelab.modules.nf4 import NF4Linear, NF4Weight
 
-        check_nf4_sharding_supported()
 
         for layer in model.layers:
             for name, m in list(layer.named_modules()):
@@ -315,6 +314,9 @@ class FSDPConfig:
     # 0: FSDP2's own overlap; k: each layer's forward/backward issues the all-gathers of the
     # next/previous k layers (hides more of them; k - 1 more gathered layers in memory)
     prefetch_layers: int
+    # false: every rank holds the whole frozen base (no all-gathers of it: only the adapters are
+    # sharded and their gradients reduced); the fastest choice when the base fits on one GPU
+    shard_frozen: bool = True
 
 
 def shard_model(
@@ -324,6 +326,7 @@ def shard_model(
     reshard_after_forward: bool,
     cpu_offload: bool,
     prefetch_layers: int = 0,
+    shard_frozen: bool = True,
 ) -> nn.Module:
     """``fully_shard`` each decoder layer, then the root (embeddings, final norm, head).
 
@@ -343,6 +346,10 @@ def shard_model(
             layers of gathered weights more than FSDP2's own overlap; 1 is its overlap issued
             earlier). With ``reshard_after_forward=False`` backward gathers nothing, so only the
             forward part acts. The arithmetic is unchanged: only when all-gathers are issued moves.
+        shard_frozen: False leaves the frozen parameters (the LoRA base, NF4 storage included)
+            out of FSDP (``ignored_params``): every rank keeps a whole plain copy, so nothing but
+            the adapters is ever all-gathered (per GPU the base's memory, ~15 GiB for 8B bf16,
+            instead of its 1 / world_size share).
 
     Gradients are averaged over ranks (FSDP's default); a recipe that normalises the loss by
     the label tokens of the whole global batch multiplies it by the world size. Only
@@ -350,16 +357,24 @@ def shard_model(
     weights are gathered but never reduced (FSDP2 skips parameters whose ``.grad`` is None).
 
     Raises:
-        ConfigError: ``prefetch_layers`` < 0.
+        ConfigError: ``prefetch_layers`` < 0; ``shard_frozen=False`` with ``cpu_offload``;
+            NF4 storage to shard on torch < 2.13.
     """
     _check_prefetch_layers(prefetch_layers)
+    if not shard_frozen and cpu_offload:
+        raise ConfigError("fsdp.shard_frozen: false keeps the whole frozen base on every GPU, which fsdp.cpu_offload: "
+                          "true cannot offload; set one of them the other way")
+    ignored = None if shard_frozen else {p for p in model.parameters() if not p.requires_grad}
+    if shard_frozen and any(not p.is_floating_point() for p in model.parameters()):
+        check_nf4_sharding_supported()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in model.layers:
-        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored)
     # The root keeps its weights gathered from forward to backward (FSDP's default for the root):
     # the loss multiplies the hidden states by model.output_weight after the forward returns.
-    fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=False, ignored_params=ignored)
     if prefetch_layers:
         _set_layer_prefetch(model, prefetch_layers)
     return model
@@ -504,6 +519,11 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ gathering
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: its shard of a DTensor, a plain (replicated) tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def full_tensor_on_rank0(t: torch.Tensor) -> torch.Tensor | None:
     """All ranks call; rank 0 gets the full tensor on the CPU, the others None."""
     full = t.full_tensor() if isinstance(t, DTensor) else t
@@ -660,7 +680,7 @@ def setup_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
                 offload_activations=offload_activations)
     shard_model(model, param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
                 reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload,
-                prefetch_layers=cfg.fsdp.prefetch_layers)
+                prefetch_layers=cfg.fsdp.prefetch_layers, shard_frozen=cfg.fsdp.shard_frozen)
     model.to_empty(device="cpu" if cfg.fsdp.cpu_offload else device)
     load_hf_weights_sharded(model, cfg.checkpoint_dir)
     init_lora_sharded(model)
@@ -674,8 +694,9 @@ def say_model_size(model: nn.Module, cfg, device: torch.device) -> None:
     say(f"model: {n_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable (LoRA rank {cfg.lora.rank}), "
         f"FSDP over {world_size()} rank(s) on {device.type} in {cfg.dtype}")
     mib = [sum(t.numel() * t.element_size() for t in ts) / 2**20
-           for ts in ([p.to_local() for p in model.parameters()], list(model.parameters()))]
-    say(f"parameters held by rank 0: {mib[0]:.2f} MiB of {mib[1]:.2f} MiB (sharded storage)")
+           for ts in ([local_tensor(p) for p in model.parameters()], list(model.parameters()))]
+    held = "sharded storage" if cfg.fsdp.shard_frozen else "the frozen base whole on every rank"
+    say(f"parameters held by rank 0: {mib[0]:.2f} MiB of {mib[1]:.2f} MiB ({held})")
 
 
 def build_dataset(node: dict, tokenizer, max_seq_len: int, what: str):

@@ -1,5 +1,6 @@
-"""The FSDP overlap switch ``fsdp.prefetch_layers`` (``shard_model``): same numbers, the all-gathers
-issued k layers ahead, and the config key in both distributed recipes.
+"""The FSDP switches of ``shard_model``: ``fsdp.prefetch_layers`` (same numbers, the all-gathers
+issued k layers ahead) and ``fsdp.shard_frozen`` (same numbers, the frozen base replicated),
+and the config keys in both distributed recipes.
 
 The model-level test launches THIS file under torchrun (2 CPU ranks, gloo; ``worker`` below):
 one process group builds the sharded LoRA model through the recipes' ``setup_sharded_model``
@@ -23,14 +24,14 @@ import pytest
 import torch
 
 N_LAYERS = 4  # > 1 + the largest prefetch tested, so k = 1 and k = 2 differ
-# (reshard_after_forward, prefetch_layers); the first is today's default behaviour, the baseline
-SETTINGS = [(True, 0), (True, 1), (True, 2), (False, 0), (False, 2)]
+# (reshard_after_forward, prefetch_layers, shard_frozen); the first is the default behaviour, the baseline
+SETTINGS = [(True, 0, True), (True, 1, True), (True, 2, True), (False, 0, True), (False, 2, True), (True, 1, False)]
 # the head too (as tiny/dpo_distributed): the root then has adapters to reduce as well
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "output"]
 
 
 # ------------------------------------------------------------------------ torchrun worker
-def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int) -> dict:
+def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int, shard_frozen: bool) -> dict:
     """Build the sharded model with one switch setting, train 3 steps, return what rank 0 saw."""
     from types import SimpleNamespace
 
@@ -43,7 +44,8 @@ def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int) -> dict:
     cfg = SimpleNamespace(
         lora=SimpleNamespace(rank=8, alpha=16, dropout=0.0, targets=TARGETS), quantize=None,
         activation_checkpointing=True, checkpoint_dir=ckpt,
-        fsdp=SimpleNamespace(reshard_after_forward=reshard, cpu_offload=False, prefetch_layers=prefetch))
+        fsdp=SimpleNamespace(reshard_after_forward=reshard, cpu_offload=False, prefetch_layers=prefetch,
+                             shard_frozen=shard_frozen))
     torch.manual_seed(0)  # the LoRA init draws from it, as in the recipes
     model = dist_utils.setup_sharded_model(cfg, args, device, torch.float32, compile_layers=False)
     params = list(get_adapter_params(model).values())
@@ -90,8 +92,9 @@ def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # every layer back to its shard: a prefetched layer left gathered would compute the
-            # next step with stale (pre-step) weights
-            resharded.append(all(isinstance(p, DTensor) for p in model.parameters()))
+            # next step with stale (pre-step) weights (frozen weights left out of FSDP are plain)
+            resharded.append(all(isinstance(p, DTensor) == (p.requires_grad or shard_frozen)
+                                 for p in model.parameters()))
     finally:
         FSDPParamGroup.unshard = unshard
     adapter = dist_utils.gather_full_state(model, trainable_only=True)
@@ -109,7 +112,7 @@ def _saved_dtypes_after_no_grad_forward(ckpt: str, args, device) -> dict | None:
     cfg = SimpleNamespace(
         lora=SimpleNamespace(rank=4, alpha=8, dropout=0.0, targets=TARGETS), quantize=None,
         activation_checkpointing=False, checkpoint_dir=ckpt,
-        fsdp=SimpleNamespace(reshard_after_forward=False, cpu_offload=False, prefetch_layers=0))
+        fsdp=SimpleNamespace(reshard_after_forward=False, cpu_offload=False, prefetch_layers=0, shard_frozen=True))
     model = dist_utils.setup_sharded_model(cfg, args, device, torch.bfloat16, compile_layers=False)
     with torch.no_grad():
         model(torch.randint(1, args.vocab_size, (1, 8)))
@@ -149,8 +152,9 @@ def _leads(log: list[tuple[str, str, int]], phase: str) -> dict[int, int]:
 # ------------------------------------------------------------------------ tests
 def test_prefetch_keeps_numbers_exact_and_gathers_k_layers_ahead(tmp_path, make_hf_checkpoint, dt):
     """2 ranks, LoRA + activation checkpointing + accumulation 2 + a no-grad reference forward:
-    prefetch_layers 1 and 2 (reshard_after_forward true and false) give exactly the losses and
-    adapter of prefetch 0 (reshard true, today's default), every layer is sharded again after
+    prefetch_layers 1 and 2 (reshard_after_forward true and false), and the frozen base left
+    out of FSDP (shard_frozen false: every rank a plain whole copy, only the adapters sharded),
+    give exactly the losses and adapter of prefetch 0 (reshard true, the default), every layer is sharded again after
     each step, and the all-gathers are issued k layers ahead in forward and in backward. Also:
     a save after a no-grad forward gathers the fp32 adapter, not bf16 compute copies."""
     ckpt = make_hf_checkpoint("llama3", num_hidden_layers=N_LAYERS)
@@ -161,7 +165,7 @@ def test_prefetch_keeps_numbers_exact_and_gathers_k_layers_ahead(tmp_path, make_
 
     saved = results.pop("bf16_after_no_grad_forward")
     assert saved and set(saved.values()) == {torch.float32}, saved  # not the bf16 compute copies
-    base = results[(True, 0)]
+    base = results[(True, 0, True)]
     assert len(base["losses"]) == 6 and len(set(base["losses"])) == 6  # it trained: every loss differs
     for setting in SETTINGS:
         r = results[setting]
@@ -172,7 +176,7 @@ def test_prefetch_keeps_numbers_exact_and_gathers_k_layers_ahead(tmp_path, make_
             assert torch.equal(t, base["adapter"][name]), (setting, name)
 
     last = N_LAYERS - 1
-    for (reshard, k), r in results.items():
+    for (reshard, k, _), r in results.items():
         # forward: layer j's all-gather is issued before layer j - k computes (the root starts
         # the chain); k = 0: right before its own compute. Without resharding, the reference
         # forward leaves every layer gathered, so the training forward that follows gathers none.

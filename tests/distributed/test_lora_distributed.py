@@ -102,10 +102,12 @@ def test_two_ranks_match_one_device_and_resume_on_one_rank(tmp_path, make_hf_che
     assert_same_tensors(resumed_out / "step_4" / "adapter", final / "adapter", "adapter_model.safetensors", 1e-5)
 
 
-def test_qlora_two_ranks_shard_the_packed_base_and_match_one_device(tmp_path, make_hf_checkpoint, dt):
+@pytest.mark.parametrize("shard_frozen", [True, False])
+def test_qlora_two_ranks_match_one_device(tmp_path, make_hf_checkpoint, dt, shard_frozen):
     """quantize=nf4: the packed 4-bit storage is sharded (rank 0 holds about half of all
-    parameter bytes), and 2 ranks x batch 2 give one device's QLoRA losses and adapter; the
-    export_gguf step runs on rank 0."""
+    parameter bytes) or, with fsdp.shard_frozen=false, held whole by every rank (only the
+    adapters sharded: what runs on torch < 2.13); either way 2 ranks x batch 2 give one
+    device's QLoRA losses and adapter; the export_gguf step runs on rank 0."""
     import re
 
     from tunelab.recipes import lora_finetune_single_device as single_recipe
@@ -116,11 +118,12 @@ def test_qlora_two_ranks_shard_the_packed_base_and_match_one_device(tmp_path, ma
     extra = ("quantize=nf4", "max_steps=2", "gradient_accumulation_steps=1", "save_merged=never")
     run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",
                       *common(ckpt, dist_out, data, dt.TINY_TOKENIZER), *extra, "batch_size=2",
-                      "export_gguf.dtype=f16")
+                      "export_gguf.dtype=f16", f"fsdp.shard_frozen={str(shard_frozen).lower()}")
     assert run.returncode == 0, run.stderr[-3000:]
     assert (dist_out / "step_2" / "model-f16.gguf").is_file()  # rank 0 exported base + adapter
     held, total = map(float, re.search(r"held by rank 0: ([\d.]+) MiB of ([\d.]+) MiB", run.stdout).groups())
-    assert held < 0.55 * total
+    # replicated: all but half of the (fp32, on a tiny model sizeable) adapters
+    assert held < 0.55 * total if shard_frozen else held > 0.85 * total
     single_recipe.main(["--config", "tiny/qlora", *common(ckpt, single_out, data, dt.TINY_TOKENIZER), *extra,
                         "batch_size=4"])
     assert losses(dist_out) == pytest.approx(losses(single_out), rel=1e-5)
@@ -173,7 +176,7 @@ def test_fsdp_bench_tiny_smoke(dt):
 
 def test_nf4_sharding_on_old_torch_fails_with_the_fix(monkeypatch):
     """torch 2.11's FSDP2 cannot shard integer parameters (NF4 storage): a one-line error naming
-    the fix, before any model is built (the 2-rank QLoRA test above covers torch >= 2.13)."""
+    the fixes, before anything is sharded (the 2-rank QLoRA tests above run torch >= 2.13)."""
     from types import SimpleNamespace
 
     from tunelab.errors import ConfigError
@@ -182,8 +185,19 @@ def test_nf4_sharding_on_old_torch_fails_with_the_fix(monkeypatch):
 
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
     lora = SimpleNamespace(targets=["q_proj"], rank=2, alpha=4, dropout=0.0)
-    with pytest.raises(ConfigError, match=r"needs torch >= 2\.13.*lora_finetune_single_device"):
-        dist_utils.build_meta_model(tiny(vocab_size=64), torch.float32, lora, "nf4")
-    monkeypatch.setattr(torch, "__version__", "2.13.0")
     model = dist_utils.build_meta_model(tiny(vocab_size=64), torch.float32, lora, "nf4")
     assert any(p.dtype == torch.uint8 for p in model.parameters())
+    with pytest.raises(ConfigError, match=r"needs torch >= 2\.13.*fsdp\.shard_frozen: false") as err:
+        dist_utils.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=False)
+    assert "\n" not in str(err.value)
+
+
+def test_replicated_frozen_base_cannot_be_cpu_offloaded():
+    from tunelab.errors import ConfigError
+    from tunelab.models import build_model, tiny
+    from tunelab.training import distributed as dist_utils
+
+    model = build_model(tiny(vocab_size=64), device="meta", dtype=torch.float32)
+    with pytest.raises(ConfigError, match="fsdp.shard_frozen: false .* fsdp.cpu_offload: true"):
+        dist_utils.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=True,
+                               shard_frozen=False)
