@@ -40,12 +40,6 @@ def _dense(weight: BaseWeight, dtype: torch.dtype) -> torch.Tensor:
     return weight if isinstance(weight, torch.Tensor) else weight(dtype)
 
 
-def _base_t(weight: BaseWeight, dtype: torch.dtype, b: torch.Tensor, compute: bool) -> torch.Tensor:
-    """W0^T for the forward's GEMM; where the output is skipped, a stand-in (a quantized base is
-    then not dequantized for nothing; the op takes the output width from ``b``)."""
-    return _dense(weight, dtype).t() if compute or isinstance(weight, torch.Tensor) else b.t()
-
-
 def lora_linear_reference(
     x: torch.Tensor, weight: BaseWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -73,7 +67,7 @@ class _FrozenLinear(torch.autograd.Function):
 def _mm_plus_low_rank_eager(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
                             alpha: float, skip: bool = False) -> torch.Tensor:
     if skip:  # an output nobody reads (see LoRALinearFunction's compute_output): no GEMM
-        return m1.new_empty(m1.shape[0], l2.shape[1])
+        return m1.new_empty(m1.shape[0], m2.shape[1])
     # The rank-r product first, then the big GEMM accumulates onto it (beta = alpha scales the
     # update): its epilogue reads the update while the GEMM is compute-bound, where adding the
     # update afterwards was a separate memory-bound pass over the [N, out] result (read + write;
@@ -89,7 +83,7 @@ def _mm_plus_low_rank_op(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l
 
 @_mm_plus_low_rank_op.register_fake
 def _(m1, m2, l1, l2, alpha, skip=False):
-    return m1.new_empty(m1.shape[0], l2.shape[1])
+    return m1.new_empty(m1.shape[0], m2.shape[1])
 
 
 def mm_plus_low_rank(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
@@ -122,8 +116,7 @@ class LoRALinearFunction(torch.autograd.Function):
         xa = F.linear(x2, a)  # (N, r)
         # (N, out); compute_output=False: the caller never reads it (a checkpoint recompute), the
         # backward needs only what is saved below
-        out = mm_plus_low_rank(x2, _base_t(weight, x.dtype, b, compute_output), xa, b.t(), scaling,
-                               skip=not compute_output)
+        out = mm_plus_low_rank(x2, _dense(weight, x.dtype).t(), xa, b.t(), scaling, skip=not compute_output)
         if isinstance(weight, torch.Tensor):
             ctx.weight_fn = None
             ctx.save_for_backward(x2, xa, weight, a, b)
@@ -202,7 +195,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         ranks = [a.shape[0] for a in adapters_a]
         outs, start = [], 0
         for w, b, s, r in zip(weights, bs, scalings, ranks):
-            out = mm_plus_low_rank(x2, _base_t(w, x.dtype, b, compute_outputs), xa[:, start:start + r], b.t(), s,
+            out = mm_plus_low_rank(x2, _dense(w, x.dtype).t(), xa[:, start:start + r], b.t(), s,
                                    skip=not compute_outputs)
             outs.append(out.view(*shape[:-1], out.shape[-1]))
             start += r

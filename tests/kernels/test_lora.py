@@ -386,29 +386,3 @@ def test_recompute_skips_the_unread_down_projection(monkeypatch, compiled):
         assert skips.count(True) == (2 if name == "marked" else 0), skips  # compiled: the op's body calls it
     for a, b in zip(results["marked"], results["plain"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_skipped_output_does_not_rebuild_a_quantized_base():
-    """compute_output=False (a checkpoint rerun) with a base given as a function (QLoRA): the
-    forward does not dequantize it (nothing reads the product); the backward still does, and
-    its gradients equal those of a forward that computed the output."""
-    from tunelab.kernels.lora import LoRAGroupFunction
-
-    x, w, a, b, dy = _inputs(5, 12, 10, 3, torch.float32, torch.float32)
-    calls = []
-
-    def base(dtype):
-        calls.append(dtype)
-        return w.to(dtype)
-
-    grads = {}
-    for compute in (True, False):
-        calls.clear()
-        xi, ai = x.clone().requires_grad_(), a.clone().requires_grad_()
-        y = LoRALinearFunction.apply(xi, base, ai, b, 2.0, compute)
-        (gq,) = LoRAGroupFunction.apply(xi, (2.0,), compute, base, ai, b)
-        assert len(calls) == (2 if compute else 0)
-        grads[compute] = torch.autograd.grad([y, gq], [xi, ai], [dy, dy])
-        assert len(calls) == (4 if compute else 2)  # the backward rebuilds it either way
-    for g_skip, g_full in zip(grads[False], grads[True]):
-        torch.testing.assert_close(g_skip, g_full, rtol=0, atol=0)
