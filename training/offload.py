@@ -26,6 +26,7 @@ bookkeeping, tested in CI).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,7 +50,6 @@ class _Handle:
 
 
 def _key(t: torch.Tensor) -> tuple:
-    # the same tensor saved twice (SDPA saves its output, which the region also returns)
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
@@ -68,6 +68,7 @@ class ActivationOffloader:
         self.min_bytes = min_bytes
         self._stream: torch.cuda.Stream | None = None
         self._groups: list[list[_Handle]] = []  # this forward's handles, one list per layer call
+        self._seen: dict[tuple, tuple[weakref.ref, _Handle]] = {}  # the current layer call's, by _key
         self._live = 0  # handles with uses left
         self._free: dict[tuple, list[torch.Tensor]] = {}  # pinned buffers to reuse, by (shape, dtype)
         self.offloaded_bytes = 0  # of the last forward (for logs and tests)
@@ -105,8 +106,22 @@ class ActivationOffloader:
         self.offloaded_bytes += t.numel() * t.element_size()
         return handle
 
+    def _pack_once(self, t: torch.Tensor, *, kept: bool, early: bool) -> _Handle:
+        """``t`` offloaded, or the handle it already has in this layer call (saved twice: SDPA
+        saves its output, which the kept region also returns). A key match counts only while
+        the first tensor is alive: then no other tensor can have taken its memory."""
+        key = _key(t)
+        ref, handle = self._seen.get(key, (None, None))
+        if handle is not None and ref() is not None and handle.uses > 0:
+            handle.uses += 1
+            handle.early |= early
+            return handle
+        handle = self._offload(t, kept=kept, early=early)
+        self._seen[key] = (weakref.ref(t), handle)
+        return handle
+
     def _pack(self, t: torch.Tensor):
-        return self._offload(t, kept=False, early=True) if self._moves(t) else t
+        return self._pack_once(t, kept=False, early=True) if self._moves(t) else t
 
     # ------------------------------------------------------------------ host -> device
     def _fetch(self, handle: _Handle) -> None:
@@ -159,8 +174,12 @@ class ActivationOffloader:
         if self._live == 0:  # the previous backward consumed everything: a new forward
             self._groups, self.offloaded_bytes = [], 0
         self._groups.append([])
-        with saved_tensors_hooks(self._pack, self._unpack):
-            yield
+        self._seen = {}
+        try:
+            with saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._seen = {}
 
     def keeper(self) -> _Keeper:
         """A fresh store for one checkpointed call's kept regions (``modules.recompute.Keeper``)."""
@@ -176,27 +195,17 @@ class _Keeper:
         self._replayed = 0
 
     def run(self, fn, *args) -> torch.Tensor:
-        off, seen = self._offloader, {}
+        off = self._offloader
 
         def pack(t: torch.Tensor):
-            if not off._moves(t):
-                return t
-            handle = seen.get(_key(t))
-            if handle is None:
-                handle = seen[_key(t)] = off._offload(t, kept=True, early=False)
-            else:
-                handle.uses += 1
-            return handle
+            return off._pack_once(t, kept=True, early=False) if off._moves(t) else t
 
         with saved_tensors_hooks(pack, off._unpack):
             out = fn(*args)
-        handle = seen.get(_key(out))
-        if handle is not None:  # the region saved its own output (SDPA does): one copy serves both
-            handle.uses += 1
-            handle.early = True
-        elif out.numel() * out.element_size() >= off.min_bytes:
-            handle = off._offload(out.detach(), kept=True, early=True)
-        self._outputs.append((out.detach() if handle is None else handle, out.requires_grad))
+        # the output goes back to the recompute: one copy if the region saved it too (SDPA does)
+        token = (off._pack_once(out.detach(), kept=True, early=True)
+                 if out.numel() * out.element_size() >= off.min_bytes else out.detach())
+        self._outputs.append((token, out.requires_grad))
         return out
 
     def replay(self) -> torch.Tensor:

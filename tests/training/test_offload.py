@@ -83,9 +83,13 @@ def test_cuda_offload_matches_and_frees_device_memory(tiny_lora_model):
     assert held[False] - held[True] >= (len(model.layers) - 2) * layer_input  # all but layer 0's (and slack)
 
 
-def _all_linear_model(offload: bool, compiled: bool, n_layers: int = 3):
+def _all_linear_model(offload: bool, compiled: bool, n_layers: int = 3, nf4: bool = False):
     torch.manual_seed(0)
     model = build_model(tiny(vocab_size=96, n_layers=n_layers), device="cpu", dtype=torch.float32)
+    if nf4:
+        from tunelab.modules.nf4 import quantize_linears_
+
+        quantize_linears_(model)
     apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank=4, alpha=8)
     for p in get_adapter_params(model).values():
         torch.nn.init.normal_(p, std=0.05)
@@ -96,15 +100,16 @@ def _all_linear_model(offload: bool, compiled: bool, n_layers: int = 3):
     return model
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypatch, compiled):
+@pytest.mark.parametrize("compiled,nf4", [(False, False), (True, False), (True, True)])
+def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypatch, compiled, nf4):
     """With offloading, attention (RoPE + SDPA) is kept instead of recomputed: the rerun calls it
     no more, skips the q/k/v GEMMs (and the down projection's) and the gradients over two steps
     equal plain checkpointing's. The LoRA functions take their fused path on CPU here (they are
     torch-level code); the other kernels run their references. fp32, 1e-5: the kept attention
     hands SDPA grouped-query k/v (enable_gqa) where the plain path expands them, a different
     summation order; compiled (inductor), each rerun graph must also save exactly what its
-    forward graph saved (checkpointing raises otherwise)."""
+    forward graph saved (checkpointing raises otherwise), also with NF4 bases (QLoRA: the LoRA
+    functions then get dequantizing functions, rebuilt in every pass)."""
     import tunelab.kernels.lora as lora_kernels
     import tunelab.modules.attention as attention
     import tunelab.modules.peft.lora as peft_lora
@@ -126,7 +131,7 @@ def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypat
     monkeypatch.setattr(attention, "rope_attention", spy_attention)
     torch._dynamo.reset()
     tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
-    plain, offloaded = _all_linear_model(False, compiled), _all_linear_model(True, compiled)
+    plain, offloaded = _all_linear_model(False, compiled, nf4=nf4), _all_linear_model(True, compiled, nf4=nf4)
     n_layers = len(offloaded.layers)
     for _ in range(2):
         loss_a, grads_a = _grads(plain, tokens)
@@ -167,7 +172,10 @@ def test_fetch_order_follows_the_backward():
     off._fetch, off._take = spy_fetch, spy_take
     loss = model(torch.randint(0, 96, (2, 24))).float().logsumexp(-1).mean()
     groups = [[(h.kept, h.early) for h in g] for g in off._groups]
-    assert groups[2] == [(False, True), (True, False), (True, False), (True, False), (True, True)]  # in, q, k, v, out
+    shapes = [[tuple(h.host.shape) for h in g] for g in off._groups]
+    # layer 2: its input (packed by the checkpoint, before the layer runs), then the kept
+    # attention's q, k, v and its output (saved by SDPA and replayed: one copy, early)
+    assert groups[2] == [(False, True), (True, False), (True, False), (True, False), (True, True)], shapes
     loss.backward()
     first = [e for e in events if e[0] == "fetch"]
     assert len(first) == sum(len(g) for g in groups)  # every tensor came back once
