@@ -64,7 +64,7 @@ for s in "${steps[@]}"; do
     nf4_variants) run 150 python3 bench/nf4_variants.py ;;
     attention)    run 150 python3 bench/attention_bench.py ;;
     fsdp1)        run 90 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
-    fsdp2)        run 120 torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py ;;
+    fsdp2)        run 200 torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py ;;
     fsdp1_sweep)  PREFETCH=0,1,2 RESHARD=1,0 run 200 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
     fsdp2_sweep)  PREFETCH=0,1,2 RESHARD=1,0 ROUNDS=2 run 400 torchrun --standalone --nproc_per_node 2 bench/fsdp_step.py ;;
     lora_compile) run 150 python3 bench/lora_step.py --compile --profile lora_lean ;;
