@@ -44,6 +44,7 @@ SINGLE_GPU = [
     ("recipe_packed", "tunelab recipe, packed alpaca-like rows (real tokens only)", R),
     ("recipe_graph", "tunelab recipe, default 8B config + cuda_graph: true", R),
     ("recipe_packed_graph", "tunelab recipe, packed rows + cuda_graph: true", R),
+    ("recipe_offload_graph", "tunelab recipe, default 8B config + offload_activations + cuda_graph: true", R),
     ("recipe_qlora_offload_graph", "tunelab recipe, 8B QLoRA config + compile + offload + cuda_graph", R),
     ("dpo_lean", "tunelab DPO, 2 pairs x (512 + 512) tokens per step", None),
     ("peer_hf_lora", "HF transformers + PEFT", R),
