@@ -98,7 +98,7 @@ class RecipeConfig:
     fsdp: FSDPConfig
     dist_timeout_s: int  # a collective waiting longer than this fails the job instead of hanging
     activation_checkpointing: bool
-    offload_activations: bool  # checkpointed layer inputs in pinned CPU memory (CUDA)
+    offload_activations: bool  # layer inputs + attention in pinned CPU memory; attention not recomputed (CUDA)
     compile: bool
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)
     log_every_n_steps: int

@@ -97,7 +97,7 @@ class RecipeConfig:
     device: str  # auto | cpu | cuda | cuda:N
     dtype: Literal["bf16", "fp32"]
     activation_checkpointing: bool
-    offload_activations: bool  # checkpointed layer inputs in pinned CPU memory (CUDA)
+    offload_activations: bool  # layer inputs + attention in pinned CPU memory; attention not recomputed (CUDA)
     compile: bool
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)
     log_every_n_steps: int

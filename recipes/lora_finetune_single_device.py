@@ -81,7 +81,7 @@ class RecipeConfig:
     device: str  # auto | cpu | cuda | cuda:N
     dtype: Literal["bf16", "fp32"]
     activation_checkpointing: bool
-    offload_activations: bool  # checkpointed layer inputs in pinned CPU memory (CUDA)
+    offload_activations: bool  # layer inputs + attention in pinned CPU memory; attention not recomputed (CUDA)
     compile: bool
     cuda_graph: bool  # replay each micro-batch's forward + backward as a CUDA graph (CUDA; rows padded to max_seq_len)
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)

@@ -673,7 +673,8 @@ def setup_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
         device: this rank's device.
         dtype: base weight dtype (bf16 also turns on bf16 mixed precision).
         compile_layers: compile each decoder layer.
-        offload_activations: keep the checkpointed layer inputs in pinned CPU memory.
+        offload_activations: keep the checkpointed layer inputs and attention in pinned CPU
+            memory (``wrap_layers``).
     """
     model = build_meta_model(args, dtype, cfg.lora, cfg.quantize)
     wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
