@@ -54,7 +54,10 @@ SINGLE_GPU = [
     ("peer_torchtune_lora_compile_no_ac", "torchtune 0.6.1 + compile, no checkpointing", N),
     ("peer_trl_dpo", "TRL 1.15 DPOTrainer + PEFT", None),
 ]
-FSDP = [("fsdp_lora_8b_ac", "8B"), ("fsdp_lora_8b_ac_compile", "8B, compiled layers"), ("fsdp_lora_70b_ac", "70B shape (80 layers)"),
+FSDP = [("fsdp_lora_8b_ac", "8B"), ("fsdp_lora_8b_ac_compile", "8B, compiled layers"),
+        ("fsdp_lora_8b_ac_replicated_compile", "8B, compiled layers, fsdp.shard_frozen: false (base whole on each GPU)"),
+        ("fsdp_lora_70b_ac", "70B shape (80 layers)"),
+        ("fsdp_qlora_70b_ac_replicated", "70B-shape QLoRA (NF4 base whole on each GPU, eager)"),
         ("peer_torchtune_fsdp_lora_8b_ac", "torchtune 0.6.1 8B")]
 
 
@@ -144,7 +147,8 @@ def render() -> str:
     out = [START, "", "One H200 (`bench/results/h200.jsonl`, `peers_shared.jsonl`):", "",
            *single_gpu_table(single), "", "Two H200s, FSDP2 (`bench/results/h200_x2.jsonl`):", "",
            *fsdp_table(multi), ""]
-    for profile, what in [("fsdp_lora_8b_ac", "default switches, eager"), ("fsdp_lora_8b_ac_compile", "compiled layers")]:
+    for profile, what in [("fsdp_lora_8b_ac", "default switches, eager"), ("fsdp_lora_8b_ac_compile", "compiled layers"),
+                          ("fsdp_lora_8b_ac_replicated_compile", "compiled layers, base replicated")]:
         if spread := efficiency_spread(multi, profile, what):
             out += [spread, ""]
     out.append(END)
