@@ -85,7 +85,9 @@ class ActivationOffloader:
 
     # ------------------------------------------------------------------ device -> host
     def _moves(self, t: torch.Tensor) -> bool:
-        return t.is_floating_point() and t.requires_grad and t.numel() * t.element_size() >= self.min_bytes
+        # (not empty: torch 2.11's checkpoint saves an empty tensor that requires grad)
+        nbytes = t.numel() * t.element_size()
+        return t.is_floating_point() and t.requires_grad and nbytes > 0 and nbytes >= self.min_bytes
 
     def _offload(self, t: torch.Tensor, *, kept: bool, early: bool) -> _Handle:
         host = self._host_buffer(t)
