@@ -357,24 +357,28 @@ def shard_model(
     weights are gathered but never reduced (FSDP2 skips parameters whose ``.grad`` is None).
 
     Raises:
-        ConfigError: ``prefetch_layers`` < 0; ``shard_frozen=False`` with ``cpu_offload``;
-            NF4 storage to shard on torch < 2.13.
+        ConfigError: ``prefetch_layers`` < 0; ``shard_frozen=False`` with ``cpu_offload`` or on
+            torch < 2.7; NF4 storage to shard on torch < 2.13.
     """
     _check_prefetch_layers(prefetch_layers)
     if not shard_frozen and cpu_offload:
         raise ConfigError("fsdp.shard_frozen: false keeps the whole frozen base on every GPU, which fsdp.cpu_offload: "
                           "true cannot offload; set one of them the other way")
-    ignored = None if shard_frozen else {p for p in model.parameters() if not p.requires_grad}
+    if not shard_frozen and _torch_version() < (2, 7):
+        raise ConfigError(f"fsdp.shard_frozen: false needs torch >= 2.7 (FSDP2's ignored_params; this is "
+                          f"{torch.__version__}); upgrade torch or set fsdp.shard_frozen: true")
+    # (the keyword only when used: FSDP2 before torch 2.7 does not take it)
+    ignored = {} if shard_frozen else {"ignored_params": {p for p in model.parameters() if not p.requires_grad}}
     if shard_frozen and any(not p.is_floating_point() for p in model.parameters()):
         check_nf4_sharding_supported()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in model.layers:
         fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=reshard_after_forward,
-                    ignored_params=ignored)
+                    **ignored)
     # The root keeps its weights gathered from forward to backward (FSDP's default for the root):
     # the loss multiplies the hidden states by model.output_weight after the forward returns.
-    fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=False, ignored_params=ignored)
+    fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=False, **ignored)
     if prefetch_layers:
         _set_layer_prefetch(model, prefetch_layers)
     return model

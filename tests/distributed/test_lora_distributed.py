@@ -192,7 +192,7 @@ def test_nf4_sharding_on_old_torch_fails_with_the_fix(monkeypatch):
     assert "\n" not in str(err.value)
 
 
-def test_replicated_frozen_base_cannot_be_cpu_offloaded():
+def test_replicated_frozen_base_needs_no_cpu_offload_and_torch_2_7(monkeypatch):
     from tunelab.errors import ConfigError
     from tunelab.models import build_model, tiny
     from tunelab.training import distributed as dist_utils
@@ -200,4 +200,8 @@ def test_replicated_frozen_base_cannot_be_cpu_offloaded():
     model = build_model(tiny(vocab_size=64), device="meta", dtype=torch.float32)
     with pytest.raises(ConfigError, match="fsdp.shard_frozen: false .* fsdp.cpu_offload: true"):
         dist_utils.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=True,
+                               shard_frozen=False)
+    monkeypatch.setattr(torch, "__version__", "2.6.0")
+    with pytest.raises(ConfigError, match=r"fsdp.shard_frozen: false needs torch >= 2\.7"):
+        dist_utils.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=False,
                                shard_frozen=False)
