@@ -13,6 +13,10 @@ threaded through configs:
 - **Packed rows on CPU, and KV-cache decoding**: SDPA with a dense boolean mask (the exact
   reference; flex on CPU has no backward).
 
+Under activation checkpointing with offloaded activations, RoPE + the attention kernel form a
+*kept region* (:func:`rope_attention` through ``modules.recompute.kept``): their saved tensors
+are offloaded instead of recomputed, and the rerun also skips the q/k/v projections.
+
 Switches, environment variables read once (at the first model built or the first call):
 
 - ``TUNELAB_SDPA_BACKEND=auto|cudnn|flash|efficient|math`` (default ``auto``): the SDPA
