@@ -388,3 +388,34 @@ def graph_recorder():
         return compiler
 
     return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward")), graphs
+
+
+@pytest.fixture
+def compiled_matches_eager(graph_recorder):
+    """``check(fn, x, params, **tol) -> graphs``: ``fn(x)`` (a tensor or a tuple of them) run
+    eagerly, then compiled (fullgraph, through ``graph_recorder``), both under the Triton
+    kernels; the outputs, x's gradient and the gradients of ``params`` (of the summed squares
+    of the outputs) must match within ``tol``. Returns the recorded forward / backward graphs."""
+    from tunelab.kernels import backend
+
+    record, graphs = graph_recorder
+
+    def check(fn, x: torch.Tensor, params, **tol) -> dict[str, list[str]]:
+        results = {}
+        for name in ("eager", "compiled"):
+            for p in params:
+                p.grad = None
+            xi = x.clone().requires_grad_()
+            if name == "compiled":
+                torch._dynamo.reset()
+            run = torch.compile(fn, fullgraph=True, backend=record) if name == "compiled" else fn
+            with backend("triton"):
+                ys = run(xi)
+                ys = ys if isinstance(ys, tuple) else (ys,)
+                sum(y.square().sum() for y in ys).backward()
+            results[name] = (*ys, xi.grad, *(p.grad for p in params))
+        for a, b in zip(results["compiled"], results["eager"]):
+            torch.testing.assert_close(a, b, **tol)
+        return graphs
+
+    return check

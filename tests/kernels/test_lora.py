@@ -158,23 +158,12 @@ def test_mm_plus_low_rank_op_passes_opcheck():
 
 
 @needs_triton
-def test_compiled_module_keeps_the_update_in_place_and_matches_eager(graph_recorder):
+def test_compiled_module_keeps_the_update_in_place_and_matches_eager(compiled_matches_eager):
     """torch.compile of a LoRA layer (fullgraph: no graph break) runs the custom op in forward
     and backward and gives the eager numbers."""
-    record, graphs = graph_recorder
     m = _module(seed=6)
     x = torch.randn(2, 5, 24, device=DEVICE)
-    outs = {}
-    for name in ("eager", "compiled"):
-        m.zero_grad()
-        xi = x.clone().requires_grad_()
-        fn = torch.compile(m, fullgraph=True, backend=record) if name == "compiled" else m
-        with backend("triton"):
-            y = fn(xi)
-            y.square().sum().backward()
-        outs[name] = (y, xi.grad, m.lora_a.weight.grad, m.lora_b.weight.grad)
-    for a, b in zip(outs["compiled"], outs["eager"]):
-        torch.testing.assert_close(a, b, **TOL)
+    graphs = compiled_matches_eager(m, x, [m.lora_a.weight, m.lora_b.weight], **TOL)
     for kind in ("forward", "backward"):
         targets = graphs[kind]
         assert any("mm_plus_low_rank" in t for t in targets), (kind, targets)
@@ -293,13 +282,12 @@ def test_mm_sum_plus_low_rank_op_passes_opcheck():
 
 @needs_triton
 @pytest.mark.parametrize("base", ["dense", "function"])
-def test_compiled_group_is_one_graph_with_the_in_place_ops(graph_recorder, base):
+def test_compiled_group_is_one_graph_with_the_in_place_ops(compiled_matches_eager, base):
     """torch.compile (fullgraph) of three LoRA projections of one input, dense or
     dequantizing bases: the same numbers as eager, the update and the summed input gradient
     kept in their custom ops (no functionalized addmm copies)."""
     from tunelab.modules.peft.lora import project
 
-    record, graphs = graph_recorder
     torch.manual_seed(8)
     layers = [LoRALinear(24, o, rank=4, alpha=8).to(DEVICE) for o in (40, 16, 16)]
     for m in layers:
@@ -307,19 +295,8 @@ def test_compiled_group_is_one_graph_with_the_in_place_ops(graph_recorder, base)
         if base == "function":  # a base the fused path must rebuild (as NF4 layers do)
             m.fused_base = (lambda w: (lambda x: (lambda dtype: w.to(dtype))))(m.weight)
     x = torch.randn(2, 5, 24, device=DEVICE)
-    outs = {}
-    for name in ("eager", "compiled"):
-        for m in layers:
-            m.zero_grad()
-        xi = x.clone().requires_grad_()
-        fn = torch.compile(lambda t: project(t, *layers), fullgraph=True, backend=record) if name == "compiled" \
-            else (lambda t: project(t, *layers))
-        with backend("triton"):
-            ys = fn(xi)
-            sum(y.square().sum() for y in ys).backward()
-        outs[name] = (*ys, xi.grad, *(p.grad for m in layers for p in (m.lora_a.weight, m.lora_b.weight)))
-    for a, b in zip(outs["compiled"], outs["eager"]):
-        torch.testing.assert_close(a, b, **TOL)
+    graphs = compiled_matches_eager(lambda t: project(t, *layers), x,
+                                    [p for m in layers for p in (m.lora_a.weight, m.lora_b.weight)], **TOL)
     assert any("mm_sum_plus_low_rank" in t for t in graphs["backward"]), graphs["backward"]
     assert not any("addmm" in t for t in graphs["forward"] + graphs["backward"])
 

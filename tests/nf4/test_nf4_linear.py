@@ -163,30 +163,16 @@ def test_dequantize_op_passes_opcheck():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="backend 'triton' needs the triton package")
-def test_compiled_qlora_layer_is_one_graph_with_opaque_dequantization(monkeypatch, graph_recorder):
+def test_compiled_qlora_layer_is_one_graph_with_opaque_dequantization(monkeypatch, compiled_matches_eager):
     """torch.compile of a QLoRA layer (fullgraph: no graph break, as the 8B QLoRA config
     compiles each decoder layer): the forward and the backward graph each dequantize the base
     through the custom op and add the update in place; numbers equal eager."""
     monkeypatch.setattr("tunelab.kernels.nf4.use_triton", lambda x: x.is_cuda)  # see the test above
-    record, graphs = graph_recorder
     torch.manual_seed(1)
     layer = NF4LoRALinear(to_nf4(torch.randn(40, 72) * 0.05), rank=4, alpha=8.0)
     torch.nn.init.normal_(layer.lora_b.weight)
     x = torch.randn(2, 6, 72)
-    results = {}
-    for name in ("eager", "compiled"):
-        layer.zero_grad()
-        xi = x.clone().requires_grad_()
-        fn = layer
-        if name == "compiled":
-            torch._dynamo.reset()
-            fn = torch.compile(layer, fullgraph=True, backend=record)
-        with backend("triton"):
-            y = fn(xi)
-            y.square().sum().backward()
-        results[name] = (y, xi.grad, layer.lora_a.weight.grad, layer.lora_b.weight.grad)
-    for a, b in zip(results["compiled"], results["eager"]):
-        torch.testing.assert_close(a, b, **TOL)
+    graphs = compiled_matches_eager(layer, x, [layer.lora_a.weight, layer.lora_b.weight], **TOL)
     for kind in ("forward", "backward"):
         assert any("tunelab.dequantize_nf4" in t for t in graphs[kind]), (kind, graphs[kind])
         assert any("tunelab.mm_plus_low_rank" in t for t in graphs[kind]), (kind, graphs[kind])
