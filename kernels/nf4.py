@@ -104,6 +104,21 @@ def dequantize_nf4_reference(
 if HAS_TRITON:
 
     @triton.jit
+    def _block_absmax(ABSMAX_Q, ABSMAX_SCALE, ABSMAX_OFFSET, ABSMAX_CODE, block, mask,
+                      SCALER_BLOCK_SIZE: tl.constexpr):
+        # the double-quantized scale of each block in ``block``: code[q] * scale + offset
+        q = tl.load(ABSMAX_Q + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(ABSMAX_SCALE + block // SCALER_BLOCK_SIZE, mask=mask, other=0.0)
+        return tl.load(ABSMAX_CODE + q) * scale + tl.load(ABSMAX_OFFSET)
+
+    @triton.jit
+    def _nf4_values(CODE, packed, absmax):
+        # both nibbles of each byte times its block's scale, element 2i from the high nibble
+        hi = tl.load(CODE + (packed >> 4)) * absmax
+        lo = tl.load(CODE + (packed & 0xF)) * absmax
+        return tl.interleave(hi, lo)
+
+    @triton.jit
     def _dequantize_nf4_kernel(
         CODES,
         ABSMAX_Q,
@@ -126,13 +141,9 @@ if HAS_TRITON:
         # each code byte is read exactly once: let it leave the cache first
         packed = tl.load(CODES + byte, mask=byte < n_bytes, other=0, eviction_policy="evict_first").to(tl.int32)
         # one scale per block (not per byte), broadcast over the row below
-        in_range = block < n_blocks
-        q = tl.load(ABSMAX_Q + block, mask=in_range, other=0).to(tl.int32)
-        scale = tl.load(ABSMAX_SCALE + block // SCALER_BLOCK_SIZE, mask=in_range, other=0.0)
-        absmax = tl.load(ABSMAX_CODE + q) * scale + tl.load(ABSMAX_OFFSET)  # [BLOCKS]
-        hi = tl.load(CODE + (packed >> 4)) * absmax[:, None]
-        lo = tl.load(CODE + (packed & 0xF)) * absmax[:, None]
-        vals = tl.interleave(hi, lo)  # [BLOCKS, BLOCK_SIZE]: element 2i from the high nibble
+        absmax = _block_absmax(ABSMAX_Q, ABSMAX_SCALE, ABSMAX_OFFSET, ABSMAX_CODE, block, block < n_blocks,
+                               SCALER_BLOCK_SIZE)  # [BLOCKS]
+        vals = _nf4_values(CODE, packed, absmax[:, None])  # [BLOCKS, BLOCK_SIZE]
         out = block[:, None] * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
         # the weight is written once and read back only after far more than L2 has gone by:
         # a cache-streaming store keeps it from evicting anything useful
@@ -158,14 +169,9 @@ if HAS_TRITON:
         in_range = byte < n_bytes
         packed = tl.load(CODES + byte, mask=in_range, other=0).to(tl.int32)
         # both nibbles of a byte share a block: block_size is even
-        block = (byte * 2) // BLOCK_SIZE
-        q = tl.load(ABSMAX_Q + block, mask=in_range, other=0).to(tl.int32)
-        scale = tl.load(ABSMAX_SCALE + block // SCALER_BLOCK_SIZE, mask=in_range, other=0.0)
-        offset = tl.load(ABSMAX_OFFSET)
-        absmax = tl.load(ABSMAX_CODE + q) * scale + offset
-        hi = tl.load(CODE + (packed >> 4)) * absmax
-        lo = tl.load(CODE + (packed & 0xF)) * absmax
-        vals = tl.interleave(hi, lo)  # [2 * BYTES]: element 2i from the high nibble
+        absmax = _block_absmax(ABSMAX_Q, ABSMAX_SCALE, ABSMAX_OFFSET, ABSMAX_CODE, (byte * 2) // BLOCK_SIZE,
+                               in_range, SCALER_BLOCK_SIZE)
+        vals = _nf4_values(CODE, packed, absmax)  # [2 * BYTES]
         out = tl.program_id(0).to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
         tl.store(OUT + out, vals.to(OUT.dtype.element_ty), mask=out < numel)
 
