@@ -337,7 +337,8 @@ def memory_at_peak(step, *, device: torch.device, top: int = 20) -> dict:
     grouped by the innermost frame in this repository (else the innermost Python frame).
 
     Returns {"peak_gib": the replayed peak, "before_gib": allocated when the step began,
-    "at_peak": [[frame, MiB, blocks], ...] (largest first)}."""
+    "at_peak": [[frame, MiB, blocks], ...] (largest first)}. A replayed CUDA graph allocates
+    nothing (its memory was taken at capture), so under GRAPH=1 ``at_peak`` is empty."""
     root = str(Path(__file__).resolve().parents[1])
     torch.cuda.synchronize(device)
     torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")  # C++ stacks broke compiled backward
