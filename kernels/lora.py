@@ -167,6 +167,19 @@ def _(m1s, m2s, l1, l2):
     return l1.new_empty(l1.shape[0], l2.shape[1])
 
 
+def group_input_grad(gb_cat: torch.Tensor, a_cat: torch.Tensor, grads: list, weights: list) -> torch.Tensor:
+    """``gb_cat a_cat + sum_i grads[i] W_i`` [N, in] in one buffer, skipping None grads: the input
+    gradient of several LoRA linears of one input (``gb_cat`` [N, R] already scaled)."""
+    used = [(g, w) for g, w in zip(grads, weights) if g is not None]
+    if torch.compiler.is_compiling():
+        return _mm_sum_plus_low_rank_op([g for g, _ in used], [_dense(w, g.dtype) for g, w in used], gb_cat, a_cat)
+    # eager dequantizing bases share one buffer: use each right after it is rebuilt
+    grad_x = torch.mm(gb_cat, a_cat)
+    for g, w in used:
+        grad_x.addmm_(g, _dense(w, g.dtype))
+    return grad_x
+
+
 class LoRAGroupFunction(torch.autograd.Function):
     """Several LoRA linears of one input (q/k/v; gate/up) as one autograd node.
 
@@ -218,15 +231,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         gb_cat = torch.cat(gbs, dim=1)  # (N, R), already scaled
         grad_x = None
         if ctx.needs_input_grad[0]:
-            used = [(g, w) for g, w in zip(gs, weights) if g is not None]
-            if torch.compiler.is_compiling():
-                grad_x = _mm_sum_plus_low_rank_op([g for g, _ in used], [_dense(w, g.dtype) for g, w in used],
-                                                  gb_cat, a_cat)
-            else:  # eager dequantizing bases share one buffer: use each right after it is rebuilt
-                grad_x = torch.mm(gb_cat, a_cat)
-                for g, w in used:
-                    grad_x.addmm_(g, _dense(w, g.dtype))
-            grad_x = grad_x.view(ctx.shape)
+            grad_x = group_input_grad(gb_cat, a_cat, gs, weights).view(ctx.shape)
         grad_a_cat = gb_cat.t() @ x2  # (R, in)
         grad_as, grad_bs, start = [], [], 0
         for i, (g, r, s) in enumerate(zip(gs, ctx.ranks, ctx.scalings)):

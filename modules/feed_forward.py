@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tunelab.kernels import swiglu
-from tunelab.modules.peft.lora import project
+from tunelab.modules.peft.lora import lora_mlp, project
 from tunelab.modules.recompute import is_recomputing
 
 
@@ -28,8 +28,12 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # checkpointing's rerun only refills saved tensors: nothing reads the output there
+        unread = is_recomputing()
+        out = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, unread=unread)
+        if out is not None:  # all three LoRA-adapted: one fused node
+            return out
         gate, up = project(x, self.gate_proj, self.up_proj)  # one LoRA node when both are adapted
         hidden = swiglu(gate, up)  # silu(gate) * up
-        # checkpointing's rerun only refills saved tensors: nothing reads the output there
-        (out,) = project(hidden, self.down_proj, unread=is_recomputing())
+        (out,) = project(hidden, self.down_proj, unread=unread)
         return out

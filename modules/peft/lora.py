@@ -24,6 +24,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.kernels import lora_linear, use_triton
 from tunelab.kernels.lora import lora_linear_group
+from tunelab.kernels.lora_mlp import lora_swiglu
 
 __all__ = [
     "LoRALinear",
@@ -239,6 +240,26 @@ def project(x: torch.Tensor, *layers: nn.Module, unread: bool = False) -> tuple[
                      lora_linear(x, b, m.lora_a.weight, m.lora_b.weight, m.scaling, compute_output=False)
                      for m, b in zip(layers, bases))
     return tuple(m(x) for m in layers)
+
+
+def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, unread: bool = False):
+    """``down(silu(gate(x)) * up(x))`` as one fused LoRA node (:func:`~tunelab.kernels.lora_mlp.lora_swiglu`:
+    the gate / up updates added inside the SwiGLU kernels, the down projection's input-gradient
+    update in its backward) where all three are active LoRA layers on the fused path with frozen
+    bases and one adapter dtype; None otherwise (the caller runs the projections one by one).
+
+    Args:
+        x: the MLP input [..., dim].
+        gate, up, down: the three projections.
+        unread: the caller will not read the result (a checkpoint recompute): the down
+            projection's base GEMM is skipped.
+    """
+    layers = (gate, up, down)
+    bases = [_frozen_fused_base(m, x) for m in layers]
+    if any(b is None for b in bases) or len({m.lora_a.weight.dtype for m in layers}) > 1:
+        return None
+    return lora_swiglu(x, bases, [m.lora_a.weight for m in layers], [m.lora_b.weight for m in layers],
+                       [m.scaling for m in layers], compute_output=not unread)
 
 
 def _check_lora_args(rank: int, alpha: float, dropout: float) -> None:

@@ -21,7 +21,7 @@ from tunelab.kernels import HAS_TRITON
 
 HERE = Path(__file__).parent
 FILES = ["test_rms_norm.py", "test_rope.py", "test_swiglu.py", "test_fused_ce.py", "test_model_kernels.py",
-         "test_nf4_kernel.py"]
+         "test_nf4_kernel.py", "test_lora_mlp.py"]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
