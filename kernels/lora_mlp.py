@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.kernels._dispatch import HAS_TRITON, use_triton
+from tunelab.kernels._dispatch import HAS_TRITON, interpreting, use_triton
 from tunelab.kernels.lora import BaseWeight, _dense, group_input_grad, lora_linear_reference, mm_plus_low_rank
 from tunelab.kernels.swiglu import swiglu_reference
 
@@ -40,7 +40,8 @@ __all__ = ["lora_swiglu", "lora_swiglu_reference", "LoRASwiGLUFunction", "MAX_RA
 # Ranks above this take the unfused path: the [BM, r] and [r, BN] operand tiles of the in-kernel
 # product must stay small next to the [BM, BN] elementwise tiles.
 MAX_RANK = 64
-_BM, _BN = 64, 128
+# tile and launch shape of both kernels (bench/lora_mlp_bench.py sweeps them on the GPU)
+CONFIG = dict(BM=64, BN=128, num_warps=4)
 
 
 def lora_swiglu_reference(x: torch.Tensor, weights: list[BaseWeight], adapters_a: list[torch.Tensor],
@@ -56,7 +57,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _low_rank_tile(L, l_stride, R, r_stride_k, r_stride_n, rows, cols, row_mask, col_mask, rank,
-                       K: tl.constexpr, PRECISION: tl.constexpr):
+                       K: tl.constexpr, DOT_FP32: tl.constexpr):
         """``L[rows, :rank] @ R[:rank, cols]`` as a [BM, BN] fp32 tile (R addressed by strides; the
         rank padded to K with zeros, K >= 16 as tl.dot wants)."""
         k = tl.arange(0, K)
@@ -64,35 +65,35 @@ if HAS_TRITON:
                        mask=row_mask[:, None] & (k[None, :] < rank), other=0.0)
         right = tl.load(R + k[:, None] * r_stride_k + cols[None, :] * r_stride_n,
                         mask=(k[:, None] < rank) & col_mask[None, :], other=0.0)
-        # in fp32: bf16 operands are exact in TF32 (the GPU result is a bf16 dot's), and Triton's
-        # CPU interpreter has no bf16 dot
-        return tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision=PRECISION)
+        if DOT_FP32:  # fp32 operands (exact products), and Triton's CPU interpreter has no bf16 dot
+            return tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="ieee")
+        return tl.dot(left, right)  # bf16 / fp16 operands, fp32 accumulate
 
     @triton.jit
     def _gate_up(G0, U0, XA, BG, BU, offs, mask, rows, cols, row_mask, col_mask, xa_stride, r_g, r_u, s_g, s_u,
-                 K: tl.constexpr, PRECISION: tl.constexpr):
+                 K: tl.constexpr, DOT_FP32: tl.constexpr):
         """The full gate and up pre-activations of a tile in fp32: base + s * xa B^T."""
         g = tl.load(G0 + offs, mask=mask, other=0.0).to(tl.float32)
-        g += s_g * _low_rank_tile(XA, xa_stride, BG, 1, r_g, rows, cols, row_mask, col_mask, r_g, K, PRECISION)
+        g += s_g * _low_rank_tile(XA, xa_stride, BG, 1, r_g, rows, cols, row_mask, col_mask, r_g, K, DOT_FP32)
         u = tl.load(U0 + offs, mask=mask, other=0.0).to(tl.float32)
-        u += s_u * _low_rank_tile(XA + r_g, xa_stride, BU, 1, r_u, rows, cols, row_mask, col_mask, r_u, K, PRECISION)
+        u += s_u * _low_rank_tile(XA + r_g, xa_stride, BU, 1, r_u, rows, cols, row_mask, col_mask, r_u, K, DOT_FP32)
         return g, u
 
     @triton.jit
     def _swiglu_lora_fwd(G0, U0, XA, BG, BU, Y, n_rows, n_cols, xa_stride, r_g, r_u, s_g, s_u,
-                         BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr, DOT_FP32: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         row_mask, col_mask = rows < n_rows, cols < n_cols
         offs = rows[:, None] * n_cols + cols[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
         g, u = _gate_up(G0, U0, XA, BG, BU, offs, mask, rows, cols, row_mask, col_mask, xa_stride, r_g, r_u,
-                        s_g, s_u, K, PRECISION)
+                        s_g, s_u, K, DOT_FP32)
         tl.store(Y + offs, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_lora_bwd(DH, GBD, AD, G0, U0, XA, BG, BU, DG, DU, n_rows, n_cols, xa_stride, r_g, r_u, r_d,
-                         s_g, s_u, BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr, PRECISION: tl.constexpr):
+                         s_g, s_u, BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr, DOT_FP32: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         row_mask, col_mask = rows < n_rows, cols < n_cols
@@ -100,9 +101,9 @@ if HAS_TRITON:
         mask = row_mask[:, None] & col_mask[None, :]
         # dh = dh0 + gbd Ad: the down projection's input gradient, its rank-r part added here
         dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-        dh += _low_rank_tile(GBD, r_d, AD, n_cols, 1, rows, cols, row_mask, col_mask, r_d, K, PRECISION)
+        dh += _low_rank_tile(GBD, r_d, AD, n_cols, 1, rows, cols, row_mask, col_mask, r_d, K, DOT_FP32)
         g, u = _gate_up(G0, U0, XA, BG, BU, offs, mask, rows, cols, row_mask, col_mask, xa_stride, r_g, r_u,
-                        s_g, s_u, K, PRECISION)
+                        s_g, s_u, K, DOT_FP32)
         sig = tl.sigmoid(g)
         tl.store(DG + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
         tl.store(DU + offs, (dh * g * sig).to(DU.dtype.element_ty), mask=mask)
@@ -110,12 +111,9 @@ if HAS_TRITON:
 
 def _launch_args(g0: torch.Tensor, ranks) -> tuple[tuple[int, int], dict]:
     n_rows, n_cols = g0.shape
-    k = max(16, triton.next_power_of_2(max(ranks)))
-    # fp32 operands (tests, fp32 models): exact products, not TF32's 10-bit mantissa; bf16/fp16
-    # ones fit TF32 exactly
-    precision = "ieee" if g0.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(n_rows, _BM), triton.cdiv(n_cols, _BN))
-    return grid, dict(BM=_BM, BN=_BN, K=k, PRECISION=precision, num_warps=4)
+    meta = dict(CONFIG, K=max(16, triton.next_power_of_2(max(ranks))),
+                DOT_FP32=g0.dtype == torch.float32 or interpreting())
+    return (triton.cdiv(n_rows, meta["BM"]), triton.cdiv(n_cols, meta["BN"])), meta
 
 
 class LoRASwiGLUFunction(torch.autograd.Function):
