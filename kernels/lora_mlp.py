@@ -40,8 +40,9 @@ __all__ = ["lora_swiglu", "lora_swiglu_reference", "LoRASwiGLUFunction", "MAX_RA
 # Ranks above this take the unfused path: the [BM, r] and [r, BN] operand tiles of the in-kernel
 # product must stay small next to the [BM, BN] elementwise tiles.
 MAX_RANK = 64
-# tile and launch shape of both kernels (bench/lora_mlp_bench.py sweeps them on the GPU)
-CONFIG = dict(BM=64, BN=128, num_warps=4)
+# tile and launch shape of both kernels: the fastest of bench/lora_mlp_bench.py's sweep on an H200
+# (bench/results/kernels.jsonl); bigger tiles spill registers in the backward
+CONFIG = dict(BM=16, BN=128, num_warps=4)
 
 
 def lora_swiglu_reference(x: torch.Tensor, weights: list[BaseWeight], adapters_a: list[torch.Tensor],
