@@ -33,8 +33,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=14336)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--in-function", action="store_true", help="only the eager / compiled in-function times")
     opts = ap.parse_args()
     n, f, r = opts.tokens, opts.hidden, opts.rank
+    if opts.in_function:
+        return in_function(n, f, r)
     dev, dt = "cuda", torch.bfloat16
     g0, u0, dh = (torch.randn(n, f, device=dev, dtype=dt) for _ in range(3))
     xa = torch.randn(n, 2 * r, device=dev, dtype=dt)
@@ -80,3 +83,33 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def in_function(n: int, f: int, r: int, dim: int = 4096) -> None:
+    """The kernels' times inside LoRASwiGLUFunction (fp32 adapters as in the 8B step), eager and
+    compiled, from the profiler: does the graph they run in change them?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunelab.kernels import backend
+    from tunelab.modules.feed_forward import FeedForward
+    from tunelab.modules.peft import apply_lora
+
+    dev = torch.device("cuda")
+    mlp = FeedForward(dim, f).to(dev, torch.bfloat16)
+    apply_lora(mlp, ["gate_proj", "up_proj", "down_proj"], rank=r, alpha=2 * r, adapter_dtype=torch.float32)
+    for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        torch.nn.init.normal_(m.lora_b.weight, std=0.01)
+    x = torch.randn(2, n // 2, dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    for name, fn in (("eager", mlp), ("compiled", torch.compile(mlp))):
+        with backend("triton"):
+            for _ in range(3):
+                fn(x).sum().backward()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn(x).sum().backward()
+                torch.cuda.synchronize()
+        times = {e.key: round(e.device_time_total / e.count, 1) for e in prof.key_averages()
+                 if "swiglu" in e.key or "triton" in e.key}
+        print(json.dumps(dict(commit=commit(), device=device_name(dev), bench="lora_mlp_bench in_function",
+                              mode=name, kernel_us=times)), flush=True)
