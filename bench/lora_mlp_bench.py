@@ -81,9 +81,6 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def in_function(n: int, f: int, r: int, dim: int = 4096) -> None:
     """The kernels' times inside LoRASwiGLUFunction (fp32 adapters as in the 8B step), eager and
@@ -113,3 +110,7 @@ def in_function(n: int, f: int, r: int, dim: int = 4096) -> None:
                  if "swiglu" in e.key or "triton" in e.key}
         print(json.dumps(dict(commit=commit(), device=device_name(dev), bench="lora_mlp_bench in_function",
                               mode=name, kernel_us=times)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
