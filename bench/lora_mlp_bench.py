@@ -61,14 +61,14 @@ def main() -> None:
     for bm, bn, warps in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8)):
         if not 8 <= bm * bn // (32 * warps) <= 64:
             continue
-        meta = dict(N_COLS=f, BM=bm, BN=bn, num_warps=warps, K=max(16, triton.next_power_of_2(r)), DOT_FP32=False)
+        meta = dict(BM=bm, BN=bn, num_warps=warps, K=max(16, triton.next_power_of_2(r)), DOT_FP32=False)
         grid = (triton.cdiv(n, bm), triton.cdiv(f, bn))
 
         def fwd():
-            return lm._swiglu_lora_fwd[grid](g0, u0, xa, bg, bu, y, n, xa.stride(0), r, r, 2.0, 2.0, **meta)
+            return lm._swiglu_lora_fwd[grid](g0, u0, xa, bg, bu, y, n, f, xa.stride(0), r, r, 2.0, 2.0, **meta)
 
         def bwd():
-            return lm._swiglu_lora_bwd[grid](dh, gbd, ad, g0, u0, xa, bg, bu, dg, du, n, xa.stride(0), r, r, r,
+            return lm._swiglu_lora_bwd[grid](dh, gbd, ad, g0, u0, xa, bg, bu, dg, du, n, f, xa.stride(0), r, r, r,
                                              2.0, 2.0, **meta)
 
         try:

@@ -81,30 +81,28 @@ if HAS_TRITON:
         return g, u
 
     @triton.jit
-    def _swiglu_lora_fwd(G0, U0, XA, BG, BU, Y, n_rows, xa_stride, r_g, r_u, s_g, s_u,
-                         N_COLS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr,
-                         DOT_FP32: tl.constexpr):
+    def _swiglu_lora_fwd(G0, U0, XA, BG, BU, Y, n_rows, n_cols, xa_stride, r_g, r_u, s_g, s_u,
+                         BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr, DOT_FP32: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        row_mask, col_mask = rows < n_rows, cols < N_COLS
-        offs = rows[:, None] * N_COLS + cols[None, :]
+        row_mask, col_mask = rows < n_rows, cols < n_cols
+        offs = rows[:, None] * n_cols + cols[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
         g, u = _gate_up(G0, U0, XA, BG, BU, offs, mask, rows, cols, row_mask, col_mask, xa_stride, r_g, r_u,
                         s_g, s_u, K, DOT_FP32)
         tl.store(Y + offs, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_lora_bwd(DH, GBD, AD, G0, U0, XA, BG, BU, DG, DU, n_rows, xa_stride, r_g, r_u, r_d,
-                         s_g, s_u, N_COLS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr,
-                         DOT_FP32: tl.constexpr):
+    def _swiglu_lora_bwd(DH, GBD, AD, G0, U0, XA, BG, BU, DG, DU, n_rows, n_cols, xa_stride, r_g, r_u, r_d,
+                         s_g, s_u, BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr, DOT_FP32: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        row_mask, col_mask = rows < n_rows, cols < N_COLS
-        offs = rows[:, None] * N_COLS + cols[None, :]
+        row_mask, col_mask = rows < n_rows, cols < n_cols
+        offs = rows[:, None] * n_cols + cols[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
         # dh = dh0 + gbd Ad: the down projection's input gradient, its rank-r part added here
         dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-        dh += _low_rank_tile(GBD, r_d, AD, N_COLS, 1, rows, cols, row_mask, col_mask, r_d, K, DOT_FP32)
+        dh += _low_rank_tile(GBD, r_d, AD, n_cols, 1, rows, cols, row_mask, col_mask, r_d, K, DOT_FP32)
         g, u = _gate_up(G0, U0, XA, BG, BU, offs, mask, rows, cols, row_mask, col_mask, xa_stride, r_g, r_u,
                         s_g, s_u, K, DOT_FP32)
         sig = tl.sigmoid(g)
@@ -114,10 +112,7 @@ if HAS_TRITON:
 
 def _launch_args(g0: torch.Tensor, ranks) -> tuple[tuple[int, int], dict]:
     n_rows, n_cols = g0.shape
-    # the row length is a compile-time constant: the compiler then knows every row starts 16-byte
-    # aligned and vectorizes the loads (as a plain argument it did so when launched directly, but
-    # not from inductor's graphs, where the kernels ran 2.4x slower: breakdown.jsonl)
-    meta = dict(CONFIG, N_COLS=n_cols, K=max(16, triton.next_power_of_2(max(ranks))),
+    meta = dict(CONFIG, K=max(16, triton.next_power_of_2(max(ranks))),
                 DOT_FP32=g0.dtype == torch.float32 or interpreting())
     return (triton.cdiv(n_rows, meta["BM"]), triton.cdiv(n_cols, meta["BN"])), meta
 
@@ -145,7 +140,7 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         u0 = x2 @ _dense(w_u, dt).t()
         h = torch.empty_like(g0)
         grid, meta = _launch_args(g0, (a_g.shape[0], a_u.shape[0]))
-        _swiglu_lora_fwd[grid](g0, u0, xa, bg, bu, h, g0.shape[0], xa.stride(0), a_g.shape[0],
+        _swiglu_lora_fwd[grid](g0, u0, xa, bg, bu, h, g0.shape[0], g0.shape[1], xa.stride(0), a_g.shape[0],
                                a_u.shape[0], s_g, s_u, **meta)
         xa_d = h @ ad.t()  # (N, r_d)
         out = mm_plus_low_rank(h, _dense(w_d, dt).t(), xa_d, bd.t(), s_d, skip=not compute_output)
@@ -169,7 +164,7 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         dh0 = g @ _dense(w_d, g.dtype)  # (N, hidden): base part of d h; the kernel adds gbd Ad
         dg, du = torch.empty_like(g0), torch.empty_like(u0)
         grid, meta = _launch_args(g0, (r_g, r_u, r_d))
-        _swiglu_lora_bwd[grid](dh0, gbd, ad, g0, u0, xa, bg, bu, dg, du, g0.shape[0], xa.stride(0),
+        _swiglu_lora_bwd[grid](dh0, gbd, ad, g0, u0, xa, bg, bu, dg, du, g0.shape[0], g0.shape[1], xa.stride(0),
                                r_g, r_u, r_d, s_g, s_u, **meta)
         del dh0
         gb = torch.cat([(dg @ bg).mul_(s_g), (du @ bu).mul_(s_u)], dim=1)  # (N, r_g + r_u), scaled
