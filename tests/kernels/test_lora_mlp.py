@@ -184,3 +184,20 @@ def test_checkpointed_compiled_model_matches_the_reference_on_gpu(device):
     torch._dynamo.reset()
     for a, b in zip(results["triton"], results["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_ops_pass_opcheck(device):
+    """The custom ops torch.compile sees (schema, fake tensors) agree with the launches."""
+    from tunelab.kernels.lora_mlp import _swiglu_lora_bwd_op, _swiglu_lora_fwd_op
+
+    g = torch.Generator().manual_seed(7)
+    n, f, r = 20, 144, 4
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    g0, u0, dh0, xa, bg, bu, gbd, ad = rand(n, f), rand(n, f), rand(n, f), rand(n, 2 * r), rand(f, r), rand(f, r), \
+        rand(n, r), rand(r, f)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(_swiglu_lora_fwd_op, (g0, u0, xa, bg, bu, 2.0, 0.5), test_utils=checks)
+    torch.library.opcheck(_swiglu_lora_bwd_op, (dh0, gbd, ad, g0, u0, xa, bg, bu, 2.0, 0.5), test_utils=checks)
