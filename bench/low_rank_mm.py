@@ -1,0 +1,35 @@
+"""Time the rank-r products of the LoRA functions, ``[N, r] @ [r, out]`` (N = 4096 tokens of the
+8B step), with the right operand row-major or column-major: cuBLAS picks different kernels.
+
+    python bench/low_rank_mm.py        (on the GPU machine; one JSON line per shape)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import commit, device_name  # noqa: E402
+
+
+def main() -> None:
+    from triton.testing import do_bench
+
+    dev, n = torch.device("cuda"), 4096
+    for r, out in ((16, 4096), (32, 4096), (48, 4096), (16, 14336), (16, 1024)):
+        left = torch.randn(n, r, device=dev, dtype=torch.bfloat16)
+        right = torch.randn(r, out, device=dev, dtype=torch.bfloat16)
+        col = right.t().contiguous().t()
+        times = {name: round(do_bench(lambda b=b: torch.mm(left, b)) * 1000, 1)
+                 for name, b in (("row_major_us", right), ("column_major_us", col))}
+        gb = n * out * 2 / 1e9
+        print(json.dumps(dict(commit=commit(), device=device_name(dev), bench="low_rank_mm", shape=f"{n}x{r} @ {r}x{out}",
+                              **times, write_gb=round(gb, 4))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
