@@ -140,7 +140,7 @@ class LoRALinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             weight = weight if weight is not None else ctx.weight_fn(g.dtype)
-            grad_x = mm_plus_low_rank(g, weight, gb, column_major(a), s).view(ctx.shape)  # (N, in)
+            grad_x = mm_plus_low_rank(g, weight, gb, a, s).view(ctx.shape)  # (N, in)
         if ctx.needs_input_grad[1]:
             grad_w = g.t() @ x2  # (out, in): only when the base weight is trainable
         # adapter grads: GEMMs in x's dtype (fp32 accumulate), handed back in the adapter dtype
@@ -167,21 +167,10 @@ def _(m1s, m2s, l1, l2):
     return l1.new_empty(l1.shape[0], l2.shape[1])
 
 
-def column_major(a: torch.Tensor) -> torch.Tensor:
-    """``a`` [r, in] with the same values, stored column-major (a tiny copy).
-
-    For the rank-r product ``[N, r] @ [r, in]`` of an input gradient, cuBLAS (H200, CUDA 13)
-    picks its big-GEMM tiles for a row-major right operand, which write the [N, in] result at a
-    fraction of the memory bandwidth, and a write-bound kernel for a column-major one (as the
-    forward's ``B^T`` is); bench/low_rank_mm.py measures both."""
-    return a.t().contiguous().t()
-
-
 def group_input_grad(gb_cat: torch.Tensor, a_cat: torch.Tensor, grads: list, weights: list) -> torch.Tensor:
     """``gb_cat a_cat + sum_i grads[i] W_i`` [N, in] in one buffer, skipping None grads: the input
     gradient of several LoRA linears of one input (``gb_cat`` [N, R] already scaled)."""
     used = [(g, w) for g, w in zip(grads, weights) if g is not None]
-    a_cat = column_major(a_cat)
     if torch.compiler.is_compiling():
         return _mm_sum_plus_low_rank_op([g for g, _ in used], [_dense(w, g.dtype) for g, w in used], gb_cat, a_cat)
     # eager dequantizing bases share one buffer: use each right after it is rebuilt
