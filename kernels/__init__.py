@@ -10,6 +10,7 @@ environment variable ``TUNELAB_KERNELS=reference``) turns the kernels off everyw
     q = rope(q, cos, sin)                           # q [b, h, s, hd], cos/sin [b, s, hd]
     a = swiglu(gate, up)                            # silu(gate) * up
     y = lora_linear(x, w0, a, b, scaling)           # x W0^T + s (x A^T) B^T, no dropout
+    y = lora_swiglu(x, [wg, wu, wd], As, Bs, s)     # LoRA gate/up/down around silu(g) * u
     loss = loss_sum(hidden, model.output_weight, labels)   # fp32 SUM of token losses
 """
 
@@ -27,6 +28,7 @@ from tunelab.kernels.fused_ce import (
     loss_sum,
 )
 from tunelab.kernels.lora import lora_linear, lora_linear_reference
+from tunelab.kernels.lora_mlp import lora_swiglu, lora_swiglu_reference
 from tunelab.kernels.rms_norm import rms_norm, rms_norm_reference
 from tunelab.kernels.rope import rope, rope_reference
 from tunelab.kernels.swiglu import swiglu, swiglu_reference
@@ -40,6 +42,8 @@ __all__ = [
     "linear_cross_entropy_reference",
     "lora_linear",
     "lora_linear_reference",
+    "lora_swiglu",
+    "lora_swiglu_reference",
     "loss_sum",
     "rms_norm",
     "rms_norm_reference",
