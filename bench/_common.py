@@ -310,10 +310,10 @@ def comm_overlap(step, *, steps: int, device: torch.device) -> dict:
             "nccl_overlapped": ms(both), "nccl_exposed": ms(n_total - both), "idle": ms(window - busy)}
 
 
-def _op_stacks(ops: list[dict], points: list[dict]) -> dict[int, tuple[str, str, str]]:
-    """For each trace event in ``points``: (outermost, second, innermost) name of the CPU ops of its
-    thread that enclose its start, by one sweep per thread (ops on a thread nest)."""
-    out: dict[int, tuple[str, str, str]] = {}
+def _enclosing(ops: list[dict], points: list[dict]) -> dict[int, list[dict]]:
+    """For each trace event in ``points``: the CPU op events of its thread that enclose its start,
+    outermost first, by one sweep per thread (ops on a thread nest)."""
+    out: dict[int, list[dict]] = {}
     for tid in {p["tid"] for p in points}:
         mine = sorted((o for o in ops if o["tid"] == tid), key=lambda o: (o["ts"], -o["dur"]))
         stack: list[dict] = []
@@ -326,9 +326,54 @@ def _op_stacks(ops: list[dict], points: list[dict]) -> dict[int, tuple[str, str,
                 i += 1
             while stack and stack[-1]["ts"] + stack[-1]["dur"] < p["ts"]:
                 stack.pop()
-            names = [o["name"][:80] for o in stack] or ["?"]
-            out[id(p)] = (names[0], names[1] if len(names) > 2 else "", names[-1])
+            out[id(p)] = list(stack)
     return out
+
+
+def _op_stacks(ops: list[dict], points: list[dict]) -> dict[int, tuple[str, str, str]]:
+    """For each trace event in ``points``: (outermost, second, innermost) name of the CPU ops of its
+    thread that enclose its start."""
+    out = {}
+    for key, stack in _enclosing(ops, points).items():
+        names = [o["name"][:80] for o in stack] or ["?"]
+        out[key] = (names[0], names[1] if len(names) > 2 else "", names[-1])
+    return out
+
+
+def _kernels_by_op(events: list[dict], steps: int, top: int) -> list[list]:
+    """GPU kernel time by (kernel, the innermost CPU op that launched it, that op's input shapes
+    and strides), from a trace recorded with shapes: [[kernel, op, dims, strides, calls per step,
+    ms per step], ...], costliest first. Tells e.g. which GEMM a cuBLAS kernel name is."""
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    pairs = [(k, launches.get(k.get("args", {}).get("correlation"))) for k in kernels]
+    stacks = _enclosing([e for e in events if e.get("cat") == "cpu_op"], [l for _, l in pairs if l])
+    rows: dict[tuple, list] = {}
+    for kernel, launch in pairs:
+        op = (stacks.get(id(launch)) or [{}])[-1] if launch else {}
+        args = op.get("args", {})
+        key = (kernel["name"][:100], op.get("name", "?"), str(args.get("Input Dims", ""))[:160],
+               str(args.get("Input Strides", ""))[:160])
+        slot = rows.setdefault(key, [0, 0.0])
+        slot[0] += 1
+        slot[1] += kernel["dur"] / 1000.0
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][1])[:top]
+    return [[*key, round(n / steps, 1), round(ms / steps, 3)] for key, (n, ms) in ranked]
+
+
+def kernel_shapes(step, *, steps: int, device: torch.device, top: int = 40) -> list[list]:
+    """Profile ``steps`` calls of ``step()`` with shapes recorded and attribute each GPU kernel to
+    its launching op and that op's input shapes (``_kernels_by_op``). A replayed CUDA graph
+    launches its kernels from no op: run it without GRAPH=1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+    return _kernels_by_op(_trace_events(prof), steps, top)
 
 
 def memory_at_peak(step, *, device: torch.device, top: int = 20) -> dict:
@@ -381,13 +426,15 @@ def memory_at_peak(step, *, device: torch.device, top: int = 20) -> dict:
 
 
 def write_breakdown(path: str | None, step, *, steps: int, device: torch.device, label: str) -> None:
-    """``kernel_breakdown`` and ``host_gaps`` (and with MEMTRACE=1 ``memory_at_peak``) appended
-    as one JSON line (with ``label``) to ``path``; CUDA only."""
+    """``kernel_breakdown`` and ``host_gaps`` (and with MEMTRACE=1 ``memory_at_peak``, with
+    SHAPES=1 ``kernel_shapes``) appended as one JSON line (with ``label``) to ``path``; CUDA only."""
     if not path or device.type != "cuda":
         return
     row = {"commit": commit(), "label": label, **kernel_breakdown(step, steps=steps, device=device),
            "host": host_gaps(step, steps=steps, device=device)}
     if os.environ.get("MEMTRACE") == "1":
         row["memory"] = memory_at_peak(step, device=device)
+    if os.environ.get("SHAPES") == "1":
+        row["kernel_ops"] = kernel_shapes(step, steps=steps, device=device)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

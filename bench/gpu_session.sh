@@ -16,7 +16,8 @@
 #       NAME=VALUE sets an environment variable for the steps after it (e.g. TUNELAB_SDPA_BACKEND=cudnn,
 #       COMPILE=1, GRAPH=1 (lora/qlora step as one CUDA graph), TRACE=$OUT/breakdown.jsonl: per-phase
 #       kernel times and host gaps of lora/qlora/dpo steps), OVERLAP=1 (fsdp steps: compute / NCCL /
-#       exposed NCCL / idle GPU ms per step in each line), MEMTRACE=1 (with TRACE: live memory at the peak)
+#       exposed NCCL / idle GPU ms per step in each line), MEMTRACE=1 (with TRACE: live memory at the peak),
+#       SHAPES=1 (with TRACE, without GRAPH: each kernel's launching op and input shapes)
 # (default: the single-GPU set without the peers whose folders are not carried).
 # Two single-GPU lanes side by side on nvidia-h200-x2: CUDA_VISIBLE_DEVICES=0 RESULTS=$OUT/a.jsonl
 # ERRLOG=$OUT/a.err bash bench/gpu_session.sh ... & (the same with 1 / b) & wait.

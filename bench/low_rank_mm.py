@@ -16,6 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import commit, device_name  # noqa: E402
 
 
+def _kernel_names(fn) -> list[str]:
+    """The GPU kernels one call of ``fn`` runs (to match against a step's breakdown)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name[:100] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def main() -> None:
     from triton.testing import do_bench
 
@@ -24,11 +34,13 @@ def main() -> None:
         left = torch.randn(n, r, device=dev, dtype=torch.bfloat16)
         right = torch.randn(r, out, device=dev, dtype=torch.bfloat16)
         col = right.t().contiguous().t()
-        times = {name: round(do_bench(lambda b=b: torch.mm(left, b)) * 1000, 1)
-                 for name, b in (("row_major_us", right), ("column_major_us", col))}
+        times, kernels = {}, {}
+        for name, b in (("row_major", right), ("column_major", col)):
+            times[f"{name}_us"] = round(do_bench(lambda b=b: torch.mm(left, b)) * 1000, 1)
+            kernels[name] = _kernel_names(lambda b=b: torch.mm(left, b))
         gb = n * out * 2 / 1e9
         print(json.dumps(dict(commit=commit(), device=device_name(dev), bench="low_rank_mm", shape=f"{n}x{r} @ {r}x{out}",
-                              **times, write_gb=round(gb, 4))), flush=True)
+                              **times, write_gb=round(gb, 4), kernels=kernels)), flush=True)
 
 
 if __name__ == "__main__":

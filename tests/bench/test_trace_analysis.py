@@ -27,3 +27,25 @@ def test_op_stacks_name_the_ops_enclosing_each_launch():
     assert [stacks[id(p)] for p in points] == [
         ("step.forward", "CompiledFunction", "aten::mm"), ("step.forward", "", "step.forward"),
         ("step.forward", "", "aten::add"), ("autograd::engine", "", "autograd::engine"), ("?", "", "?")]
+
+
+def test_kernels_by_op_name_the_launching_op_and_its_shapes():
+    """Each kernel is charged to the innermost op around its launch (matched by correlation id),
+    with that op's recorded input shapes; kernels of the same op and shapes add up."""
+    from _common import _kernels_by_op
+
+    mm = dict(cat="cpu_op", tid=1, ts=10, dur=20, name="aten::mm",
+              args={"Input Dims": [[4096, 48], [48, 4096]], "Input Strides": [[48, 1], [4096, 1]]})
+    events = [
+        dict(cat="cpu_op", tid=1, ts=0, dur=100, name="autograd::engine"), mm,
+        dict(cat="cuda_runtime", tid=1, ts=12, dur=2, name="cudaLaunchKernel", args={"correlation": 7}),
+        dict(cat="cuda_runtime", tid=1, ts=50, dur=2, name="cudaLaunchKernel", args={"correlation": 8}),
+        dict(cat="cuda_runtime", tid=1, ts=15, dur=2, name="cudaLaunchKernel", args={"correlation": 9}),
+        dict(cat="kernel", name="nvjet_a", ts=100, dur=104.0, args={"correlation": 7}),
+        dict(cat="kernel", name="nvjet_a", ts=300, dur=96.0, args={"correlation": 9}),
+        dict(cat="kernel", name="fill", ts=200, dur=10.0, args={"correlation": 8}),
+        dict(cat="kernel", name="orphan", ts=400, dur=5.0, args={}),
+    ]
+    rows = _kernels_by_op(events, steps=2, top=10)
+    assert rows[0] == ["nvjet_a", "aten::mm", "[[4096, 48], [48, 4096]]", "[[48, 1], [4096, 1]]", 1.0, 0.1]
+    assert rows[1][:2] == ["fill", "autograd::engine"] and rows[2][:2] == ["orphan", "?"]
