@@ -24,7 +24,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.kernels import lora_linear, use_triton
 from tunelab.kernels.lora import lora_linear_group
-from tunelab.kernels.lora_mlp import lora_swiglu
+from tunelab.kernels.lora_mlp import MAX_RANK, lora_swiglu
 
 __all__ = [
     "LoRALinear",
@@ -246,7 +246,8 @@ def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, u
     """``down(silu(gate(x)) * up(x))`` as one fused LoRA node (:func:`~tunelab.kernels.lora_mlp.lora_swiglu`:
     the gate / up updates added inside the SwiGLU kernels, the down projection's input-gradient
     update in its backward) where all three are active LoRA layers on the fused path with frozen
-    bases and one adapter dtype; None otherwise (the caller runs the projections one by one).
+    bases, one adapter dtype and ranks the SwiGLU kernels take (``MAX_RANK``); None otherwise
+    (the caller runs the projections one by one, on their own fused paths).
 
     Args:
         x: the MLP input [..., dim].
@@ -256,7 +257,8 @@ def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, u
     """
     layers = (gate, up, down)
     bases = [_frozen_fused_base(m, x) for m in layers]
-    if any(b is None for b in bases) or len({m.lora_a.weight.dtype for m in layers}) > 1:
+    if (any(b is None for b in bases) or len({m.lora_a.weight.dtype for m in layers}) > 1
+            or max(m.rank for m in layers) > MAX_RANK):
         return None
     return lora_swiglu(x, bases, [m.lora_a.weight for m in layers], [m.lora_b.weight for m in layers],
                        [m.scaling for m in layers], compute_output=not unread)

@@ -101,6 +101,21 @@ def test_large_rank_takes_the_reference(device):
     assert "LoRASwiGLU" not in type(y.grad_fn).__name__
 
 
+def test_feed_forward_with_a_large_rank_keeps_its_per_projection_nodes(device):
+    """Above MAX_RANK the MLP is not handed to the plain reference: gate/up still run as one
+    LoRA group node (and the rest on their own fused paths)."""
+    from tunelab.modules.feed_forward import FeedForward
+    from tunelab.modules.peft import apply_lora
+    from tunelab.modules.peft.lora import lora_mlp, project
+
+    mlp = FeedForward(32, 96).to(device)
+    apply_lora(mlp, ["gate_proj", "up_proj", "down_proj"], rank=MAX_RANK + 1, alpha=8)
+    x = torch.randn(2, 3, 32, device=device)
+    with backend("triton"):
+        assert lora_mlp(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj) is None
+        assert "LoRAGroupFunction" in type(project(x, mlp.gate_proj, mlp.up_proj)[0].grad_fn).__name__
+
+
 def test_feed_forward_uses_one_node_only_when_all_three_are_adapted(device):
     """FeedForward with gate/up/down adapted runs the fused node and equals the kernels-off
     module (fp32 1e-5, gradients of every adapter); with down_proj not adapted it falls back."""
