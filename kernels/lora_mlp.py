@@ -186,7 +186,7 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])  # (N, dim)
         a_gu = torch.cat([a_g.to(dt), a_u.to(dt)])  # (r_g + r_u, dim)
         ad = a_d.to(dt)
-        bg, bu, bd = (b.to(dt).contiguous() for b in adapters_b)
+        bg, bu, bd = (b.to(dt) for b in adapters_b)
         xa = x2 @ a_gu.t()  # (N, r_g + r_u)
         g0 = x2 @ _dense(w_g, dt).t()  # (N, hidden): base products only, the updates come in the kernel
         u0 = x2 @ _dense(w_u, dt).t()
