@@ -288,7 +288,6 @@ def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -
     if quantize == "nf4":
         from tunelab.modules.nf4 import NF4Linear, NF4Weight
 
-
         for layer in model.layers:
             for name, m in list(layer.named_modules()):
                 if type(m) is nn.Linear:
