@@ -2,12 +2,10 @@
 
     python bench/lora_mlp_bench.py            (on the GPU machine; one JSON line per variant)
 
-Each line: the variant's forward and backward times (ms per call of the launching functions, with
-the sum of the per-program partials; triton do_bench medians), and the floors they are compared
-to in the same process: the plain SwiGLU kernels (same bytes moved minus the small rank-r
-operands), the cuBLAS rank-r [tokens, hidden] GEMMs they replace (3 per MLP: gate, up forward,
-down backward) and the [tokens, hidden] x [hidden, r] GEMMs they sum in registers instead
-(h Ad^T forward, d g Bg and d u Bu backward).
+Each line: the variant's forward and backward kernel times (ms per call, triton do_bench
+medians), registers and spills per thread, and the floors they are compared to in the same
+process: the plain SwiGLU kernels (same bytes moved minus the small rank-r operands) and the
+cuBLAS rank-r [tokens, hidden] GEMMs they replace (3 per MLP: gate, up forward, down backward).
 """
 
 from __future__ import annotations
@@ -55,29 +53,33 @@ def main() -> None:
         "swiglu_fwd_ms": do_bench(lambda: _swiglu_fwd[grid1](g0, u0, y, n * f, BLOCK=block, num_warps=4)),
         "swiglu_bwd_ms": do_bench(lambda: _swiglu_bwd[grid1](dh, g0, u0, dg, du, n * f, BLOCK=block, num_warps=4)),
         "rank_r_gemm_ms": do_bench(lambda: torch.mm(xa[:, :r], bg.t())),
-        # the products the kernels now sum over the hidden columns themselves
-        "h_ad_gemm_ms": do_bench(lambda: torch.mm(y, ad.t())),
-        "dg_bg_gemm_ms": do_bench(lambda: torch.mm(dg, bg)),
     }
     print(json.dumps(dict(base, variant="floors", **{k: round(v, 4) for k, v in floors.items()})), flush=True)
 
     # elements per thread = BM * BN / (32 * warps): the fp32 tiles (g, u, dh) and the 64-bit
-    # pointers of each element must fit the registers; GROUPS = programs per row block
-    config = dict(lm.CONFIG)
-    for (bm, bn, warps), groups, stages in itertools.product(
-            ((16, 128, 4), (32, 128, 8), (16, 64, 4), (32, 64, 4), (16, 256, 8)), (4, 8, 16, 32), (None, 1)):
-        lm.CONFIG = dict(BM=bm, BN=bn, GROUPS=groups, num_warps=warps, **({} if stages is None else
-                                                                            {"num_stages": stages}))
-        name = f"BM{bm} BN{bn} w{warps} G{groups}" + ("" if stages is None else f" s{stages}")
+    # pointers of each element must fit the registers
+    for bm, bn, warps in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8)):
+        if not 8 <= bm * bn // (32 * warps) <= 64:
+            continue
+        meta = dict(BM=bm, BN=bn, num_warps=warps, K=max(16, triton.next_power_of_2(r)), DOT_FP32=False)
+        grid = (triton.cdiv(n, bm), triton.cdiv(f, bn))
+
+        def fwd():
+            return lm._swiglu_lora_fwd[grid](g0, u0, xa, bg, bu, y, n, f, xa.stride(0), r, r, 2.0, 2.0, **meta)
+
+        def bwd():
+            return lm._swiglu_lora_bwd[grid](dh, gbd, ad, g0, u0, xa, bg, bu, dg, du, n, f, xa.stride(0), r, r, r,
+                                             2.0, 2.0, **meta)
+
         try:
-            row = dict(base, variant=name,
-                       fwd_ms=round(do_bench(lambda: lm._swiglu_lora_fwd_eager(g0, u0, xa, bg, bu, ad, 2.0, 2.0)), 4),
-                       bwd_ms=round(do_bench(lambda: lm._swiglu_lora_bwd_eager(dh, gbd, ad, g0, u0, xa, bg, bu, 2.0,
-                                                                               2.0)), 4))
+            kf, kb = fwd(), bwd()
+            row = dict(base, variant=f"BM{bm} BN{bn} w{warps}", fwd_ms=round(do_bench(fwd), 4),
+                       bwd_ms=round(do_bench(bwd), 4), fwd_regs=kf.n_regs, fwd_spills=kf.n_spills,
+                       bwd_regs=kb.n_regs, bwd_spills=kb.n_spills)
         except Exception as e:  # a variant that does not compile (shared memory, registers)
-            row = dict(base, variant=name, error=str(e).splitlines()[0][:200])
+            row = dict(base, variant=f"BM{bm} BN{bn} w{warps}", error=str(e).splitlines()[0][:200])
         print(json.dumps(row), flush=True)
-    lm.CONFIG = config
+
 
 
 def in_function(n: int, f: int, r: int, dim: int = 4096) -> None:

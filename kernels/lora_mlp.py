@@ -45,7 +45,7 @@ __all__ = ["lora_swiglu", "lora_swiglu_reference", "LoRASwiGLUFunction", "MAX_RA
 MAX_RANK = 64
 # tile and launch shape of both kernels: the fastest of bench/lora_mlp_bench.py's sweep on an H200
 # (bench/results/kernels.jsonl); bigger tiles spill registers in the backward
-CONFIG = dict(BM=16, BN=128, GROUPS=8, num_warps=4)
+CONFIG = dict(BM=16, BN=128, num_warps=4)
 
 
 def lora_swiglu_reference(x: torch.Tensor, weights: list[BaseWeight], adapters_a: list[torch.Tensor],
@@ -60,128 +60,87 @@ def lora_swiglu_reference(x: torch.Tensor, weights: list[BaseWeight], adapters_a
 if HAS_TRITON:
 
     @triton.jit
-    def _rank_tile(P, stride_major, stride_k, major, major_mask, rank, K: tl.constexpr):
-        """A [len(major), K] tile of a rank-r operand: element (i, k) at ``P + major[i] * stride_major
-        + k * stride_k``, the rank padded to K with zeros (K >= 16, as tl.dot wants)."""
+    def _low_rank_tile(L, l_stride, R, r_stride_k, r_stride_n, rows, cols, row_mask, col_mask, rank,
+                       K: tl.constexpr, DOT_FP32: tl.constexpr):
+        """``L[rows, :rank] @ R[:rank, cols]`` as a [BM, BN] fp32 tile (R addressed by strides; the
+        rank padded to K with zeros, K >= 16 as tl.dot wants)."""
         k = tl.arange(0, K)
-        return tl.load(P + major[:, None] * stride_major + k[None, :] * stride_k,
-                       mask=major_mask[:, None] & (k[None, :] < rank), other=0.0)
-
-    @triton.jit
-    def _dot(a, b, DOT_FP32: tl.constexpr):
+        left = tl.load(L + rows[:, None] * l_stride + k[None, :],
+                       mask=row_mask[:, None] & (k[None, :] < rank), other=0.0)
+        right = tl.load(R + k[:, None] * r_stride_k + cols[None, :] * r_stride_n,
+                        mask=(k[:, None] < rank) & col_mask[None, :], other=0.0)
         if DOT_FP32:  # fp32 operands (exact products), and Triton's CPU interpreter has no bf16 dot
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b)  # bf16 / fp16 operands, fp32 accumulate
+            return tl.dot(left.to(tl.float32), right.to(tl.float32), input_precision="ieee")
+        return tl.dot(left, right)  # bf16 / fp16 operands, fp32 accumulate
 
     @triton.jit
-    def _gate_up(G0, U0, BG, BU, xa_g, xa_u, offs, mask, cols, col_mask, r_g, r_u, s_g, s_u,
+    def _gate_up(G0, U0, XA, BG, BU, offs, mask, rows, cols, row_mask, col_mask, xa_stride, r_g, r_u, s_g, s_u,
                  K: tl.constexpr, DOT_FP32: tl.constexpr):
-        """The full gate and up pre-activations of a tile in fp32: base + s * xa B^T (the xa row
-        tiles [BM, K] are loaded once per program)."""
+        """The full gate and up pre-activations of a tile in fp32: base + s * xa B^T."""
         g = tl.load(G0 + offs, mask=mask, other=0.0).to(tl.float32)
-        g += s_g * _dot(xa_g, tl.trans(_rank_tile(BG, r_g, 1, cols, col_mask, r_g, K)), DOT_FP32)
+        g += s_g * _low_rank_tile(XA, xa_stride, BG, 1, r_g, rows, cols, row_mask, col_mask, r_g, K, DOT_FP32)
         u = tl.load(U0 + offs, mask=mask, other=0.0).to(tl.float32)
-        u += s_u * _dot(xa_u, tl.trans(_rank_tile(BU, r_u, 1, cols, col_mask, r_u, K)), DOT_FP32)
+        u += s_u * _low_rank_tile(XA + r_g, xa_stride, BU, 1, r_u, rows, cols, row_mask, col_mask, r_u, K, DOT_FP32)
         return g, u
 
-    # Both kernels: program (i, j) owns rows [i*BM, (i+1)*BM) and the column blocks j, j + G,
-    # j + 2G, ... (G = grid[1]), so the rank-r products that reduce over the hidden columns
-    # (h Ad^T forward, d g Bg and d u Bu backward) accumulate in registers; each program stores
-    # its fp32 partial [BM, r] to P[j] and the G partials are summed after the launch.
-
     @triton.jit
-    def _swiglu_lora_fwd(G0, U0, XA, BG, BU, AD, Y, PD, n_rows, n_cols, xa_stride, r_g, r_u, r_d, s_g, s_u,
+    def _swiglu_lora_fwd(G0, U0, XA, BG, BU, Y, n_rows, n_cols, xa_stride, r_g, r_u, s_g, s_u,
                          BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr, DOT_FP32: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        row_mask = rows < n_rows
-        xa_g = _rank_tile(XA, xa_stride, 1, rows, row_mask, r_g, K)  # (BM, K)
-        xa_u = _rank_tile(XA + r_g, xa_stride, 1, rows, row_mask, r_u, K)
-        acc = tl.zeros([BM, K], dtype=tl.float32)  # h Ad^T over this program's columns
-        for block in range(tl.program_id(1), tl.cdiv(n_cols, BN), tl.num_programs(1)):
-            cols = block * BN + tl.arange(0, BN)
-            col_mask = cols < n_cols
-            offs = rows[:, None] * n_cols + cols[None, :]
-            mask = row_mask[:, None] & col_mask[None, :]
-            g, u = _gate_up(G0, U0, BG, BU, xa_g, xa_u, offs, mask, cols, col_mask, r_g, r_u, s_g, s_u, K, DOT_FP32)
-            h = (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty)
-            tl.store(Y + offs, h, mask=mask)
-            acc += _dot(h, _rank_tile(AD, 1, n_cols, cols, col_mask, r_d, K), DOT_FP32)
-        k = tl.arange(0, K)
-        tl.store(PD + tl.program_id(1) * n_rows * r_d + rows[:, None] * r_d + k[None, :], acc,
-                 mask=row_mask[:, None] & (k[None, :] < r_d))
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        row_mask, col_mask = rows < n_rows, cols < n_cols
+        offs = rows[:, None] * n_cols + cols[None, :]
+        mask = row_mask[:, None] & col_mask[None, :]
+        g, u = _gate_up(G0, U0, XA, BG, BU, offs, mask, rows, cols, row_mask, col_mask, xa_stride, r_g, r_u,
+                        s_g, s_u, K, DOT_FP32)
+        tl.store(Y + offs, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_lora_bwd(DH, GBD, AD, G0, U0, XA, BG, BU, DG, DU, PB, n_rows, n_cols, xa_stride, r_g, r_u, r_d,
+    def _swiglu_lora_bwd(DH, GBD, AD, G0, U0, XA, BG, BU, DG, DU, n_rows, n_cols, xa_stride, r_g, r_u, r_d,
                          s_g, s_u, BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr, DOT_FP32: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        row_mask = rows < n_rows
-        xa_g = _rank_tile(XA, xa_stride, 1, rows, row_mask, r_g, K)  # (BM, K)
-        xa_u = _rank_tile(XA + r_g, xa_stride, 1, rows, row_mask, r_u, K)
-        gbd = _rank_tile(GBD, r_d, 1, rows, row_mask, r_d, K)
-        acc_g = tl.zeros([BM, K], dtype=tl.float32)  # d g Bg and d u Bu over this program's columns
-        acc_u = tl.zeros([BM, K], dtype=tl.float32)
-        for block in range(tl.program_id(1), tl.cdiv(n_cols, BN), tl.num_programs(1)):
-            cols = block * BN + tl.arange(0, BN)
-            col_mask = cols < n_cols
-            offs = rows[:, None] * n_cols + cols[None, :]
-            mask = row_mask[:, None] & col_mask[None, :]
-            # dh = dh0 + gbd Ad: the down projection's input gradient, its rank-r part added here
-            dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-            dh += _dot(gbd, tl.trans(_rank_tile(AD, 1, n_cols, cols, col_mask, r_d, K)), DOT_FP32)
-            g, u = _gate_up(G0, U0, BG, BU, xa_g, xa_u, offs, mask, cols, col_mask, r_g, r_u, s_g, s_u, K, DOT_FP32)
-            sig = tl.sigmoid(g)
-            dg = (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty)
-            du = (dh * g * sig).to(DU.dtype.element_ty)
-            tl.store(DG + offs, dg, mask=mask)
-            tl.store(DU + offs, du, mask=mask)
-            acc_g += _dot(dg, _rank_tile(BG, r_g, 1, cols, col_mask, r_g, K), DOT_FP32)
-            acc_u += _dot(du, _rank_tile(BU, r_u, 1, cols, col_mask, r_u, K), DOT_FP32)
-        k = tl.arange(0, K)
-        r = r_g + r_u
-        out = PB + tl.program_id(1) * n_rows * r + rows[:, None] * r + k[None, :]
-        tl.store(out, s_g * acc_g, mask=row_mask[:, None] & (k[None, :] < r_g))
-        tl.store(out + r_g, s_u * acc_u, mask=row_mask[:, None] & (k[None, :] < r_u))
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        row_mask, col_mask = rows < n_rows, cols < n_cols
+        offs = rows[:, None] * n_cols + cols[None, :]
+        mask = row_mask[:, None] & col_mask[None, :]
+        # dh = dh0 + gbd Ad: the down projection's input gradient, its rank-r part added here
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        dh += _low_rank_tile(GBD, r_d, AD, n_cols, 1, rows, cols, row_mask, col_mask, r_d, K, DOT_FP32)
+        g, u = _gate_up(G0, U0, XA, BG, BU, offs, mask, rows, cols, row_mask, col_mask, xa_stride, r_g, r_u,
+                        s_g, s_u, K, DOT_FP32)
+        sig = tl.sigmoid(g)
+        tl.store(DG + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty), mask=mask)
+        tl.store(DU + offs, (dh * g * sig).to(DU.dtype.element_ty), mask=mask)
 
 
 def _launch_args(g0: torch.Tensor, ranks) -> tuple[tuple[int, int], dict]:
     n_rows, n_cols = g0.shape
     meta = dict(CONFIG, K=max(16, triton.next_power_of_2(max(ranks))),
                 DOT_FP32=g0.dtype == torch.float32 or interpreting())
-    groups = min(meta.pop("GROUPS"), triton.cdiv(n_cols, meta["BN"]))
-    return (triton.cdiv(n_rows, meta["BM"]), groups), meta
-
-
-def _sum_partials(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[G, N, r] fp32 per-program partial sums -> [N, r] in ``dtype``."""
-    return (p[0] if p.shape[0] == 1 else p.sum(0)).to(dtype)
+    return (triton.cdiv(n_rows, meta["BM"]), triton.cdiv(n_cols, meta["BN"])), meta
 
 
 def _swiglu_lora_fwd_eager(g0: torch.Tensor, u0: torch.Tensor, xa: torch.Tensor, bg: torch.Tensor,
-                           bu: torch.Tensor, ad: torch.Tensor, s_g: float,
-                           s_u: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = silu(g) * u`` with ``g = g0 + s_g xa[:, :r_g] bg^T``, ``u = u0 + s_u xa[:, r_g:] bu^T``,
-    and ``h ad^T`` [N, r_d] (the down projection's A product, summed in the kernel)."""
-    g0, u0, xa, bg, bu, ad = (t.contiguous() for t in (g0, u0, xa, bg, bu, ad))
+                           bu: torch.Tensor, s_g: float, s_u: float) -> torch.Tensor:
+    """``silu(g) * u`` with ``g = g0 + s_g xa[:, :r_g] bg^T``, ``u = u0 + s_u xa[:, r_g:] bu^T``."""
+    g0, u0, xa, bg, bu = (t.contiguous() for t in (g0, u0, xa, bg, bu))
     h = torch.empty_like(g0)
-    grid, meta = _launch_args(g0, (bg.shape[1], bu.shape[1], ad.shape[0]))
-    partial = g0.new_empty(grid[1], g0.shape[0], ad.shape[0], dtype=torch.float32)
-    _swiglu_lora_fwd[grid](g0, u0, xa, bg, bu, ad, h, partial, g0.shape[0], g0.shape[1], xa.stride(0), bg.shape[1],
-                           bu.shape[1], ad.shape[0], s_g, s_u, **meta)
-    return h, _sum_partials(partial, g0.dtype)
+    grid, meta = _launch_args(g0, (bg.shape[1], bu.shape[1]))
+    _swiglu_lora_fwd[grid](g0, u0, xa, bg, bu, h, g0.shape[0], g0.shape[1], xa.stride(0), bg.shape[1], bu.shape[1],
+                           s_g, s_u, **meta)
+    return h
 
 
 def _swiglu_lora_bwd_eager(dh0: torch.Tensor, gbd: torch.Tensor, ad: torch.Tensor, g0: torch.Tensor,
                            u0: torch.Tensor, xa: torch.Tensor, bg: torch.Tensor, bu: torch.Tensor, s_g: float,
-                           s_u: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """d gate, d up of the forward above, given ``d h = dh0 + gbd ad``, and
-    ``[s_g dg bg, s_u du bu]`` [N, r_g + r_u] (summed in the kernel)."""
+                           s_u: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """d gate, d up of the forward above, given ``d h = dh0 + gbd ad``."""
     dh0, gbd, ad, g0, u0, xa, bg, bu = (t.contiguous() for t in (dh0, gbd, ad, g0, u0, xa, bg, bu))
     dg, du = torch.empty_like(g0), torch.empty_like(u0)
     grid, meta = _launch_args(g0, (bg.shape[1], bu.shape[1], ad.shape[0]))
-    partial = g0.new_empty(grid[1], g0.shape[0], bg.shape[1] + bu.shape[1], dtype=torch.float32)
-    _swiglu_lora_bwd[grid](dh0, gbd, ad, g0, u0, xa, bg, bu, dg, du, partial, g0.shape[0], g0.shape[1],
-                           xa.stride(0), bg.shape[1], bu.shape[1], ad.shape[0], s_g, s_u, **meta)
-    return dg, du, _sum_partials(partial, g0.dtype)
+    _swiglu_lora_bwd[grid](dh0, gbd, ad, g0, u0, xa, bg, bu, dg, du, g0.shape[0], g0.shape[1], xa.stride(0),
+                           bg.shape[1], bu.shape[1], ad.shape[0], s_g, s_u, **meta)
+    return dg, du
 
 
 # Under torch.compile the launches are opaque custom ops: traced as user-defined Triton kernels,
@@ -193,20 +152,20 @@ _swiglu_lora_bwd_op = torch.library.custom_op("tunelab::swiglu_lora_bwd", mutate
 
 
 @_swiglu_lora_fwd_op.register_fake
-def _(g0, u0, xa, bg, bu, ad, s_g, s_u):
-    return torch.empty_like(g0), g0.new_empty(g0.shape[0], ad.shape[0])
+def _(g0, u0, xa, bg, bu, s_g, s_u):
+    return torch.empty_like(g0)
 
 
 @_swiglu_lora_bwd_op.register_fake
 def _(dh0, gbd, ad, g0, u0, xa, bg, bu, s_g, s_u):
-    return torch.empty_like(g0), torch.empty_like(u0), g0.new_empty(g0.shape[0], bg.shape[1] + bu.shape[1])
+    return torch.empty_like(g0), torch.empty_like(u0)
 
 
-def _swiglu_lora_fwd_call(*args) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_lora_fwd_call(*args) -> torch.Tensor:
     return _swiglu_lora_fwd_op(*args) if torch.compiler.is_compiling() else _swiglu_lora_fwd_eager(*args)
 
 
-def _swiglu_lora_bwd_call(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _swiglu_lora_bwd_call(*args) -> tuple[torch.Tensor, torch.Tensor]:
     return _swiglu_lora_bwd_op(*args) if torch.compiler.is_compiling() else _swiglu_lora_bwd_eager(*args)
 
 
@@ -231,7 +190,8 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         xa = x2 @ a_gu.t()  # (N, r_g + r_u)
         g0 = x2 @ _dense(w_g, dt).t()  # (N, hidden): base products only, the updates come in the kernel
         u0 = x2 @ _dense(w_u, dt).t()
-        h, xa_d = _swiglu_lora_fwd_call(g0, u0, xa, bg, bu, ad, s_g, s_u)  # (N, hidden), (N, r_d) = h Ad^T
+        h = _swiglu_lora_fwd_call(g0, u0, xa, bg, bu, s_g, s_u)  # (N, hidden)
+        xa_d = h @ ad.t()  # (N, r_d)
         out = mm_plus_low_rank(h, _dense(w_d, dt).t(), xa_d, bd.t(), s_d, skip=not compute_output)
         weights = (w_g, w_u, w_d)
         ctx.weight_fns = [None if isinstance(w, torch.Tensor) else w for w in weights]
@@ -251,9 +211,9 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)  # (N, dim)
         gbd = (g @ bd).mul_(s_d)  # (N, r_d)
         dh0 = g @ _dense(w_d, g.dtype)  # (N, hidden): base part of d h; the kernel adds gbd Ad
-        # dg, du (N, hidden) each; gb = [s_g dg Bg, s_u du Bu] (N, r_g + r_u)
-        dg, du, gb = _swiglu_lora_bwd_call(dh0, gbd, ad, g0, u0, xa, bg, bu, s_g, s_u)
+        dg, du = _swiglu_lora_bwd_call(dh0, gbd, ad, g0, u0, xa, bg, bu, s_g, s_u)  # (N, hidden) each
         del dh0
+        gb = torch.cat([(dg @ bg).mul_(s_g), (du @ bu).mul_(s_u)], dim=1)  # (N, r_g + r_u), scaled
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = group_input_grad(gb, a_gu, [dg, du], [w_g, w_u]).view(ctx.shape)
