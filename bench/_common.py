@@ -202,16 +202,31 @@ def kernel_breakdown(step, *, steps: int, device: torch.device) -> dict:
     """Profile ``steps`` calls of ``step()`` and sum GPU kernel time by phase (PHASES).
 
     Returns {"step_ms": wall ms per step, "gpu_busy_ms": summed kernel ms per step, "phases":
-    {phase: ms per step}, "top": the 25 costliest kernels [name, calls per step, ms per step]}.
+    {phase: ms per step}, "top": the 25 costliest kernels [name, calls per step, ms per step],
+    "kernels_per_step", "by_duration": {bucket: [kernels per step, ms per step]} (how much of the
+    step small kernels take), "short_gaps_ms": idle ms per step in gaps under 20 us between
+    consecutive kernels (the launch-to-launch cost a CUDA graph still pays per kernel)}.
     Kernel sums can exceed wall time only where streams overlap (the offload side stream)."""
     prof, wall = _profiled(step, steps=steps, device=device)
     totals: dict[str, list] = {}
+    spans = []
     for evt in prof.events():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         t = totals.setdefault(evt.name, [0, 0.0])
         t[0] += 1
         t[1] += evt.time_range.elapsed_us() / 1000.0  # a kernel event spans its GPU run; us -> ms
+        spans.append((evt.time_range.start, evt.time_range.end))
+    buckets = {"<5us": [0, 0.0], "5-20us": [0, 0.0], "20-100us": [0, 0.0], ">=100us": [0, 0.0]}
+    short_gaps, busy_end = 0.0, None
+    for start, end in sorted(spans):
+        us = end - start
+        b = buckets["<5us" if us < 5 else "5-20us" if us < 20 else "20-100us" if us < 100 else ">=100us"]
+        b[0] += 1
+        b[1] += us / 1000.0
+        if busy_end is not None and 0 < start - busy_end < 20:
+            short_gaps += (start - busy_end) / 1000.0
+        busy_end = end if busy_end is None else max(busy_end, end)
     phases: dict[str, float] = {}
     for name, (_, ms) in totals.items():
         low = name.lower()
@@ -223,6 +238,9 @@ def kernel_breakdown(step, *, steps: int, device: torch.device) -> dict:
         "gpu_busy_ms": round(sum(ms for _, ms in totals.values()) / steps, 1),
         "phases": {k: round(v, 2) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
         "top": [[name[:120], round(n / steps, 1), round(ms / steps, 2)] for name, (n, ms) in top],
+        "kernels_per_step": round(len(spans) / steps, 1),
+        "by_duration": {k: [round(n / steps, 1), round(ms / steps, 2)] for k, (n, ms) in buckets.items()},
+        "short_gaps_ms": round(short_gaps / steps, 2),
     }
 
 

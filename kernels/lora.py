@@ -65,30 +65,34 @@ class _FrozenLinear(torch.autograd.Function):
 
 
 def _mm_plus_low_rank_eager(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
-                            alpha: float, skip: bool = False) -> torch.Tensor:
+                            alpha: float, skip: bool = False, c: torch.Tensor | None = None) -> torch.Tensor:
     if skip:  # an output nobody reads (see LoRALinearFunction's compute_output): no GEMM
         return m1.new_empty(m1.shape[0], m2.shape[1])
     # The rank-r product first, then the big GEMM accumulates onto it (beta = alpha scales the
     # update): its epilogue reads the update while the GEMM is compute-bound, where adding the
     # update afterwards was a separate memory-bound pass over the [N, out] result (read + write;
     # ~23 ms of a 360 ms 8B lean step on an H200, bench/results/breakdown.jsonl).
-    return torch.mm(l1, l2).addmm_(m1, m2, beta=alpha)
+    if c is None:
+        return torch.mm(l1, l2).addmm_(m1, m2, beta=alpha)
+    # a residual: the rank-r GEMM reads it as its C, instead of a separate add pass over the sum
+    return torch.addmm(c, l1, l2, alpha=alpha).addmm_(m1, m2)
 
 
 @torch.library.custom_op("tunelab::mm_plus_low_rank", mutates_args=())
 def _mm_plus_low_rank_op(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
-                         alpha: float, skip: bool = False) -> torch.Tensor:
-    return _mm_plus_low_rank_eager(m1, m2, l1, l2, alpha, skip)
+                         alpha: float, skip: bool = False, c: torch.Tensor | None = None) -> torch.Tensor:
+    return _mm_plus_low_rank_eager(m1, m2, l1, l2, alpha, skip, c)
 
 
 @_mm_plus_low_rank_op.register_fake
-def _(m1, m2, l1, l2, alpha, skip=False):
+def _(m1, m2, l1, l2, alpha, skip=False, c=None):
     return m1.new_empty(m1.shape[0], m2.shape[1])
 
 
 def mm_plus_low_rank(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
-                     alpha: float, skip: bool = False) -> torch.Tensor:
-    """``m1 @ m2 + alpha * l1 @ l2`` (l1 @ l2 of rank r): the update, then the GEMM added onto it in place.
+                     alpha: float, skip: bool = False, c: torch.Tensor | None = None) -> torch.Tensor:
+    """``m1 @ m2 + alpha * l1 @ l2`` (l1 @ l2 of rank r), plus ``c`` [N, out] if given (a
+    residual): the update, then the GEMM added onto it in place.
 
     Under torch.compile the in-place add would be functionalized into an out-of-place addmm,
     which inductor runs as a copy of the base product plus the addmm (an extra read and write
@@ -99,15 +103,16 @@ def mm_plus_low_rank(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: t
     as one that computes, so both save the same tensors for backward (checkpointing checks).
     """
     if torch.compiler.is_compiling():
-        return _mm_plus_low_rank_op(m1, m2, l1, l2, alpha, skip)
-    return _mm_plus_low_rank_eager(m1, m2, l1, l2, alpha, skip)
+        return _mm_plus_low_rank_op(m1, m2, l1, l2, alpha, skip, c)
+    return _mm_plus_low_rank_eager(m1, m2, l1, l2, alpha, skip, c)
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``x W0^T + s (x A^T) B^T`` with a hand-written backward (see the module docstring)."""
+    """``x W0^T + s (x A^T) B^T`` (``+ residual`` if given) with a hand-written backward (see
+    the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scaling: float, compute_output: bool = True):
+    def forward(ctx, x, weight, lora_a, lora_b, scaling: float, compute_output: bool = True, residual=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         # Mixed precision: fp32 adapters are cast down to x's dtype (A is only [r, in]);
@@ -116,7 +121,8 @@ class LoRALinearFunction(torch.autograd.Function):
         xa = F.linear(x2, a)  # (N, r)
         # (N, out); compute_output=False: the caller never reads it (a checkpoint recompute), the
         # backward needs only what is saved below
-        out = mm_plus_low_rank(x2, _dense(weight, x.dtype).t(), xa, b.t(), scaling, skip=not compute_output)
+        out = mm_plus_low_rank(x2, _dense(weight, x.dtype).t(), xa, b.t(), scaling, skip=not compute_output,
+                               c=None if residual is None else residual.reshape(-1, residual.shape[-1]))
         if isinstance(weight, torch.Tensor):
             ctx.weight_fn = None
             ctx.save_for_backward(x2, xa, weight, a, b)
@@ -126,6 +132,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.shape = shape
         ctx.adapter_dtype = lora_a.dtype
+        ctx.has_residual = residual is not None
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -148,7 +155,9 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_a = (gb.t() @ x2).mul_(s).to(ctx.adapter_dtype)  # (r, in)
         if ctx.needs_input_grad[3]:
             grad_b = (g.t() @ xa).mul_(s).to(ctx.adapter_dtype)  # (out, r)
-        return grad_x, grad_w, grad_a, grad_b, None, None
+        # the residual's gradient is the output's (returned only when one was passed)
+        grad_residual = grad_out if ctx.has_residual else None
+        return grad_x, grad_w, grad_a, grad_b, None, None, grad_residual
 
 
 @torch.library.custom_op("tunelab::mm_sum_plus_low_rank", mutates_args=())
@@ -267,7 +276,7 @@ def lora_linear_group(x: torch.Tensor, weights: list[BaseWeight], adapters_a: li
 
 def lora_linear(
     x: torch.Tensor, weight: BaseWeight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-    compute_output: bool = True,
+    compute_output: bool = True, residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LoRA linear without dropout: the fused autograd function where the kernels run (CUDA by
     default, see ``tunelab.kernels`` backends), the PyTorch reference elsewhere.
@@ -282,10 +291,13 @@ def lora_linear(
         compute_output: False where the caller will not read the result (a checkpoint
             recompute): the fused function then skips the base GEMM but saves the same tensors
             for backward. The reference path always computes it.
+        residual: optional [..., out] added to the result (a transformer's residual stream):
+            the fused function adds it inside the rank-r GEMM, saving a separate add pass.
 
     Returns:
         [..., out] in x's dtype.
     """
     if use_triton(x):
-        return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scaling, compute_output)
-    return lora_linear_reference(x, weight, lora_a, lora_b, scaling)
+        return LoRALinearFunction.apply(x, weight, lora_a, lora_b, scaling, compute_output, residual)
+    out = lora_linear_reference(x, weight, lora_a, lora_b, scaling)
+    return out if residual is None else residual + out

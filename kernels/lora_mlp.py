@@ -173,13 +173,14 @@ class LoRASwiGLUFunction(torch.autograd.Function):
     """The LoRA SwiGLU MLP as one node (see the module docstring).
 
     Args after ``x`` [..., dim]: ``scalings`` (gate, up, down), ``compute_output`` (False: the
-    down projection's base GEMM is skipped, as ``lora_linear``'s ``compute_output``), then the
+    down projection's base GEMM is skipped, as ``lora_linear``'s ``compute_output``),
+    ``residual`` (None, or [..., dim] added to the output inside the down GEMMs), then the
     bases Wg, Wu [hidden, dim], Wd [dim, hidden] (frozen; dense or dequantizing functions), the
     A's Ag, Au [r, dim], Ad [r, hidden] and the B's Bg, Bu [hidden, r], Bd [dim, r].
     """
 
     @staticmethod
-    def forward(ctx, x, scalings, compute_output, *args):
+    def forward(ctx, x, scalings, compute_output, residual, *args):
         (w_g, w_u, w_d), (a_g, a_u, a_d), adapters_b = args[:3], args[3:6], args[6:]
         s_g, s_u, s_d = scalings
         dt, shape = x.dtype, x.shape
@@ -192,7 +193,8 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         u0 = x2 @ _dense(w_u, dt).t()
         h = _swiglu_lora_fwd_call(g0, u0, xa, bg, bu, s_g, s_u)  # (N, hidden)
         xa_d = h @ ad.t()  # (N, r_d)
-        out = mm_plus_low_rank(h, _dense(w_d, dt).t(), xa_d, bd.t(), s_d, skip=not compute_output)
+        out = mm_plus_low_rank(h, _dense(w_d, dt).t(), xa_d, bd.t(), s_d, skip=not compute_output,
+                               c=None if residual is None else residual.reshape(-1, residual.shape[-1]))
         weights = (w_g, w_u, w_d)
         ctx.weight_fns = [None if isinstance(w, torch.Tensor) else w for w in weights]
         ctx.save_for_backward(x2, xa, g0, u0, h, xa_d, a_gu, ad, bg, bu, bd,
@@ -222,11 +224,13 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         grads_a = (grad_a_gu[:r_g].to(dt_g), grad_a_gu[r_g:].to(dt_u), (gbd.t() @ h).to(dt_d))
         grads_b = ((dg.t() @ xa[:, :r_g]).mul_(s_g).to(dt_g), (du.t() @ xa[:, r_g:]).mul_(s_u).to(dt_u),
                    (g.t() @ xa_d).mul_(s_d).to(dt_d))
-        return (grad_x, None, None, None, None, None, *grads_a, *grads_b)
+        grad_residual = grad_out if ctx.needs_input_grad[3] else None
+        return (grad_x, None, None, grad_residual, None, None, None, *grads_a, *grads_b)
 
 
 def lora_swiglu(x: torch.Tensor, weights: list[BaseWeight], adapters_a: list[torch.Tensor],
-                adapters_b: list[torch.Tensor], scalings: list[float], compute_output: bool = True) -> torch.Tensor:
+                adapters_b: list[torch.Tensor], scalings: list[float], compute_output: bool = True,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` with three LoRA projections: :class:`LoRASwiGLUFunction`
     where the kernels run and every rank is at most ``MAX_RANK``, the reference elsewhere.
 
@@ -238,10 +242,14 @@ def lora_swiglu(x: torch.Tensor, weights: list[BaseWeight], adapters_a: list[tor
         adapters_b: Bg, Bu [hidden, r], Bd [dim, r].
         scalings: ``alpha / r`` of each.
         compute_output: False where the caller will not read the result (a checkpoint recompute).
+        residual: optional [..., dim] added to the result (the residual stream), inside the
+            down projection's GEMMs on the fused path.
 
     Returns:
         [..., dim] in x's dtype.
     """
     if use_triton(x) and max(a.shape[0] for a in adapters_a) <= MAX_RANK:
-        return LoRASwiGLUFunction.apply(x, tuple(scalings), compute_output, *weights, *adapters_a, *adapters_b)
-    return lora_swiglu_reference(x, weights, adapters_a, adapters_b, scalings)
+        return LoRASwiGLUFunction.apply(x, tuple(scalings), compute_output, residual, *weights, *adapters_a,
+                                        *adapters_b)
+    out = lora_swiglu_reference(x, weights, adapters_a, adapters_b, scalings)
+    return out if residual is None else residual + out

@@ -46,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from tunelab.errors import ConfigError
-from tunelab.modules.peft.lora import project
+from tunelab.modules.peft.lora import project, project_onto
 from tunelab.modules.recompute import is_recomputing, keeps_regions, kept
 from tunelab.modules.rope import apply_rope
 
@@ -405,10 +405,12 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | BlockMask | None = None,
         input_pos: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [b, s, dim], cos/sin [b, s, head_dim], mask None (causal), a ``BlockMask`` for
         [b, 1, s, s] or bool broadcastable to [b, n_heads, s, s_kv], input_pos [s] (only with a
-        KV cache) -> [b, s, dim]."""
+        KV cache) -> [b, s, dim]; ``residual`` [b, s, dim], if given, is added to the result
+        (inside the output projection's GEMMs where it is a fused LoRA layer)."""
         b, s, _ = x.shape
         keep = self.kv_cache is None and keeps_regions()
         # one LoRA node when all three are adapted; a rerun that replays the kept attention below
@@ -429,4 +431,4 @@ class Attention(nn.Module):
                 k, v = self.kv_cache.update(input_pos, k, v)  # (b, nkv, max_seq_len, hd)
             out = attend(q, k, v, mask)  # (b, nh, s, hd)
         out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)  # (b, s, nh*hd)
-        return self.o_proj(out)
+        return self.o_proj(out) if residual is None else project_onto(out, self.o_proj, residual)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tunelab.kernels import swiglu
-from tunelab.modules.peft.lora import lora_mlp, project
+from tunelab.modules.peft.lora import lora_mlp, project, project_onto
 from tunelab.modules.recompute import is_recomputing
 
 
@@ -27,13 +27,17 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., dim] -> [..., dim]; ``residual`` [..., dim], if given, is added to the result
+        (inside the down projection's GEMMs where it is a fused LoRA layer)."""
         # checkpointing's rerun only refills saved tensors: nothing reads the output there
         unread = is_recomputing()
-        out = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, unread=unread)
+        out = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, unread=unread, residual=residual)
         if out is not None:  # all three LoRA-adapted: one fused node
             return out
         gate, up = project(x, self.gate_proj, self.up_proj)  # one LoRA node when both are adapted
         hidden = swiglu(gate, up)  # silu(gate) * up
+        if residual is not None and not unread:
+            return project_onto(hidden, self.down_proj, residual)
         (out,) = project(hidden, self.down_proj, unread=unread)
-        return out
+        return out if residual is None else residual + out

@@ -44,8 +44,9 @@ class TransformerDecoderLayer(nn.Module):
         mask: torch.Tensor | BlockMask | None = None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask=mask, input_pos=input_pos)
-        return h + self.mlp(self.mlp_norm(h))
+        # the residual adds happen inside the output projections (see project_onto)
+        h = self.attn(self.attn_norm(x), cos, sin, mask=mask, input_pos=input_pos, residual=x)
+        return self.mlp(self.mlp_norm(h), residual=h)
 
 
 class TransformerDecoder(nn.Module):

@@ -242,7 +242,18 @@ def project(x: torch.Tensor, *layers: nn.Module, unread: bool = False) -> tuple[
     return tuple(m(x) for m in layers)
 
 
-def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, unread: bool = False):
+def project_onto(x: torch.Tensor, layer: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + layer(x)`` (a projection back onto the residual stream): for an active LoRA
+    layer on the fused path with a frozen base, the add happens inside its rank-r GEMM
+    (``lora_linear``'s ``residual``) instead of as a separate pass over [tokens, dim]."""
+    base = _frozen_fused_base(layer, x)
+    if base is None or residual.dtype != x.dtype:
+        return residual + layer(x)
+    return lora_linear(x, base, layer.lora_a.weight, layer.lora_b.weight, layer.scaling, residual=residual)
+
+
+def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, unread: bool = False,
+             residual: torch.Tensor | None = None):
     """``down(silu(gate(x)) * up(x))`` as one fused LoRA node (:func:`~tunelab.kernels.lora_mlp.lora_swiglu`:
     the gate / up updates added inside the SwiGLU kernels, the down projection's input-gradient
     update in its backward) where all three are active LoRA layers on the fused path with frozen
@@ -254,14 +265,16 @@ def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, u
         gate, up, down: the three projections.
         unread: the caller will not read the result (a checkpoint recompute): the down
             projection's base GEMM is skipped.
+        residual: optional [..., dim] added to the result inside the down projection's GEMMs
+            (as :func:`project_onto`).
     """
     layers = (gate, up, down)
     bases = [_frozen_fused_base(m, x) for m in layers]
     if (any(b is None for b in bases) or len({m.lora_a.weight.dtype for m in layers}) > 1
-            or max(m.rank for m in layers) > MAX_RANK):
+            or max(m.rank for m in layers) > MAX_RANK or (residual is not None and residual.dtype != x.dtype)):
         return None
     return lora_swiglu(x, bases, [m.lora_a.weight for m in layers], [m.lora_b.weight for m in layers],
-                       [m.scaling for m in layers], compute_output=not unread)
+                       [m.scaling for m in layers], compute_output=not unread, residual=residual)
 
 
 def _check_lora_args(rank: int, alpha: float, dropout: float) -> None:

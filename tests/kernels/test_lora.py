@@ -50,6 +50,40 @@ def test_fp32_matches_reference(w_grad):
         torch.testing.assert_close(x, y, **TOL)
 
 
+def test_residual_is_added_by_the_gemm_and_gets_the_output_gradient():
+    """``residual`` (a transformer's residual stream) enters the rank-r GEMM as its C: the output
+    is the reference's plus the residual (fp32 1e-5), the residual's gradient is d out exactly
+    and the other gradients are those without it."""
+    x, w, a, b, dy = _inputs(7, 24, 40, 4, torch.float32, torch.float32, seed=3)
+    residual = torch.randn(dy.shape, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    ours = _run(lambda *args: LoRALinearFunction.apply(*args, True, residual), x, w, a, b, dy)
+    ref = _run(lora_linear_reference, x, w, a, b, dy)
+    torch.testing.assert_close(ours[0], ref[0] + residual, **TOL)
+    for got, want in zip(ours[1:], ref[1:]):
+        torch.testing.assert_close(got, want, **TOL)
+    y = LoRALinearFunction.apply(x, w, a, b, 2.0, True, residual)
+    (grad,) = torch.autograd.grad(y, [residual], dy)
+    torch.testing.assert_close(grad, dy, rtol=0, atol=0)
+
+
+def test_project_onto_folds_the_residual_only_into_fused_lora_layers():
+    """project_onto: a fused LoRA layer takes the residual inside its node; a plain linear (and
+    the kernels-off path) adds it; all equal residual + layer(x)."""
+    from tunelab.modules.peft.lora import project_onto
+
+    torch.manual_seed(5)
+    lora, plain = LoRALinear(16, 24, rank=4, alpha=8), torch.nn.Linear(16, 24, bias=False)
+    torch.nn.init.normal_(lora.lora_b.weight)
+    x, residual = torch.randn(2, 3, 16), torch.randn(2, 3, 24)
+    for layer in (lora, plain):
+        for name in ("triton", "reference"):
+            with backend(name):
+                y = project_onto(x, layer, residual)
+            fused = name == "triton" and layer is lora
+            assert ("LoRALinearFunction" in type(y.grad_fn).__name__) == fused
+            torch.testing.assert_close(y, residual + layer(x), **TOL)
+
+
 @pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
 def test_bf16_base_within_bf16_noise(adapter_dtype, assert_bf16_close):
     args = _inputs(9, 64, 48, 8, torch.bfloat16, adapter_dtype, seed=1)
@@ -150,11 +184,14 @@ def test_mm_plus_low_rank_op_passes_opcheck():
     g = torch.Generator().manual_seed(5)
     m1, m2 = torch.randn(6, 10, generator=g), torch.randn(10, 7, generator=g)
     l1, l2 = torch.randn(6, 3, generator=g), torch.randn(3, 7, generator=g)
-    for skip in (False, True):
-        torch.library.opcheck(_mm_plus_low_rank_op, (m1, m2, l1, l2, 0.5, skip),
+    c = torch.randn(6, 7, generator=g)
+    for skip, residual in ((False, None), (True, None), (False, c)):
+        torch.library.opcheck(_mm_plus_low_rank_op, (m1, m2, l1, l2, 0.5, skip, residual),
                               test_utils=("test_schema", "test_faketensor"))
     assert _mm_plus_low_rank_op(m1, m2, l1, l2, 0.5, True).shape == (6, 7)
     torch.testing.assert_close(_mm_plus_low_rank_op(m1, m2, l1, l2, 0.5), m1 @ m2 + 0.5 * l1 @ l2, **TOL)
+    torch.testing.assert_close(_mm_plus_low_rank_op(m1, m2, l1, l2, 0.5, False, c), c + m1 @ m2 + 0.5 * l1 @ l2,
+                               **TOL)
 
 
 @needs_triton
@@ -335,9 +372,9 @@ def test_recompute_skips_the_unread_down_projection(monkeypatch, compiled):
     skips = []
     eager_mm = lora_mod._mm_plus_low_rank_eager
 
-    def spy(m1, m2, l1, l2, alpha, skip=False):
+    def spy(m1, m2, l1, l2, alpha, skip=False, c=None):
         skips.append(skip)
-        return eager_mm(m1, m2, l1, l2, alpha, skip)
+        return eager_mm(m1, m2, l1, l2, alpha, skip, c)
 
     monkeypatch.setattr(lora_mod, "_mm_plus_low_rank_eager", spy)
     torch.manual_seed(9)

@@ -43,8 +43,8 @@ def _grads(fn, x, ws, As, Bs, dy, scalings=(2.0, 0.5, 1.5)):
     return [y, *torch.autograd.grad(y, [x, *As, *Bs], dy)]
 
 
-def _fused(compute_output=True):
-    return lambda x, ws, As, Bs, s: LoRASwiGLUFunction.apply(x, tuple(s), compute_output, *ws, *As, *Bs)
+def _fused(compute_output=True, residual=None):
+    return lambda x, ws, As, Bs, s: LoRASwiGLUFunction.apply(x, tuple(s), compute_output, residual, *ws, *As, *Bs)
 
 
 @pytest.mark.parametrize("base", ["dense", "function"])
@@ -78,6 +78,25 @@ def test_skipped_output_gives_the_same_gradients(device):
     ours = _grads(_fused(compute_output=False), x, ws, As, Bs, dy)[1:]
     ref = _grads(_fused(), x, ws, As, Bs, dy)[1:]
     for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_residual_is_added_inside_and_gets_the_output_gradient(device):
+    """``residual`` (the residual stream) is added by the down GEMMs: output = reference +
+    residual, the residual's gradient is d out, every other gradient is unchanged (fp32 1e-5)."""
+    x, ws, As, Bs, dy = _inputs(device, seed=6)
+    residual = torch.randn(dy.shape, generator=torch.Generator().manual_seed(7)).to(device).requires_grad_()
+    y = lora_swiglu(x, ws, As, Bs, [2.0, 0.5, 1.5], residual=residual)
+    with backend("triton"):
+        ours = lora_swiglu(x, ws, As, Bs, [2.0, 0.5, 1.5], residual=residual)
+    assert "LoRASwiGLU" in type(ours.grad_fn).__name__
+    torch.testing.assert_close(ours, y, **TOL)
+    (grad,) = torch.autograd.grad(ours, [residual], dy)
+    torch.testing.assert_close(grad, dy, rtol=0, atol=0)
+    with_res = _grads(_fused(residual=residual.detach()), x, ws, As, Bs, dy)
+    without = _grads(_fused(), x, ws, As, Bs, dy)
+    torch.testing.assert_close(with_res[0], without[0] + residual.detach(), **TOL)
+    for a, b in zip(with_res[1:], without[1:]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

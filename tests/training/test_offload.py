@@ -123,9 +123,9 @@ def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypat
     skips, kept_calls = [], []
     eager_mm, rope_attention = lora_kernels._mm_plus_low_rank_eager, attention.rope_attention
 
-    def spy_mm(m1, m2, l1, l2, alpha, skip=False):
+    def spy_mm(m1, m2, l1, l2, alpha, skip=False, c=None):
         skips.append(skip)
-        return eager_mm(m1, m2, l1, l2, alpha, skip)
+        return eager_mm(m1, m2, l1, l2, alpha, skip, c)
 
     def spy_attention(*args):
         kept_calls.append(1)
