@@ -205,7 +205,8 @@ def kernel_breakdown(step, *, steps: int, device: torch.device) -> dict:
     {phase: ms per step}, "top": the 25 costliest kernels [name, calls per step, ms per step],
     "kernels_per_step", "by_duration": {bucket: [kernels per step, ms per step]} (how much of the
     step small kernels take), "short_gaps_ms": idle ms per step in gaps under 20 us between
-    consecutive kernels (the launch-to-launch cost a CUDA graph still pays per kernel)}.
+    consecutive kernels (the launch-to-launch cost a CUDA graph still pays per kernel),
+    "short_kernels": the 15 most frequent kernels under 5 us [name, calls per step]}.
     Kernel sums can exceed wall time only where streams overlap (the offload side stream)."""
     prof, wall = _profiled(step, steps=steps, device=device)
     totals: dict[str, list] = {}
@@ -216,14 +217,17 @@ def kernel_breakdown(step, *, steps: int, device: torch.device) -> dict:
         t = totals.setdefault(evt.name, [0, 0.0])
         t[0] += 1
         t[1] += evt.time_range.elapsed_us() / 1000.0  # a kernel event spans its GPU run; us -> ms
-        spans.append((evt.time_range.start, evt.time_range.end))
+        spans.append((evt.time_range.start, evt.time_range.end, evt.name))
     buckets = {"<5us": [0, 0.0], "5-20us": [0, 0.0], "20-100us": [0, 0.0], ">=100us": [0, 0.0]}
+    short_names: dict[str, int] = {}
     short_gaps, busy_end = 0.0, None
-    for start, end in sorted(spans):
+    for start, end, name in sorted(spans):
         us = end - start
         b = buckets["<5us" if us < 5 else "5-20us" if us < 20 else "20-100us" if us < 100 else ">=100us"]
         b[0] += 1
         b[1] += us / 1000.0
+        if us < 5:
+            short_names[name] = short_names.get(name, 0) + 1
         if busy_end is not None and 0 < start - busy_end < 20:
             short_gaps += (start - busy_end) / 1000.0
         busy_end = end if busy_end is None else max(busy_end, end)
@@ -241,6 +245,8 @@ def kernel_breakdown(step, *, steps: int, device: torch.device) -> dict:
         "kernels_per_step": round(len(spans) / steps, 1),
         "by_duration": {k: [round(n / steps, 1), round(ms / steps, 2)] for k, (n, ms) in buckets.items()},
         "short_gaps_ms": round(short_gaps / steps, 2),
+        "short_kernels": [[name[:100], round(n / steps, 1)]
+                          for name, n in sorted(short_names.items(), key=lambda kv: -kv[1])[:15]],
     }
 
 

@@ -55,7 +55,7 @@ def test_residual_is_added_by_the_gemm_and_gets_the_output_gradient():
     is the reference's plus the residual (fp32 1e-5), the residual's gradient is d out exactly
     and the other gradients are those without it."""
     x, w, a, b, dy = _inputs(7, 24, 40, 4, torch.float32, torch.float32, seed=3)
-    residual = torch.randn(dy.shape, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    residual = torch.randn(dy.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE).requires_grad_()
     ours = _run(lambda *args: LoRALinearFunction.apply(*args, True, residual), x, w, a, b, dy)
     ref = _run(lora_linear_reference, x, w, a, b, dy)
     torch.testing.assert_close(ours[0], ref[0] + residual, **TOL)
@@ -74,7 +74,8 @@ def test_project_onto_folds_the_residual_only_into_fused_lora_layers():
     torch.manual_seed(5)
     lora, plain = LoRALinear(16, 24, rank=4, alpha=8), torch.nn.Linear(16, 24, bias=False)
     torch.nn.init.normal_(lora.lora_b.weight)
-    x, residual = torch.randn(2, 3, 16), torch.randn(2, 3, 24)
+    lora, plain = lora.to(DEVICE), plain.to(DEVICE)
+    x, residual = torch.randn(2, 3, 16, device=DEVICE), torch.randn(2, 3, 24, device=DEVICE)
     for layer in (lora, plain):
         for name in ("triton", "reference"):
             with backend(name):
