@@ -240,6 +240,19 @@ def test_native_gqa_equals_expanded_kv(monkeypatch, backend):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_auto_hands_grouped_kv_only_where_the_kernels_take_them(monkeypatch):
+    """auto: enable_gqa=True for bf16/fp16 CUDA tensors on compute capability 8.0+ (flash and
+    cuDNN take grouped k/v), expanded copies for CPU tensors, fp32 and older GPUs."""
+    import types
+
+    for major, dtype, device, want in ((9, torch.bfloat16, "cuda", True), (8, torch.float16, "cuda", True),
+                                       (7, torch.float16, "cuda", False), (9, torch.float32, "cuda", False),
+                                       (9, torch.bfloat16, "cpu", False)):
+        monkeypatch.setattr(A, "_capability_at_least_8", lambda index, major=major: major >= 8)
+        q = types.SimpleNamespace(is_cuda=device == "cuda", dtype=dtype, device=torch.device(device, 0))
+        assert A._gqa_kernels(q) == want, (major, dtype, device)
+
+
 def test_policy_parses_every_value():
     auto = A.parse_sdpa_backend("auto")
     assert auto.backends is None and not auto.native_gqa
@@ -371,6 +384,33 @@ def test_cuda_flex_matches_dense_bf16(wrapped):
     assert _rel(flex, dense) <= 2e-2
     for (name, _), a, b in zip(model.named_parameters(), g_flex, g_dense):
         assert _rel(a, b) <= 2e-2, name
+
+
+@cuda
+def test_cuda_auto_hands_grouped_kv_in_a_compiled_layer(monkeypatch):
+    """On an sm80+ GPU in bf16 the auto path gives SDPA the 8 kv heads (enable_gqa) also inside a
+    compiled layer (one graph: the capability check is a traced constant), and equals the
+    expanded-k/v path within bf16 noise."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("grouped k/v are handed over on compute capability 8.0+ only")
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q_, k_, v_, *args, **kwargs):
+        seen.append((k_.shape[1], kwargs.get("enable_gqa", False)))
+        return real_sdpa(q_, k_, v_, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    q = torch.randn(2, 32, 256, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 8, 256, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    torch._dynamo.reset()
+    compiled = torch.compile(A.causal_attention, fullgraph=True)
+    out = compiled(q, k, v)
+    assert seen == [(8, True)]
+    expanded = real_sdpa(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True)
+    torch.testing.assert_close(out, expanded, atol=2e-2, rtol=2e-2)
+    torch._dynamo.reset()
 
 
 @cuda
