@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-ac", dest="ac", action="store_false", help="no activation checkpointing")
+    ap.add_argument("--ac-every", type=int, default=1, help="checkpoint every k-th layer only (selective)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (as the 8B configs)")
     ap.add_argument("--offload", action="store_true", help="offload_activations: checkpointed layer inputs in pinned CPU memory")
     ap.add_argument("--graph", action="store_true", default=os.environ.get("GRAPH") == "1", help="replay the whole step as one CUDA graph (GraphedStep)")
@@ -53,7 +54,8 @@ def main() -> None:
     adapter_dtype = torch.float32 if opts.adapter_dtype == "fp32" else torch.bfloat16
     apply_lora(model, TARGETS, rank=16, alpha=32, adapter_dtype=adapter_dtype)
     set_trainable_params(model)
-    wrap_layers(model, activation_checkpointing=opts.ac, compile_layers=opts.compile, offload_activations=opts.offload)
+    wrap_layers(model, activation_checkpointing=opts.ac and opts.ac_every, compile_layers=opts.compile,
+                offload_activations=opts.offload)
     model.train()
     params = list(get_adapter_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda", capturable=opts.graph)
@@ -75,7 +77,8 @@ def main() -> None:
         "torch": torch.__version__,
         "system": "tunelab",
         "profile": profile,
-        "config": f"{opts.shape} bs{opts.batch} seq{opts.seq} lora r16 all-linear ac={opts.ac} "
+        "config": f"{opts.shape} bs{opts.batch} seq{opts.seq} lora r16 all-linear "
+                  f"ac={opts.ac if opts.ac_every == 1 or not opts.ac else f'every{opts.ac_every}'} "
                   f"compile={opts.compile} offload={opts.offload} graph={opts.graph} fused-ce adapters={opts.adapter_dtype}",
         "tokens_per_s": round(tokens_per_s, 1),
         "peak_gib": peak_gib(device),

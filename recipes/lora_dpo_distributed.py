@@ -97,7 +97,7 @@ class RecipeConfig:
     dtype: Literal["bf16", "fp32"]
     fsdp: FSDPConfig
     dist_timeout_s: int  # a collective waiting longer than this fails the job instead of hanging
-    activation_checkpointing: bool
+    activation_checkpointing: bool | int  # true: every layer; k: every k-th layer (selective); false: none
     offload_activations: bool  # layer inputs + attention in pinned CPU memory; attention not recomputed (CUDA)
     compile: bool
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)

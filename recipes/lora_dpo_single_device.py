@@ -96,7 +96,7 @@ class RecipeConfig:
     quantize: Literal["nf4"] | None
     device: str  # auto | cpu | cuda | cuda:N
     dtype: Literal["bf16", "fp32"]
-    activation_checkpointing: bool
+    activation_checkpointing: bool | int  # true: every layer; k: every k-th layer (selective); false: none
     offload_activations: bool  # layer inputs + attention in pinned CPU memory; attention not recomputed (CUDA)
     compile: bool
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)

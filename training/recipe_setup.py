@@ -29,7 +29,7 @@ from tunelab.training.checkpointing import (
 from tunelab.training.config import instantiate
 from tunelab.training.loggers import build_metric_loggers, check_metric_loggers
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay
-from tunelab.training.steps import wrap_layers
+from tunelab.training.steps import checkpoint_every, wrap_layers
 
 __all__ = [
     "LRSchedulerConfig",
@@ -79,9 +79,7 @@ def check_settings(cfg) -> None:
             raise ConfigError(f"{key} must be >= 1 (or null where allowed), got {value}")
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError(f"max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
-    if cfg.offload_activations and not cfg.activation_checkpointing:
-        raise ConfigError("offload_activations: true needs activation_checkpointing: true (it offloads the "
-                          "checkpointed layer inputs); enable it or set offload_activations: false")
+    checkpoint_every(cfg.activation_checkpointing, cfg.offload_activations)
     if getattr(cfg, "cuda_graph", False) and cfg.lora.dropout > 0:
         raise ConfigError(f"cuda_graph: true replays a recorded step, so it cannot draw new dropout masks: "
                           f"set lora.dropout: 0 (it is {cfg.lora.dropout}) or cuda_graph: false")

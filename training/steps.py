@@ -20,13 +20,13 @@ from tunelab.modules.peft import LoRALinear
 from tunelab.modules.recompute import keeping, recomputing
 from tunelab.training.offload import ActivationOffloader
 
-__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "make_loader", "loss_sum", "micro_batch_backward",
+__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "checkpoint_every", "make_loader", "loss_sum", "micro_batch_backward",
            "optimizer_steps", "apply_optimizer_step"]
 
 IGNORE_INDEX = -100  # label of positions that are not trained on
 
 
-def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_layers: bool,
+def wrap_layers(model: nn.Module, *, activation_checkpointing: bool | int, compile_layers: bool,
                 offload_activations: bool = False) -> nn.Module:
     """Activation checkpointing and/or ``torch.compile`` per decoder layer, in place.
 
@@ -38,31 +38,52 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool, compile_lay
 
     Args:
         model: a ``TransformerDecoder`` (``model.layers``).
-        activation_checkpointing: recompute each layer's activations in backward
-            (non-reentrant, so dropout RNG and keyword arguments are handled); the rerun is
-            marked (``modules.recompute``) so that it skips the MLP's down-projection GEMM,
-            whose output only the discarded rerun would read.
+        activation_checkpointing: recompute layers' activations in backward (non-reentrant, so
+            dropout RNG and keyword arguments are handled): True every layer, an integer k >= 1
+            every k-th layer (layers 0, k, 2k, ...: selective checkpointing, between the two
+            in memory and speed), False / 0 none. The rerun is marked
+            (``modules.recompute``) so that it skips the MLP's down-projection GEMM, whose
+            output only the discarded rerun would read.
         compile_layers: compile each layer's forward.
         offload_activations: keep the checkpointed layer inputs in pinned CPU memory between
             forward and backward (:class:`~tunelab.training.offload.ActivationOffloader`), and
             attention's saved tensors too, so the rerun skips the q/k/v projections and the
             attention kernel (``modules.recompute.kept``); needs ``activation_checkpointing``.
+
+    Raises:
+        ConfigError: a negative ``activation_checkpointing``, or ``offload_activations``
+            without checkpointing.
     """
-    if offload_activations and not activation_checkpointing:
-        raise ConfigError("offload_activations: true needs activation_checkpointing: true (it offloads the "
-                          "checkpointed layer inputs); enable it or set offload_activations: false")
+    every = checkpoint_every(activation_checkpointing, offload_activations)
     offloader = ActivationOffloader() if offload_activations else None
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         forward = layer.forward
         if compile_layers:
             forward = torch.compile(forward)
-        if activation_checkpointing:
+        if every and i % every == 0:
             contexts = _recompute_contexts if offloader is None else functools.partial(_keep_contexts, offloader)
             forward = functools.partial(checkpoint, forward, use_reentrant=False, context_fn=contexts)
-        if offloader is not None:
-            forward = functools.partial(_with_hooks, offloader, forward)
+            if offloader is not None:
+                forward = functools.partial(_with_hooks, offloader, forward)
         layer.forward = forward
     return model
+
+
+def checkpoint_every(activation_checkpointing: bool | int, offload_activations: bool = False) -> int:
+    """The ``activation_checkpointing`` setting as "checkpoint every k-th layer" (0: none),
+    checked together with ``offload_activations`` (which offloads checkpointed layers' inputs).
+
+    Raises:
+        ConfigError: a negative integer, or offloading without checkpointing.
+    """
+    every = int(activation_checkpointing)
+    if every < 0:
+        raise ConfigError(f"activation_checkpointing: {activation_checkpointing} is negative; use true (every "
+                          "layer), false, or an integer k >= 1 (every k-th layer)")
+    if offload_activations and not every:
+        raise ConfigError("offload_activations: true needs activation_checkpointing: true (it offloads the "
+                          "checkpointed layer inputs); enable it or set offload_activations: false")
+    return every
 
 
 def _recompute_contexts():

@@ -48,6 +48,9 @@ def test_unknown_key_and_wrong_type(tmp_path, small_jsonl, make_hf_checkpoint, r
         recipe.main(rt.lora_argv(ckpt, tmp_path / "out", small_jsonl, "gradient_accumulation_steps=0"))
     with pytest.raises(ConfigError, match="quantize"):
         recipe.main(rt.lora_argv(ckpt, tmp_path / "out", small_jsonl, "quantize=nf8"))
+    with pytest.raises(ConfigError, match="activation_checkpointing: -2 is negative") as info:
+        recipe.main(rt.lora_argv(ckpt, tmp_path / "out", small_jsonl, "activation_checkpointing=-2"))
+    _one_line(info.value)
 
 
 def test_output_dir_not_writable(tmp_path, small_jsonl, make_hf_checkpoint, rt):
