@@ -6,7 +6,7 @@
 #   .peer      a copy of ../shared/bench (anchors.py, dpo_anchor.py)
 #   .site      HF+PEFT peer extras  (../shared/bench/peer_wheels.sh makes it)   for: hf_lora
 #   .site-uns  trl + datasets (+ unsloth)                                       for: dpo_peer
-# STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast lora_offload
+# STEP: lora_eager hf_lora qlora dpo dpo_peer nf4 nf4_variants fsdp1 lora_compile lora_fast lora_offload loss_agreement
 #       unsloth_lora unsloth_qlora (the best peers of performance.md; carry .site-uns)
 #       fsdp2 fsdp1_sweep fsdp2_sweep (two GPUs: nvidia-h200-x2, NCCL_NVLS_ENABLE=0 as KINDS.md says)
 #       recipe_<profile of bench/finetune.py: lean eager offload fast qlora packed>
@@ -62,6 +62,7 @@ for s in "${steps[@]}"; do
     unsloth_*)    PYTHONPATH=$PWD/.site-uns run 240 python3 .peer/anchors.py "$s" ;;
     dpo_peer)     PYTHONPATH=$PWD/.site-uns run 200 python3 .peer/dpo_anchor.py trl ;;
     nf4)          run 60 python3 bench/nf4_dequant.py ;;
+    loss_agreement) run 300 python3 bench/loss_agreement.py ;;
     nf4_variants) run 150 python3 bench/nf4_variants.py ;;
     attention)    run 150 python3 bench/attention_bench.py ;;
     fsdp1)        run 90 torchrun --standalone --nproc_per_node 1 bench/fsdp_step.py ;;
