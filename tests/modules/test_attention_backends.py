@@ -210,14 +210,9 @@ def test_blockmask_in_compiled_layer_no_graph_break_no_recompile():
 
 
 # ---------------------------------------------------------------- SDPA policy
-@pytest.mark.parametrize("backend", ["cudnn", "flash"])
-def test_native_gqa_equals_expanded_kv(monkeypatch, backend):
-    """enable_gqa=True (no k/v copies) == repeat_interleave'd k/v: output and q/k/v gradients
-    within 1e-5 (fp32; torch's CPU kernels, same math, different grouping of the sums)."""
-    torch.manual_seed(0)
-    q = torch.randn(2, 8, 64, 16)
-    k, v = torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
-    g = torch.randn(2, 8, 64, 16)
+@pytest.fixture
+def sdpa_spy(monkeypatch):
+    """(seen, real_sdpa): every SDPA call from here on appends (k/v heads, enable_gqa) to ``seen``."""
     seen = []
     real_sdpa = F.scaled_dot_product_attention
 
@@ -226,6 +221,18 @@ def test_native_gqa_equals_expanded_kv(monkeypatch, backend):
         return real_sdpa(q_, k_, v_, *args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return seen, real_sdpa
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_native_gqa_equals_expanded_kv(sdpa_spy, backend):
+    """enable_gqa=True (no k/v copies) == repeat_interleave'd k/v: output and q/k/v gradients
+    within 1e-5 (fp32; torch's CPU kernels, same math, different grouping of the sums)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 64, 16)
+    k, v = torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
+    g = torch.randn(2, 8, 64, 16)
+    seen, _ = sdpa_spy
 
     def run(policy):
         qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
@@ -387,20 +394,13 @@ def test_cuda_flex_matches_dense_bf16(wrapped):
 
 
 @cuda
-def test_cuda_auto_hands_grouped_kv_in_a_compiled_layer(monkeypatch):
+def test_cuda_auto_hands_grouped_kv_in_a_compiled_layer(sdpa_spy):
     """On an sm80+ GPU in bf16 the auto path gives SDPA the 8 kv heads (enable_gqa) also inside a
     compiled layer (one graph: the capability check is a traced constant), and equals the
     expanded-k/v path within bf16 noise."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("grouped k/v are handed over on compute capability 8.0+ only")
-    seen = []
-    real_sdpa = F.scaled_dot_product_attention
-
-    def spy(q_, k_, v_, *args, **kwargs):
-        seen.append((k_.shape[1], kwargs.get("enable_gqa", False)))
-        return real_sdpa(q_, k_, v_, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    seen, real_sdpa = sdpa_spy
     torch.manual_seed(0)
     q = torch.randn(2, 32, 256, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 8, 256, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
