@@ -21,12 +21,14 @@ Switches, environment variables read once (at the first model built or the first
 
 - ``TUNELAB_SDPA_BACKEND=auto|cudnn|flash|efficient|math`` (default ``auto``): the SDPA
   backend of the unmasked causal path. ``auto`` is torch's own choice; grouped-query k/v are
-  handed over as they are (``enable_gqa=True``) for bf16/fp16 on GPUs of compute capability 8.0+,
-  whose flash and cuDNN kernels take them (8B fast step on an H200: +0.5% tokens/s and 1.5 GiB
-  less peak than with expanded copies, bench/results/h200.jsonl), and expanded to all query
-  heads elsewhere (older GPUs' memory-efficient kernel would fall back to math). A named backend is put first in
-  torch's priority order (``sdpa_kernel(..., set_priority=True)``, traced by torch.compile) with
-  the others kept as fallbacks, so a shape it does not support still runs. ``cudnn`` and
+  handed over as they are (``enable_gqa=True``) for bf16/fp16 on GPUs of compute capability
+  8.0+, whose flash and cuDNN kernels take them (torch picks cuDNN on an H200; with the
+  ``cudnn`` switch, the same path, the 8B fast step ran +0.5% tokens/s at 1.5 GiB less peak
+  than with expanded copies in two calls, bench/results/h200.jsonl), and expanded to all query
+  heads elsewhere (older GPUs' memory-efficient kernel would fall back to math). A named
+  backend is put first in torch's priority order (``sdpa_kernel(..., set_priority=True)``,
+  traced by torch.compile) with the others kept as fallbacks, so a shape it does not support
+  still runs. ``cudnn`` and
   ``flash`` take grouped-query k/v as they are (``enable_gqa=True``): no expanded copies of k
   and v, which also saves their memory. A bad value raises ``ConfigError`` naming the switch.
 - ``TUNELAB_PACKED_ATTENTION=flex|sdpa`` (default ``flex``): packed rows on CUDA run compiled

@@ -20,8 +20,8 @@ from tunelab.modules.peft import LoRALinear
 from tunelab.modules.recompute import keeping, recomputing
 from tunelab.training.offload import ActivationOffloader
 
-__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "checkpoint_every", "make_loader", "loss_sum", "micro_batch_backward",
-           "optimizer_steps", "apply_optimizer_step"]
+__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "checkpoint_every", "make_loader", "loss_sum",
+           "micro_batch_backward", "optimizer_steps", "apply_optimizer_step"]
 
 IGNORE_INDEX = -100  # label of positions that are not trained on
 
