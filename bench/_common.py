@@ -173,14 +173,14 @@ PHASES = [
 ]
 
 
-def _profiled(step, *, steps: int, device: torch.device, cpu: bool = False):
-    """Run ``step()`` ``steps`` times under the profiler (GPU kernels, and host ops with ``cpu``);
-    returns (the profile, wall seconds)."""
+def _profiled(step, *, steps: int, device: torch.device, cpu: bool = False, shapes: bool = False):
+    """Run ``step()`` ``steps`` times under the profiler (GPU kernels, and host ops with ``cpu``,
+    with their input shapes with ``shapes``); returns (the profile, wall seconds)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]
     torch.cuda.synchronize(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=shapes) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step()
@@ -390,13 +390,7 @@ def kernel_shapes(step, *, steps: int, device: torch.device, top: int = 40) -> l
     """Profile ``steps`` calls of ``step()`` with shapes recorded and attribute each GPU kernel to
     its launching op and that op's input shapes (``_kernels_by_op``). A replayed CUDA graph
     launches its kernels from no op: run it without GRAPH=1."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize(device)
+    prof, _ = _profiled(step, steps=steps, device=device, cpu=True, shapes=True)
     return _kernels_by_op(_trace_events(prof), steps, top)
 
 
