@@ -93,8 +93,8 @@ def _(m1, m2, l1, l2, alpha, skip=False, c=None):
 
 def mm_plus_low_rank(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: torch.Tensor,
                      alpha: float, skip: bool = False, c: torch.Tensor | None = None) -> torch.Tensor:
-    """``m1 @ m2 + alpha * l1 @ l2`` (l1 @ l2 of rank r), plus ``c`` [N, out] if given (a
-    residual): the update, then the GEMM added onto it in place.
+    """``m1 @ m2 + alpha * l1 @ l2`` (l1 @ l2 of rank r), plus ``c`` [..., out] if given (a
+    residual, taken as [N, out]): the update, then the GEMM added onto it in place.
 
     Under torch.compile the in-place add would be functionalized into an out-of-place addmm,
     which inductor runs as a copy of the base product plus the addmm (an extra read and write
@@ -104,6 +104,7 @@ def mm_plus_low_rank(m1: torch.Tensor, m2: torch.Tensor, l1: torch.Tensor, l2: t
     result's shape instead, from the same op: a compiled graph that skips is then the same graph
     as one that computes, so both save the same tensors for backward (checkpointing checks).
     """
+    c = None if c is None else c.reshape(m1.shape[0], m2.shape[1])
     if torch.compiler.is_compiling():
         return _mm_plus_low_rank_op(m1, m2, l1, l2, alpha, skip, c)
     return _mm_plus_low_rank_eager(m1, m2, l1, l2, alpha, skip, c)
@@ -124,7 +125,7 @@ class LoRALinearFunction(torch.autograd.Function):
         # (N, out); compute_output=False: the caller never reads it (a checkpoint recompute), the
         # backward needs only what is saved below
         out = mm_plus_low_rank(x2, _dense(weight, x.dtype).t(), xa, b.t(), scaling, skip=not compute_output,
-                               c=None if residual is None else residual.reshape(-1, residual.shape[-1]))
+                               c=residual)
         if isinstance(weight, torch.Tensor):
             ctx.weight_fn = None
             ctx.save_for_backward(x2, xa, weight, a, b)

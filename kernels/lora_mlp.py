@@ -193,8 +193,7 @@ class LoRASwiGLUFunction(torch.autograd.Function):
         u0 = x2 @ _dense(w_u, dt).t()
         h = _swiglu_lora_fwd_call(g0, u0, xa, bg, bu, s_g, s_u)  # (N, hidden)
         xa_d = h @ ad.t()  # (N, r_d)
-        out = mm_plus_low_rank(h, _dense(w_d, dt).t(), xa_d, bd.t(), s_d, skip=not compute_output,
-                               c=None if residual is None else residual.reshape(-1, residual.shape[-1]))
+        out = mm_plus_low_rank(h, _dense(w_d, dt).t(), xa_d, bd.t(), s_d, skip=not compute_output, c=residual)
         weights = (w_g, w_u, w_d)
         ctx.weight_fns = [None if isinstance(w, torch.Tensor) else w for w in weights]
         ctx.save_for_backward(x2, xa, g0, u0, h, xa_d, a_gu, ad, bg, bu, bd,
