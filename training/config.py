@@ -660,6 +660,28 @@ def _import_target(target: Any, key_path: str) -> Any:
     return obj
 
 
+def _wrong_kind(value: Any, default: Any) -> str | None:
+    """What a component argument expects, when ``value`` is plainly not that, else None.
+
+    Judged by the argument's default, the one type hint every target has (annotations are
+    often missing or unions like torch's ``lr: float | Tensor``): a number for a numeric
+    default, true/false for a boolean one, a string for a string one, a list for a tuple one.
+    None is always let through (many arguments take it), so is anything without a default.
+    """
+    if value is None or default is None or default is inspect.Parameter.empty:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"true or false (default {default})"
+    if isinstance(default, (int, float)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number else f"a number (default {default})"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else f"a string (default {default!r})"
+    if isinstance(default, tuple):
+        return None if isinstance(value, (list, tuple, ListConfig)) else f"a list (default {list(default)})"
+    return None
+
+
 def _component_errors(
     node: Mapping[str, Any], key_path: str, provided: Sequence[str] | None
 ) -> list[str]:
@@ -701,6 +723,10 @@ def _component_errors(
             errors.append(
                 f"config key '{key_path}.{k}': {name} takes '{k}' only by position"
             )
+        elif k in params:
+            wrong = _wrong_kind(node[k], params[k].default)
+            if wrong:
+                errors.append(f"config key '{key_path}.{k}' = {_show(node[k])}: {name} expects {wrong}")
     if provided is not None:
         for n, p in params.items():
             if (
@@ -758,7 +784,8 @@ def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, **extra
         Whatever the target returns.
 
     Raises:
-        ConfigError: no ``_component_``, target not importable, or a key given twice.
+        ConfigError: no ``_component_``, target not importable, a key given twice, or a
+            library target raising TypeError/ValueError on the values (one line naming them).
     """
     if node is None:
         return None
@@ -777,7 +804,30 @@ def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, **extra
             f"config for {node[COMPONENT_KEY]} sets {', '.join(dup)}, which the recipe passes "
             "itself; remove it from the config"
         )
-    return target(*args, **kwargs, **extra_kwargs)
+    try:
+        return target(*args, **kwargs, **extra_kwargs)
+    except (TypeError, ValueError) as e:
+        # A library target refusing a value (torch's "Invalid learning rate: -1") is a config
+        # error; the same exception from inside tunelab's own code is a bug: keep its traceback.
+        if _raised_in_tunelab(e):
+            raise
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in kwargs.items())
+        raise ConfigError(
+            f"{node[COMPONENT_KEY]}({shown}) refused its config values: {e}; fix them in the config"
+        ) from e
+
+
+def _raised_in_tunelab(error: BaseException) -> bool:
+    """Whether tunelab code ran between the ``instantiate`` call and the raise (a tunelab target,
+    or a library calling back into tunelab); a call that does not fit the target's signature
+    fails in ``instantiate`` itself, which does not count."""
+    package = Path(__file__).resolve().parents[1]
+    tb = error.__traceback__.tb_next if error.__traceback__ else None  # skip instantiate's frame
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -299,6 +299,23 @@ def test_check_component_direct():
     check_component({"_component_": "builtins.dict", "anything": 1}, "x", None)
 
 
+def test_component_values_of_the_wrong_kind(cfg_file):
+    # judged by the target's defaults, before anything is built (AdamW would raise a TypeError
+    # from inside torch on lr='abc')
+    cfg = apply_overrides(load_config(cfg_file), ["optimizer.lr=abc", "optimizer.amsgrad=1",
+                                                  "optimizer.betas=0.9"])
+    assert sorted(_errors(cfg)) == [
+        "config key 'optimizer.amsgrad' = 1: torch.optim.AdamW expects true or false (default False)",
+        "config key 'optimizer.betas' = 0.9: torch.optim.AdamW expects a list (default [0.9, 0.999])",
+        "config key 'optimizer.lr' = 'abc': torch.optim.AdamW expects a number (default 0.001)",
+    ]
+    # right kinds pass: an int for a float, a list for a tuple, None for anything
+    check_component({"_component_": "torch.optim.AdamW", "lr": 1, "betas": [0.8, 0.9],
+                     "foreach": None, "weight_decay": None}, "optimizer", None)
+    with pytest.raises(ConfigErrors, match=r"'data.split' = 3: .* expects a string \(default 'train'\)"):
+        check_component({"_component_": "tunelab.training.config._example_dataset", "split": 3}, "data", None)
+
+
 # ---------------------------------------------------------------------------- instantiate
 
 
@@ -315,6 +332,23 @@ def test_instantiate_optimizer_and_dataset():
                      "max_seq_len": 3}, "TOK", max_seq_len=7)
     with pytest.raises(ConfigError, match="_component_"):
         instantiate({"lr": 1})
+
+
+def test_instantiate_turns_a_library_refusal_into_one_line(monkeypatch):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ConfigError, match=r"^torch.optim.AdamW\(lr=-1, weight_decay=0.1\) refused its "
+                                          r"config values: Invalid learning rate: -1; fix them"):
+        instantiate({"_component_": "torch.optim.AdamW", "lr": -1, "weight_decay": 0.1}, params)
+
+    # the same exception from tunelab's own code (this file is inside the package) is a bug
+    def buggy(x: int = 1):
+        raise ValueError("a bug, not a config problem")
+
+    import tunelab.training.config as config_module
+
+    monkeypatch.setattr(config_module, "_buggy", buggy, raising=False)
+    with pytest.raises(ValueError, match="a bug"):
+        instantiate({"_component_": "tunelab.training.config._buggy", "x": 2})
 
 
 def test_instantiate_nested_component():
