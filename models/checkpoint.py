@@ -115,11 +115,36 @@ def _check_dir(checkpoint_dir) -> Path:
     return path
 
 
+def check_checkpoint_dir(checkpoint_dir) -> Path:
+    """The model folder ``checkpoint_dir`` as a Path, or a one-line CheckpointError saying what
+    it is instead (missing, a file, a PEFT adapter folder, a run's output_dir) and what to pass.
+    """
+    path = _check_dir(checkpoint_dir)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "adapter_config.json").is_file():
+        try:  # PEFT records the base model it was trained on
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base = None
+        hint = (f"it is a PEFT adapter folder: pass its base model ({base or 'the one it was trained on'}) "
+                "as checkpoint_dir and this folder as adapter_dir where the command takes one, or the "
+                "step's merged/ folder")
+    elif steps := sorted(path.glob("step_*/merged/config.json"), key=lambda p: _step_number(p.parent.parent)):
+        hint = f"it looks like a run's output_dir: pass one of its merged models, e.g. {steps[-1].parent}"
+    else:
+        hint = "a HF checkpoint folder needs one; download one with `tune download REPO_ID --output-dir DIR`"
+    raise CheckpointError(f"checkpoint_dir {str(path)!r} has no config.json: {hint}")
+
+
+def _step_number(step_dir: Path) -> int:
+    tail = step_dir.name.removeprefix("step_")
+    return int(tail) if tail.isdigit() else -1
+
+
 def read_hf_config(checkpoint_dir) -> dict:
     """Parse ``checkpoint_dir/config.json``, with a one-line CheckpointError on any problem."""
-    path = _check_dir(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; a HF checkpoint folder needs its config.json")
+    path = check_checkpoint_dir(checkpoint_dir) / "config.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:

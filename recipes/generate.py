@@ -20,8 +20,9 @@ from typing import Literal
 import torch
 
 from tunelab.data.tokenizers import Message, load_tokenizer
-from tunelab.errors import CheckpointError, ConfigError
+from tunelab.errors import ConfigError
 from tunelab.models import from_pretrained
+from tunelab.models.checkpoint import check_checkpoint_dir
 from tunelab.models.adapters import load_adapter
 from tunelab.modules.generation import generate
 from tunelab.training.builtin import resolve_builtin
@@ -53,9 +54,7 @@ def main(argv: list[str]) -> dict:
     if cfg.temperature < 0:
         raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
     checkpoint_dir = resolve_builtin(cfg.checkpoint_dir)
-    if not (Path(checkpoint_dir).expanduser() / "config.json").is_file():
-        raise CheckpointError(f"checkpoint_dir {checkpoint_dir} has no config.json (missing or not an HF model "
-                              "folder); download one with `tune download` or use builtin:tiny")
+    check_checkpoint_dir(checkpoint_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -14,8 +14,9 @@ from typing import Literal
 
 import torch
 
-from tunelab.errors import CheckpointError, ConfigError, DataError
+from tunelab.errors import ConfigError, DataError
 from tunelab.models import from_pretrained
+from tunelab.models.checkpoint import check_checkpoint_dir
 from tunelab.modules.peft import apply_lora, set_trainable_params
 from tunelab.training.builtin import resolve_builtin
 from tunelab.training.checkpointing import (
@@ -117,9 +118,7 @@ def resolve_paths(cfg) -> None:
     for node in (cfg.dataset, cfg.validation):
         if node is not None and isinstance(node.get("source"), str):
             node["source"] = resolve_builtin(node["source"])
-    if not (Path(cfg.checkpoint_dir).expanduser() / "config.json").is_file():
-        raise CheckpointError(f"checkpoint_dir {cfg.checkpoint_dir} has no config.json (missing or not an HF "
-                              "model folder); download one with `tune download` or use builtin:tiny")
+    check_checkpoint_dir(cfg.checkpoint_dir)
 
 
 def setup_model(cfg, device: torch.device, dtype: torch.dtype, compile_layers: bool,

@@ -153,7 +153,18 @@ def test_missing_dir(tmp_path):
 def test_missing_config(make_hf_checkpoint, tmp_path):
     d = _copy(make_hf_checkpoint, tmp_path)
     (d / "config.json").unlink()
-    assert "config.json" in _error(d)
+    assert "has no config.json" in _error(d) and "tune download" in _error(d)
+    # folders users pass by mistake get told what they are and what to pass instead
+    adapter = tmp_path / "run" / "step_9" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    assert "PEFT adapter folder" in _error(adapter) and "adapter_dir" in _error(adapter)
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "/models/base-8b"}')
+    assert "its base model (/models/base-8b) as checkpoint_dir" in _error(adapter)
+    for step in (9, 10):  # the newest by number, not by name
+        (tmp_path / "run" / f"step_{step}" / "merged").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / f"step_{step}" / "merged" / "config.json").write_text("{}")
+    assert "run's output_dir" in _error(tmp_path / "run") and "step_10/merged" in _error(tmp_path / "run")
 
 
 def test_unknown_model_type(make_hf_checkpoint, tmp_path):
