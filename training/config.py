@@ -42,6 +42,7 @@ import importlib
 import inspect
 import re
 import sys
+import sysconfig
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -807,9 +808,10 @@ def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, **extra
     try:
         return target(*args, **kwargs, **extra_kwargs)
     except (TypeError, ValueError) as e:
-        # A library target refusing a value (torch's "Invalid learning rate: -1") is a config
-        # error; the same exception from inside tunelab's own code is a bug: keep its traceback.
-        if _raised_in_tunelab(e):
+        # An installed library refusing a value (torch's "Invalid learning rate: -1") is a config
+        # error. The same exception from tunelab's code, or the user's own, is more likely a bug
+        # whose traceback matters: let it through.
+        if not _refused_by_library(e):
             raise
         shown = ", ".join(f"{k}={_show(v)}" for k, v in kwargs.items())
         raise ConfigError(
@@ -817,17 +819,20 @@ def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, **extra
         ) from e
 
 
-def _raised_in_tunelab(error: BaseException) -> bool:
-    """Whether tunelab code ran between the ``instantiate`` call and the raise (a tunelab target,
-    or a library calling back into tunelab); a call that does not fit the target's signature
-    fails in ``instantiate`` itself, which does not count."""
+def _refused_by_library(error: BaseException) -> bool:
+    """Whether every frame between the ``instantiate`` call and the raise is an installed
+    library's or the standard library's (not tunelab's). A call that does not fit the target's
+    signature fails in ``instantiate`` itself, with no frame after it: that counts too."""
     package = Path(__file__).resolve().parents[1]
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     tb = error.__traceback__.tb_next if error.__traceback__ else None  # skip instantiate's frame
     while tb is not None:
-        if Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(package):
-            return True
+        file = Path(tb.tb_frame.f_code.co_filename).resolve()
+        installed = "site-packages" in file.parts or "dist-packages" in file.parts  # any env layout
+        if file.is_relative_to(package) or not (installed or file.is_relative_to(stdlib)):
+            return False
         tb = tb.tb_next
-    return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ def test_instantiate_optimizer_and_dataset():
         instantiate({"lr": 1})
 
 
-def test_instantiate_turns_a_library_refusal_into_one_line(monkeypatch):
+def test_instantiate_turns_a_library_refusal_into_one_line(monkeypatch, tmp_path):
     params = [torch.nn.Parameter(torch.randn(3))]
     with pytest.raises(ConfigError, match=r"^torch.optim.AdamW\(lr=-1, weight_decay=0.1\) refused its "
                                           r"config values: Invalid learning rate: -1; fix them"):
@@ -349,6 +349,14 @@ def test_instantiate_turns_a_library_refusal_into_one_line(monkeypatch):
     monkeypatch.setattr(config_module, "_buggy", buggy, raising=False)
     with pytest.raises(ValueError, match="a bug"):
         instantiate({"_component_": "tunelab.training.config._buggy", "x": 2})
+    # ... and so is one from the user's own (not installed) component
+    (tmp_path / "my_component.py").write_text("def build(x=1):\n    raise TypeError('my bug')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TypeError, match="my bug"):
+        instantiate({"_component_": "my_component.build", "x": 2})
+    # a call that does not fit the signature is a config error whoever the target is
+    with pytest.raises(ConfigError, match=r"my_component.build\(y=2\) refused .*unexpected keyword"):
+        instantiate({"_component_": "my_component.build", "y": 2})
 
 
 def test_instantiate_nested_component():
