@@ -828,8 +828,10 @@ def _refused_by_library(error: BaseException) -> bool:
     tb = error.__traceback__.tb_next if error.__traceback__ else None  # skip instantiate's frame
     while tb is not None:
         file = Path(tb.tb_frame.f_code.co_filename).resolve()
-        installed = "site-packages" in file.parts or "dist-packages" in file.parts  # any env layout
-        if file.is_relative_to(package) or not (installed or file.is_relative_to(stdlib)):
+        # below tunelab's own folder only a venv kept inside a checkout (.venv/) is installed code
+        parts = file.relative_to(package).parts if file.is_relative_to(package) else file.parts
+        installed = "site-packages" in parts or "dist-packages" in parts  # any env layout
+        if not (installed or file.is_relative_to(stdlib)):
             return False
         tb = tb.tb_next
     return True
