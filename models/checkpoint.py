@@ -130,16 +130,19 @@ def check_checkpoint_dir(checkpoint_dir) -> Path:
         hint = (f"it is a PEFT adapter folder: pass its base model ({base or 'the one it was trained on'}) "
                 "as checkpoint_dir and this folder as adapter_dir where the command takes one, or the "
                 "step's merged/ folder")
-    elif steps := sorted(path.glob("step_*/merged/config.json"), key=lambda p: _step_number(p.parent.parent)):
-        hint = f"it looks like a run's output_dir: pass one of its merged models, e.g. {steps[-1].parent}"
+    elif merged := _merged_models(path):
+        hint = f"it looks like a run's output_dir: pass one of its merged models, e.g. {merged[-1]}"
     else:
         hint = "a HF checkpoint folder needs one; download one with `tune download REPO_ID --output-dir DIR`"
     raise CheckpointError(f"checkpoint_dir {str(path)!r} has no config.json: {hint}")
 
 
-def _step_number(step_dir: Path) -> int:
-    tail = step_dir.name.removeprefix("step_")
-    return int(tail) if tail.isdigit() else -1
+def _merged_models(run_dir: Path) -> list[Path]:
+    """The ``step_N/merged`` model folders of a training run's output_dir, oldest first."""
+    from tunelab.training.checkpointing import CheckpointManager  # the run layout is training's (an error path only)
+
+    steps = sorted(CheckpointManager(run_dir, keep_last_n=1).step_dirs().items())
+    return [d / "merged" for _, d in steps if (d / "merged" / "config.json").is_file()]
 
 
 def read_hf_config(checkpoint_dir) -> dict:
