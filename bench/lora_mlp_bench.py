@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import commit, device_name  # noqa: E402
+from _common import _profiled, device_name, emit  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +44,7 @@ def main() -> None:
     gbd = torch.randn(n, r, device=dev, dtype=dt)
     ad = torch.randn(r, f, device=dev, dtype=dt) * 0.1
     y, dg, du = (torch.empty_like(g0) for _ in range(3))
-    base = dict(commit=commit(), device=device_name(torch.device(dev)), bench="lora_mlp_bench", shape=f"{n}x{f} r{r} bf16")
+    base = dict(device=device_name(torch.device(dev)), bench="lora_mlp_bench", shape=f"{n}x{f} r{r} bf16")
 
     block = 1024
     grid1 = (triton.cdiv(n * f, block),)
@@ -54,7 +53,7 @@ def main() -> None:
         "swiglu_bwd_ms": do_bench(lambda: _swiglu_bwd[grid1](dh, g0, u0, dg, du, n * f, BLOCK=block, num_warps=4)),
         "rank_r_gemm_ms": do_bench(lambda: torch.mm(xa[:, :r], bg.t())),
     }
-    print(json.dumps(dict(base, variant="floors", **{k: round(v, 4) for k, v in floors.items()})), flush=True)
+    emit(dict(base, variant="floors", **{k: round(v, 4) for k, v in floors.items()}))
 
     # elements per thread = BM * BN / (32 * warps): the fp32 tiles (g, u, dh) and the 64-bit
     # pointers of each element must fit the registers
@@ -78,15 +77,12 @@ def main() -> None:
                        bwd_regs=kb.n_regs, bwd_spills=kb.n_spills)
         except Exception as e:  # a variant that does not compile (shared memory, registers)
             row = dict(base, variant=f"BM{bm} BN{bn} w{warps}", error=str(e).splitlines()[0][:200])
-        print(json.dumps(row), flush=True)
-
+        emit(row)
 
 
 def in_function(n: int, f: int, r: int, dim: int = 4096) -> None:
     """The kernels' times inside LoRASwiGLUFunction (fp32 adapters as in the 8B step), eager and
     compiled, from the profiler: does the graph they run in change them?"""
-    from torch.profiler import ProfilerActivity, profile
-
     from tunelab.kernels import backend
     from tunelab.modules.feed_forward import FeedForward
     from tunelab.modules.peft import apply_lora
@@ -101,15 +97,10 @@ def in_function(n: int, f: int, r: int, dim: int = 4096) -> None:
         with backend("triton"):
             for _ in range(3):
                 fn(x).sum().backward()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    fn(x).sum().backward()
-                torch.cuda.synchronize()
+            prof, _ = _profiled(lambda fn=fn: fn(x).sum().backward(), steps=5, device=dev)
         times = {e.key: round(e.device_time_total / e.count, 1) for e in prof.key_averages()
                  if "swiglu" in e.key or "triton" in e.key}
-        print(json.dumps(dict(commit=commit(), device=device_name(dev), bench="lora_mlp_bench in_function",
-                              mode=name, kernel_us=times)), flush=True)
+        emit(dict(device=device_name(dev), bench="lora_mlp_bench in_function", mode=name, kernel_us=times))
 
 
 if __name__ == "__main__":

@@ -6,23 +6,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import commit, device_name  # noqa: E402
+from _common import _profiled, device_name, emit  # noqa: E402
 
 
-def _kernel_names(fn) -> list[str]:
+def _kernel_names(fn, device: torch.device) -> list[str]:
     """The GPU kernels one call of ``fn`` runs (to match against a step's breakdown)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    prof, _ = _profiled(fn, steps=1, device=device)
     return [e.name[:100] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
@@ -37,10 +32,10 @@ def main() -> None:
         times, kernels = {}, {}
         for name, b in (("row_major", right), ("column_major", col)):
             times[f"{name}_us"] = round(do_bench(lambda b=b: torch.mm(left, b)) * 1000, 1)
-            kernels[name] = _kernel_names(lambda b=b: torch.mm(left, b))
+            kernels[name] = _kernel_names(lambda b=b: torch.mm(left, b), dev)
         gb = n * out * 2 / 1e9
-        print(json.dumps(dict(commit=commit(), device=device_name(dev), bench="low_rank_mm", shape=f"{n}x{r} @ {r}x{out}",
-                              **times, write_gb=round(gb, 4), kernels=kernels)), flush=True)
+        emit(dict(device=device_name(dev), bench="low_rank_mm", shape=f"{n}x{r} @ {r}x{out}", **times,
+                  write_gb=round(gb, 4), kernels=kernels))
 
 
 if __name__ == "__main__":
