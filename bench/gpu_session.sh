@@ -11,7 +11,8 @@
 #       fsdp2 fsdp1_sweep fsdp2_sweep (two GPUs: nvidia-h200-x2, NCCL_NVLS_ENABLE=0 as KINDS.md says)
 #       recipe_<profile of bench/finetune.py: lean eager offload fast qlora packed>
 #       attention (SDPA backends, packed flex vs dense mask)
-#       pytest_cuda (the CUDA tests: kernels at real sizes, activation offload; log in $OUT/pytest_cuda.log)
+#       pytest_cuda (the CUDA tests: kernels at real sizes, activation offload; log in $OUT/pytest_cuda.log;
+#       ~6 min with Triton's first compiles: PYTEST_S=<seconds> sets its limit, 500 by default)
 # Env DEADLINE=<epoch seconds> cuts every step short so the lane ends by then.
 #       NAME=VALUE sets an environment variable for the steps after it (e.g. TUNELAB_SDPA_BACKEND=cudnn,
 #       COMPILE=1, GRAPH=1 (lora/qlora step as one CUDA graph), TRACE=$OUT/breakdown.jsonl: per-phase
@@ -73,7 +74,7 @@ for s in "${steps[@]}"; do
     lora_fast)    run 150 python3 bench/lora_step.py --compile --no-ac --profile lora_fast ;;
     lora_offload) run 150 python3 bench/lora_step.py --compile --offload --profile lora_lean_offload ;;
     recipe_*)     run 300 python3 bench/finetune.py --profile "${s#recipe_}" ;;
-    pytest_cuda)  (cd /tmp/pkg/tunelab && timeout "$(budget 180)" python3 -m pytest -p no:cacheprovider tests/kernels \
+    pytest_cuda)  (cd /tmp/pkg/tunelab && timeout "$(budget ${PYTEST_S:-500})" python3 -m pytest -p no:cacheprovider -rs --durations=25 tests/kernels \
                      tests/training/test_offload.py tests/training/test_cuda_graph.py tests/modules/test_attention_backends.py) > "$OUT/pytest_cuda.log" 2>&1; tail -3 "$OUT/pytest_cuda.log" ;;
     *) echo "unknown step $s" ;;
   esac
