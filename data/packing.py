@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from array import array
+from collections import deque
 
 import torch
 from torch.utils.data import Dataset
@@ -12,10 +13,15 @@ IGNORE_INDEX = -100
 
 
 class PackedDataset(Dataset):
-    """Greedy packing of whole samples into rows of exactly ``max_seq_len`` tokens.
+    """Packing of whole samples into rows of exactly ``max_seq_len`` tokens.
 
-    Samples are taken in order (or in a fixed shuffled order with ``shuffle_seed``) and appended
-    to the current row while they fit; otherwise the row is closed and padded. Because labels
+    Samples are taken in order (or in a fixed shuffled order with ``shuffle_seed``); each goes
+    into the first of the last ``window`` rows with room for it, else it starts a new row. Rows
+    that leave the window are padded. Looking back a few rows instead of only at the newest
+    (``window=1``) fills the padding a long sample leaves behind with later short ones: on
+    alpaca-like lengths (log-normal, median ~200 of 2048) rows go from ~90% real tokens to ~99%,
+    so ~10% less compute is spent on padding, while each row still holds samples from one short
+    stretch of the order. Because labels
     are pre-shifted (each sample's last label is already -100), concatenation never trains a
     document to predict the next one. Each row holds:
 
@@ -38,6 +44,8 @@ class PackedDataset(Dataset):
             builders from the tokenizer) or 0. Its value never matters for the loss.
         shuffle_seed: pack in a random order drawn from this seed instead of dataset order
             (mixes short and long samples when the dataset is sorted by length).
+        window: how many of the newest rows a sample may go into (first fit); 1 = next fit,
+            a row closed as soon as a sample does not fit.
     """
 
     def __init__(
@@ -47,9 +55,12 @@ class PackedDataset(Dataset):
         *,
         pad_id: int | None = None,
         shuffle_seed: int | None = None,
+        window: int = 8,
     ):
         if max_seq_len < 1:
             raise ValueError(f"PackedDataset: max_seq_len must be >= 1, got {max_seq_len}")
+        if window < 1:
+            raise ValueError(f"PackedDataset: window must be >= 1, got {window}")
         self.dataset = dataset
         self.max_seq_len = max_seq_len
         self.pad_id = pad_id if pad_id is not None else getattr(dataset, "pad_id", 0)
@@ -61,21 +72,31 @@ class PackedDataset(Dataset):
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(order)
 
-        # Plan: row r packs samples _plan[_row_offsets[r]:_row_offsets[r + 1]].
+        # Plan: row r packs samples _plan[_row_offsets[r]:_row_offsets[r + 1]]. Rows keep the
+        # order they were opened in; only the newest `window` ([tokens used, sample indices]) are
+        # open, the oldest is written to the plan when a new row pushes it out.
         self._plan = array("q")
         self._row_offsets = [0]
-        used = 0
+        open_rows: deque[list] = deque()
+
+        def close_oldest() -> None:
+            self._plan.extend(open_rows.popleft()[1])
+            self._row_offsets.append(len(self._plan))
+
         for i in order:
             n = min(lens[i], max_seq_len)
             if n == 0:
                 continue
-            if used + n > max_seq_len:
-                self._row_offsets.append(len(self._plan))
-                used = 0
-            self._plan.append(i)
-            used += n
-        if used:
-            self._row_offsets.append(len(self._plan))
+            row = next((r for r in open_rows if r[0] + n <= max_seq_len), None)
+            if row is None:
+                if len(open_rows) == window:
+                    close_oldest()
+                row = [0, []]
+                open_rows.append(row)
+            row[0] += n
+            row[1].append(i)
+        while open_rows:
+            close_oldest()
         self.num_tokens = sum(min(n, max_seq_len) for n in lens)
 
     def __len__(self) -> int:
