@@ -53,6 +53,11 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    """What makes two host buffers interchangeable."""
+    return (tuple(t.shape), t.stride(), t.dtype)
+
+
 class ActivationOffloader:
     """Saved-tensor hooks that park large activations in pinned host memory.
 
@@ -75,13 +80,16 @@ class ActivationOffloader:
 
     # ------------------------------------------------------------------ host buffers
     def _host_buffer(self, t: torch.Tensor) -> torch.Tensor:
-        free = self._free.get((tuple(t.shape), t.dtype))
+        # Same strides as t when t is dense (q, k, v and SDPA's output are transposed views):
+        # each way is then one memcpy, not a gather kernel into a contiguous temporary first.
+        # Pinned: async copies.
+        free = self._free.get(_layout(torch.empty_like(t, device="meta")))
         if free:
             return free.pop()
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)  # pinned: async copies
+        return torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
 
     def _release(self, host: torch.Tensor) -> None:
-        self._free.setdefault((tuple(host.shape), host.dtype), []).append(host)
+        self._free.setdefault(_layout(host), []).append(host)
 
     # ------------------------------------------------------------------ device -> host
     def _moves(self, t: torch.Tensor) -> bool:

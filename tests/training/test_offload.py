@@ -54,6 +54,23 @@ def test_small_and_non_grad_tensors_stay():
     assert off._pack(small) is small and off._pack(ids) is ids
 
 
+def test_transposed_activation_keeps_its_strides_and_reuses_its_buffer():
+    # q/k/v and SDPA's output are transposed views: a host buffer of the same strides makes each
+    # copy one memcpy (no gather into a contiguous temporary) and the tensor comes back as it was
+    from tunelab.training.offload import ActivationOffloader
+
+    off = ActivationOffloader(min_bytes=0)
+    t = torch.randn(2, 6, 3, 4, requires_grad=True).transpose(1, 2)  # [b, h, s, d] of [b, s, h, d]
+    with off.hooks():
+        handle = off._pack(t)
+    host = handle.host
+    assert host.stride() == t.stride()
+    back = off._unpack(handle)
+    assert torch.equal(back, t) and back.stride() == t.stride()
+    with off.hooks():  # a second step: the released buffer serves the same layout again
+        assert off._pack(t.detach().clone().requires_grad_()).host is host  # clone keeps the strides
+
+
 def test_offload_needs_activation_checkpointing():
     model = build_model(tiny(vocab_size=96), device="cpu", dtype=torch.float32)
     with pytest.raises(ConfigError, match="offload_activations"):
