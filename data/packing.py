@@ -21,9 +21,8 @@ class PackedDataset(Dataset):
     (``window=1``) fills the padding a long sample leaves behind with later short ones: on
     alpaca-like lengths (log-normal, median ~200 of 2048) rows go from ~90% real tokens to ~99%,
     so ~10% less compute is spent on padding, while each row still holds samples from one short
-    stretch of the order. Because labels
-    are pre-shifted (each sample's last label is already -100), concatenation never trains a
-    document to predict the next one. Each row holds:
+    stretch of the order. Because labels are pre-shifted (each sample's last label is already
+    -100), concatenation never trains a document to predict the next one. Each row holds:
 
     - ``tokens`` [max_seq_len]: the samples back to back, then ``pad_id``;
     - ``labels`` [max_seq_len]: their labels, then -100;
