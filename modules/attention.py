@@ -29,7 +29,8 @@ Switches, environment variables read once (at the first model built or the first
   backend is put first in torch's priority order (``sdpa_kernel(..., set_priority=True)``,
   traced by torch.compile) with the others kept as fallbacks, so a shape it does not support
   still runs. ``cudnn`` and ``flash`` take grouped-query k/v as they are (``enable_gqa=True``):
-  no expanded copies of k and v, which also saves their memory. A bad value raises ``ConfigError`` naming the switch.
+  no expanded copies of k and v, which also saves their memory. A bad value raises
+  ``ConfigError`` naming the switch.
 - ``TUNELAB_PACKED_ATTENTION=flex|sdpa`` (default ``flex``): packed rows on CUDA run compiled
   flex_attention on the block-sparse document mask; ``sdpa`` takes the dense-mask SDPA path
   there too (CPU always does). Measured on an H200 (bench/results/kernels.jsonl,
