@@ -2,7 +2,7 @@
 
 The performance.md workload, sharded: Llama-3.1-8B shape (or 70B shape) with random bf16
 weights built on the meta device and sharded by ``fully_shard`` per decoder layer + root (the
-recipe's own ``shard_model``: tunelab.training.distributed), batch 2 x 2048 random tokens PER
+recipe's own ``shard_model``: tunelab.training.sharding), batch 2 x 2048 random tokens PER
 GPU, LoRA r16 / alpha 32 on all seven projections (fp32 adapters, bf16 compute, fp32 gradient
 reduce), activation checkpointing per layer, AdamW on the adapters, 2 warm-up + 6 timed steps.
 tokens_per_s is per GPU (batch * seq * steps / time on each rank); peak_gib is the largest
@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from tunelab.models import llama3_1_8b, llama3_1_70b, tiny
 from tunelab.modules.peft import get_adapter_params
-from tunelab.training import distributed as dist_utils
+from tunelab.training import process_group, sharded_io, sharding
 from tunelab.training.steps import wrap_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)
@@ -87,17 +87,17 @@ def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, r
     out of FSDP (``shard_frozen=False``) is filled the same on every rank, as a checkpoint would."""
     cuda = device.type == "cuda"
     lora = SimpleNamespace(targets=TARGETS, rank=16, alpha=32, dropout=0.0)
-    model = dist_utils.build_meta_model(args, dtype, lora, quantize)
+    model = sharding.build_meta_model(args, dtype, lora, quantize)
     wrap_layers(model, activation_checkpointing=ac, compile_layers=compile_layers)
-    dist_utils.shard_model(model, param_dtype=dtype if cuda else None, reshard_after_forward=reshard,
+    sharding.shard_model(model, param_dtype=dtype if cuda else None, reshard_after_forward=reshard,
                            cpu_offload=offload, prefetch_layers=prefetch, shard_frozen=shard_frozen)
     model.to_empty(device="cpu" if offload else device)
-    param_device = dist_utils.local_tensor(model.tok_embeddings.weight).device
-    sharded = torch.Generator(device=param_device).manual_seed(dist_utils.rank())
+    param_device = sharding.local_tensor(model.tok_embeddings.weight).device
+    sharded = torch.Generator(device=param_device).manual_seed(process_group.rank())
     replicated = torch.Generator(device=param_device).manual_seed(1234)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            local = dist_utils.local_tensor(p)
+            local = sharding.local_tensor(p)
             gen = replicated if local is p else sharded
             if name.endswith("norm.weight"):
                 local.fill_(1.0)
@@ -108,7 +108,7 @@ def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, r
             elif ".lora_" not in name:
                 local.normal_(0.0, 0.02, generator=gen)
     torch.manual_seed(0)
-    dist_utils.init_lora_sharded(model)
+    sharded_io.init_lora_sharded(model)
     model.rope.reset_parameters(device=device)
     return model.train()
 
@@ -126,7 +126,7 @@ def measure(model, tokens: torch.Tensor, labels: torch.Tensor, *, steps: int, wa
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        dist_utils.barrier()
+        process_group.barrier()
 
     for _ in range(warmup):
         step()
@@ -169,10 +169,10 @@ def main() -> None:
     rounds = env_int("ROUNDS", 1)
     quantize = os.environ.get("QUANT") or None
     trace_dir = Path(os.environ["TRACE"]) if os.environ.get("TRACE") else None
-    device = dist_utils.init_distributed("auto", timeout_s=600)
+    device = process_group.init_distributed("auto", timeout_s=600)
     cuda = device.type == "cuda"
     offload = offload_asked and cuda
-    rank, world = dist_utils.rank(), dist_utils.world_size()
+    rank, world = process_group.rank(), process_group.world_size()
     dtype = torch.bfloat16 if cuda else torch.float32
     args = model_args(shape)
     nccl_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}  # e.g. NCCL_MAX_NCHANNELS
@@ -221,7 +221,7 @@ def main() -> None:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-    dist_utils.destroy_distributed()
+    process_group.destroy_distributed()
 
 
 if __name__ == "__main__":

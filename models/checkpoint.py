@@ -24,6 +24,7 @@ from tunelab.errors import CheckpointError
 from tunelab.models.hf_config import args_from_hf_config, hf_config_from_args
 from tunelab.models.llama.args import ModelArgs
 from tunelab.models.llama.builders import build_model
+from tunelab.run_layout import merged_models
 from tunelab.modules.transformer import TransformerDecoder
 
 SINGLE_FILE = "model.safetensors"
@@ -99,6 +100,30 @@ def hf_to_native_key(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- reading
+def native_weight_name(hf_name: str, *, tied: bool, where) -> str | None:
+    """The native name an HF checkpoint tensor loads into, or None for a tensor every reader
+    skips: the rotary ``inv_freq`` buffer old transformers versions saved (recomputed, never
+    loaded) and ``lm_head.weight`` of a model with tied embeddings (the head is the embedding).
+
+    The one rule for reading HF weights: the dense, quantized, sharded and GGUF readers all
+    ask it.
+
+    Args:
+        hf_name: the tensor's name in the safetensors file.
+        tied: the model ties its output head to the embeddings (``tie_word_embeddings``).
+        where: the checkpoint folder, for the error.
+
+    Raises:
+        CheckpointError: a name that is not a Llama weight.
+    """
+    if _IGNORED_HF.match(hf_name) or (tied and hf_name == "lm_head.weight"):
+        return None
+    try:
+        return hf_to_native_key(hf_name)
+    except KeyError:
+        raise CheckpointError(f"{where}: unexpected tensor {hf_name!r}; not a plain LlamaForCausalLM checkpoint") from None
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -130,19 +155,11 @@ def check_checkpoint_dir(checkpoint_dir) -> Path:
         hint = (f"it is a PEFT adapter folder: pass its base model ({base or 'the one it was trained on'}) "
                 "as checkpoint_dir and this folder as adapter_dir where the command takes one, or the "
                 "step's merged/ folder")
-    elif merged := _merged_models(path):
+    elif merged := merged_models(path):
         hint = f"it looks like a run's output_dir: pass one of its merged models, e.g. {merged[-1]}"
     else:
         hint = "a HF checkpoint folder needs one; download one with `tune download REPO_ID --output-dir DIR`"
     raise CheckpointError(f"checkpoint_dir {str(path)!r} has no config.json: {hint}")
-
-
-def _merged_models(run_dir: Path) -> list[Path]:
-    """The ``step_N/merged`` model folders of a training run's output_dir, oldest first."""
-    from tunelab.training.checkpointing import CheckpointManager  # the run layout is training's (an error path only)
-
-    steps = sorted(CheckpointManager(run_dir, keep_last_n=1).step_dirs().items())
-    return [d / "merged" for _, d in steps if (d / "merged" / "config.json").is_file()]
 
 
 def read_hf_config(checkpoint_dir) -> dict:
@@ -189,7 +206,18 @@ def safetensors_files(checkpoint_dir) -> dict[str, Path]:
     )
 
 
-def _open(file: Path):
+def tensors_by_file(checkpoint_dir) -> dict[Path, list[str]]:
+    """The HF tensor names of a checkpoint grouped by the safetensors file that holds them, in
+    file order (readers open one file at a time)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in safetensors_files(checkpoint_dir).items():
+        by_file.setdefault(file, []).append(name)
+    return by_file
+
+
+def open_safetensors(file: Path):
+    """``safe_open`` on the CPU with a one-line CheckpointError for a corrupt file (a context
+    manager; ``get_tensor`` / ``get_slice`` read single tensors)."""
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own SafetensorError (or OSError) on a bad header
@@ -197,17 +225,14 @@ def _open(file: Path):
 
 
 def _tensor_names(file: Path) -> list[str]:
-    with _open(file) as f:
+    with open_safetensors(file) as f:
         return list(f.keys())
 
 
 def _iter_hf_tensors(checkpoint_dir):
     """Yield (hf_name, tensor) file by file, one tensor in memory at a time."""
-    by_file: dict[Path, list[str]] = {}
-    for name, file in safetensors_files(checkpoint_dir).items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        with _open(file) as f:
+    for file, names in tensors_by_file(checkpoint_dir).items():
+        with open_safetensors(file) as f:
             available = set(f.keys())
             for name in names:
                 if name not in available:
@@ -252,14 +277,9 @@ def load_hf_state_dict(
         tie_word_embeddings = bool(read_hf_config(checkpoint_dir).get("tie_word_embeddings", False))
     out: dict[str, torch.Tensor] = {}
     for hf_name, tensor in _iter_hf_tensors(checkpoint_dir):
-        if _IGNORED_HF.match(hf_name) or (tie_word_embeddings and hf_name == "lm_head.weight"):
+        name = native_weight_name(hf_name, tied=tie_word_embeddings, where=checkpoint_dir)
+        if name is None:
             continue
-        try:
-            name = hf_to_native_key(hf_name)
-        except KeyError:
-            raise CheckpointError(
-                f"{checkpoint_dir}: unexpected tensor {hf_name!r}; not a plain LlamaForCausalLM checkpoint"
-            ) from None
         out[name] = _cast(tensor, dtype, device)
         del tensor
     return out

@@ -26,14 +26,13 @@ from torch import nn
 
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.models.checkpoint import (
-    _IGNORED_HF,
     _check_dir,
     _check_state_dict,
     _iter_hf_tensors,
-    _open,
-    hf_to_native_key,
+    native_weight_name,
+    open_safetensors,
     read_hf_config,
-    safetensors_files,
+    tensors_by_file,
 )
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.models.llama.builders import build_model
@@ -125,11 +124,8 @@ def _read_quant_state(tensor: torch.Tensor, hf_name: str, where) -> dict:
 def _hf_shapes(path: Path, bnb: dict | None) -> dict[str, tuple[int, ...]]:
     """HF weight name -> shape, from the safetensors headers (quantized weights: their quant state)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, file in safetensors_files(path).items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        with _open(file) as f:
+    for file, names in tensors_by_file(path).items():
+        with open_safetensors(file) as f:
             for name in names:
                 m = _BNB_SUFFIX.match(name) if bnb is not None else None
                 if m is None:
@@ -207,21 +203,18 @@ def from_pretrained_quantized(
     # names and shapes first (headers only), so a mismatch fails before any real work
     shapes = {}
     for hf_name, shape in _hf_shapes(path, bnb).items():
-        if _IGNORED_HF.match(hf_name) or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
-            continue
-        try:
-            shapes[hf_to_native_key(hf_name)] = torch.empty(shape, device="meta")
-        except KeyError:
-            raise CheckpointError(f"{path}: unexpected tensor {hf_name!r}; not a plain LlamaForCausalLM checkpoint") from None
+        name = native_weight_name(hf_name, tied=args.tie_word_embeddings, where=path)
+        if name is not None:
+            shapes[name] = torch.empty(shape, device="meta")
     _check_state_dict(shapes, expected, path)
 
     pending: dict[str, dict[str, torch.Tensor]] = {}  # bnb pieces of a weight until all arrived
     for hf_name, tensor in _iter_hf_tensors(path):
         m = _BNB_SUFFIX.match(hf_name) if bnb is not None else None
         base_name = m.group("weight") if m else hf_name
-        if _IGNORED_HF.match(base_name) or (args.tie_word_embeddings and base_name == "lm_head.weight"):
+        name = native_weight_name(base_name, tied=args.tie_word_embeddings, where=path)
+        if name is None:
             continue
-        name = hf_to_native_key(base_name)
         if bnb is not None and (m is not None or tensor.dtype == torch.uint8):
             parts = pending.setdefault(base_name, {})
             parts[m.group("part") if m else "weight"] = tensor

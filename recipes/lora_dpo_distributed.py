@@ -28,157 +28,94 @@ export, the full model) onto rank 0, which writes ``step_N`` with COMPLETE last 
 others wait at a barrier. The data position counts global micro-batches, so a checkpoint
 resumes on any world size (or with ``lora_dpo_single_device``) that keeps ``batch_size x world
 size``. ``metrics.jsonl`` is written by rank 0; ``tokens_per_s`` counts all ranks together.
-Setup, resume and saving are ``tunelab.training.distributed``'s, shared with
-``lora_finetune_distributed``; the DPO pieces are ``tunelab.training.dpo``.
+Setup, resume, logging and saving are ``tunelab.training.spine``'s, as in every recipe; the
+DPO pieces are ``tunelab.training.dpo``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from tunelab.data.tokenizers import load_tokenizer
 from tunelab.modules.peft import get_adapter_params
-from tunelab.training import distributed as dist_utils
-from tunelab.training.config import component_field, instantiate, parse_recipe_args, recipe_entry
-from tunelab.training.distributed import FSDPConfig, RankSampler, is_rank0, say
+from tunelab.training.config import instantiate, parse_recipe_args, recipe_entry
 from tunelab.training.dpo import (
-    LossConfig,
+    DPOFields,
     PairStats,
     check_loss_settings,
+    eval_line,
     evaluate,
     make_preference_loader,
     pair_losses,
     precompute_reference,
 )
-from tunelab.training.metrics import Throughput, peak_memory_gib
-from tunelab.training.recipe_setup import (
-    GGUFExportConfig,
-    LoRAConfig,
-    LRSchedulerConfig,
-    check_settings,
-    export_gguf_step,
-    plan_steps,
-    resolve_paths,
-)
+from tunelab.training.metrics import Throughput
+from tunelab.training.process_group import exit_finished_run, say
 from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.steps import apply_optimizer_step, optimizer_steps
-from tunelab.training.utils import resolve_dtype, seed_everything
+from tunelab.training.spine import (DistributedConfig, RunLog, TrainConfig, build_dataset, build_model, eval_sampler,
+                                    plan_steps, report_outputs, restore_progress, save_checkpoint, start_run,
+                                    train_sampler)
+from tunelab.training.steps import clip_grad_norm, optimizer_step, optimizer_steps
 
 
 # ------------------------------------------------------------------------------------ settings
 @dataclass(kw_only=True)
-class RecipeConfig:
-    """Every key is required in the YAML (the configs are the one source of defaults).
-    ``batch_size`` counts preference PAIRS (each is two sequences) per rank."""
-
-    checkpoint_dir: str  # HF folder (architecture from its config.json) or builtin:tiny
-    output_dir: str  # must be on a filesystem every node sees for multi-node resume
-    tokenizer: str | None  # null = the tokenizer inside checkpoint_dir
-    dataset: dict = component_field(provided=("tokenizer", "max_seq_len"))
-    seed: int
-    batch_size: int  # pairs per rank; global = batch_size x gradient_accumulation_steps x world size
-    gradient_accumulation_steps: int
-    epochs: int
-    max_steps: int | None  # cap on optimizer steps
-    max_seq_len: int  # per side: prompt + response
-    optimizer: dict = component_field(provided=("params",))
-    lr_scheduler: LRSchedulerConfig
-    lora: LoRAConfig
-    loss: LossConfig
-    precompute_ref_log_probs: bool
-    quantize: Literal["nf4"] | None
-    device: str  # auto | cpu | cuda (each rank uses cuda:LOCAL_RANK)
-    dtype: Literal["bf16", "fp32"]
-    fsdp: FSDPConfig
-    dist_timeout_s: int  # a collective waiting longer than this fails the job instead of hanging
-    activation_checkpointing: bool | int  # true: every layer; k: every k-th layer (selective); false: none
-    offload_activations: bool  # layer inputs + attention in pinned CPU memory; attention not recomputed (CUDA)
-    compile: bool
-    max_grad_norm: float | None  # null = no clipping (the norm is still logged)
-    log_every_n_steps: int
-    metric_loggers: list[dict]  # extra loggers beside metrics.jsonl (TensorBoard, W&B), [] = none
-    save_every_n_steps: int | None  # plus always at the end
-    save_merged: Literal["final", "always", "never"]  # merged export holds the full model on rank 0
-    export_gguf: GGUFExportConfig | None  # {dtype: f16|bf16|q8_0|q4_k_m}: a .gguf of the final model
-    keep_last_n_checkpoints: int
-    validation: dict | None = component_field(provided=("tokenizer", "max_seq_len"))
-    eval_every_n_steps: int | None
-    resume: bool
+class RecipeConfig(TrainConfig, DPOFields, DistributedConfig):
+    """The shared keys (``TrainConfig``), the DPO ones and the FSDP ones. ``batch_size`` counts
+    preference PAIRS (each is two sequences) per rank; ``max_seq_len`` is per side."""
 
 
 # ------------------------------------------------------------------------------------ main
 def main(argv: list[str]) -> None:
     cfg = parse_recipe_args(argv, RecipeConfig)
-    check_settings(cfg)
     check_loss_settings(cfg)
-    dist_utils.check_distributed_settings(cfg)
-    dist_utils.run_rank(train, cfg, recipe="lora_dpo_distributed")  # join the group, train, leave it
+    # join the process group, train, leave it (naming this rank if it fails)
+    with start_run(cfg, "lora_dpo_distributed", distributed=True, compile=cfg.compile,
+                   cpu_offload=cfg.fsdp.cpu_offload, offload_activations=cfg.offload_activations) as run:
+        train(cfg, run)
 
 
-def train(cfg: RecipeConfig, device: torch.device) -> None:
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    manager, resume_dir = dist_utils.prepare_output_dir(cfg)  # rank 0 decides (and writes config.yaml)
-    out = manager.output_dir
-    resolve_paths(cfg)
-
-    seed_everything(cfg.seed)
-    dtype = resolve_dtype(cfg.dtype, device)
-    flags = dist_utils.cuda_only_settings(device, compile=cfg.compile, cpu_offload=cfg.fsdp.cpu_offload,
-                                         offload_activations=cfg.offload_activations)
-    cfg.fsdp.cpu_offload = flags["cpu_offload"]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
+def train(cfg: RecipeConfig, run) -> None:
+    device, rank, world = run.device, run.rank, run.world
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
-    args = dist_utils.read_model_args(cfg, tokenizer)
-    model = dist_utils.setup_sharded_model(cfg, args, device, dtype, flags["compile"], flags["offload_activations"])
+    model = build_model(run, tokenizer)  # meta build, fully_shard, each rank reads its rows
     params = list(get_adapter_params(model).values())
-    dist_utils.say_model_size(model, cfg, device)
     say(f"loss {cfg.loss.type} (beta {cfg.loss.beta}), reference = the base model (adapters off)")
 
-    dataset = dist_utils.build_dataset(cfg.dataset, tokenizer, cfg.max_seq_len, "dataset")
-    accum, global_batch = cfg.gradient_accumulation_steps, cfg.batch_size * world
-    steps_per_epoch, total_steps = plan_steps(cfg, len(dataset), "pairs", global_batch,
-                                              "batch_size x gradient_accumulation_steps x world size")
+    dataset = build_dataset(run, cfg.dataset, tokenizer, "dataset")
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch, total_steps = plan_steps(run, len(dataset), "pairs")
     val_loader = None
     if cfg.validation is not None:
-        val_data = dist_utils.build_dataset(cfg.validation, tokenizer, cfg.max_seq_len, "validation")
-        val_loader = make_preference_loader(val_data, cfg.batch_size, dist_utils.eval_sampler(len(val_data)),
+        val_data = build_dataset(run, cfg.validation, tokenizer, "validation")
+        val_loader = make_preference_loader(val_data, cfg.batch_size, eval_sampler(run, len(val_data)),
                                             tokenizer.pad_id, drop_last=False)
     if cfg.precompute_ref_log_probs:  # every rank a slice, then one all-gather: the whole table everywhere
         started = time.perf_counter()
         dataset = precompute_reference(model, dataset, cfg.batch_size, tokenizer.pad_id, device,
                                        rank=rank, world_size=world)
         say(f"reference log-probs of {len(dataset)} pairs precomputed in {time.perf_counter() - started:.1f}s")
-    sampler = RankSampler(len(dataset), seed=cfg.seed, rank=rank, world_size=world)
+    sampler = train_sampler(run, len(dataset))  # every N-th pair of the shared order
     loader = make_preference_loader(dataset, cfg.batch_size, sampler, tokenizer.pad_id)
 
     optimizer = instantiate(cfg.optimizer, params)
     scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
                                    total_steps=total_steps, schedule=cfg.lr_scheduler.schedule)
     # the data position counts GLOBAL micro-batches: a checkpoint resumes on any world size
-    progress = dist_utils.restore_progress(cfg, resume_dir, global_batch, model=model, optimizer=optimizer,
-                                           scheduler=scheduler, sampler=sampler)
-
-    def checkpoint(final: bool) -> Path:
-        """All ranks gather; rank 0 writes the step folder (COMPLETE last); all wait for it."""
-        return dist_utils.save_checkpoint(cfg, manager, progress, model=model, optimizer=optimizer,
-                                          scheduler=scheduler, dtype=dtype, final=final)
+    progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
 
     # -------------------------------------------------------------------------------- loop
-    metrics, display = dist_utils.rank0_metrics(cfg, out, progress.step, total_steps)  # None off rank 0
+    log = RunLog(run, progress.step, total_steps)  # rank 0 writes
     say(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} x {world} pairs each)")
-    n_pairs = global_batch * accum  # the step loss is the mean over all pairs of all ranks
-    last_saved = resume_dir
-    throughput = Throughput()  # tokens/s of training steps (eval and saves excluded)
+    last_saved = run.resume_dir
+    throughput = Throughput()  # tokens/s of training steps, all ranks together
+    n_pairs = run.global_batch * accum  # the step loss is the mean over all pairs of all ranks
     try:
-        for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=global_batch,
+        for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=run.global_batch,
                                              steps_per_epoch=steps_per_epoch, total_steps=total_steps):
             # dropout masks from (seed, step, rank): exact resume without per-rank RNG files
             torch.manual_seed(cfg.seed * 1_000_003 + progress.step * 1_009 + rank)
@@ -189,51 +126,37 @@ def train(cfg: RecipeConfig, device: torch.device) -> None:
                 (losses.sum() * (world / n_pairs)).backward()  # x world: FSDP averages over ranks
                 stats.add(losses, chosen, rejected, batch["num_tokens"])
             step_row, n_tokens = stats.reduce()  # all ranks: loss + rewards/* over the global step
-            loss_value = step_row["loss"]
-            grad_norm = dist_utils.clip_grad_norm(params, cfg.max_grad_norm)
-            # finite check, optimizer + lr schedule step, training position + 1 step
-            lr = apply_optimizer_step(progress, optimizer, scheduler, accum=accum, loss=loss_value,
-                                      grad_norm=grad_norm, last_saved=last_saved, knobs="optimizer.lr or loss.beta")
+            grad_norm = clip_grad_norm(params, cfg.max_grad_norm)  # over all ranks' shards
+            lr = optimizer_step(optimizer, scheduler, step=progress.step + 1, loss=step_row["loss"],
+                                grad_norm=grad_norm, last_saved=last_saved, knobs="optimizer.lr or loss.beta")
+            progress.step += 1
+            progress.batches_consumed += accum  # global micro-batches: the data position resume continues from
             throughput.step(n_tokens)
 
             step = progress.step
-            if is_rank0() and (step % cfg.log_every_n_steps == 0 or step in (1, total_steps)):
-                row = {"step": step, "epoch": progress.epoch, **step_row, "lr": lr,
-                       "tokens_per_s": throughput.rate(),  # all ranks together
-                       "grad_norm": grad_norm}
-                if (mem := peak_memory_gib(device)) is not None:
-                    row["peak_mem_gib"] = mem  # rank 0's
-                metrics.log(row)
-                display.update(row)
+            if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
+                log.step({"step": step, "epoch": progress.epoch, **step_row, "lr": lr,
+                          "tokens_per_s": throughput.rate(), "grad_norm": grad_norm})
             if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
                                            or step == total_steps):
                 eval_row = evaluate(model, val_loader, cfg, device)  # collective: every rank
-                if is_rank0():
-                    metrics.log({"step": step, "epoch": progress.epoch, **eval_row})
-                    display.write(f"step {step}: eval_loss={eval_row['eval_loss']:.4f} "
-                                  f"eval_accuracy={eval_row['eval_rewards/accuracy']:.3f} "
-                                  f"eval_margin={eval_row['eval_rewards/margins']:.3f}")
+                log.event({"step": step, "epoch": progress.epoch, **eval_row}, eval_line(step, eval_row))
                 throughput.resume()
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
-                last_saved = checkpoint(final=False)
+                last_saved = save_checkpoint(run, progress, model=model, optimizer=optimizer, scheduler=scheduler,
+                                             final=False)  # collective: gathered onto rank 0
                 throughput.resume()
     finally:
-        if is_rank0():
-            display.close()
-            metrics.close()
+        log.close()
 
     # -------------------------------------------------------------------------------- final save
     done = last_saved is not None and last_saved.name == f"step_{total_steps}"  # resumed a finished run
-    final_dir = last_saved if done else checkpoint(final=True)
-    say(f"adapter: {final_dir / 'adapter'}")
-    if (final_dir / "merged").is_dir():
-        say(f"merged model: {final_dir / 'merged'}")
-    # rank 0 exports alone (the others may finish: no collective waits on an export of minutes)
-    if is_rank0() and (gguf := export_gguf_step(cfg, final_dir)) is not None:
-        say(f"gguf: {gguf}")
+    final_dir = last_saved if done else save_checkpoint(run, progress, model=model, optimizer=optimizer,
+                                                        scheduler=scheduler, final=True)
+    report_outputs(run, final_dir)  # the GGUF export on rank 0 alone
 
 
 if __name__ == "__main__":
     # record: torchrun's end-of-job summary then shows the failing rank's exception, not just its exit code
     recipe_entry(record(main))
-    dist_utils.exit_finished_run()  # skip interpreter teardown (see its docstring)
+    exit_finished_run()  # skip interpreter teardown (see its docstring)

@@ -4,6 +4,7 @@ device/dtype helpers, ``builtin:`` paths. Config parsing lives in ``tunelab.trai
 from tunelab.training.builtin import resolve_builtin, tiny_checkpoint
 from tunelab.training.checkpointing import (
     CheckpointManager,
+    RankSampler,
     ResumableSampler,
     TrainingProgress,
     adapter_writer,
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointManager",
     "MetricsLogger",
     "ProgressDisplay",
+    "RankSampler",
     "ResumableSampler",
     "TrainingProgress",
     "adapter_writer",

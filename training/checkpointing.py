@@ -2,7 +2,7 @@
 
 Every recipe saves and resumes through this file, so the copies cannot drift apart.
 
-Layout written by :class:`CheckpointManager` (see docs/architecture.md)::
+Layout written by :class:`CheckpointManager` (the folder names are ``tunelab.run_layout``'s)::
 
     output_dir/step_N/adapter/    PEFT adapter (adapter_model.safetensors + adapter_config.json)
     output_dir/step_N/merged/     HF folder with the LoRA weights merged in (per save_merged)
@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,9 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Sampler
 
 from tunelab.errors import CheckpointError
+from tunelab.run_layout import COMPLETE, complete_steps, step_dir, step_dirs
 
-COMPLETE = "COMPLETE"
-_STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 # --------------------------------------------------------------------------- data position
@@ -91,6 +89,34 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+class RankSampler(ResumableSampler):
+    """``ResumableSampler`` split over ranks like ``DistributedSampler``: rank ``r`` of ``w``
+    takes positions ``r, r + w, r + 2w, ...`` of the epoch's order (after ``start``).
+
+    With ``batch_size`` b per rank, micro-batch k of every rank together holds exactly the
+    samples ``order[start + k*b*w : start + (k+1)*b*w]``, i.e. the k-th micro-batch of one
+    device running batch_size b*w: losses match single device for the same global batch and
+    the data position (global micro-batches consumed) is independent of the world size.
+
+    Args:
+        num_samples: dataset length.
+        seed: base seed of the per-epoch permutations (as ResumableSampler).
+        rank, world_size: this rank and the number of ranks.
+        shuffle: False keeps the dataset order.
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int, shuffle: bool = True):
+        super().__init__(num_samples, seed, shuffle=shuffle)
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start :][self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples - self.start, self.world_size))
 
 
 # --------------------------------------------------------------------------- RNG
@@ -279,24 +305,17 @@ class CheckpointManager:
         self.keep_last_n = keep_last_n
 
     def step_dirs(self) -> dict[int, Path]:
-        """All ``step_N`` folders (complete or not) by step."""
-        if not self.output_dir.is_dir():
-            return {}
-        found = {}
-        for child in self.output_dir.iterdir():
-            m = _STEP_RE.match(child.name)
-            if m and child.is_dir():
-                found[int(m.group(1))] = child
-        return found
+        """All ``step_N`` folders (complete or not) by step (``tunelab.run_layout``)."""
+        return step_dirs(self.output_dir)
 
     def complete_steps(self) -> list[int]:
         """Steps whose folder has the COMPLETE marker, ascending."""
-        return sorted(s for s, d in self.step_dirs().items() if (d / COMPLETE).is_file())
+        return complete_steps(self.output_dir)
 
     def latest_complete(self) -> Path | None:
         """The newest complete step folder (what resume uses), or None."""
         steps = self.complete_steps()
-        return self.output_dir / f"step_{steps[-1]}" if steps else None
+        return step_dir(self.output_dir, steps[-1]) if steps else None
 
     def save(self, step: int, writers: Mapping[str, Writer]) -> Path:
         """Write ``step_N/<name>`` with each writer (called with the folder to create), then
@@ -308,7 +327,7 @@ class CheckpointManager:
                 ``{"adapter": ..., "merged": ..., "state": ...}``.
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        final = self.output_dir / f"step_{step}"
+        final = step_dir(self.output_dir, step)
         tmp = self.output_dir / f".tmp_step_{step}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -6,7 +6,7 @@ The reference is the policy model itself with its LoRA adapters switched off
 (``disable_adapters``) under ``no_grad``: no second model in memory, and for QLoRA it is the
 same NF4 base. A micro-batch of b pairs is ONE forward of 2b rows (chosen rows first,
 ``tunelab.data.preference_collate``). Each function takes the recipe's own typed config (any
-object with a ``loss`` group of :class:`LossConfig`), like ``tunelab.training.recipe_setup``.
+object with a ``loss`` group of :class:`LossConfig`), like ``tunelab.training.spine``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from tunelab.errors import ConfigError
 from tunelab.modules.loss import preference_loss, sequence_log_probs_from_hidden
 from tunelab.modules.peft import disable_adapters
 from tunelab.training.checkpointing import ResumableSampler
-from tunelab.training.distributed import all_gather_stack, all_reduce_sum
+from tunelab.training.process_group import all_gather_stack, all_reduce_sum
 
 __all__ = [
     "REWARD_KEYS",
     "LossConfig",
     "PairStats",
     "WithReference",
+    "DPOFields",
     "check_loss_settings",
+    "eval_line",
     "evaluate",
     "make_preference_loader",
     "pair_losses",
@@ -53,8 +55,16 @@ class LossConfig:
     gamma: float
 
 
+@dataclass(kw_only=True)
+class DPOFields:
+    """The keys the DPO recipes add to the shared ones (mixed into their ``RecipeConfig``)."""
+
+    loss: LossConfig
+    precompute_ref_log_probs: bool
+
+
 def check_loss_settings(cfg) -> None:
-    """DPO-only value ranges (the shared ones are ``recipe_setup.check_settings``'s).
+    """DPO-only value ranges (the shared ones are ``spine.check_settings``'s).
 
     Args:
         cfg: the recipe config (``loss`` and ``precompute_ref_log_probs``).
@@ -258,3 +268,9 @@ def evaluate(model, loader: DataLoader, cfg, device: torch.device) -> dict[str, 
         stats.add(*pair_losses(model, batch, cfg, device))
     model.train()
     return stats.reduce(prefix="eval_")[0]
+
+
+def eval_line(step: int, row: dict[str, float]) -> str:
+    """The line printed after an evaluation (``row`` from :func:`evaluate`)."""
+    return (f"step {step}: eval_loss={row['eval_loss']:.4f} eval_accuracy={row['eval_rewards/accuracy']:.3f} "
+            f"eval_margin={row['eval_rewards/margins']:.3f}")

@@ -8,22 +8,21 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from tunelab.data.collate import packed_collate, padded_collate
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.kernels.fused_ce import loss_sum as fused_loss_sum
-from tunelab.modules.peft import LoRALinear
+from tunelab.modules.loss import IGNORE_INDEX, cross_entropy_sum
 from tunelab.modules.recompute import keeping, recomputing
 from tunelab.training.offload import ActivationOffloader
+from tunelab.training.process_group import all_reduce_sum
 
 __all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "checkpoint_every", "make_loader", "loss_sum",
-           "micro_batch_backward", "optimizer_steps", "apply_optimizer_step"]
-
-IGNORE_INDEX = -100  # label of positions that are not trained on
+           "plain_output_weight", "evaluate_loss", "micro_batch_backward", "optimizer_steps", "clip_grad_norm",
+           "optimizer_step"]
 
 
 def wrap_layers(model: nn.Module, *, activation_checkpointing: bool | int, compile_layers: bool,
@@ -122,21 +121,36 @@ def make_loader(dataset, batch_size: int, sampler, pad_id: int, packed: bool, pa
                       generator=torch.Generator().manual_seed(0))
 
 
-def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
-    """Sum (not mean) of the token cross-entropies of one micro-batch, in fp32.
+def plain_output_weight(model) -> torch.Tensor | None:
+    """``model.output_weight`` when the output head is a plain linear (a fused loss may multiply
+    by it), None where the head's module must be called (LoRA on ``output``)."""
+    try:
+        return model.output_weight
+    except ConfigError:
+        return None
 
-    With a plain output head the fused, chunked kernel never materialises the [b, s, vocab]
-    fp32 logits on CUDA (same numbers as the full-logits path, which runs on CPU); a LoRA'd head
-    (``output`` in lora.targets) needs the model's own logits."""
+
+def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Sum (not mean) of the token cross-entropies of one micro-batch, in fp32
+    (``tunelab.modules.loss.cross_entropy_sum``: fused and chunked on CUDA with a plain head)."""
     tokens = batch["tokens"].to(device)
     labels = batch["labels"].to(device)
     extra = {k: batch[k].to(device) for k in ("position_ids", "document_ids") if k in batch}
-    if isinstance(getattr(model, "output", None), LoRALinear):
-        logits = model(tokens, **extra)  # (b, s, vocab)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
     hidden = model(tokens, return_hidden=True, **extra)  # (b, s, dim)
-    return fused_loss_sum(hidden, model.output_weight, labels, ignore_index=IGNORE_INDEX)
+    return cross_entropy_sum(hidden, labels, model.logits_from_hidden, output_weight=plain_output_weight(model))
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader: DataLoader, device: torch.device) -> float:
+    """Mean token loss over the whole loader, over every rank's batches (dropout off)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        total += loss_sum(model, batch, device).item()
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+    model.train()
+    total, count = all_reduce_sum([total, count], device)
+    return total / max(count, 1)
 
 
 def micro_batch_backward(model, params: list, device: torch.device, *, cuda_graph: bool = False):
@@ -184,15 +198,22 @@ def optimizer_steps(progress, loader, sampler, *, accum: int, samples_per_batch:
             yield [next(batches) for _ in range(accum)]
 
 
-def apply_optimizer_step(progress, optimizer, scheduler, *, accum: int, loss: float, grad_norm: float,
-                         last_saved: Path | None, knobs: str = "optimizer.lr", grads_in_place: bool = False) -> float:
-    """End one optimizer step: check it is finite, step the optimizer and the lr schedule, clear
-    the gradients and advance the training position (``accum`` micro-batches consumed).
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Clip the gradients to ``max_norm`` (None: only measure); returns the norm before
+    clipping. FSDP-sharded gradients give the norm over all ranks' shards, the number one
+    device would log."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+def optimizer_step(optimizer, scheduler, *, step: int, loss: float, grad_norm: float, last_saved: Path | None,
+                   knobs: str = "optimizer.lr", grads_in_place: bool = False) -> float:
+    """Check the step is finite, then step the optimizer and the lr schedule and clear the
+    gradients. The training position is the caller's to advance (the loop shows it).
 
     Args:
-        progress: the ``TrainingProgress`` (``step``, ``batches_consumed``).
         optimizer, scheduler: what to step.
-        accum: micro-batches this step consumed.
+        step: the number of this optimizer step (1-based), for the error.
         loss, grad_norm: the step's loss and (pre-clipping) gradient norm.
         last_saved: the newest checkpoint folder, named in the error.
         knobs: the settings the error suggests lowering.
@@ -208,12 +229,10 @@ def apply_optimizer_step(progress, optimizer, scheduler, *, accum: int, loss: fl
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
         raise NonFiniteLossError(
-            f"loss {loss} / grad norm {grad_norm} at step {progress.step + 1} is not finite; "
+            f"loss {loss} / grad norm {grad_norm} at step {step} is not finite; "
             f"stopped without saving ({kept}); lower {knobs}, set max_grad_norm or use dtype=fp32")
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=not grads_in_place)
-    progress.step += 1
-    progress.batches_consumed += accum
     return lr

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.run_layout import complete_steps, step_dir
 
 __all__ = ["LOG_FILE", "META_FILE", "NotFound", "RunManager", "read_rows"]
 
@@ -46,7 +47,6 @@ LOG_FILE = "board.log"
 STALE_S = 120.0  # an external run whose metrics did not move for this long is not running
 STOP_GRACE_S = 8.0  # Ctrl-C first (the recipe exits cleanly), SIGKILL after this
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_STEP_RE = re.compile(r"^step_(\d+)$")
 _MAX_CHUNK = 4 << 20  # metrics bytes returned per request; the client asks again for the rest
 
 
@@ -91,14 +91,9 @@ def read_rows(path: Path, offset: int = 0) -> tuple[list[dict], int, bool]:
     return rows, offset + end + 1, reset
 
 
-def _checkpoints(run_dir: Path) -> list[str]:
-    """Complete ``step_N`` folders, oldest first."""
-    found = []
-    for child in run_dir.iterdir() if run_dir.is_dir() else ():
-        m = _STEP_RE.match(child.name)
-        if m and (child / "COMPLETE").exists():
-            found.append((int(m.group(1)), child.name))
-    return [name for _, name in sorted(found)]
+def _checkpoints(run_dir: Path) -> list[int]:
+    """Steps of the complete ``step_N`` folders, oldest first (``tunelab.run_layout``)."""
+    return complete_steps(run_dir)
 
 
 def _tail(path: Path, max_bytes: int) -> str:
@@ -224,7 +219,7 @@ class RunManager:
                 return name
         return None
 
-    def _status(self, name: str, run_dir: Path, meta: dict, summary: dict, ckpts: list[str]) -> str:
+    def _status(self, name: str, run_dir: Path, meta: dict, summary: dict, steps: list[int]) -> str:
         proc = self._procs.get(name)
         if proc is not None:
             code = proc.poll()
@@ -237,7 +232,7 @@ class RunManager:
         if meta.get("pid") and _pid_runs_in(meta["pid"], run_dir):
             return "running"  # launched by an earlier board process that has since exited
         last = summary.get("last_step")
-        if ckpts and last is not None and int(_STEP_RE.match(ckpts[-1]).group(1)) >= last:
+        if steps and last is not None and steps[-1] >= last:
             return "finished"
         mtimes = [p.stat().st_mtime for p in (run_dir / "metrics.jsonl", run_dir / "config.yaml") if p.exists()]
         if mtimes and time.time() - max(mtimes) < STALE_S:
@@ -249,14 +244,14 @@ class RunManager:
         run_dir = self._run_dir(name)
         meta = self._meta(run_dir)
         summary = self._metrics_summary(run_dir)
-        ckpts = _checkpoints(run_dir)
+        steps = _checkpoints(run_dir)
         return {
             "name": name,
             "recipe": meta.get("recipe") or self._infer_recipe(run_dir),
             "config": meta.get("config"),
             "overrides": meta.get("overrides", []),
             "launched_by_board": bool(meta),
-            "status": self._status(name, run_dir, meta, summary, ckpts),
+            "status": self._status(name, run_dir, meta, summary, steps),
             "returncode": meta.get("returncode"),
             "started": meta.get("started"),
             "ended": meta.get("ended"),
@@ -265,7 +260,7 @@ class RunManager:
             "eval_loss": summary["eval_loss"],
             "tokens_per_s": summary["tokens_per_s"],
             "reward_accuracy": summary.get("rewards/accuracy"),
-            "checkpoints": ckpts,
+            "checkpoints": [step_dir(run_dir, s).name for s in steps],
             "has_config": (run_dir / "config.yaml").is_file(),
         }
 

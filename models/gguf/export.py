@@ -31,12 +31,11 @@ import torch
 
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.models.checkpoint import (
-    _IGNORED_HF,
     _NATIVE_LAYER,
     _check_dir,
     _check_state_dict,
-    _open,
-    hf_to_native_key,
+    native_weight_name,
+    open_safetensors,
     read_hf_config,
     rename_weight,
     safetensors_files,
@@ -154,16 +153,11 @@ class _Source:
         self.hf_names: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for hf_name, shape in _hf_shapes(path, self.bnb).items():
-            if _IGNORED_HF.match(hf_name) or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
-                continue
             if self.bnb is not None and _BNB_SUFFIX.match(hf_name):
                 continue  # a part of a quantized weight, read together with it
-            try:
-                native = hf_to_native_key(hf_name)
-            except KeyError:
-                raise CheckpointError(
-                    f"{path}: unexpected tensor {hf_name!r}; not a plain LlamaForCausalLM checkpoint"
-                ) from None
+            native = native_weight_name(hf_name, tied=args.tie_word_embeddings, where=path)
+            if native is None:
+                continue
             self.hf_names[native] = hf_name
             self.shapes[native] = tuple(shape)
 
@@ -172,7 +166,7 @@ class _Source:
         if file is None:
             raise CheckpointError(f"{self.path}: tensor {hf_name!r} is missing; re-download the checkpoint")
         if file not in self._handles:
-            self._handles[file] = _open(file).__enter__()
+            self._handles[file] = open_safetensors(file).__enter__()
         try:
             return self._handles[file].get_tensor(hf_name)
         except Exception as e:  # safetensors' own error type on a truncated file

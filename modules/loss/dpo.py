@@ -35,8 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from tunelab.kernels import use_triton
 from tunelab.kernels.fused_ce import fused_linear_cross_entropy
+from tunelab.modules.loss.cross_entropy import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 
 Rewards = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -39,7 +39,7 @@ def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int, shard_fr
     from torch.distributed.tensor import DTensor
 
     from tunelab.modules.peft import disable_adapters, get_adapter_params
-    from tunelab.training import distributed as dist_utils
+    from tunelab.training import process_group, sharded_io, spine
 
     cfg = SimpleNamespace(
         lora=SimpleNamespace(rank=8, alpha=16, dropout=0.0, targets=TARGETS), quantize=None,
@@ -47,7 +47,7 @@ def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int, shard_fr
         fsdp=SimpleNamespace(reshard_after_forward=reshard, cpu_offload=False, prefetch_layers=prefetch,
                              shard_frozen=shard_frozen))
     torch.manual_seed(0)  # the LoRA init draws from it, as in the recipes
-    model = dist_utils.setup_sharded_model(cfg, args, device, torch.float32, compile_layers=False)
+    model = spine.build_sharded_model(cfg, args, device, torch.float32, compile_layers=False)
     params = list(get_adapter_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-2)
 
@@ -74,7 +74,7 @@ def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int, shard_fr
     try:
         for step in range(3):
             for micro in range(2):
-                g = torch.Generator().manual_seed(100 * step + 10 * micro + dist_utils.rank())
+                g = torch.Generator().manual_seed(100 * step + 10 * micro + process_group.rank())
                 tokens = torch.randint(1, args.vocab_size, (2, 16), generator=g)
                 labels = torch.randint(1, args.vocab_size, (2, 16), generator=g)
                 record = step == 1 and micro == 0  # steady state: after FSDP's lazy init
@@ -88,7 +88,7 @@ def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int, shard_fr
                 phase["name"] = "bwd" if record else None
                 loss.backward()
                 phase["name"] = None
-                losses.append(dist_utils.all_reduce_sum([loss.item()], device)[0])
+                losses.append(process_group.all_reduce_sum([loss.item()], device)[0])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # every layer back to its shard: a prefetched layer left gathered would compute the
@@ -97,7 +97,7 @@ def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int, shard_fr
                                  for p in model.parameters()))
     finally:
         FSDPParamGroup.unshard = unshard
-    adapter = dist_utils.gather_full_state(model, trainable_only=True)
+    adapter = sharded_io.gather_full_state(model, trainable_only=True)
     return {"losses": losses, "adapter": adapter, "log": log, "resharded": resharded}
 
 
@@ -107,16 +107,16 @@ def _saved_dtypes_after_no_grad_forward(ckpt: str, args, device) -> dict | None:
     still be the fp32 master weights."""
     from types import SimpleNamespace
 
-    from tunelab.training import distributed as dist_utils
+    from tunelab.training import sharded_io, spine
 
     cfg = SimpleNamespace(
         lora=SimpleNamespace(rank=4, alpha=8, dropout=0.0, targets=TARGETS), quantize=None,
         activation_checkpointing=False, checkpoint_dir=ckpt,
         fsdp=SimpleNamespace(reshard_after_forward=False, cpu_offload=False, prefetch_layers=0, shard_frozen=True))
-    model = dist_utils.setup_sharded_model(cfg, args, device, torch.bfloat16, compile_layers=False)
+    model = spine.build_sharded_model(cfg, args, device, torch.bfloat16, compile_layers=False)
     with torch.no_grad():
         model(torch.randint(1, args.vocab_size, (1, 8)))
-    adapter = dist_utils.gather_full_state(model, trainable_only=True)
+    adapter = sharded_io.gather_full_state(model, trainable_only=True)
     return None if adapter is None else {name: t.dtype for name, t in adapter.items()}
 
 
@@ -124,15 +124,15 @@ def worker(ckpt: str, out: str) -> None:
     """torchrun entry: every setting of SETTINGS on one process group; rank 0 saves the results."""
     from tunelab.models.checkpoint import read_hf_config
     from tunelab.models.hf_config import args_from_hf_config
-    from tunelab.training import distributed as dist_utils
+    from tunelab.training import process_group
 
-    device = dist_utils.init_distributed("cpu", timeout_s=60, recipe="test_fsdp_switches")
+    device = process_group.init_distributed("cpu", timeout_s=60, recipe="test_fsdp_switches")
     args = args_from_hf_config(read_hf_config(ckpt))
     results = {setting: _run_setting(ckpt, args, device, *setting) for setting in SETTINGS}
     results["bf16_after_no_grad_forward"] = _saved_dtypes_after_no_grad_forward(ckpt, args, device)
-    if dist_utils.is_rank0():
+    if process_group.is_rank0():
         torch.save(results, out)
-    dist_utils.destroy_distributed()
+    process_group.destroy_distributed()
 
 
 # ------------------------------------------------------------------------ helpers

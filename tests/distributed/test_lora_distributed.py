@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab.training.checkpointing import COMPLETE
-from tunelab.training.distributed import RankSampler
+from tunelab.training.checkpointing import RankSampler
 from tunelab.training.metrics import read_metrics
 
 TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"  # plain head: the fused-loss path
@@ -181,27 +181,27 @@ def test_nf4_sharding_on_old_torch_fails_with_the_fix(monkeypatch):
 
     from tunelab.errors import ConfigError
     from tunelab.models import tiny
-    from tunelab.training import distributed as dist_utils
+    from tunelab.training import sharding
 
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
     lora = SimpleNamespace(targets=["q_proj"], rank=2, alpha=4, dropout=0.0)
-    model = dist_utils.build_meta_model(tiny(vocab_size=64), torch.float32, lora, "nf4")
+    model = sharding.build_meta_model(tiny(vocab_size=64), torch.float32, lora, "nf4")
     assert any(p.dtype == torch.uint8 for p in model.parameters())
     with pytest.raises(ConfigError, match=r"needs torch >= 2\.13.*fsdp\.shard_frozen: false") as err:
-        dist_utils.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=False)
+        sharding.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=False)
     assert "\n" not in str(err.value)
 
 
 def test_replicated_frozen_base_needs_no_cpu_offload_and_torch_2_7(monkeypatch):
     from tunelab.errors import ConfigError
     from tunelab.models import build_model, tiny
-    from tunelab.training import distributed as dist_utils
+    from tunelab.training import sharding
 
     model = build_model(tiny(vocab_size=64), device="meta", dtype=torch.float32)
     with pytest.raises(ConfigError, match="fsdp.shard_frozen: false .* fsdp.cpu_offload: true"):
-        dist_utils.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=True,
+        sharding.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=True,
                                shard_frozen=False)
     monkeypatch.setattr(torch, "__version__", "2.6.0")
     with pytest.raises(ConfigError, match=r"fsdp.shard_frozen: false needs torch >= 2\.7"):
-        dist_utils.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=False,
+        sharding.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=False,
                                shard_frozen=False)

@@ -184,8 +184,8 @@ def test_count_parameters_counts_an_nf4_base_by_its_weights():
     from types import SimpleNamespace
 
     from tunelab.models import build_model, tiny
-    from tunelab.training import distributed as dist_utils
-    from tunelab.training.recipe_setup import count_parameters
+    from tunelab.training.sharding import build_meta_model
+    from tunelab.training.spine import count_parameters
 
     args = tiny(vocab_size=64)
     lora = SimpleNamespace(targets=["q_proj", "v_proj"], rank=2, alpha=4, dropout=0.0)
@@ -199,4 +199,4 @@ def test_count_parameters_counts_an_nf4_base_by_its_weights():
     apply_lora(one_device, lora.targets, lora.rank, lora.alpha)
     set_trainable_params(one_device)
     assert count_parameters(one_device) == want
-    assert count_parameters(dist_utils.build_meta_model(args, torch.float32, lora, "nf4")) == want
+    assert count_parameters(build_meta_model(args, torch.float32, lora, "nf4")) == want

@@ -13,19 +13,16 @@ import pytest
 import torch
 
 from tunelab.modules.peft import get_adapter_params
-from tunelab.training.steps import apply_optimizer_step, loss_sum, micro_batch_backward
+from tunelab.training.steps import loss_sum, micro_batch_backward, optimizer_step
 
 
 def _train(make, device, cuda_graph: bool, offload: bool = False, steps: int = 3):
-    from types import SimpleNamespace
-
     model = make(device, offload)
     if offload:
         model.layers[0].forward.args[0].min_bytes = 0  # the tiny model's inputs are a few KiB
     params = list(get_adapter_params(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    progress = SimpleNamespace(step=0, batches_consumed=0)
     backward = micro_batch_backward(model, params, torch.device(device), cuda_graph=cuda_graph)
     gen = torch.Generator().manual_seed(1)
     losses = []
@@ -35,8 +32,8 @@ def _train(make, device, cuda_graph: bool, offload: bool = False, steps: int = 3
         n_labels = sum(b["labels"].numel() for b in batches)
         loss = sum(backward(b, n_labels) for b in batches)
         losses.append(loss.item() / n_labels)
-        apply_optimizer_step(progress, optimizer, scheduler, accum=2, loss=losses[-1], grad_norm=0.0,
-                             last_saved=None, grads_in_place=cuda_graph)
+        optimizer_step(optimizer, scheduler, step=len(losses), loss=losses[-1], grad_norm=0.0, last_saved=None,
+                       grads_in_place=cuda_graph)
     return losses, {k: v.detach().clone() for k, v in get_adapter_params(model).items()}, backward
 
 
@@ -75,16 +72,12 @@ def test_cpu_training_path_is_the_eager_one(tiny_lora_model):
 
 
 def test_grads_in_place_keeps_the_buffers():
-    from types import SimpleNamespace
-
     p = torch.nn.Parameter(torch.randn(3))
     p.grad = torch.ones(3)
     buffer = p.grad
     optimizer = torch.optim.SGD([p], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    progress = SimpleNamespace(step=0, batches_consumed=0)
-    apply_optimizer_step(progress, optimizer, scheduler, accum=1, loss=1.0, grad_norm=1.0, last_saved=None,
-                         grads_in_place=True)
+    optimizer_step(optimizer, scheduler, step=1, loss=1.0, grad_norm=1.0, last_saved=None, grads_in_place=True)
     assert p.grad is buffer and torch.equal(buffer, torch.zeros(3))
-    apply_optimizer_step(progress, optimizer, scheduler, accum=1, loss=1.0, grad_norm=1.0, last_saved=None)
+    optimizer_step(optimizer, scheduler, step=2, loss=1.0, grad_norm=1.0, last_saved=None)
     assert p.grad is None

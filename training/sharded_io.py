@@ -1,0 +1,208 @@
+"""Sharded checkpoint I/O for FSDP2: each rank reads only its rows of the HF weights, the
+LoRA adapters are initialised with one device's values, full tensors are gathered onto rank 0
+for saving, and a saved state (of any world size) is loaded back into the shards.
+
+Base weights are read from the HF safetensors files file by file with
+``safe_open(...).get_slice``, so a rank reads exactly the rows it owns and never holds a whole
+tensor, let alone the whole model. NF4's scales are statistics of the whole tensor, so while
+loading every rank quantizes each full projection (one tensor in memory at a time) and keeps
+its rows of the packed result. Saving gathers full tensors (collective: every rank calls,
+rank 0 keeps CPU copies) into a CPU "export model" on rank 0 that the ordinary single-device
+writers of ``tunelab.training.checkpointing`` save, so the folder layout is the same as on one
+device.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from tunelab.errors import CheckpointError
+from tunelab.models.checkpoint import native_to_hf_key, native_weight_name, open_safetensors, tensors_by_file
+from tunelab.training.checkpointing import TrainingProgress, load_state
+from tunelab.training.process_group import is_rank0, rank, world_size
+from tunelab.training.sharding import NF4_STORAGE
+
+__all__ = [
+    "full_tensor_on_rank0",
+    "gather_full_state",
+    "gathered_optimizer_state",
+    "init_lora_sharded",
+    "load_full_into_sharded",
+    "load_hf_weights_sharded",
+    "load_sharded_state",
+    "shard_like",
+]
+
+
+def _row_range(full_rows: int, local_rows: int) -> tuple[int, int]:
+    """Rows of dim 0 this rank owns under ``Shard(0)`` (torch.chunk: ceil-sized chunks)."""
+    chunk = math.ceil(full_rows / world_size()) if full_rows else 0
+    start = min(rank() * chunk, full_rows)
+    return start, start + local_rows
+
+
+@torch.no_grad()
+def _copy_rows(param: torch.Tensor, read_rows) -> None:
+    """Fill ``param`` (a sharded DTensor or a plain tensor) from ``read_rows(start, stop)``."""
+    if isinstance(param, DTensor):
+        local = param.to_local()
+        start, stop = _row_range(param.shape[0], local.shape[0])
+        if local.numel():
+            local.copy_(read_rows(start, stop))
+    else:
+        param.copy_(read_rows(0, param.shape[0]))
+
+
+@torch.no_grad()
+def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> None:
+    """Fill the (sharded, materialised) base weights of ``model`` from an HF checkpoint.
+
+    Files are opened one at a time (memory-mapped); for each tensor a rank reads only its rows
+    (``get_slice``), casts them and copies them into its shard. Every base weight must be found
+    once with the shape config.json implies.
+
+    Raises:
+        CheckpointError: missing/unexpected tensors or shapes that do not match.
+    """
+    from tunelab.modules.nf4 import NF4Weight, to_nf4
+
+    params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
+    nf4 = {n: m for n, m in model.named_modules() if isinstance(m, NF4Weight)}  # named like the dense weight
+    for name, w in nf4.items():
+        params[name] = w  # found by its dense name; its storage parameters are filled together
+        for part in NF4_STORAGE:
+            params.pop(f"{name}.{part}")
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    loaded: set[str] = set()
+    for file, names in tensors_by_file(checkpoint_dir).items():
+        with open_safetensors(file) as f:
+            for hf_name in names:
+                name = native_weight_name(hf_name, tied=tied, where=checkpoint_dir)
+                if name is None:
+                    continue
+                if name not in params:
+                    raise CheckpointError(f"{checkpoint_dir}: unexpected tensor {hf_name!r}; the weights do "
+                                          "not match config.json")
+                p = params[name]
+                piece = f.get_slice(hf_name)
+                if tuple(piece.get_shape()) != tuple(p.shape):
+                    raise CheckpointError(f"{checkpoint_dir}: tensor {hf_name!r} has shape {list(piece.get_shape())}, "
+                                          f"config.json expects {list(p.shape)}; the weights do not match config.json")
+                if name in nf4:  # the whole tensor: NF4's scales depend on all of it
+                    q = to_nf4(piece[:].to(device=p.codes.device, dtype=p.dtype))
+                    for part in NF4_STORAGE:
+                        _copy_rows(getattr(p, part), lambda a, b, full=getattr(q, part): full[a:b])
+                    del q
+                else:
+                    _copy_rows(p, lambda a, b: piece[a:b].to(dtype=p.dtype))
+                loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"{checkpoint_dir}: missing tensors {', '.join(native_to_hf_key(k) for k in missing[:3])}; "
+                              "the weights do not match config.json")
+
+
+@torch.no_grad()
+def init_lora_sharded(model: nn.Module) -> None:
+    """Initialise every LoRA A/B (already sharded and materialised) with the values
+    ``apply_lora`` would give on one device from the current global RNG state.
+
+    A throw-away CPU ``LoRALinear`` per adapted layer (its base weight a zero-stride view, so
+    it costs no memory) draws the numbers exactly as the single-device path does; each rank
+    keeps its rows. Call it at the same point of the seeded RNG stream on every rank.
+    """
+    from tunelab.modules.peft import LoRALinear, lora_modules
+
+    for _, m in lora_modules(model):
+        ghost_base = torch.zeros((), dtype=m.lora_a.weight.dtype).expand(m.out_dim, m.in_dim)
+        ghost = LoRALinear(m.in_dim, m.out_dim, m.rank, m.alpha, weight=ghost_base,
+                           adapter_dtype=m.lora_a.weight.dtype)
+        for mine, full in ((m.lora_a.weight, ghost.lora_a.weight), (m.lora_b.weight, ghost.lora_b.weight)):
+            _copy_rows(mine, lambda a, b: full[a:b])
+
+
+@torch.no_grad()
+def load_full_into_sharded(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (CPU) tensor into a sharded parameter / state tensor: each rank its rows."""
+    _copy_rows(target, lambda a, b: full[a:b].to(dtype=target.dtype))
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A full tensor distributed with the same mesh/placements as ``like`` (local slicing, no
+    communication: every rank holds ``full``)."""
+    if not isinstance(like, DTensor):
+        return full.to(like.device)
+    return distribute_tensor(full.to(like.to_local().device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+
+def full_tensor_on_rank0(t: torch.Tensor) -> torch.Tensor | None:
+    """All ranks call; rank 0 gets the full tensor on the CPU, the others None."""
+    full = t.full_tensor() if isinstance(t, DTensor) else t
+    return full.detach().cpu() if is_rank0() else None
+
+
+def gather_full_state(model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+    """The model's full parameters by native name on rank 0 (CPU), None elsewhere.
+
+    Gathered one tensor at a time; with ``trainable_only=False`` rank 0 ends up holding the
+    whole model in host memory (what a merged HF export needs).
+    """
+    # A no-grad forward (evaluation, DPO's reference) leaves the modules that keep their weights
+    # gathered after forward (the root; every layer with reshard_after_forward: false) holding
+    # the unsharded compute copies (bf16 under mixed precision): back to the fp32 shards first.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        full = full_tensor_on_rank0(p)
+        if full is not None:
+            out[name] = full
+    return out if is_rank0() else None
+
+
+def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered, on rank 0 (same
+    format as one device: state by parameter index), None elsewhere."""
+    sd = optimizer.state_dict()
+    state: dict[int, dict] = {}
+    for idx in sorted(sd["state"]):
+        state[idx] = {}
+        for key, value in sd["state"][idx].items():
+            if isinstance(value, torch.Tensor):
+                value = full_tensor_on_rank0(value)
+            state[idx][key] = value
+    return {"state": state, "param_groups": sd["param_groups"]} if is_rank0() else None
+
+
+
+def load_sharded_state(state_dir: Path, model: nn.Module, optimizer, scheduler) -> TrainingProgress:
+    """``load_state`` into CPU stand-ins of the adapter and optimizer (full tensors), then
+    each rank copies its rows into the sharded parameters and optimizer state. A state folder
+    of any world size (or of a single-device run) loads."""
+    from tunelab.modules.peft import get_adapter_params
+
+    params = get_adapter_params(model)
+    full = {n: torch.empty(p.shape, dtype=p.dtype, requires_grad=True) for n, p in params.items()}
+    captured: dict = {}
+    stand_in_model = types.SimpleNamespace(named_parameters=lambda: iter(full.items()))
+    stand_in_opt = types.SimpleNamespace(param_groups=optimizer.param_groups, load_state_dict=captured.update)
+    progress = load_state(state_dir, model=stand_in_model, optimizer=stand_in_opt, scheduler=scheduler)
+    for name, p in params.items():
+        load_full_into_sharded(p, full[name])
+    ordered = list(params.values())  # optimizer index i <-> i-th adapter parameter, as on one device
+    state = {i: {k: (shard_like(v, ordered[i]) if torch.is_tensor(v) and k != "step" else v)
+                 for k, v in per_param.items()} for i, per_param in captured["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": captured["param_groups"]})
+    return progress
+

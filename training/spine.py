@@ -1,0 +1,599 @@
+"""The spine every training recipe shares: the config keys, the setup, resume, logging and
+saving, written once and valid on one device and on N FSDP ranks alike.
+
+A recipe file reads top to bottom (settings, setup, loop, save) and calls these pieces. The
+parts that exist only when distributed (joining the process group, ``fully_shard``, sharded
+load and save, rank-0-only output, the metric all-reduce) live inside them and do nothing on
+one device, so a single-device and a distributed recipe of one method differ only in what
+distribution changes in the step itself: gradient sync, the loss scale, per-rank dropout seeds.
+
+    with start_run(cfg, "lora_finetune_single_device", compile=cfg.compile) as run:
+        model = build_model(run, tokenizer)                 # from_pretrained or meta + fully_shard
+        dataset = build_dataset(run, cfg.dataset, tokenizer, "dataset")
+        sampler = train_sampler(run, len(dataset))          # every N-th sample per rank
+        progress = restore_progress(run, model=..., optimizer=..., scheduler=..., sampler=...)
+        log = RunLog(run, progress.step, total_steps)       # metrics.jsonl + progress bar (rank 0)
+        ... the recipe's loop ...
+        save_checkpoint(run, progress, model=..., optimizer=..., scheduler=..., final=True)
+
+Every function takes the recipe's own typed config (through ``run.cfg``): a subclass of
+:class:`TrainConfig`, plus :class:`DistributedConfig` for the FSDP recipes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from tunelab.errors import ConfigError, DataError
+from tunelab.models import from_pretrained
+from tunelab.models.checkpoint import check_checkpoint_dir, read_hf_config
+from tunelab.models.hf_config import args_from_hf_config
+from tunelab.modules.peft import apply_lora, set_trainable_params
+from tunelab.run_layout import COMPLETE, step_dir
+from tunelab.training.builtin import resolve_builtin
+from tunelab.training.checkpointing import (
+    CheckpointManager,
+    RankSampler,
+    TrainingProgress,
+    adapter_writer,
+    load_state,
+    merged_writer,
+    state_writer,
+)
+from tunelab.training.config import component_field, instantiate, save_config
+from tunelab.training.loggers import build_metric_loggers, check_metric_loggers
+from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
+from tunelab.training.process_group import (
+    barrier,
+    broadcast_from_rank0,
+    destroy_distributed,
+    init_distributed,
+    is_rank0,
+    name_failing_rank,
+    rank,
+    say,
+    world_size,
+)
+from tunelab.training.sharded_io import (
+    gather_full_state,
+    gathered_optimizer_state,
+    init_lora_sharded,
+    load_hf_weights_sharded,
+    load_sharded_state,
+)
+from tunelab.training.sharding import FSDPConfig, build_meta_model, check_prefetch_layers, local_tensor, shard_model
+from tunelab.training.steps import checkpoint_every, wrap_layers
+from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
+
+__all__ = [
+    "DistributedConfig",
+    "GGUFExportConfig",
+    "LRSchedulerConfig",
+    "LoRAConfig",
+    "Run",
+    "RunLog",
+    "TrainConfig",
+    "build_dataset",
+    "build_model",
+    "build_sharded_model",
+    "check_settings",
+    "count_parameters",
+    "eval_sampler",
+    "export_gguf_step",
+    "plan_steps",
+    "restore_progress",
+    "save_checkpoint",
+    "start_run",
+    "train_sampler",
+]
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass(kw_only=True)
+class LRSchedulerConfig:
+    warmup_steps: int
+    schedule: Literal["cosine", "linear", "constant"]
+
+
+@dataclass(kw_only=True)
+class GGUFExportConfig:
+    """``export_gguf: {dtype: ...}``: write a GGUF file of the final model after training."""
+
+    dtype: Literal["f16", "bf16", "q8_0", "q4_k_m"]
+
+
+@dataclass(kw_only=True)
+class LoRAConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The keys every training recipe has; a recipe's ``RecipeConfig`` extends it with its own.
+    Every key is required in the YAML (the configs are the one source of defaults).
+    ``batch_size`` is per rank: global = batch_size x gradient_accumulation_steps x world size."""
+
+    checkpoint_dir: str  # HF folder (architecture from its config.json) or builtin:tiny
+    output_dir: str  # distributed: on a filesystem every node sees (multi-node resume)
+    tokenizer: str | None  # null = the tokenizer inside checkpoint_dir
+    dataset: dict = component_field(provided=("tokenizer", "max_seq_len"))
+    seed: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    epochs: int
+    max_steps: int | None  # cap on optimizer steps
+    max_seq_len: int
+    optimizer: dict = component_field(provided=("params",))
+    lr_scheduler: LRSchedulerConfig
+    lora: LoRAConfig
+    quantize: Literal["nf4"] | None
+    device: str  # auto | cpu | cuda | cuda:N (distributed: auto | cpu | cuda, each rank cuda:LOCAL_RANK)
+    dtype: Literal["bf16", "fp32"]
+    activation_checkpointing: bool | int  # true: every layer; k: every k-th layer (selective); false: none
+    offload_activations: bool  # layer inputs + attention in pinned CPU memory; attention not recomputed (CUDA)
+    compile: bool
+    max_grad_norm: float | None  # null = no clipping (the norm is still logged)
+    log_every_n_steps: int
+    metric_loggers: list[dict]  # extra loggers beside metrics.jsonl (TensorBoard, W&B), [] = none
+    save_every_n_steps: int | None  # plus always at the end
+    save_merged: Literal["final", "always", "never"]  # distributed: the merged export holds the model on rank 0
+    export_gguf: GGUFExportConfig | None  # {dtype: f16|bf16|q8_0|q4_k_m}: a .gguf of the final model
+    keep_last_n_checkpoints: int
+    validation: dict | None = component_field(provided=("tokenizer", "max_seq_len"))
+    eval_every_n_steps: int | None
+    resume: bool
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    """The keys only the FSDP recipes have (mixed into their ``RecipeConfig``)."""
+
+    fsdp: FSDPConfig
+    dist_timeout_s: int  # a collective waiting longer than this fails the job instead of hanging
+
+
+def check_settings(cfg) -> None:
+    """Value ranges the types cannot express; one line per problem.
+
+    Raises:
+        ConfigError: the first key out of range, with the fix.
+    """
+    positive = dict(batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                    epochs=cfg.epochs, max_seq_len=cfg.max_seq_len, log_every_n_steps=cfg.log_every_n_steps,
+                    keep_last_n_checkpoints=cfg.keep_last_n_checkpoints, max_steps=cfg.max_steps,
+                    save_every_n_steps=cfg.save_every_n_steps, eval_every_n_steps=cfg.eval_every_n_steps)
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1 (or null where allowed), got {value}")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise ConfigError(f"max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
+    checkpoint_every(cfg.activation_checkpointing, cfg.offload_activations)
+    if getattr(cfg, "cuda_graph", False) and cfg.lora.dropout > 0:
+        raise ConfigError(f"cuda_graph: true replays a recorded step, so it cannot draw new dropout masks: "
+                          f"set lora.dropout: 0 (it is {cfg.lora.dropout}) or cuda_graph: false")
+    if cfg.export_gguf is not None and importlib.util.find_spec("gguf") is None:  # fail now, not after training
+        raise ConfigError("export_gguf needs the gguf package: pip install 'tunelab[gguf]' (or set export_gguf: null)")
+    check_metric_loggers(cfg.metric_loggers)
+    if isinstance(cfg, DistributedConfig):
+        if cfg.dist_timeout_s < 1:
+            raise ConfigError(f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
+        check_prefetch_layers(cfg.fsdp.prefetch_layers)
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """One training run as the recipe's pieces see it.
+
+    Args:
+        cfg: the recipe's config (paths resolved).
+        device: this rank's device.
+        dtype: the base weights' dtype.
+        flags: the CUDA-only switches in effect (off on cpu), by config key.
+        manager: the output folder's checkpoint manager.
+        resume_dir: the step folder to resume from, None to start fresh.
+        distributed: an FSDP run (``fully_shard``, sharded save and load), on any world size.
+    """
+
+    cfg: Any
+    device: torch.device
+    dtype: torch.dtype
+    flags: dict[str, bool]
+    manager: CheckpointManager
+    resume_dir: Path | None
+    distributed: bool
+
+    @property
+    def output_dir(self) -> Path:
+        return self.manager.output_dir
+
+    @property
+    def rank(self) -> int:
+        return rank()
+
+    @property
+    def world(self) -> int:
+        return world_size()
+
+    @property
+    def global_batch(self) -> int:
+        """Samples of one micro-batch over all ranks (the unit of the data position)."""
+        return self.cfg.batch_size * self.world
+
+
+@contextmanager
+def start_run(cfg, recipe: str, *, distributed: bool = False, **cuda_only: bool) -> Iterator[Run]:
+    """Everything before the model: check the config, join the process group (``distributed``:
+    torchrun's, ``cfg.device`` / ``cfg.dist_timeout_s``), decide the output folder (rank 0,
+    which writes config.yaml as given), resolve ``builtin:`` paths, seed, pick device and dtype,
+    switch the CUDA-only settings off on cpu (one notice). On leaving, a distributed run prints
+    which rank failed (if one did) and leaves the process group in order.
+
+    Args:
+        cfg: the recipe config.
+        recipe: its name, for the torchrun launch hint.
+        distributed: an FSDP recipe (must be launched by torchrun).
+        **cuda_only: config key -> requested, for the settings that need CUDA.
+    """
+    check_settings(cfg)
+    if not distributed:
+        yield _setup(cfg, None, cuda_only)
+        return
+    device = init_distributed(cfg.device, cfg.dist_timeout_s, recipe=recipe)
+    try:
+        with name_failing_rank():
+            yield _setup(cfg, device, cuda_only)
+    finally:
+        destroy_distributed()
+
+
+def _setup(cfg, device: torch.device | None, cuda_only: dict[str, bool]) -> Run:
+    distributed = device is not None
+    manager, resume_dir = _prepare_output_dir(cfg)
+    _resolve_paths(cfg)
+    seed_everything(cfg.seed)
+    device = device or resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if is_rank0():
+        flags = cuda_only_settings_notice(device, **cuda_only)
+    else:
+        flags = {name: bool(on) and device.type == "cuda" for name, on in cuda_only.items()}
+    if "cpu_offload" in flags:  # FSDP's parameter offload: the fsdp section is what shard_model reads
+        cfg.fsdp.cpu_offload = flags["cpu_offload"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return Run(cfg, device, dtype, flags, manager, resume_dir, distributed)
+
+
+def _prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None]:
+    """Rank 0 checks output_dir is writable, never overwrites finished work and writes
+    config.yaml (as given, before ``builtin:`` names are resolved); every rank gets its answer:
+    the manager and the step folder to resume from (None = start fresh).
+
+    Raises:
+        ConfigError: output_dir unusable or holding checkpoints without resume=true, or a rank
+            that cannot see the folder rank 0 resumes from.
+    """
+    out = Path(cfg.output_dir).expanduser()
+    resume_name = None
+    if is_rank0():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); pick another output_dir") from None
+        latest = CheckpointManager(out, cfg.keep_last_n_checkpoints).latest_complete()
+        if latest is not None and not cfg.resume:
+            raise ConfigError(f"output_dir {out} already holds checkpoints (newest {latest.name}); "
+                              "pass resume=true to continue them or pick another output_dir")
+        if cfg.resume and latest is None:
+            print(f"notice: resume=true but {out} holds no complete checkpoint; starting from step 0")
+        save_config(cfg, out / "config.yaml")
+        resume_name = latest.name if cfg.resume and latest is not None else None
+    resume_name = broadcast_from_rank0(resume_name)  # rank 0 decides; the others follow
+    manager = CheckpointManager(out, cfg.keep_last_n_checkpoints)
+    resume_dir = out / resume_name if resume_name is not None else None
+    if resume_dir is not None and not (resume_dir / COMPLETE).is_file():
+        raise ConfigError(f"rank {rank()} cannot see {resume_dir}, which rank 0 resumes from; put output_dir "
+                          "on a filesystem every node shares")
+    return manager, resume_dir
+
+
+def _resolve_paths(cfg) -> None:
+    """Resolve ``builtin:`` names and check the checkpoint folder before any work starts."""
+    cfg.checkpoint_dir = resolve_builtin(cfg.checkpoint_dir)
+    if cfg.tokenizer is not None:
+        cfg.tokenizer = resolve_builtin(cfg.tokenizer)
+    for node in (cfg.dataset, cfg.validation):
+        if node is not None and isinstance(node.get("source"), str):
+            node["source"] = resolve_builtin(node["source"])
+    check_checkpoint_dir(cfg.checkpoint_dir)
+
+
+# ------------------------------------------------------------------------------------ model
+def build_model(run: Run, tokenizer) -> nn.Module:
+    """The frozen base (NF4 decoder projections with ``quantize: nf4``, i.e. QLoRA) with fp32
+    LoRA adapters, only the adapters trainable, the layers wrapped for activation checkpointing,
+    compile and activation offload; FSDP-sharded on a distributed run. Prints its size.
+
+    Raises:
+        ConfigError: a tokenizer with more ids than the model's vocab, or (distributed) a
+            pre-quantized checkpoint.
+    """
+    cfg = run.cfg
+    compile_layers, offload = run.flags.get("compile", False), run.flags.get("offload_activations", False)
+    if run.distributed:
+        hf_config = read_hf_config(cfg.checkpoint_dir)
+        if "quantization_config" in hf_config:
+            raise ConfigError(f"{cfg.checkpoint_dir} is pre-quantized, which the FSDP recipes do not load; "
+                              "use the dense checkpoint (with quantize=nf4 for QLoRA)")
+        args = args_from_hf_config(hf_config)
+        check_vocab(tokenizer, args.vocab_size)
+        model = build_sharded_model(cfg, args, run.device, run.dtype, compile_layers, offload)
+    else:
+        model = from_pretrained(cfg.checkpoint_dir, dtype=run.dtype, device=run.device, quantize=cfg.quantize)
+        # QLoRA: the decoder projections are NF4Linear, which apply_lora turns into NF4LoRALinear
+        apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                   adapter_dtype=torch.float32)
+        set_trainable_params(model)
+        wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
+                    offload_activations=offload)
+        check_vocab(tokenizer, model.args.vocab_size)
+    n_params, n_trainable = count_parameters(model)
+    where = f", FSDP over {run.world} rank(s) on {run.device.type}" if run.distributed else f" on {run.device}"
+    say(f"model: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
+        f"(LoRA rank {cfg.lora.rank}){where} in {cfg.dtype}")
+    if run.distributed:
+        mib = [sum(t.numel() * t.element_size() for t in ts) / 2**20
+               for ts in ([local_tensor(p) for p in model.parameters()], list(model.parameters()))]
+        held = "sharded storage" if cfg.fsdp.shard_frozen else "the frozen base whole on every rank"
+        say(f"parameters held by rank 0: {mib[0]:.2f} MiB of {mib[1]:.2f} MiB ({held})")
+    return model.train()
+
+
+def build_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, compile_layers: bool,
+                        offload_activations: bool = False) -> nn.Module:
+    """Meta build (NF4 decoder projections with quantize=nf4) -> LoRA -> fully_shard per layer
+    and root -> allocate the shards -> base weights read shard by shard -> LoRA initialised as
+    on one device (call at the same point of the seeded RNG stream on every rank).
+
+    Args:
+        cfg: the recipe config (lora, quantize, activation_checkpointing, fsdp, checkpoint_dir).
+        args: the model's ``ModelArgs``.
+        device: this rank's device.
+        dtype: base weight dtype (bf16 also turns on bf16 mixed precision).
+        compile_layers: compile each decoder layer.
+        offload_activations: keep the checkpointed layer inputs and attention in pinned CPU
+            memory (``wrap_layers``).
+    """
+    model = build_meta_model(args, dtype, cfg.lora, cfg.quantize)
+    wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
+                offload_activations=offload_activations)
+    shard_model(model, param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
+                reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload,
+                prefetch_layers=cfg.fsdp.prefetch_layers, shard_frozen=cfg.fsdp.shard_frozen)
+    model.to_empty(device="cpu" if cfg.fsdp.cpu_offload else device)
+    load_hf_weights_sharded(model, cfg.checkpoint_dir)
+    init_lora_sharded(model)
+    model.rope.reset_parameters(device=device)
+    return model.train()
+
+
+def check_vocab(tokenizer, vocab_size: int) -> None:
+    """Every token id the tokenizer makes must have a row in the model's embedding.
+
+    Raises:
+        ConfigError: the tokenizer has more ids than the model's vocab.
+    """
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab is "
+                          f"{vocab_size}; use the checkpoint's tokenizer (tokenizer=null)")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(weights, trainable)`` of the model. An NF4 base counts its weights, not its storage
+    (buffers on one device; frozen integer parameters under FSDP, not counted twice)."""
+    from tunelab.modules.nf4 import NF4Weight
+
+    nf4 = [w for w in model.modules() if isinstance(w, NF4Weight)]
+    storage = {id(t) for w in nf4 for t in w.parameters()}
+    total = sum(p.numel() for p in model.parameters() if id(p) not in storage) + sum(w.numel() for w in nf4)
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------ data
+def build_dataset(run: Run, node: dict, tokenizer, what: str):
+    """The ``dataset`` / ``validation`` component, built on every rank (the same rows
+    everywhere); rank 0 reports its size and the rows it skipped."""
+    dataset = instantiate(node, tokenizer=tokenizer, max_seq_len=run.cfg.max_seq_len)
+    skipped = getattr(dataset, "num_skipped", 0)
+    detail = f" (skipped {skipped}: {dataset.describe_skips()})" if skipped else ""
+    say(f"{what}: {len(dataset)} samples{detail}")
+    return dataset
+
+
+def train_sampler(run: Run, num_samples: int) -> RankSampler:
+    """The seeded, resumable training order; rank r of N takes every N-th sample of it (on one
+    device: all of it)."""
+    return RankSampler(num_samples, seed=run.cfg.seed, rank=run.rank, world_size=run.world)
+
+
+def eval_sampler(run: Run, num_samples: int) -> RankSampler:
+    """Validation rows in order, split over the ranks. Only the largest multiple of the world
+    size is used (up to world - 1 rows left out) so every rank runs equally many batches, as
+    FSDP's collectives need.
+
+    Raises:
+        DataError: fewer validation rows than ranks (nothing would be evaluated).
+    """
+    world = run.world
+    if num_samples < world:
+        raise DataError(f"validation has {num_samples} rows, fewer than the {world} ranks that share it; "
+                        "use a larger validation set or validation=null")
+    return RankSampler(num_samples // world * world, 0, run.rank, world, shuffle=False)
+
+
+def plan_steps(run: Run, n_rows: int, rows: str) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for ``n_rows`` training rows.
+
+    Args:
+        run: the run (batch_size, gradient_accumulation_steps, epochs, max_steps; world size).
+        n_rows: rows the sampler draws from.
+        rows: what a row is, for the message ("samples", "packed rows", "pairs").
+
+    Raises:
+        DataError: fewer rows than one optimizer step needs.
+    """
+    cfg, accum = run.cfg, run.cfg.gradient_accumulation_steps
+    steps_per_epoch = n_rows // run.global_batch // accum
+    if steps_per_epoch == 0:
+        spelled = "batch_size x gradient_accumulation_steps" + (" x world size" if run.distributed else "")
+        raise DataError(f"dataset has {n_rows} {rows}, fewer than {spelled} = {run.global_batch * accum}; "
+                        "lower them")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    return steps_per_epoch, total_steps
+
+
+# ------------------------------------------------------------------------------------ state
+def restore_progress(run: Run, *, model, optimizer, scheduler, sampler) -> TrainingProgress:
+    """A fresh ``TrainingProgress``, or the one saved in ``run.resume_dir`` with the adapters,
+    optimizer, scheduler, RNG and sampler seed restored (into the shards when distributed).
+
+    The data position counts GLOBAL micro-batches (``batch_size`` x world size), so a
+    checkpoint resumes on any world size that keeps that product, and on one device.
+
+    Raises:
+        ConfigError: the checkpoint was written with another (global) micro-batch.
+    """
+    cfg, resume_dir = run.cfg, run.resume_dir
+    if resume_dir is None:
+        return TrainingProgress(sampler_seed=cfg.seed, batch_size=run.global_batch)
+    if run.distributed:
+        progress = load_sharded_state(resume_dir / "state", model, optimizer, scheduler)
+    else:
+        progress = load_state(resume_dir / "state", model=model, optimizer=optimizer, scheduler=scheduler)
+    if progress.batch_size not in (None, run.global_batch):
+        if run.distributed:
+            raise ConfigError(f"resume: {resume_dir.name} was written with a global micro-batch of "
+                              f"{progress.batch_size} (batch_size x world size), not {run.global_batch}; "
+                              f"set batch_size={progress.batch_size // run.world} for {run.world} rank(s)")
+        raise ConfigError(f"resume: {resume_dir.name} was written with batch_size={progress.batch_size}, "
+                          f"not {cfg.batch_size}; resume with the same batch_size")
+    sampler.seed = progress.sampler_seed
+    say(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
+    return progress
+
+
+def save_checkpoint(run: Run, progress: TrainingProgress, *, model, optimizer, scheduler, final: bool) -> Path:
+    """Write ``step_N``: the PEFT adapter, the merged HF folder when ``save_merged`` asks for it
+    at this save, and the resume state (COMPLETE last, see ``CheckpointManager.save``).
+
+    Distributed (collective: every rank calls): all ranks gather the full adapter (and, for a
+    merged export, the full model) and optimizer state onto rank 0, which loads them into a CPU
+    "export model" and writes the same folder one device writes; the others wait at a barrier,
+    so no rank runs ahead of a half-written checkpoint.
+    """
+    cfg = run.cfg
+    merged = cfg.save_merged == "always" or (final and cfg.save_merged == "final")
+    if run.distributed:
+        full_state = gather_full_state(model, trainable_only=not merged)
+        full_optimizer = gathered_optimizer_state(optimizer)
+        if is_rank0():
+            # parameters missing from full_state (adapter-only saves) stay on meta: no memory
+            model = build_meta_model(model.args, run.dtype, cfg.lora, cfg.quantize)
+            model.load_state_dict(full_state, strict=False, assign=True)
+            optimizer = types.SimpleNamespace(state_dict=lambda: full_optimizer)
+    if is_rank0():
+        writers = {"adapter": adapter_writer(model, base_model_name_or_path=cfg.checkpoint_dir, lora_cfg=cfg.lora)}
+        if merged:
+            writers["merged"] = merged_writer(model, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
+        writers["state"] = state_writer(progress, model=model, optimizer=optimizer, scheduler=scheduler)
+        run.manager.save(progress.step, writers)
+    barrier()
+    return step_dir(run.output_dir, progress.step)
+
+
+def export_gguf_step(cfg, final_dir: Path) -> Path | None:
+    """The ``export_gguf`` step after the final save: ``final_dir/model-<dtype>.gguf`` and its
+    Ollama Modelfile, from the merged folder when that save wrote one, else from the base
+    checkpoint + the adapter (merged in fp32 while exporting). None when the key is null; an
+    existing file (a finished run resumed) is kept.
+    """
+    if cfg.export_gguf is None:
+        return None
+    from tunelab.models.gguf import export_gguf
+
+    out = final_dir / f"model-{cfg.export_gguf.dtype}.gguf"
+    if out.exists():
+        print(f"notice: {out} exists; export_gguf kept it")
+        return out
+    merged = final_dir / "merged"
+    source, adapter = (merged, None) if merged.is_dir() else (Path(cfg.checkpoint_dir), final_dir / "adapter")
+    return export_gguf(source, out, dtype=cfg.export_gguf.dtype, adapter_dir=adapter, tokenizer_path=cfg.tokenizer)
+
+
+def report_outputs(run: Run, final_dir: Path) -> None:
+    """Print where the final adapter and merged model are, then run the ``export_gguf`` step
+    (rank 0 alone: no collective waits on an export of minutes)."""
+    say(f"adapter: {final_dir / 'adapter'}")
+    if (final_dir / "merged").is_dir():
+        say(f"merged model: {final_dir / 'merged'}")
+    if is_rank0() and (gguf := export_gguf_step(run.cfg, final_dir)) is not None:
+        say(f"gguf: {gguf}")
+
+
+# ------------------------------------------------------------------------------------ logging
+class RunLog:
+    """``metrics.jsonl`` (+ the config's ``metric_loggers``) and the progress bar, resuming at
+    ``step`` (rows a killed run logged after it are dropped). Every rank calls the same methods;
+    only rank 0 writes.
+
+    Args:
+        run: the run (output_dir, metric_loggers, device for the peak memory).
+        step: the step training starts from.
+        total_steps: for the progress bar.
+    """
+
+    def __init__(self, run: Run, step: int, total_steps: int):
+        self.device = run.device
+        self.metrics = self.display = None
+        if is_rank0():
+            self.metrics = MetricsLogger(run.output_dir, extra_loggers=build_metric_loggers(run.cfg.metric_loggers))
+            self.metrics.truncate_after(step)
+            self.display = ProgressDisplay(total_steps, initial=step)
+
+    def step(self, row: dict) -> None:
+        """A training step's row (``peak_mem_gib`` added on CUDA: rank 0's): the file and the bar."""
+        if self.metrics is None:
+            return
+        if (mem := peak_memory_gib(self.device)) is not None:
+            row["peak_mem_gib"] = mem
+        self.metrics.log(row)
+        self.display.update(row)
+
+    def event(self, row: dict, line: str) -> None:
+        """A row that is not a training step (evaluation): the file, and ``line`` printed."""
+        if self.metrics is not None:
+            self.metrics.log(row)
+            self.display.write(line)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.display.close()
+            self.metrics.close()
