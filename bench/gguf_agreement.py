@@ -2,7 +2,7 @@
 
 For each tokenizer kind x export dtype (f16, bf16, q8_0, q4_k_m), a tiny random Llama wide
 enough for k-quants (rows of 256) is written by transformers (``save_pretrained``, the real HF
-layout), exported with ``tunelab.models.gguf.export_gguf`` and run in llama.cpp
+layout), exported with ``tunelab.training.export.export_gguf`` and run in llama.cpp
 (llama-cpp-python). Kinds:
 
 * ``sentencepiece``: Llama-2 style (multi-head attention, rope theta 1e4) with a Llama-2-style
@@ -50,7 +50,8 @@ import torch
 
 from tunelab.data.tokenizers import load_tokenizer
 from tunelab.models import from_pretrained
-from tunelab.models.gguf import export_gguf, gguf_tensor_name
+from tunelab.models.gguf import gguf_tensor_name
+from tunelab.training.export import export_gguf
 from tunelab.modules.generation import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py (see its docstring)

@@ -43,7 +43,7 @@ def add_parser(subparsers) -> None:
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
     """Run the export; TunelabErrors propagate to ``tune``'s one-line error printer."""
-    from tunelab.models.gguf import export_gguf
+    from tunelab.training.export import export_gguf
 
     out = export_gguf(
         args.checkpoint,

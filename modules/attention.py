@@ -51,7 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from tunelab.errors import ConfigError
-from tunelab.modules.peft.lora import project, project_onto
+from tunelab.modules.projections import project, project_onto
 from tunelab.modules.recompute import is_recomputing, keeps_regions, kept
 from tunelab.modules.rope import apply_rope
 

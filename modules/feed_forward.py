@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tunelab.kernels import swiglu
-from tunelab.modules.peft.lora import lora_mlp, project, project_onto
+from tunelab.modules.projections import mlp, project, project_onto
 from tunelab.modules.recompute import is_recomputing
 
 
@@ -32,8 +32,8 @@ class FeedForward(nn.Module):
         (inside the down projection's GEMMs where it is a fused LoRA layer)."""
         # checkpointing's rerun only refills saved tensors: nothing reads the output there
         unread = is_recomputing()
-        out = lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, unread=unread, residual=residual)
-        if out is not None:  # all three LoRA-adapted: one fused node
+        out = mlp(x, self.gate_proj, self.up_proj, self.down_proj, unread=unread, residual=residual)
+        if out is not None:  # a fused node (LoRA on all three)
             return out
         gate, up = project(x, self.gate_proj, self.up_proj)  # one LoRA node when both are adapted
         hidden = swiglu(gate, up)  # silu(gate) * up

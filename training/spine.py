@@ -50,6 +50,7 @@ from tunelab.training.checkpointing import (
     state_writer,
 )
 from tunelab.training.config import component_field, instantiate, save_config
+from tunelab.training.export import export_gguf_step
 from tunelab.training.loggers import build_metric_loggers, check_metric_loggers
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
 from tunelab.training.process_group import (
@@ -88,7 +89,7 @@ __all__ = [
     "check_settings",
     "count_parameters",
     "eval_sampler",
-    "export_gguf_step",
+    "report_outputs",
     "plan_steps",
     "restore_progress",
     "save_checkpoint",
@@ -527,25 +528,6 @@ def save_checkpoint(run: Run, progress: TrainingProgress, *, model, optimizer, s
         run.manager.save(progress.step, writers)
     barrier()
     return step_dir(run.output_dir, progress.step)
-
-
-def export_gguf_step(cfg, final_dir: Path) -> Path | None:
-    """The ``export_gguf`` step after the final save: ``final_dir/model-<dtype>.gguf`` and its
-    Ollama Modelfile, from the merged folder when that save wrote one, else from the base
-    checkpoint + the adapter (merged in fp32 while exporting). None when the key is null; an
-    existing file (a finished run resumed) is kept.
-    """
-    if cfg.export_gguf is None:
-        return None
-    from tunelab.models.gguf import export_gguf
-
-    out = final_dir / f"model-{cfg.export_gguf.dtype}.gguf"
-    if out.exists():
-        print(f"notice: {out} exists; export_gguf kept it")
-        return out
-    merged = final_dir / "merged"
-    source, adapter = (merged, None) if merged.is_dir() else (Path(cfg.checkpoint_dir), final_dir / "adapter")
-    return export_gguf(source, out, dtype=cfg.export_gguf.dtype, adapter_dir=adapter, tokenizer_path=cfg.tokenizer)
 
 
 def report_outputs(run: Run, final_dir: Path) -> None:

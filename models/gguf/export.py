@@ -24,8 +24,10 @@ What llama.cpp expects of a ``llama`` file, and how it is met here:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +45,7 @@ from tunelab.models.checkpoint import (
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.models.llama.args import ModelArgs
 
-__all__ = ["DTYPES", "export_gguf", "gguf_tensor_name", "permute_for_llama_cpp", "rope_freq_factors"]
+__all__ = ["DTYPES", "write_gguf", "gguf_tensor_name", "permute_for_llama_cpp", "rope_freq_factors"]
 
 #: Output types of ``export_gguf`` (llama.cpp's file-type names, lower case).
 DTYPES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -297,13 +299,13 @@ def _tensor_data(t: _Tensor, args: ModelArgs, source: _Source, lora: dict) -> to
 
 
 # ---------------------------------------------------------------------------- entry point
-def export_gguf(
+def write_gguf(
     checkpoint_dir,
     out_path,
+    vocab: Callable[[int], Any],
     *,
     dtype: str = "f16",
     adapter_dir=None,
-    tokenizer_path=None,
     overwrite: bool = False,
     modelfile: bool = True,
 ) -> Path:
@@ -319,7 +321,9 @@ def export_gguf(
         out_path: the ``.gguf`` file to write.
         dtype: ``f16`` | ``bf16`` | ``q8_0`` | ``q4_k_m`` (llama.cpp's Q4_K_M mix).
         adapter_dir: optional PEFT LoRA folder to merge into the weights.
-        tokenizer_path: tokenizer file or folder (default: found in ``checkpoint_dir``).
+        vocab: the model's vocab size -> its GGUF vocabulary (``tokenizer.ggml.*`` keys written by
+            its ``write(writer)``, the Modelfile's chat format and stop texts): the tokenizer
+            half, from ``tunelab.data.tokenizers.gguf_vocab`` (called after the checks below).
         overwrite: replace an existing ``out_path`` (and Modelfile); otherwise refuse.
         modelfile: also write ``<out stem>.Modelfile`` next to the file (``ollama create``).
 
@@ -350,9 +354,7 @@ def export_gguf(
     expected = {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
     _check_state_dict({k: torch.empty(s, device="meta") for k, s in source.shapes.items()}, expected, path)
 
-    from tunelab.models.gguf.vocab import build_vocab
-
-    vocab = build_vocab(tokenizer_path if tokenizer_path is not None else path, args.vocab_size)
+    vocab = vocab(args.vocab_size)
     lora = _lora_pairs(args, adapter_dir) if adapter_dir is not None else {}
     tensors = _plan(args, source)
     _choose_types(tensors, dtype, args.n_layers)

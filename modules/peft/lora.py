@@ -199,6 +199,21 @@ class LoRALinear(nn.Module):
         merged = base.float() + self.scaling * delta.to(base.device)
         return merged.to(base.dtype)
 
+    # Fused paths for a decoder layer's groups of projections, found on the layer type by
+    # tunelab.modules.projections (the plain modules never import this file).
+    @staticmethod
+    def fused_project(x: torch.Tensor, *layers: nn.Module, unread: bool = False) -> tuple[torch.Tensor, ...]:
+        return project(x, *layers, unread=unread)
+
+    @staticmethod
+    def fused_project_onto(x: torch.Tensor, layer: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+        return project_onto(x, layer, residual)
+
+    @staticmethod
+    def fused_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, *, unread: bool = False,
+                  residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        return lora_mlp(x, gate, up, down, unread=unread, residual=residual)
+
     def extra_repr(self) -> str:
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, "

@@ -27,7 +27,7 @@ from tunelab.data.tokenizers import LLAMA3_SPLIT_PATTERN, Message, load_tokenize
 from tunelab.data.tokenizers.hf_json import bytes_to_unicode  # noqa: E402
 from tunelab.errors import CheckpointError, ConfigError  # noqa: E402
 from tunelab.models import from_pretrained, save_pretrained  # noqa: E402
-from tunelab.models.gguf import export_gguf  # noqa: E402
+from tunelab.training.export import export_gguf  # noqa: E402
 from tunelab.models.gguf.export import permute_for_llama_cpp  # noqa: E402
 
 T = gguf.GGMLQuantizationType

@@ -27,7 +27,7 @@ else:
 
 from tunelab.data.tokenizers import load_tokenizer  # noqa: E402
 from tunelab.models import from_pretrained  # noqa: E402
-from tunelab.models.gguf import export_gguf  # noqa: E402
+from tunelab.training.export import export_gguf  # noqa: E402
 from tunelab.modules.generation import generate  # noqa: E402
 
 WIDE = dict(hidden_size=256, intermediate_size=512)  # rows of 256: q4_k_m holds real K-quants

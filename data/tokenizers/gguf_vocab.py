@@ -1,5 +1,8 @@
 """Tokenizer -> GGUF vocabulary (``tokenizer.ggml.*`` keys), as llama.cpp reads it.
 
+The tokenizer half of a GGUF export (``tunelab.training.export.export_gguf`` hands it to the
+weights writer, ``tunelab.models.gguf``): it lives with the tokenizers it reads.
+
 Three sources, found the way ``tunelab.data.load_tokenizer`` finds them (so the GGUF file
 tokenizes exactly like the tokenizer tunelab trained with):
 
