@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from tunelab.data.tokenizers import load_tokenizer
 from tunelab.modules.peft import get_adapter_params
-from tunelab.training.config import instantiate, parse_recipe_args, recipe_entry
+from tunelab.training.config import parse_recipe_args, recipe_entry
 from tunelab.training.dpo import (
     DPOFields,
     PairStats,
@@ -44,9 +44,20 @@ from tunelab.training.dpo import (
     precompute_reference,
 )
 from tunelab.training.metrics import Throughput
-from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.spine import (RunLog, TrainConfig, build_dataset, build_model, eval_sampler, plan_steps,
-                                    report_outputs, restore_progress, save_checkpoint, start_run, train_sampler)
+from tunelab.training.spine import (
+    RunLog,
+    TrainConfig,
+    build_dataset,
+    build_model,
+    build_optimizer,
+    eval_sampler,
+    plan_steps,
+    restore_progress,
+    save_checkpoint,
+    save_final,
+    start_run,
+    train_sampler,
+)
 from tunelab.training.steps import clip_grad_norm, optimizer_step, optimizer_steps
 
 
@@ -88,9 +99,7 @@ def train(cfg: RecipeConfig, run) -> None:
     sampler = train_sampler(run, len(dataset))
     loader = make_preference_loader(dataset, cfg.batch_size, sampler, tokenizer.pad_id)
 
-    optimizer = instantiate(cfg.optimizer, params)
-    scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
-                                   total_steps=total_steps, schedule=cfg.lr_scheduler.schedule)
+    optimizer, scheduler = build_optimizer(run, params, total_steps)
     progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
 
     # -------------------------------------------------------------------------------- loop
@@ -132,10 +141,8 @@ def train(cfg: RecipeConfig, run) -> None:
         log.close()
 
     # -------------------------------------------------------------------------------- final save
-    done = last_saved is not None and last_saved.name == f"step_{total_steps}"  # resumed a finished run
-    final_dir = last_saved if done else save_checkpoint(run, progress, model=model, optimizer=optimizer,
-                                                        scheduler=scheduler, final=True)
-    report_outputs(run, final_dir)
+    # none when a finished run was resumed; then the adapter / merged paths and the export_gguf step
+    save_final(run, progress, last_saved, model=model, optimizer=optimizer, scheduler=scheduler)
 
 
 if __name__ == "__main__":

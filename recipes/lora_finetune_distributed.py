@@ -41,15 +41,33 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tunelab.data.packing import PackedDataset
 from tunelab.data.tokenizers import load_tokenizer
 from tunelab.modules.peft import get_adapter_params
-from tunelab.training.config import instantiate, parse_recipe_args, recipe_entry
+from tunelab.training.config import parse_recipe_args, recipe_entry
 from tunelab.training.metrics import Throughput
 from tunelab.training.process_group import all_reduce_sum, exit_finished_run, say
-from tunelab.training.schedules import build_lr_scheduler
-from tunelab.training.spine import (DistributedConfig, RunLog, TrainConfig, build_dataset, build_model, eval_sampler,
-                                    plan_steps, report_outputs, restore_progress, save_checkpoint, start_run,
-                                    train_sampler)
-from tunelab.training.steps import (IGNORE_INDEX, clip_grad_norm, evaluate_loss, loss_sum, make_loader, optimizer_step,
-                                    optimizer_steps)
+from tunelab.training.spine import (
+    DistributedConfig,
+    RunLog,
+    TrainConfig,
+    build_dataset,
+    build_model,
+    build_optimizer,
+    eval_sampler,
+    plan_steps,
+    restore_progress,
+    save_checkpoint,
+    save_final,
+    start_run,
+    train_sampler,
+)
+from tunelab.training.steps import (
+    IGNORE_INDEX,
+    clip_grad_norm,
+    evaluate_loss,
+    loss_sum,
+    make_loader,
+    optimizer_step,
+    optimizer_steps,
+)
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -87,9 +105,7 @@ def train(cfg: RecipeConfig, run) -> None:
         val_loader = make_loader(val_data, cfg.batch_size, eval_sampler(run, len(val_data)), tokenizer.pad_id,
                                  packed=False)
 
-    optimizer = instantiate(cfg.optimizer, params)
-    scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
-                                   total_steps=total_steps, schedule=cfg.lr_scheduler.schedule)
+    optimizer, scheduler = build_optimizer(run, params, total_steps)
     # the data position counts GLOBAL micro-batches: a checkpoint resumes on any world size
     progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
 
@@ -139,10 +155,8 @@ def train(cfg: RecipeConfig, run) -> None:
         log.close()
 
     # -------------------------------------------------------------------------------- final save
-    done = last_saved is not None and last_saved.name == f"step_{total_steps}"  # resumed a finished run
-    final_dir = last_saved if done else save_checkpoint(run, progress, model=model, optimizer=optimizer,
-                                                        scheduler=scheduler, final=True)
-    report_outputs(run, final_dir)  # the GGUF export on rank 0 alone
+    # none when a finished run was resumed; then the adapter / merged paths and the export_gguf step
+    save_final(run, progress, last_saved, model=model, optimizer=optimizer, scheduler=scheduler)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from tunelab.training.process_group import (
     say,
     world_size,
 )
+from tunelab.training.schedules import build_lr_scheduler
 from tunelab.training.sharded_io import (
     gather_full_state,
     gathered_optimizer_state,
@@ -85,11 +86,12 @@ __all__ = [
     "TrainConfig",
     "build_dataset",
     "build_model",
+    "build_optimizer",
     "build_sharded_model",
     "check_settings",
     "count_parameters",
     "eval_sampler",
-    "report_outputs",
+    "save_final",
     "plan_steps",
     "restore_progress",
     "save_checkpoint",
@@ -448,6 +450,16 @@ def eval_sampler(run: Run, num_samples: int) -> RankSampler:
     return RankSampler(num_samples // world * world, 0, run.rank, world, shuffle=False)
 
 
+def build_optimizer(run: Run, params: list[torch.Tensor], total_steps: int):
+    """``(optimizer, lr scheduler)``: the config's ``optimizer`` component over ``params`` and
+    its ``lr_scheduler`` (warmup, then the schedule) over ``total_steps``."""
+    cfg = run.cfg
+    optimizer = instantiate(cfg.optimizer, params)
+    scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps, total_steps=total_steps,
+                                   schedule=cfg.lr_scheduler.schedule)
+    return optimizer, scheduler
+
+
 def plan_steps(run: Run, n_rows: int, rows: str) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) for ``n_rows`` training rows.
 
@@ -530,14 +542,21 @@ def save_checkpoint(run: Run, progress: TrainingProgress, *, model, optimizer, s
     return step_dir(run.output_dir, progress.step)
 
 
-def report_outputs(run: Run, final_dir: Path) -> None:
-    """Print where the final adapter and merged model are, then run the ``export_gguf`` step
-    (rank 0 alone: no collective waits on an export of minutes)."""
+def save_final(run: Run, progress: TrainingProgress, last_saved: Path | None, *, model, optimizer,
+               scheduler) -> Path:
+    """The end-of-training save (none when a finished run was resumed: its last save is the
+    final one), then print where the adapter and merged model are and run the ``export_gguf``
+    step (rank 0 alone: no collective waits on an export of minutes). Returns the step folder."""
+    if last_saved is not None and last_saved == step_dir(run.output_dir, progress.step):
+        final_dir = last_saved
+    else:
+        final_dir = save_checkpoint(run, progress, model=model, optimizer=optimizer, scheduler=scheduler, final=True)
     say(f"adapter: {final_dir / 'adapter'}")
     if (final_dir / "merged").is_dir():
         say(f"merged model: {final_dir / 'merged'}")
     if is_rank0() and (gguf := export_gguf_step(run.cfg, final_dir)) is not None:
         say(f"gguf: {gguf}")
+    return final_dir
 
 
 # ------------------------------------------------------------------------------------ logging

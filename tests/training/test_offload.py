@@ -129,14 +129,13 @@ def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypat
     functions then get dequantizing functions, rebuilt in every pass)."""
     import tunelab.kernels.lora as lora_kernels
     import tunelab.modules.attention as attention
-    import tunelab.modules.feed_forward as feed_forward
     import tunelab.modules.peft.lora as peft_lora
 
     monkeypatch.setattr(peft_lora, "use_triton", lambda x: True)
     monkeypatch.setattr(lora_kernels, "use_triton", lambda x: True)
     # the one-node LoRA MLP needs its Triton kernels (tests/kernels/test_lora_mlp.py): the MLPs
     # here run their projections one by one
-    monkeypatch.setattr(feed_forward, "lora_mlp", lambda *args, **kwargs: None)
+    monkeypatch.setattr(peft_lora, "lora_mlp", lambda *args, **kwargs: None)
     skips, kept_calls = [], []
     eager_mm, rope_attention = lora_kernels._mm_plus_low_rank_eager, attention.rope_attention
 
