@@ -1,5 +1,9 @@
 """GGUF tensor encoders: float formats, ggml block quantizers and llama.cpp's Q4_K_M mix.
 
+One file over the ~600-line guide on purpose: it is one table of ggml formats (each encoder
+sits beside the block layout and scale search it must match byte for byte), and splitting it
+would separate formats that share their sub-block helpers.
+
 Every encoder takes a float32 array ``[..., cols]`` and returns ``uint8 [..., bytes_per_row]``
 laid out byte for byte as ggml stores the type, so ``gguf.quants.dequantize(out, qtype)`` reads
 it back and ``GGUFWriter.add_tensor(name, out, raw_dtype=qtype)`` writes it (the writer derives
