@@ -1,4 +1,11 @@
-"""HF safetensors checkpoints <-> native ``TransformerDecoder``.
+"""HF safetensors checkpoints <-> native ``TransformerDecoder``: the one HF reader and writer.
+
+Every place that reads or writes HF tensors goes through here: names (``hf_to_native_key`` /
+``native_to_hf_key``), the skip rule (``native_weight_name``: rotary buffers, the head of a
+tied model), shard index handling (``safetensors_files``, ``tensors_by_file``) and safe file
+opening, for the dense load below, the NF4 load (``models.quantize``), adapters
+(``models.adapters``), the GGUF writer (``models.gguf``) and FSDP's row-wise load
+(``training.sharded_io``).
 
 Loading builds the model on the meta device, reads tensors one at a time with safetensors'
 ``safe_open`` (memory-mapped), casts each to the target dtype/device and hands the result to
@@ -56,7 +63,7 @@ _TOP_NAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_NATIVE_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+NATIVE_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_TO_NATIVE_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HF_TO_NATIVE_TOP = {v: k for k, v in _TOP_NAMES.items()}
@@ -87,7 +94,7 @@ def native_to_hf_key(name: str) -> str:
     Raises:
         KeyError: the name is not a native Llama weight (e.g. a LoRA adapter weight).
     """
-    return rename_weight(name, _TOP_NAMES, _NATIVE_LAYER, _LAYER_NAMES, "model.layers.", "a native Llama weight name")
+    return rename_weight(name, _TOP_NAMES, NATIVE_LAYER, _LAYER_NAMES, "model.layers.", "a native Llama weight name")
 
 
 def hf_to_native_key(name: str) -> str:
@@ -129,7 +136,8 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _check_dir(checkpoint_dir) -> Path:
+def checkpoint_folder(checkpoint_dir) -> Path:
+    """``checkpoint_dir`` as a Path to an existing folder, or a one-line CheckpointError."""
     path = Path(checkpoint_dir).expanduser()
     if not path.exists():
         raise CheckpointError(
@@ -144,7 +152,7 @@ def check_checkpoint_dir(checkpoint_dir) -> Path:
     """The model folder ``checkpoint_dir`` as a Path, or a one-line CheckpointError saying what
     it is instead (missing, a file, a PEFT adapter folder, a run's output_dir) and what to pass.
     """
-    path = _check_dir(checkpoint_dir)
+    path = checkpoint_folder(checkpoint_dir)
     if (path / "config.json").is_file():
         return path
     if (path / "adapter_config.json").is_file():
@@ -176,7 +184,7 @@ def safetensors_files(checkpoint_dir) -> dict[str, Path]:
 
     Reads ``model.safetensors`` or the ``weight_map`` of ``model.safetensors.index.json``.
     """
-    path = _check_dir(checkpoint_dir)
+    path = checkpoint_folder(checkpoint_dir)
     single = path / SINGLE_FILE
     index = path / INDEX_FILE
     if single.is_file():
@@ -229,7 +237,7 @@ def _tensor_names(file: Path) -> list[str]:
         return list(f.keys())
 
 
-def _iter_hf_tensors(checkpoint_dir):
+def iter_hf_tensors(checkpoint_dir):
     """Yield (hf_name, tensor) file by file, one tensor in memory at a time."""
     for file, names in tensors_by_file(checkpoint_dir).items():
         with open_safetensors(file) as f:
@@ -276,7 +284,7 @@ def load_hf_state_dict(
     if tie_word_embeddings is None:
         tie_word_embeddings = bool(read_hf_config(checkpoint_dir).get("tie_word_embeddings", False))
     out: dict[str, torch.Tensor] = {}
-    for hf_name, tensor in _iter_hf_tensors(checkpoint_dir):
+    for hf_name, tensor in iter_hf_tensors(checkpoint_dir):
         name = native_weight_name(hf_name, tied=tie_word_embeddings, where=checkpoint_dir)
         if name is None:
             continue
@@ -308,7 +316,7 @@ def from_pretrained(
         CheckpointError: the folder, config or weights are missing, corrupt, unsupported or do
             not match the config (names and shapes are checked).
     """
-    path = _check_dir(checkpoint_dir)
+    path = checkpoint_folder(checkpoint_dir)
     config = read_hf_config(path)
     if quantize is not None or "quantization_config" in config:
         from tunelab.models.quantize import from_pretrained_quantized  # imports modules.nf4
@@ -318,14 +326,16 @@ def from_pretrained(
     model = build_model(args, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state_dict = load_hf_state_dict(path, dtype=dtype, device=device, tie_word_embeddings=args.tie_word_embeddings)
-    _check_state_dict(state_dict, expected, path)
+    check_state_dict(state_dict, expected, path)
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Computed buffers were built on meta; rebuild them where the weights now live.
     model.rope.reset_parameters(device=device)
     return model.eval()
 
 
-def _check_state_dict(state_dict: dict, expected: dict[str, tuple], where) -> None:
+def check_state_dict(state_dict: dict, expected: dict[str, tuple], where) -> None:
+    """Every expected native name present with its shape and nothing else, or a one-line
+    CheckpointError in HF names (``where``: the checkpoint, for the message)."""
     missing = [k for k in expected if k not in state_dict]
     if missing:
         hf = [native_to_hf_key(k) for k in missing]

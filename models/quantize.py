@@ -26,9 +26,9 @@ from torch import nn
 
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.models.checkpoint import (
-    _check_dir,
-    _check_state_dict,
-    _iter_hf_tensors,
+    checkpoint_folder,
+    check_state_dict,
+    iter_hf_tensors,
     native_weight_name,
     open_safetensors,
     read_hf_config,
@@ -192,7 +192,7 @@ def from_pretrained_quantized(
         ConfigError: an unknown ``quantize`` value.
     """
     check_quantize(quantize)
-    path = _check_dir(checkpoint_dir)
+    path = checkpoint_folder(checkpoint_dir)
     config = read_hf_config(path)
     bnb = bnb_4bit_settings(config, path)
     args = args_from_hf_config(config)
@@ -206,10 +206,10 @@ def from_pretrained_quantized(
         name = native_weight_name(hf_name, tied=args.tie_word_embeddings, where=path)
         if name is not None:
             shapes[name] = torch.empty(shape, device="meta")
-    _check_state_dict(shapes, expected, path)
+    check_state_dict(shapes, expected, path)
 
     pending: dict[str, dict[str, torch.Tensor]] = {}  # bnb pieces of a weight until all arrived
-    for hf_name, tensor in _iter_hf_tensors(path):
+    for hf_name, tensor in iter_hf_tensors(path):
         m = _BNB_SUFFIX.match(hf_name) if bnb is not None else None
         base_name = m.group("weight") if m else hf_name
         name = native_weight_name(base_name, tied=args.tie_word_embeddings, where=path)

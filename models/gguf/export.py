@@ -33,9 +33,9 @@ import torch
 
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.models.checkpoint import (
-    _NATIVE_LAYER,
-    _check_dir,
-    _check_state_dict,
+    NATIVE_LAYER,
+    checkpoint_folder,
+    check_state_dict,
     native_weight_name,
     open_safetensors,
     read_hf_config,
@@ -75,7 +75,7 @@ def gguf_tensor_name(native_name: str) -> str:
     Raises:
         KeyError: not a native Llama weight name.
     """
-    return rename_weight(native_name, _TOP_GGUF, _NATIVE_LAYER, _LAYER_GGUF, "blk.", "a native Llama weight name")
+    return rename_weight(native_name, _TOP_GGUF, NATIVE_LAYER, _LAYER_GGUF, "blk.", "a native Llama weight name")
 
 
 def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -345,14 +345,14 @@ def write_gguf(
         raise ConfigError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
     gguf = _gguf()
 
-    path = _check_dir(checkpoint_dir)
+    path = checkpoint_folder(checkpoint_dir)
     config = read_hf_config(path)
     args = args_from_hf_config(config)
     source = _Source(path, config, args)
     from tunelab.models.llama.builders import build_model
 
     expected = {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
-    _check_state_dict({k: torch.empty(s, device="meta") for k, s in source.shapes.items()}, expected, path)
+    check_state_dict({k: torch.empty(s, device="meta") for k, s in source.shapes.items()}, expected, path)
 
     vocab = vocab(args.vocab_size)
     lora = _lora_pairs(args, adapter_dir) if adapter_dir is not None else {}
