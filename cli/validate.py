@@ -120,12 +120,6 @@ def validate_config(config: str, overrides: list[str], recipe: str | None = None
     )
 
     config_path = resolve_config_path(config)
-    cfg = apply_overrides(load_config(config_path), overrides)
-    try:
-        data = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # interpolation to a missing key etc.
-        return [f"cannot resolve config: {' '.join(str(e).split())}"]
-
     recipe = recipe or _guess_recipe(config, config_path)
     if recipe is None:
         raise ConfigError(
@@ -136,11 +130,21 @@ def validate_config(config: str, overrides: list[str], recipe: str | None = None
     class_name = spec.config_class if spec is not None else "RecipeConfig"
 
     errors: list[str] = []
+    schema = None
     try:
         schema = recipe_schema(file, class_name)
-        parse_config(data, schema)
     except TunelabError as e:
         errors.extend(error_lines(e))
+    cfg = apply_overrides(load_config(config_path), overrides, schema)  # as the run applies them
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # interpolation to a missing key etc.
+        return [f"cannot resolve config: {' '.join(str(e).split())}"]
+    if schema is not None:
+        try:
+            parse_config(data, schema)
+        except TunelabError as e:
+            errors.extend(error_lines(e))
     try:  # list-valued components (the typed parse checks single _component_ nodes only)
         check_metric_loggers(data.get("metric_loggers") or [])
     except TunelabError as e:

@@ -187,7 +187,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str], schema: type | None = None) -> DictConfig:
     """Apply ``key.sub=value`` and ``~key.sub`` overrides in order (modifies and returns cfg).
 
     Setting a key that does not exist yet is allowed here (a keyword argument under a
@@ -198,6 +198,10 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         cfg: the loaded config.
         overrides: strings like ``optimizer.lr=1e-4``, ``lora.targets=[q_proj,v_proj]``,
             ``tokenizer=null`` or ``~validation``.
+        schema: the recipe's settings dataclass. Given, a value for a field typed ``str`` (or
+            ``str | None``) is taken literally, not as YAML: ``prompt="a: b"`` stays that text,
+            ``prompt=yes`` is not a bool, ``#`` starts no comment; ``null`` still means None
+            for an optional one.
 
     Raises:
         ConfigError: malformed override, removal of a missing key, or a path through a
@@ -215,8 +219,27 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             )
         if key.startswith("+"):  # accept Hydra's "+new.key=value" spelling for adding keys
             key = key[1:]
-        _set_key(cfg, key, parse_value(raw), item)
+        text = _text_field(schema, key) if schema is not None else None
+        if text is None:
+            value = parse_value(raw)
+        else:  # a string field: the text as typed
+            value = None if text == "optional" and raw.strip() == "null" else raw
+        _set_key(cfg, key, value, item)
     return cfg
+
+
+def _text_field(schema: type, key: str) -> str | None:
+    """``"str"`` / ``"optional"`` when ``key`` (dotted) is a field typed ``str`` / ``str | None``
+    in ``schema`` (through nested groups), None for any other field or an unknown key."""
+    tp: Any = schema
+    for part in key.split("."):
+        group = next((t for t in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(t)), None)
+        if group is None or part not in (hints := _schema_hints(group)):
+            return None
+        tp = hints[part]
+    if tp is str:
+        return "str"
+    return "optional" if set(typing.get_args(tp)) == {str, type(None)} else None
 
 
 def _split_key(key: str, item: str) -> list[str]:
@@ -293,17 +316,18 @@ def _split_argv(argv: Sequence[str]) -> tuple[str, list[str]]:
     return config, overrides
 
 
-def load_recipe_config(argv: Sequence[str]) -> DictConfig:
+def load_recipe_config(argv: Sequence[str], schema: type | None = None) -> DictConfig:
     """Load ``--config X`` from argv, apply the remaining overrides, resolve interpolations.
 
     Args:
         argv: ``["--config", NAME_OR_PATH, *overrides]`` (``--config`` may appear anywhere).
+        schema: the recipe's settings dataclass (string fields' overrides taken literally).
 
     Returns:
         The resolved ``DictConfig`` (no ``${...}`` left).
     """
     config, overrides = _split_argv(argv)
-    cfg = apply_overrides(load_config(config), overrides)
+    cfg = apply_overrides(load_config(config), overrides, schema)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -325,7 +349,7 @@ def parse_recipe_args(argv: Sequence[str], schema: type[T]) -> T:
     Raises:
         ConfigErrors: every problem found, one line each.
     """
-    return parse_config(load_recipe_config(argv), schema)
+    return parse_config(load_recipe_config(argv, schema), schema)
 
 
 # --------------------------------------------------------------------------------------------

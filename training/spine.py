@@ -54,6 +54,7 @@ from tunelab.training.export import export_gguf_step
 from tunelab.training.loggers import build_metric_loggers, check_metric_loggers
 from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
 from tunelab.training.process_group import (
+    all_reduce_sum,
     barrier,
     broadcast_from_rank0,
     destroy_distributed,
@@ -73,7 +74,7 @@ from tunelab.training.sharded_io import (
     load_sharded_state,
 )
 from tunelab.training.sharding import FSDPConfig, build_meta_model, check_prefetch_layers, local_tensor, shard_model
-from tunelab.training.steps import checkpoint_every, wrap_layers
+from tunelab.training.steps import NonFiniteLossError, checkpoint_every, wrap_layers
 from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
 
 __all__ = [
@@ -523,6 +524,7 @@ def save_checkpoint(run: Run, progress: TrainingProgress, *, model, optimizer, s
     so no rank runs ahead of a half-written checkpoint.
     """
     cfg = run.cfg
+    _check_finite_weights(run, model, progress.step)
     merged = cfg.save_merged == "always" or (final and cfg.save_merged == "final")
     if run.distributed:
         full_state = gather_full_state(model, trainable_only=not merged)
@@ -540,6 +542,23 @@ def save_checkpoint(run: Run, progress: TrainingProgress, *, model, optimizer, s
         run.manager.save(progress.step, writers)
     barrier()
     return step_dir(run.output_dir, progress.step)
+
+
+def _check_finite_weights(run: Run, model: nn.Module, step: int) -> None:
+    """Refuse to save weights the optimizer step made non-finite (the loss and gradients were
+    finite, so only the update can have done it): a COMPLETE checkpoint must never be a
+    poisoned one. One device sync (and one all-reduce when distributed) per save.
+
+    Raises:
+        NonFiniteLossError: a trainable weight holds nan/inf; nothing of this step is written.
+    """
+    local = [local_tensor(p).detach() for p in model.parameters() if p.requires_grad]
+    bad = float((~torch.stack([torch.isfinite(t).all() for t in local])).sum()) if local else 0.0
+    if all_reduce_sum([bad], run.device)[0] > 0:
+        newest = run.manager.latest_complete()
+        raise NonFiniteLossError(
+            f"the trainable weights hold nan/inf after step {step}; stopped without saving it (the newest "
+            f"checkpoint is {newest or 'none'}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
 
 
 def save_final(run: Run, progress: TrainingProgress, last_saved: Path | None, *, model, optimizer,

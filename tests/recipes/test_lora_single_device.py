@@ -172,3 +172,44 @@ def test_shipped_configs_run_on_cpu(config, kind, tmp_path, make_hf_checkpoint, 
     stdout = capsys.readouterr().out
     if load_config(config).compile:
         assert "notice: compile switched off on cpu (needs CUDA)" in stdout.splitlines()
+
+
+POISON_OPTIMIZER = '''
+import torch
+
+
+class PoisonAdamW(torch.optim.AdamW):
+    """AdamW whose step number ``poison_at`` leaves nan in the weights (a finite loss and
+    gradient, then a bad update: what only a check after the step can see)."""
+
+    def __init__(self, params, poison_at: int = 2, **kwargs):
+        super().__init__(params, **kwargs)
+        self.poison_at, self.steps = poison_at, 0
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        self.steps += 1
+        if self.steps == self.poison_at:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+'''
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, make_hf_checkpoint, rt, monkeypatch):
+    """The update of step 2 leaves nan in a LoRA weight: the step-2 save refuses (one line
+    naming the step and the newest checkpoint) and step_1 stays the newest COMPLETE one."""
+    from tunelab.errors import TunelabError
+
+    (tmp_path / "poison_opt.py").write_text(POISON_OPTIMIZER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = make_hf_checkpoint("llama3")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
+    out = tmp_path / "out"
+    argv = rt.lora_argv(ckpt, out, data, "max_steps=4", "save_every_n_steps=1", "save_merged=never",
+                        "optimizer._component_=poison_opt.PoisonAdamW", "optimizer.poison_at=2")
+    with pytest.raises(TunelabError, match="nan/inf after step 2") as info:
+        rt.run_lora(argv)
+    msg = str(info.value)
+    assert "\n" not in msg and str(out / "step_1") in msg
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_1"] and (out / "step_1" / COMPLETE).is_file()

@@ -398,3 +398,36 @@ def test_recipe_entry(capsys, monkeypatch):
 
     with pytest.raises(RuntimeError):  # bugs keep their traceback
         recipe_entry(lambda argv: (_ for _ in ()).throw(RuntimeError("bug")), [])
+
+
+@dataclass(kw_only=True)
+class _TextGroup:
+    template: str
+    size: int
+
+
+@dataclass(kw_only=True)
+class _TextSettings:
+    prompt: str | None
+    name: str
+    steps: int
+    group: _TextGroup
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("a: b", "a: b"),          # YAML would make a mapping
+    ("yes", "yes"),            # YAML 1.1 would make a bool
+    ("x # y", "x # y"),        # YAML would cut a comment
+    ("[1, 2]", "[1, 2]"),      # a list
+    ("1:30", "1:30"),          # base-60 90
+    ("null", None),            # an optional string field still takes null
+])
+def test_string_fields_take_the_command_line_text_literally(tmp_path, raw, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text("prompt: hi\nname: n\nsteps: 1\ngroup: {template: t, size: 2}\n")
+    cfg = parse_recipe_args(["--config", str(path), f"prompt={raw}", f"group.template={raw}",
+                             "steps=3", "group.size=4"], _TextSettings)
+    assert cfg.prompt == expected
+    assert cfg.group.template == raw  # a plain str field: even "null" is text
+    assert (cfg.steps, cfg.group.size) == (3, 4)  # typed fields keep YAML typing
+    assert parse_recipe_args(["--config", str(path), "name=null"], _TextSettings).name == "null"
