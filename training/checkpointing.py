@@ -356,6 +356,8 @@ class CheckpointManager:
         keep = set(complete[-self.keep_last_n :])
         for step, folder in self.step_dirs().items():
             if step not in keep and step < complete[-1]:
+                # the marker first: a kill mid-delete must not leave COMPLETE beside missing files
+                (folder / COMPLETE).unlink(missing_ok=True)
                 shutil.rmtree(folder, ignore_errors=True)
         for child in self.output_dir.iterdir():
             if child.name.startswith((".tmp_step_", ".trash_step_")) and not child.name.endswith(f"_{os.getpid()}"):

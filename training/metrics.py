@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,13 +68,15 @@ class MetricsLogger:
         self.extra_loggers = list(extra_loggers)
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows with ``step > step`` (rows of a crashed run past the checkpoint we resume)."""
+        """Drop rows with ``step > step`` (rows of a crashed run past the checkpoint we resume)
+        and lines a kill cut short. The kept rows go to a new file renamed over the old one, so
+        a kill during this leaves the old file or the new one, never a cut one."""
         self._file.close()
-        rows = read_metrics(self.path)
-        with open(self.path, "w", encoding="utf-8") as f:
-            for row in rows:
-                if row.get("step", 0) <= step:
-                    f.write(json.dumps(row) + "\n")
+        rows = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
@@ -91,11 +94,20 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a metrics.jsonl file (empty list if it does not exist)."""
+    """All rows of a metrics.jsonl file (empty list if it does not exist). A line that is not a
+    JSON object (the last line of a run killed mid-write) is skipped, not an error."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

@@ -137,3 +137,23 @@ def test_resumable_sampler():
     s.set_epoch(0, start_sample=4)
     assert list(s) == e0[4:] and len(s) == 6
     assert list(ResumableSampler(10, seed=3)) == e0  # independent of the global RNG
+
+
+def test_prune_drops_the_marker_before_the_files(tmp_path, monkeypatch):
+    """A kill while pruning an old step must not leave COMPLETE beside missing files: the marker
+    is gone before any file of the folder is deleted."""
+    import tunelab.training.checkpointing as checkpointing
+
+    mgr = CheckpointManager(tmp_path, keep_last_n=1)
+    mgr.save(1, {"state": _write_file("s")})
+    marker_at_delete = []
+    real_rmtree = checkpointing.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if path.name == "step_1":
+            marker_at_delete.append((path / COMPLETE).exists())
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", rmtree)
+    mgr.save(2, {"state": _write_file("s")})
+    assert marker_at_delete == [False] and mgr.complete_steps() == [2]

@@ -116,3 +116,17 @@ def test_throughput_counts_training_steps_only(monkeypatch):
     meter.resume()  # t=110
     assert meter.rate() == 50 / 1
     assert meter.rate() == 0.0  # nothing counted since
+
+
+def test_a_line_cut_by_a_kill_is_skipped_and_dropped_on_resume(tmp_path):
+    """A run killed mid-write leaves a cut last line: reading skips it, and the resume's
+    truncation writes a clean file (by rename: no temporary left behind)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    logger = MetricsLogger(tmp_path)
+    logger.truncate_after(1)
+    logger.log({"step": 2, "loss": 1.4})
+    logger.close()
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.4}]
+    assert path.read_text().count("\n") == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
