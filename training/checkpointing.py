@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Sampler
 
@@ -274,8 +275,13 @@ def load_state(
                 json.loads((state_dir / "rng.json").read_text(encoding="utf-8")),
             )
         progress = json.loads((state_dir / "progress.json").read_text(encoding="utf-8"))
+    except CheckpointError:
+        raise
     except FileNotFoundError as e:
         raise CheckpointError(f"{state_dir} is incomplete ({Path(e.filename).name} missing); resume from another step") from None
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # a damaged file
+        raise CheckpointError(f"{state_dir} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                              "resume from another step") from None
     return TrainingProgress(**progress)
 
 
@@ -317,6 +323,35 @@ class CheckpointManager:
         steps = self.complete_steps()
         return step_dir(self.output_dir, steps[-1]) if steps else None
 
+    def damage(self, folder: Path) -> str | None:
+        """What is wrong with a complete step folder: a file its COMPLETE marker lists that is
+        missing or of another size, or an unreadable marker; None when it is intact. A marker
+        without a file list (written before tunelab recorded one) is trusted."""
+        try:
+            marker = json.loads((folder / COMPLETE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "its COMPLETE marker is unreadable"
+        files = marker.get("files") if isinstance(marker, dict) else None
+        for rel, size in (files or {}).items():
+            path = folder / rel
+            if not path.is_file():
+                return f"{rel} is missing"
+            if path.stat().st_size != size:
+                return f"{rel} has {path.stat().st_size} bytes, not {size}"
+        return None
+
+    def latest_intact(self) -> tuple[Path | None, list[str]]:
+        """The newest complete step folder that is intact (what resume uses), and one line per
+        newer complete folder passed over, saying what is wrong with it."""
+        passed_over = []
+        for step in reversed(self.complete_steps()):
+            folder = step_dir(self.output_dir, step)
+            problem = self.damage(folder)
+            if problem is None:
+                return folder, passed_over
+            passed_over.append(f"{folder.name}: {problem}")
+        return None, passed_over
+
     def save(self, step: int, writers: Mapping[str, Writer]) -> Path:
         """Write ``step_N/<name>`` with each writer (called with the folder to create), then
         the COMPLETE marker, then prune. Returns the step folder.
@@ -334,15 +369,23 @@ class CheckpointManager:
         try:
             for name, write in writers.items():
                 write(tmp / name)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):  # a full disk, a quota, a read-only mount: the user's to fix
+                kept = self.latest_complete()
+                raise CheckpointError(f"saving {final.name} failed ({e.strerror or e}); nothing of it was kept "
+                                      f"(the newest checkpoint is {kept or 'none'}); free space in "
+                                      f"{self.output_dir} and resume=true") from None
             raise
         if final.exists():  # an incomplete leftover of a killed run, or a re-save of this step
             trash = self.output_dir / f".trash_step_{step}_{os.getpid()}"
             final.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         tmp.rename(final)
-        marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": sorted(writers)}
+        # every file with its size: resume checks them before trusting the folder (damage())
+        files = {p.relative_to(final).as_posix(): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
+        marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": sorted(writers),
+                  "files": files}
         _write_atomic(final / COMPLETE, json.dumps(marker) + "\n")
         self.prune()
         return final

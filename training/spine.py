@@ -300,14 +300,22 @@ def _prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None]:
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); pick another output_dir") from None
-        latest = CheckpointManager(out, cfg.keep_last_n_checkpoints).latest_complete()
+        manager = CheckpointManager(out, cfg.keep_last_n_checkpoints)
+        latest = manager.latest_complete()
         if latest is not None and not cfg.resume:
             raise ConfigError(f"output_dir {out} already holds checkpoints (newest {latest.name}); "
                               "pass resume=true to continue them or pick another output_dir")
         if cfg.resume and latest is None:
             print(f"notice: resume=true but {out} holds no complete checkpoint; starting from step 0")
+        if cfg.resume and latest is not None:
+            intact, damaged = manager.latest_intact()  # files and sizes as the save recorded them
+            for line in damaged:
+                print(f"warning: {line}; passed over for an older checkpoint", flush=True)
+            if intact is None:
+                raise ConfigError(f"resume: no intact checkpoint in {out} ({damaged[0]}); "
+                                  "pick another output_dir or resume=false into a new one")
+            resume_name = intact.name
         save_config(cfg, out / "config.yaml")
-        resume_name = latest.name if cfg.resume and latest is not None else None
     resume_name = broadcast_from_rank0(resume_name)  # rank 0 decides; the others follow
     manager = CheckpointManager(out, cfg.keep_last_n_checkpoints)
     resume_dir = out / resume_name if resume_name is not None else None

@@ -213,3 +213,29 @@ def test_non_finite_weights_are_never_saved(tmp_path, make_hf_checkpoint, rt, mo
     msg = str(info.value)
     assert "\n" not in msg and str(out / "step_1") in msg
     assert sorted(p.name for p in out.glob("step_*")) == ["step_1"] and (out / "step_1" / COMPLETE).is_file()
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, make_hf_checkpoint, rt, capsys):
+    """A file of the newest COMPLETE checkpoint deleted (or cut short): resume says what is wrong,
+    continues from the newest intact one and ends as an uninterrupted run; with nothing intact
+    it is a one-line error."""
+    from tunelab.errors import TunelabError
+
+    ckpt = make_hf_checkpoint("llama3")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
+    extra = ("max_steps=3", "save_every_n_steps=1", "keep_last_n_checkpoints=2", "save_merged=never")
+    straight = rt.run_lora(rt.lora_argv(ckpt, tmp_path / "a", data, *extra))
+    out = tmp_path / "b"
+    rt.run_lora(rt.lora_argv(ckpt, out, data, *extra))
+    (out / "step_3" / "state" / "rng.json").unlink()
+    capsys.readouterr()
+    resumed = rt.run_lora(rt.lora_argv(ckpt, out, data, *extra, "resume=true"))
+    stdout = capsys.readouterr().out
+    assert "warning: step_3: state/rng.json is missing" in stdout and f"resumed from {out / 'step_2'}" in stdout
+    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in straight if "loss" in r]
+    for step in (2, 3):  # every checkpoint damaged: nothing to resume from
+        path = out / f"step_{step}" / "adapter" / "adapter_model.safetensors"
+        path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(TunelabError, match="no intact checkpoint") as info:
+        rt.run_lora(rt.lora_argv(ckpt, out, data, *extra, "resume=true"))
+    assert "\n" not in str(info.value)

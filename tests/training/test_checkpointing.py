@@ -157,3 +157,19 @@ def test_prune_drops_the_marker_before_the_files(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpointing.shutil, "rmtree", rmtree)
     mgr.save(2, {"state": _write_file("s")})
     assert marker_at_delete == [False] and mgr.complete_steps() == [2]
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    import errno
+
+    mgr = CheckpointManager(tmp_path, keep_last_n=1)
+    mgr.save(1, {"state": _write_file("s")})
+
+    def full(folder):
+        folder.mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CheckpointError, match="saving step_2 failed \\(No space left on device\\)") as info:
+        mgr.save(2, {"state": full})
+    assert "\n" not in str(info.value) and str(tmp_path / "step_1") in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"] and mgr.damage(tmp_path / "step_1") is None
