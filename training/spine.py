@@ -38,7 +38,7 @@ from tunelab.models import from_pretrained
 from tunelab.models.checkpoint import check_checkpoint_dir, read_hf_config
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.modules.peft import apply_lora, set_trainable_params
-from tunelab.run_layout import COMPLETE, step_dir
+from tunelab.run_layout import COMPLETE, release_lock, step_dir, take_lock
 from tunelab.training.builtin import resolve_builtin
 from tunelab.training.checkpointing import (
     CheckpointManager,
@@ -242,8 +242,9 @@ def start_run(cfg, recipe: str, *, distributed: bool = False, **cuda_only: bool)
     """Everything before the model: check the config, join the process group (``distributed``:
     torchrun's, ``cfg.device`` / ``cfg.dist_timeout_s``), decide the output folder (rank 0,
     which writes config.yaml as given), resolve ``builtin:`` paths, seed, pick device and dtype,
-    switch the CUDA-only settings off on cpu (one notice). On leaving, a distributed run prints
-    which rank failed (if one did) and leaves the process group in order.
+    switch the CUDA-only settings off on cpu (one notice). Rank 0 holds output_dir's lock
+    (``tunelab.run_layout.take_lock``) until the block is left. On leaving, a distributed run
+    prints which rank failed (if one did) and leaves the process group in order.
 
     Args:
         cfg: the recipe config.
@@ -252,15 +253,17 @@ def start_run(cfg, recipe: str, *, distributed: bool = False, **cuda_only: bool)
         **cuda_only: config key -> requested, for the settings that need CUDA.
     """
     check_settings(cfg)
-    if not distributed:
-        yield _setup(cfg, None, cuda_only)
-        return
-    device = init_distributed(cfg.device, cfg.dist_timeout_s, recipe=recipe)
+    device = init_distributed(cfg.device, cfg.dist_timeout_s, recipe=recipe) if distributed else None
     try:
         with name_failing_rank():
-            yield _setup(cfg, device, cuda_only)
+            try:
+                yield _setup(cfg, device, cuda_only)
+            finally:
+                if is_rank0():
+                    release_lock(Path(cfg.output_dir).expanduser())
     finally:
-        destroy_distributed()
+        if distributed:
+            destroy_distributed()
 
 
 def _setup(cfg, device: torch.device | None, cuda_only: dict[str, bool]) -> Run:
@@ -300,6 +303,7 @@ def _prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None]:
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"output_dir {out} is not writable ({e.strerror}); pick another output_dir") from None
+        take_lock(out)  # one run per folder, until start_run's exit
         manager = CheckpointManager(out, cfg.keep_last_n_checkpoints)
         latest = manager.latest_complete()
         if latest is not None and not cfg.resume:

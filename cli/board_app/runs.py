@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.run_layout import complete_steps, step_dir
+from tunelab.run_layout import complete_steps, lock_holder, step_dir
 
 __all__ = ["LOG_FILE", "META_FILE", "NotFound", "RunManager", "read_rows"]
 
@@ -231,6 +231,8 @@ class RunManager:
             return "stopped" if meta.get("stopped") else ("finished" if code == 0 else "failed")
         if meta.get("pid") and _pid_runs_in(meta["pid"], run_dir):
             return "running"  # launched by an earlier board process that has since exited
+        if lock_holder(run_dir) is not None:
+            return "running"  # a live run holds the folder (tunelab.run_layout.take_lock)
         last = summary.get("last_step")
         if steps and last is not None and steps[-1] >= last:
             return "finished"

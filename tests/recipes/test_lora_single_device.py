@@ -239,3 +239,39 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, make_hf_checkp
     with pytest.raises(TunelabError, match="no intact checkpoint") as info:
         rt.run_lora(rt.lora_argv(ckpt, out, data, *extra, "resume=true"))
     assert "\n" not in str(info.value)
+
+
+def test_one_run_per_output_dir(tmp_path, make_hf_checkpoint, rt, monkeypatch):
+    """The recipe holds output_dir's lock while it runs and drops it after; a folder a live run
+    holds is refused in one line before anything is written."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import tunelab.recipes.lora_finetune_single_device as recipe
+    from tunelab.run_layout import LOCK, lock_holder
+
+    seen = []
+    real = recipe.build_model
+    monkeypatch.setattr(recipe, "build_model", lambda run, tok: (seen.append(lock_holder(run.output_dir)),
+                                                                 real(run, tok))[1])
+    ckpt = make_hf_checkpoint("llama3")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
+    out = tmp_path / "out"
+    rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=1", "save_merged=never"))
+    assert seen[0]["pid"] == os.getpid() and not (out / LOCK).exists()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = open(f"/proc/{sleeper.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+        (other / LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "start": start}))
+        with pytest.raises(ConfigError, match="is in use by the run with pid"):
+            rt.run_lora(rt.lora_argv(ckpt, other, data, "max_steps=1"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(p.name for p in other.iterdir()) == [LOCK]  # nothing written, the lock not taken
