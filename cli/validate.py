@@ -146,7 +146,8 @@ def validate_config(config: str, overrides: list[str], recipe: str | None = None
         except TunelabError as e:
             errors.extend(error_lines(e))
     try:  # list-valued components (the typed parse checks single _component_ nodes only)
-        check_metric_loggers(data.get("metric_loggers") or [])
+        allowed = data.get("allowed_components")
+        check_metric_loggers(data.get("metric_loggers") or [], allowed if isinstance(allowed, list) else [])
     except TunelabError as e:
         errors.extend(error_lines(e))
     errors.extend(check_paths(data))  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import difflib
 import importlib
 import inspect
 import sysconfig
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tunelab.errors import ConfigError
 
-__all__ = ["COMPONENT_KEY", "ConfigErrors", "check_component", "instantiate"]
+__all__ = ["ALLOWED_PREFIXES", "COMPONENT_KEY", "ConfigErrors", "check_component", "instantiate"]
 
 COMPONENT_KEY = "_component_"
 
@@ -55,14 +56,40 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# What a _component_ may name without being listed: tunelab's own objects and torch's
+# optimizers, schedulers and layers. Anything else must be named in the config's top-level
+# ``allowed_components`` (a config file or the command line; never a board request).
+ALLOWED_PREFIXES = ("tunelab.", "torch.optim.", "torch.nn.")
 
 
-def _import_target(target: Any, key_path: str) -> Any:
+def _allowed(name: str, allowed: Sequence[str]) -> bool:
+    """``name`` (dotted) is one of tunelab's / torch's allowed ones, listed in ``allowed``, or
+    under a ``module.*`` entry there."""
+    return name.startswith(ALLOWED_PREFIXES) or any(
+        name == entry or (entry.endswith(".*") and name.startswith(entry[:-1])) for entry in allowed)
+
+
+def _import_target(target: Any, key_path: str, allowed: Sequence[str] = ()) -> Any:
+    """The callable a ``_component_`` names, if the allowlist admits it.
+
+    Checked three times: the dotted string before anything is imported (so a request cannot
+    make tunelab import an arbitrary module), every attribute on the way (never through a
+    module: ``tunelab.x.os.system`` is ``os.system``), and the object found, by its own
+    ``__module__`` and ``__qualname__`` (a re-exported ``os.system`` is still ``os.system``).
+
+    Raises:
+        ConfigError: not a dotted path, not allowed, not importable, or not callable.
+    """
     where = f"{key_path}.{COMPONENT_KEY}" if key_path else COMPONENT_KEY
     if not isinstance(target, str) or not target or "." not in target:
         raise ConfigError(
             f"'{where}' = {target!r} must be a dotted import path like torch.optim.AdamW"
         )
+    refusal = (f"'{where}' = '{target}' is not an allowed component: a config may name tunelab.*, "
+               "torch.optim.* and torch.nn.* objects, and others it lists under a top-level "
+               "allowed_components: [...]")
+    if not _allowed(target, allowed):
+        raise ConfigError(refusal)
     parts = target.split(".")
     module = None
     split = len(parts)
@@ -91,8 +118,13 @@ def _import_target(target: Any, key_path: str) -> Any:
                 + _did_you_mean(attr, names)
             )
         obj = getattr(obj, attr)
+        if isinstance(obj, types.ModuleType):  # a module imported by another is not its part
+            raise ConfigError(refusal)
     if not callable(obj):
         raise ConfigError(f"'{where}' = '{target}' is not callable")
+    real = f"{getattr(obj, '__module__', None) or ''}.{getattr(obj, '__qualname__', '')}"
+    if not _allowed(real, allowed):
+        raise ConfigError(f"{refusal} (it is {real})")
     return obj
 
 
@@ -119,11 +151,11 @@ def _wrong_kind(value: Any, default: Any) -> str | None:
 
 
 def _component_errors(
-    node: Mapping[str, Any], key_path: str, provided: Sequence[str] | None
+    node: Mapping[str, Any], key_path: str, provided: Sequence[str] | None, allowed: Sequence[str] = ()
 ) -> list[str]:
     errors: list[str] = []
     try:
-        target = _import_target(node.get(COMPONENT_KEY), key_path)
+        target = _import_target(node.get(COMPONENT_KEY), key_path, allowed)
     except ConfigError as e:
         return [str(e)]
     name = node[COMPONENT_KEY]
@@ -131,7 +163,7 @@ def _component_errors(
     for k in keys:  # nested component nodes are checked too
         v = node[k]
         if isinstance(v, Mapping) and COMPONENT_KEY in v:
-            errors.extend(_component_errors(v, f"{key_path}.{k}", None))
+            errors.extend(_component_errors(v, f"{key_path}.{k}", None, allowed))
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):  # some builtins have no signature: cannot check further
@@ -182,6 +214,7 @@ def check_component(
     node: Mapping[str, Any] | DictConfig,
     key_path: str,
     provided: Sequence[str] | None = (),
+    allowed: Sequence[str] = (),
 ) -> None:
     """Check a ``_component_`` node without building anything.
 
@@ -191,20 +224,23 @@ def check_component(
         provided: arguments the recipe passes itself (e.g. ``("params",)``). Required
             arguments of the target must be in the node or in ``provided``; pass ``None``
             to skip that check (only unknown keys and the import are checked).
+        allowed: the config's ``allowed_components`` (beyond tunelab.*, torch.optim.*,
+            torch.nn.*).
 
     Raises:
-        ConfigErrors: target not importable, unknown keyword (with did-you-mean), a key the
+        ConfigErrors: target not allowed or not importable, unknown keyword (with did-you-mean), a key the
             recipe provides itself, or a missing required argument.
     """
     node = _plain(node)
     if not isinstance(node, Mapping) or COMPONENT_KEY not in node:
         raise ConfigErrors([f"config key '{key_path}' needs a '{COMPONENT_KEY}' entry"])
-    errors = _component_errors(node, key_path, provided)
+    errors = _component_errors(node, key_path, provided, allowed)
     if errors:
         raise ConfigErrors(errors)
 
 
-def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, **extra_kwargs: Any) -> Any:
+def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, allowed_components: Sequence[str] = (),
+                **extra_kwargs: Any) -> Any:
     """Build the object a ``_component_`` node describes.
 
     ``{"_component_": "torch.optim.AdamW", "lr": 2e-4}`` with ``instantiate(node, params)``
@@ -214,13 +250,15 @@ def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, **extra
     Args:
         node: the component node (None returns None, for optional components).
         *args: positional arguments (e.g. model parameters for an optimizer).
+        allowed_components: the config's ``allowed_components`` (beyond tunelab.*,
+            torch.optim.*, torch.nn.*).
         **extra_kwargs: arguments the recipe provides (tokenizer, max_seq_len, ...).
 
     Returns:
         Whatever the target returns.
 
     Raises:
-        ConfigError: no ``_component_``, target not importable, a key given twice, or a
+        ConfigError: no ``_component_``, target not allowed or not importable, a key given twice, or a
             library target raising TypeError/ValueError on the values (one line naming them).
     """
     if node is None:
@@ -228,12 +266,13 @@ def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, **extra
     node = _plain(node)
     if not isinstance(node, Mapping) or COMPONENT_KEY not in node:
         raise ConfigError(f"cannot instantiate {_show(node)}: it has no '{COMPONENT_KEY}' entry")
-    target = _import_target(node[COMPONENT_KEY], "")
+    target = _import_target(node[COMPONENT_KEY], "", allowed_components)
     kwargs = {}
     for k, v in node.items():
         if k == COMPONENT_KEY:
             continue
-        kwargs[k] = instantiate(v) if isinstance(v, Mapping) and COMPONENT_KEY in v else v
+        nested = isinstance(v, Mapping) and COMPONENT_KEY in v
+        kwargs[k] = instantiate(v, allowed_components=allowed_components) if nested else v
     dup = sorted(set(kwargs) & set(extra_kwargs))
     if dup:
         raise ConfigError(

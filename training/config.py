@@ -37,6 +37,7 @@ reported before any work starts::
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import re
 import sys
@@ -84,6 +85,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+ALLOWED_KEY = "allowed_components"  # the config's own additions to the component allowlist
+# the allowlist of the config being parsed, for the component checks deep inside the parse
+_allowed_components: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("allowed", default=())
 
 
 def error_lines(exc: BaseException) -> list[str]:
@@ -530,7 +534,7 @@ def _parse_dataclass(data: Any, schema: type, prefix: str, errors: list[str]) ->
                 )
             elif is_component:
                 provided = f.metadata.get("provided") if f.metadata.get("component") else None
-                errors.extend(_component_errors(value, full, provided))
+                errors.extend(_component_errors(value, full, provided, _allowed_components.get()))
         kwargs[name] = value
     if any(n not in kwargs for n, f in fields.items() if _required(f)):
         return None  # cannot build the instance; errors already say why
@@ -593,7 +597,16 @@ def parse_config(cfg: DictConfig | Mapping[str, Any], schema: type[T]) -> T:
             raise ConfigErrors([f"cannot resolve config: {' '.join(str(e).split())}"]) from None
     else:
         data = dict(cfg)
-    result = _parse_dataclass(data, schema, "", errors)
+    # the config's own allowlist additions, for the component checks; a key of every config,
+    # kept only where the schema has the field (the recipes', which instantiate at run time)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    allowed = data.get(ALLOWED_KEY) if ALLOWED_KEY in fields else data.pop(ALLOWED_KEY, None)
+    allowed = tuple(a for a in allowed if isinstance(a, str)) if isinstance(allowed, list) else ()
+    token = _allowed_components.set(allowed)
+    try:
+        result = _parse_dataclass(data, schema, "", errors)
+    finally:
+        _allowed_components.reset(token)
     if errors:
         raise ConfigErrors(errors)
     return result

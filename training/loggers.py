@@ -26,7 +26,7 @@ or replay a finished or running run's metrics::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +135,10 @@ def replay_metrics(output_dir: str | Path, *loggers: Any, close: bool = True) ->
     return len(rows)
 
 
-def check_metric_loggers(nodes: list[Mapping[str, Any]]) -> None:
+def check_metric_loggers(nodes: list[Mapping[str, Any]], allowed: Sequence[str] = ()) -> None:
     """Check a config's ``metric_loggers`` list (``_component_`` nodes) without building any:
     every target imports and accepts its keys. Recipes call it before any work starts.
+    ``allowed``: the config's ``allowed_components``.
 
     Raises:
         ConfigError: a node is not a ``_component_`` mapping, or its target or keys are wrong.
@@ -148,12 +149,12 @@ def check_metric_loggers(nodes: list[Mapping[str, Any]]) -> None:
         if not isinstance(node, Mapping) or "_component_" not in node:
             raise ConfigError(f"metric_loggers[{i}] must be a mapping with _component_ (e.g. "
                               f"{{_component_: tunelab.training.loggers.TensorBoardLogger, log_dir: DIR}}), got {node!r}")
-        check_component(node, f"metric_loggers[{i}]")
+        check_component(node, f"metric_loggers[{i}]", allowed=allowed)
 
 
-def build_metric_loggers(nodes: list[Mapping[str, Any]]) -> list[Any]:
+def build_metric_loggers(nodes: list[Mapping[str, Any]], allowed: Sequence[str] = ()) -> list[Any]:
     """Build a config's ``metric_loggers`` (checked first, see :func:`check_metric_loggers`)."""
     from tunelab.training.config import instantiate
 
-    check_metric_loggers(nodes)
-    return [instantiate(dict(node)) for node in nodes]
+    check_metric_loggers(nodes, allowed)
+    return [instantiate(dict(node), allowed_components=allowed) for node in nodes]

@@ -26,7 +26,7 @@ import importlib.util
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,6 +158,9 @@ class TrainConfig:
     validation: dict | None = component_field(provided=("tokenizer", "max_seq_len"))
     eval_every_n_steps: int | None
     resume: bool
+    # callables a _component_ may name beyond tunelab.*, torch.optim.* and torch.nn.* (dotted
+    # names, or module.* for a whole module); the one key a config may leave out: none by default
+    allowed_components: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -189,7 +192,7 @@ def check_settings(cfg) -> None:
                           f"set lora.dropout: 0 (it is {cfg.lora.dropout}) or cuda_graph: false")
     if cfg.export_gguf is not None and importlib.util.find_spec("gguf") is None:  # fail now, not after training
         raise ConfigError("export_gguf needs the gguf package: pip install 'tunelab[gguf]' (or set export_gguf: null)")
-    check_metric_loggers(cfg.metric_loggers)
+    check_metric_loggers(cfg.metric_loggers, cfg.allowed_components)
     if isinstance(cfg, DistributedConfig):
         if cfg.dist_timeout_s < 1:
             raise ConfigError(f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
@@ -435,7 +438,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def build_dataset(run: Run, node: dict, tokenizer, what: str):
     """The ``dataset`` / ``validation`` component, built on every rank (the same rows
     everywhere); rank 0 reports its size and the rows it skipped."""
-    dataset = instantiate(node, tokenizer=tokenizer, max_seq_len=run.cfg.max_seq_len)
+    dataset = instantiate(node, tokenizer=tokenizer, max_seq_len=run.cfg.max_seq_len,
+                          allowed_components=run.cfg.allowed_components)
     skipped = getattr(dataset, "num_skipped", 0)
     detail = f" (skipped {skipped}: {dataset.describe_skips()})" if skipped else ""
     say(f"{what}: {len(dataset)} samples{detail}")
@@ -467,7 +471,7 @@ def build_optimizer(run: Run, params: list[torch.Tensor], total_steps: int):
     """``(optimizer, lr scheduler)``: the config's ``optimizer`` component over ``params`` and
     its ``lr_scheduler`` (warmup, then the schedule) over ``total_steps``."""
     cfg = run.cfg
-    optimizer = instantiate(cfg.optimizer, params)
+    optimizer = instantiate(cfg.optimizer, params, allowed_components=cfg.allowed_components)
     scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps, total_steps=total_steps,
                                    schedule=cfg.lr_scheduler.schedule)
     return optimizer, scheduler
@@ -606,7 +610,8 @@ class RunLog:
         self.device = run.device
         self.metrics = self.display = None
         if is_rank0():
-            self.metrics = MetricsLogger(run.output_dir, extra_loggers=build_metric_loggers(run.cfg.metric_loggers))
+            loggers = build_metric_loggers(run.cfg.metric_loggers, run.cfg.allowed_components)
+            self.metrics = MetricsLogger(run.output_dir, extra_loggers=loggers)
             self.metrics.truncate_after(step)
             self.display = ProgressDisplay(total_steps, initial=step)
 

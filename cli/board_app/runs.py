@@ -213,9 +213,12 @@ class RunManager:
                     schema = recipe_schema(spec.file, spec.config_class)
                 except Exception:  # a broken recipe must not break the listing
                     continue
-                self._schema_fields[spec.name] = {f.name for f in dataclasses.fields(schema)}
-        for name, fields in self._schema_fields.items():
-            if keys == fields:
+                fields = dataclasses.fields(schema)
+                required = {f.name for f in fields if f.default is dataclasses.MISSING
+                            and f.default_factory is dataclasses.MISSING}
+                self._schema_fields[spec.name] = (required, {f.name for f in fields})
+        for name, (required, every) in self._schema_fields.items():
+            if required <= keys <= every:  # keys with a default may be missing from older runs
                 return name
         return None
 
@@ -384,18 +387,30 @@ class RunManager:
             key = item[1:] if item.startswith("~") else item.partition("=")[0].strip().lstrip("+")
             if key == "output_dir":
                 raise ConfigError("output_dir is set by the board (runs folder / run name); change the run name instead")
+            # what a request may not do: widen the component allowlist, or read the board's
+            # environment and config through OmegaConf's ${...} interpolation and resolvers
+            if key.split(".")[0] == "allowed_components":
+                raise ConfigError(f"override '{key}': allowed_components cannot be set from the board; list "
+                                  "them in the config file")
+            if "${" in item:
+                raise ConfigError(f"override '{key}': ${{...}} interpolation is not accepted from the board; "
+                                  "write the value itself")
             clean.append(item)
         return clean
 
     def validate(self, recipe: str, config: str, overrides: list[str]) -> list[str]:
-        """Problems with a launch (empty = OK), exactly as `tune validate` reports them."""
+        """Problems with a launch (empty = OK), exactly as `tune validate` reports them.
+
+        Raises:
+            ConfigError: an override a request may not make (``_check_overrides``).
+        """
         from tunelab.cli.validate import validate_config
         from tunelab.training.config import error_lines
 
+        overrides = self._check_overrides(overrides)  # a refused override is a bad request (400)
         try:
             recipe_arg, _ = self.resolve_recipe(recipe)
             path = self.resolve_config(config)
-            overrides = self._check_overrides(overrides)
             # output_dir as the launch will set it, so path checks and the recipe see the real one
             return validate_config(str(path), [*overrides, f"output_dir={self.runs_dir / 'x'}"], recipe_arg)
         except TunelabError as e:

@@ -123,9 +123,8 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
 
     async def validate(request: Request):
         d = await body(request)
-        errors = await asyncio.to_thread(runs.validate, str(d.get("recipe", "")), str(d.get("config", "")),
-                                         d.get("overrides") or [])
-        return JSONResponse({"errors": errors})
+        return await call(lambda: {"errors": runs.validate(str(d.get("recipe", "")), str(d.get("config", "")),
+                                                           d.get("overrides") or [])}, status_404=False)
 
     async def list_runs(request: Request):
         return await call(lambda: {"runs_dir": str(runs.runs_dir), "runs": runs.list_runs()})

@@ -143,6 +143,17 @@ def test_refused_keys_are_the_cli_errors(manager, bt, capsys, tmp_path):
         assert "inside the runs folder" in refused(config="../c.yaml")
         assert "did you mean 'lora_finetune_single_device'" in refused(recipe="lora_finetune_single_devise")
         assert "output_dir is set by the board" in refused(overrides=["output_dir=/etc"])
+        # a request can neither widen the component allowlist nor read the board's environment,
+        # and a component outside the allowlist is refused (os.system here) without running it
+        assert "allowed_components cannot be set from the board" in refused(
+            overrides=["allowed_components=[os.*]", "optimizer.foreach._component_=os.system"])
+        assert "interpolation is not accepted" in refused(overrides=["dataset.source=${oc.env:HOME}"])
+        assert "not an allowed component" in refused(overrides=["+optimizer.foreach._component_=os.system",
+                                                                "+optimizer.foreach.command=touch pwned"])
+        for bad in (["allowed_components=[os.*]"], ["seed=${oc.env:HOME}"]):
+            status, data, _ = bt.request(f"{url}/api/validate", {"recipe": RECIPE, "config": "tiny/lora",
+                                                                  "overrides": bad})
+            assert status == 400 and data["errors"], data
         assert "bad run name" in refused(name="../up")
         assert "bad run name" in refused(name="-rf")
         assert not list(manager.runs_dir.iterdir())

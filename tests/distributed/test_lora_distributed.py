@@ -152,7 +152,8 @@ def test_failing_rank_ends_the_job_with_its_error(tmp_path, make_hf_checkpoint, 
     start = time.monotonic()
     run = dt.torchrun(2, "lora_finetune_distributed", "--config", "tiny/lora_distributed",
                       *common(ckpt, tmp_path / "out", data, dt.TINY_TOKENIZER), "batch_size=2",
-                      "dataset._component_=failing_data.rank1_fails", "dist_timeout_s=30",
+                      "dataset._component_=failing_data.rank1_fails", "allowed_components=[failing_data.*]",
+                      "dist_timeout_s=30",
                       timeout=80, extra_env={"PYTHONPATH": str(tmp_path)}, via_tune=True)
     assert run.returncode != 0
     output = run.stdout + run.stderr

@@ -207,7 +207,8 @@ def test_non_finite_weights_are_never_saved(tmp_path, make_hf_checkpoint, rt, mo
     data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
     out = tmp_path / "out"
     argv = rt.lora_argv(ckpt, out, data, "max_steps=4", "save_every_n_steps=1", "save_merged=never",
-                        "optimizer._component_=poison_opt.PoisonAdamW", "optimizer.poison_at=2")
+                        "optimizer._component_=poison_opt.PoisonAdamW", "optimizer.poison_at=2",
+                        "allowed_components=[poison_opt.PoisonAdamW]")
     with pytest.raises(TunelabError, match="nan/inf after step 2") as info:
         rt.run_lora(argv)
     msg = str(info.value)

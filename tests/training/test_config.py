@@ -90,6 +90,8 @@ def _example_dataset(tokenizer, *, source, max_seq_len, split="train"):
 import tunelab.training.config as _config_module  # noqa: E402
 
 _config_module._example_dataset = _example_dataset  # type: ignore[attr-defined]
+# as if defined there: the component allowlist judges an object by its own module
+_example_dataset.__module__ = "tunelab.training.config"
 
 
 @pytest.fixture
@@ -276,7 +278,8 @@ def test_component_errors(cfg_file):
     cfg = apply_overrides(load_config(cfg_file), ["optimizer._component_=torch.optim.AdamX"])
     (err,) = _errors(cfg)
     assert "optimizer._component_" in err and "torch.optim.AdamX" in err and "did you mean" in err
-    cfg = apply_overrides(load_config(cfg_file), ["optimizer._component_=nosuchpkg.Opt"])
+    cfg = apply_overrides(load_config(cfg_file), ["optimizer._component_=nosuchpkg.Opt",
+                                                  "allowed_components=[nosuchpkg.*]"])
     (err,) = _errors(cfg)
     assert "cannot import 'nosuchpkg.Opt'" in err
     # provided args: the recipe passes tokenizer/max_seq_len itself
@@ -296,7 +299,7 @@ def test_check_component_direct():
     with pytest.raises(ConfigErrors, match="did you mean 'optimizer.momentum'"):
         check_component({"_component_": "torch.optim.SGD", "momentun": 0.9}, "optimizer", None)
     # **kwargs targets accept anything
-    check_component({"_component_": "builtins.dict", "anything": 1}, "x", None)
+    check_component({"_component_": "builtins.dict", "anything": 1}, "x", None, allowed=["builtins.dict"])
 
 
 def test_component_values_of_the_wrong_kind(cfg_file):
@@ -346,6 +349,7 @@ def test_instantiate_turns_a_library_refusal_into_one_line(monkeypatch, tmp_path
 
     import tunelab.training.config as config_module
 
+    buggy.__module__ = "tunelab.training.config"  # as if defined there (the allowlist's judge)
     monkeypatch.setattr(config_module, "_buggy", buggy, raising=False)
     with pytest.raises(ValueError, match="a bug"):
         instantiate({"_component_": "tunelab.training.config._buggy", "x": 2})
@@ -353,15 +357,15 @@ def test_instantiate_turns_a_library_refusal_into_one_line(monkeypatch, tmp_path
     (tmp_path / "my_component.py").write_text("def build(x=1):\n    raise TypeError('my bug')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TypeError, match="my bug"):
-        instantiate({"_component_": "my_component.build", "x": 2})
+        instantiate({"_component_": "my_component.build", "x": 2}, allowed_components=["my_component.*"])
     # a call that does not fit the signature is a config error whoever the target is
     with pytest.raises(ConfigError, match=r"my_component.build\(y=2\) refused .*unexpected keyword"):
-        instantiate({"_component_": "my_component.build", "y": 2})
+        instantiate({"_component_": "my_component.build", "y": 2}, allowed_components=["my_component.*"])
 
 
 def test_instantiate_nested_component():
     node = {"_component_": "builtins.dict", "inner": {"_component_": "builtins.list"}, "x": 1}
-    assert instantiate(node) == {"inner": [], "x": 1}
+    assert instantiate(node, allowed_components=["builtins.*"]) == {"inner": [], "x": 1}
 
 
 # ---------------------------------------------------------------------------- saving + entry
@@ -431,3 +435,33 @@ def test_string_fields_take_the_command_line_text_literally(tmp_path, raw, expec
     assert cfg.group.template == raw  # a plain str field: even "null" is text
     assert (cfg.steps, cfg.group.size) == (3, 4)  # typed fields keep YAML typing
     assert parse_recipe_args(["--config", str(path), "name=null"], _TextSettings).name == "null"
+
+
+def test_components_resolve_only_to_the_allowlist(cfg_file, tmp_path, monkeypatch):
+    """tunelab.*, torch.optim.*, torch.nn.* and what the config lists under allowed_components:
+    judged on the string before any import, on every attribute walked (never through a module)
+    and on the object found (its own module)."""
+    (tmp_path / "noisy_mod.py").write_text(
+        f"open({str(tmp_path / 'imported')!r}, 'w').close()\ndef build(x=1):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    refused = {
+        "os.system": "not an allowed component",
+        "noisy_mod.build": "not an allowed component",
+        "tunelab.training.checkpointing.os.system": "not an allowed component",  # through a module
+        "tunelab.training.checkpointing.save_file": "it is safetensors.torch.save_file",  # re-exported
+    }
+    for target, words in refused.items():
+        cfg = apply_overrides(load_config(cfg_file), [f"optimizer._component_={target}"])
+        (err,) = _errors(cfg)
+        assert words in err and "allowed_components" in err, err
+        with pytest.raises(ConfigError, match="not an allowed component"):
+            instantiate({"_component_": target})
+    assert not (tmp_path / "imported").exists()  # a refused module is never imported
+    # listed in the config (file or command line): allowed, by name or module.*
+    for entry in ("noisy_mod.build", "noisy_mod.*"):
+        node = {"_component_": "noisy_mod.build", "x": 3}
+        assert instantiate(node, allowed_components=[entry]) == 3
+    path = tmp_path / "listed.yaml"
+    path.write_text(YAML.replace("torch.optim.AdamW, lr: 2.0e-4, weight_decay: 0.0", "noisy_mod.build, x: 2")
+                    + "allowed_components: [noisy_mod.build]\n")
+    assert parse_config(load_config(path), Settings).optimizer["x"] == 2
