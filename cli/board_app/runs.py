@@ -40,18 +40,25 @@ from typing import Any, Literal
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.run_layout import complete_steps, lock_holder, step_dir
 
-__all__ = ["LOG_FILE", "META_FILE", "NotFound", "RunManager", "read_rows"]
+__all__ = ["LOG_FILE", "MAX_RUNNING", "META_FILE", "Busy", "NotFound", "RunManager", "read_rows"]
 
 META_FILE = "board_run.json"
 LOG_FILE = "board.log"
 STALE_S = 120.0  # an external run whose metrics did not move for this long is not running
 STOP_GRACE_S = 8.0  # Ctrl-C first (the recipe exits cleanly), SIGKILL after this
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_RUNNING = 4  # runs launched by one board at once: a request cannot fork without bound
 _MAX_CHUNK = 4 << 20  # metrics bytes returned per request; the client asks again for the rest
 
 
 class NotFound(TunelabError):
     """No such run (or file of a run)."""
+
+
+class Busy(TunelabError):
+    """The board already runs as many runs as it may launch (HTTP 429)."""
+
+    http_status = 429
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,12 +150,14 @@ class RunManager:
     Args:
         runs_dir: folder holding one sub-folder per run (created if missing).
         python: interpreter for launched runs (default: this one).
+        max_running: runs it launched that may run at once; one more launch is refused.
     """
 
-    def __init__(self, runs_dir: str | Path, python: str = sys.executable):
+    def __init__(self, runs_dir: str | Path, python: str = sys.executable, max_running: int = MAX_RUNNING):
         self.runs_dir = Path(runs_dir).expanduser().resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.python = python
+        self.max_running = max_running
         self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
         self._summary_cache: dict[Path, tuple[tuple[int, int], dict]] = {}
@@ -421,6 +430,7 @@ class RunManager:
 
         Raises:
             ConfigError / ConfigErrors: bad name, existing run, or what `tune validate` refuses.
+            Busy: ``max_running`` launched runs are still running.
         """
         from tunelab.training.config import ConfigErrors
 
@@ -434,6 +444,9 @@ class RunManager:
         overrides = self._check_overrides(overrides)
         run_dir = self.runs_dir / name
         with self._lock:
+            if len(self.running()) >= self.max_running:
+                raise Busy(f"{self.max_running} runs this board launched are still running (the cap); stop one "
+                           "or wait for one to finish")
             try:
                 run_dir.mkdir()
             except FileExistsError:

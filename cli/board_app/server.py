@@ -40,11 +40,12 @@ from starlette.staticfiles import StaticFiles
 from tunelab.cli.board_app.runs import NotFound, RunManager
 from tunelab.errors import TunelabError
 
-__all__ = ["COOKIE", "LOOPBACK_HOSTS", "create_app"]
+__all__ = ["COOKIE", "LOOPBACK_HOSTS", "MAX_BODY", "create_app"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 COOKIE = "tunelab_board_token"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_BODY = 1 << 20  # bytes of a POST body (a launch or validate request is a few hundred)
 
 
 def _host_name(header: str) -> str:
@@ -72,6 +73,12 @@ class _Guard(BaseHTTPMiddleware):
                                     status_code=401)
         if request.method == "POST" and request.headers.get("content-type", "").split(";")[0] != "application/json":
             return JSONResponse({"errors": ["POST bodies must be application/json"]}, status_code=415)
+        if request.method == "POST":  # the length is read before the body is: a huge one is never read
+            length = request.headers.get("content-length", "")
+            if not length.isdigit():
+                return JSONResponse({"errors": ["POST bodies need a Content-Length"]}, status_code=411)
+            if int(length) > MAX_BODY:
+                return JSONResponse({"errors": [f"request body over {MAX_BODY} bytes"]}, status_code=413)
         response = await call_next(request)
         if self.token is not None and request.query_params.get("token"):
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
@@ -101,7 +108,7 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
         except NotFound as e:
             return _errors(e, 404 if status_404 else 400)
         except TunelabError as e:
-            return _errors(e)
+            return _errors(e, getattr(e, "http_status", 400))
         return result if isinstance(result, Response) else JSONResponse(result)
 
     async def body(request: Request) -> dict:
@@ -123,8 +130,12 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
 
     async def validate(request: Request):
         d = await body(request)
-        return await call(lambda: {"errors": runs.validate(str(d.get("recipe", "")), str(d.get("config", "")),
-                                                           d.get("overrides") or [])}, status_404=False)
+
+        def check():  # problems with the config are a 400 too, with the same lines
+            errors = runs.validate(str(d.get("recipe", "")), str(d.get("config", "")), d.get("overrides") or [])
+            return JSONResponse({"errors": errors}, status_code=400 if errors else 200)
+
+        return await call(check, status_404=False)
 
     async def list_runs(request: Request):
         return await call(lambda: {"runs_dir": str(runs.runs_dir), "runs": runs.list_runs()})

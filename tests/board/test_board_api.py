@@ -183,6 +183,11 @@ def test_launch_finish_and_stop_tiny_lora(manager, bt, tiny_ready):
         status, data, _ = bt.request(f"{url}/api/runs", {"name": "short", "recipe": RECIPE, "config": "tiny/lora",
                                                           "overrides": []})
         assert status == 400 and "already exists" in data["errors"][0]
+        manager.max_running = 2  # both just started: a third launch is over the cap
+        status, data, _ = bt.request(f"{url}/api/runs", {"name": "third", "recipe": RECIPE, "config": "tiny/lora",
+                                                          "overrides": ["max_steps=6"]})
+        assert status == 429 and "still running" in data["errors"][0]
+        assert not (manager.runs_dir / "third").exists()
 
         def long_started():
             _, m, _ = bt.request(f"{url}/api/runs/long/metrics")
@@ -235,6 +240,16 @@ def test_loopback_bind_checks_host_and_json(manager, bt):
         assert status == 403  # DNS rebinding: a page on another name cannot read the API
         status, _, _ = bt.request(f"{url}/api/runs", b"name=x", content_type="text/plain")
         assert status == 415  # a cross-site form post is refused
+        # a body announced over the limit is refused before it is read (the client sends 2 bytes)
+        import http.client
+        from urllib.parse import urlsplit
+
+        conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=10)
+        conn.request("POST", "/api/validate", body=b"{}", headers={"Content-Type": "application/json",
+                                                                   "Content-Length": str(8 << 20)})
+        response = conn.getresponse()
+        assert response.status == 413 and b"request body over" in response.read()
+        conn.close()
         assert not list(manager.runs_dir.iterdir())
 
 
