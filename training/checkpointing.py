@@ -34,12 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Sampler
 
-from tunelab.errors import CheckpointError
+from tunelab.errors import CheckpointError, ConfigError
 from tunelab.run_layout import COMPLETE, complete_steps, step_dir, step_dirs
+from tunelab.training.config import config_to_dict
 
 
 
@@ -283,6 +285,67 @@ def load_state(
         raise CheckpointError(f"{state_dir} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                               "resume from another step") from None
     return TrainingProgress(**progress)
+
+
+# --------------------------------------------------------------------------- resumed settings
+# Settings a resumed run may not change: they define the model and its adapters, the data and
+# its order, and how samples group into steps (the saved data position counts micro-batches).
+# batch_size is checked against the saved position itself (it may change with the world size).
+FIXED_ON_RESUME = ("checkpoint_dir", "tokenizer", "quantize", "dtype", "lora.rank", "lora.alpha", "lora.targets",
+                   "dataset", "seed", "max_seq_len", "packing", "gradient_accumulation_steps",
+                   "optimizer._component_")
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: data}
+
+
+def resume_changes(previous: Path, cfg) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ from ``previous`` (the config.yaml of the run that wrote the
+    checkpoints), printed as one line; the others (lr, schedule, max_steps, cadences, ...) are
+    applied by :func:`apply_resume_changes` once the state is loaded.
+
+    Raises:
+        ConfigError: a setting of ``FIXED_ON_RESUME`` changed.
+    """
+    try:
+        then = _flat(yaml.safe_load(previous.read_text()))
+    except (OSError, ValueError, yaml.YAMLError):
+        print(f"notice: {previous} is missing or unreadable; the resumed settings are not compared", flush=True)
+        return {}
+    now = _flat(config_to_dict(cfg))
+    changes = {k: (then[k], v) for k, v in now.items() if k in then and then[k] != v and k != "resume"}
+    for key, (old, new) in changes.items():
+        if key in FIXED_ON_RESUME or key.startswith(tuple(f"{fixed}." for fixed in FIXED_ON_RESUME)):
+            raise ConfigError(f"resume: {key}={old} wrote these checkpoints, {new} now; it cannot change on "
+                              f"resume (set it back, or start a new run in another output_dir)")
+    if changes:
+        print("resume: changed since the checkpoints: "
+              + "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()), flush=True)
+    return changes
+
+
+
+def apply_resume_changes(changes: dict[str, tuple[Any, Any]], optimizer, scheduler) -> None:
+    """Make the restored optimizer and lr schedule follow the config as it is now: changed
+    optimizer settings (lr, weight_decay, betas, ...) go into its param groups (the saved state
+    restored the old ones), and the lr of the next step is the schedule's as configured now
+    (shape, length, base lr) at the saved position."""
+    if not changes:
+        return
+    settings = {k.removeprefix("optimizer."): new for k, (_, new) in changes.items() if k.startswith("optimizer.")}
+    for group in optimizer.param_groups:
+        for name, value in settings.items():
+            if name in group:
+                group[name] = type(group[name])(value) if isinstance(group[name], tuple) else value
+    if "lr" in settings:
+        scheduler.base_lrs = [settings["lr"]] * len(scheduler.base_lrs)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = settings["lr"]
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
 
 
 # --------------------------------------------------------------------------- step folders

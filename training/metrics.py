@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from tunelab.training.process_group import is_rank0
+
 
 class Throughput:
     """Tokens per second over training steps only: evaluation and checkpoint saves between
@@ -165,3 +167,46 @@ def format_row(row: dict[str, Any]) -> str:
                     "rewards/margins": "margin"}.get(key, key)
             parts.append(f"{name}={fmt.format(value)}")
     return " ".join(parts)
+
+
+class RunLog:
+    """``metrics.jsonl`` (+ the config's ``metric_loggers``) and the progress bar, resuming at
+    ``step`` (rows a killed run logged after it are dropped). Every rank calls the same methods;
+    only rank 0 writes.
+
+    Args:
+        run: the run (output_dir, metric_loggers, device for the peak memory).
+        step: the step training starts from.
+        total_steps: for the progress bar.
+    """
+
+    def __init__(self, run, step: int, total_steps: int):
+        self.device = run.device
+        self.metrics = self.display = None
+        if is_rank0():
+            from tunelab.training.loggers import build_metric_loggers
+
+            loggers = build_metric_loggers(run.cfg.metric_loggers, run.cfg.allowed_components)
+            self.metrics = MetricsLogger(run.output_dir, extra_loggers=loggers)
+            self.metrics.truncate_after(step)
+            self.display = ProgressDisplay(total_steps, initial=step)
+
+    def step(self, row: dict) -> None:
+        """A training step's row (``peak_mem_gib`` added on CUDA: rank 0's): the file and the bar."""
+        if self.metrics is None:
+            return
+        if (mem := peak_memory_gib(self.device)) is not None:
+            row["peak_mem_gib"] = mem
+        self.metrics.log(row)
+        self.display.update(row)
+
+    def event(self, row: dict, line: str) -> None:
+        """A row that is not a training step (evaluation): the file, and ``line`` printed."""
+        if self.metrics is not None:
+            self.metrics.log(row)
+            self.display.write(line)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.display.close()
+            self.metrics.close()

@@ -45,14 +45,16 @@ from tunelab.training.checkpointing import (
     RankSampler,
     TrainingProgress,
     adapter_writer,
+    apply_resume_changes,
     load_state,
     merged_writer,
+    resume_changes,
     state_writer,
 )
 from tunelab.training.config import component_field, instantiate, save_config
 from tunelab.training.export import export_gguf_step
-from tunelab.training.loggers import build_metric_loggers, check_metric_loggers
-from tunelab.training.metrics import MetricsLogger, ProgressDisplay, peak_memory_gib
+from tunelab.training.loggers import check_metric_loggers
+from tunelab.training.metrics import RunLog
 from tunelab.training.process_group import (
     all_reduce_sum,
     barrier,
@@ -212,6 +214,8 @@ class Run:
         manager: the output folder's checkpoint manager.
         resume_dir: the step folder to resume from, None to start fresh.
         distributed: an FSDP run (``fully_shard``, sharded save and load), on any world size.
+        changes: on resume, the settings that differ from the run that wrote the checkpoints
+            (dotted key -> (then, now)); :func:`restore_progress` applies them.
     """
 
     cfg: Any
@@ -221,6 +225,7 @@ class Run:
     manager: CheckpointManager
     resume_dir: Path | None
     distributed: bool
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # resumed: key -> (then, now)
 
     @property
     def output_dir(self) -> Path:
@@ -271,7 +276,7 @@ def start_run(cfg, recipe: str, *, distributed: bool = False, **cuda_only: bool)
 
 def _setup(cfg, device: torch.device | None, cuda_only: dict[str, bool]) -> Run:
     distributed = device is not None
-    manager, resume_dir = _prepare_output_dir(cfg)
+    manager, resume_dir, changes = _prepare_output_dir(cfg)
     _resolve_paths(cfg)
     seed_everything(cfg.seed)
     device = device or resolve_device(cfg.device)
@@ -284,20 +289,22 @@ def _setup(cfg, device: torch.device | None, cuda_only: dict[str, bool]) -> Run:
         cfg.fsdp.cpu_offload = flags["cpu_offload"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return Run(cfg, device, dtype, flags, manager, resume_dir, distributed)
+    return Run(cfg, device, dtype, flags, manager, resume_dir, distributed, changes)
 
 
-def _prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None]:
-    """Rank 0 checks output_dir is writable, never overwrites finished work and writes
+def _prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None, dict[str, tuple[Any, Any]]]:
+    """Rank 0 checks output_dir is writable, never overwrites finished work, compares a resumed
+    run's settings with the ones that wrote its checkpoints (``resume_changes``) and writes
     config.yaml (as given, before ``builtin:`` names are resolved); every rank gets its answer:
-    the manager and the step folder to resume from (None = start fresh).
+    the manager, the step folder to resume from (None = start fresh) and the changed settings.
 
     Raises:
-        ConfigError: output_dir unusable or holding checkpoints without resume=true, or a rank
-            that cannot see the folder rank 0 resumes from.
+        ConfigError: output_dir unusable or holding checkpoints without resume=true, a setting
+            that cannot change on resume, or a rank that cannot see the folder rank 0 resumes
+            from.
     """
     out = Path(cfg.output_dir).expanduser()
-    resume_name = None
+    resume_name, changes = None, {}
     if is_rank0():
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -322,14 +329,15 @@ def _prepare_output_dir(cfg) -> tuple[CheckpointManager, Path | None]:
                 raise ConfigError(f"resume: no intact checkpoint in {out} ({damaged[0]}); "
                                   "pick another output_dir or resume=false into a new one")
             resume_name = intact.name
-        save_config(cfg, out / "config.yaml")
-    resume_name = broadcast_from_rank0(resume_name)  # rank 0 decides; the others follow
+            changes = resume_changes(out / "config.yaml", cfg)
+        save_config(cfg, out / "config.yaml")  # what runs now
+    resume_name, changes = broadcast_from_rank0((resume_name, changes))  # rank 0 decides; the others follow
     manager = CheckpointManager(out, cfg.keep_last_n_checkpoints)
     resume_dir = out / resume_name if resume_name is not None else None
     if resume_dir is not None and not (resume_dir / COMPLETE).is_file():
         raise ConfigError(f"rank {rank()} cannot see {resume_dir}, which rank 0 resumes from; put output_dir "
                           "on a filesystem every node shares")
-    return manager, resume_dir
+    return manager, resume_dir, changes
 
 
 def _resolve_paths(cfg) -> None:
@@ -526,6 +534,7 @@ def restore_progress(run: Run, *, model, optimizer, scheduler, sampler) -> Train
         raise ConfigError(f"resume: {resume_dir.name} was written with batch_size={progress.batch_size}, "
                           f"not {cfg.batch_size}; resume with the same batch_size")
     sampler.seed = progress.sampler_seed
+    apply_resume_changes(run.changes, optimizer, scheduler)
     say(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
     return progress
 
@@ -592,45 +601,3 @@ def save_final(run: Run, progress: TrainingProgress, last_saved: Path | None, *,
     if is_rank0() and (gguf := export_gguf_step(run.cfg, final_dir)) is not None:
         say(f"gguf: {gguf}")
     return final_dir
-
-
-# ------------------------------------------------------------------------------------ logging
-class RunLog:
-    """``metrics.jsonl`` (+ the config's ``metric_loggers``) and the progress bar, resuming at
-    ``step`` (rows a killed run logged after it are dropped). Every rank calls the same methods;
-    only rank 0 writes.
-
-    Args:
-        run: the run (output_dir, metric_loggers, device for the peak memory).
-        step: the step training starts from.
-        total_steps: for the progress bar.
-    """
-
-    def __init__(self, run: Run, step: int, total_steps: int):
-        self.device = run.device
-        self.metrics = self.display = None
-        if is_rank0():
-            loggers = build_metric_loggers(run.cfg.metric_loggers, run.cfg.allowed_components)
-            self.metrics = MetricsLogger(run.output_dir, extra_loggers=loggers)
-            self.metrics.truncate_after(step)
-            self.display = ProgressDisplay(total_steps, initial=step)
-
-    def step(self, row: dict) -> None:
-        """A training step's row (``peak_mem_gib`` added on CUDA: rank 0's): the file and the bar."""
-        if self.metrics is None:
-            return
-        if (mem := peak_memory_gib(self.device)) is not None:
-            row["peak_mem_gib"] = mem
-        self.metrics.log(row)
-        self.display.update(row)
-
-    def event(self, row: dict, line: str) -> None:
-        """A row that is not a training step (evaluation): the file, and ``line`` printed."""
-        if self.metrics is not None:
-            self.metrics.log(row)
-            self.display.write(line)
-
-    def close(self) -> None:
-        if self.metrics is not None:
-            self.display.close()
-            self.metrics.close()

@@ -276,3 +276,26 @@ def test_one_run_per_output_dir(tmp_path, make_hf_checkpoint, rt, monkeypatch):
         sleeper.kill()
         sleeper.wait()
     assert sorted(p.name for p in other.iterdir()) == [LOCK]  # nothing written, the lock not taken
+
+
+def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path, make_hf_checkpoint, rt, capsys):
+    """Resumed with optimizer.lr halved (constant schedule): the first resumed step uses the new
+    lr, the change is one printed line and config.yaml records it; a changed LoRA rank is
+    refused in one line naming the key."""
+    import yaml
+
+    ckpt = make_hf_checkpoint("llama3")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
+    out = tmp_path / "out"
+    extra = ("save_every_n_steps=2", "save_merged=never", "lr_scheduler.schedule=constant",
+             "lr_scheduler.warmup_steps=0", "optimizer.lr=1.0e-3")
+    rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=2", *extra))
+    capsys.readouterr()
+    rows = rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=4", *extra, "optimizer.lr=5.0e-4", "resume=true"))
+    assert "resume: changed since the checkpoints: max_steps 2 -> 4; optimizer.lr 0.001 -> 0.0005" in \
+        capsys.readouterr().out
+    assert {r["step"]: r["lr"] for r in rows if "lr" in r} == {1: 1e-3, 2: 1e-3, 3: 5e-4, 4: 5e-4}
+    assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"]["lr"] == 5e-4
+    with pytest.raises(ConfigError, match=r"resume: lora.rank=16 wrote these checkpoints, 8 now") as info:
+        rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=6", *extra, "lora.rank=8", "resume=true"))
+    assert "\n" not in str(info.value)
