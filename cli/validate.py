@@ -107,6 +107,25 @@ def _guess_recipe(config_arg: str, config_path: Path) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def run_checks(cfg) -> list[str]:
+    """What a recipe checks on its parsed config before any work, the same calls: the shared
+    value ranges, the DPO loss settings, and the optimizer built as the run builds it (on one
+    stand-in parameter), so a config validate passes does not fail the run on configuration."""
+    import torch
+
+    from tunelab.training.config import instantiate
+    from tunelab.training.dpo import DPOFields, check_loss_settings
+    from tunelab.training.spine import TrainConfig, check_settings
+
+    if not isinstance(cfg, TrainConfig):
+        return []
+    check_settings(cfg)
+    if isinstance(cfg, DPOFields):
+        check_loss_settings(cfg)
+    instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], allowed_components=cfg.allowed_components)
+    return []
+
+
 def validate_config(config: str, overrides: list[str], recipe: str | None = None) -> list[str]:
     """All problems with a config (empty list = OK). Loads and imports, builds nothing."""
     from tunelab.recipes.registry import RECIPES, recipe_file, recipe_schema
@@ -142,7 +161,7 @@ def validate_config(config: str, overrides: list[str], recipe: str | None = None
         return [f"cannot resolve config: {' '.join(str(e).split())}"]
     if schema is not None:
         try:
-            parse_config(data, schema)
+            errors.extend(run_checks(parse_config(data, schema)))
         except TunelabError as e:
             errors.extend(error_lines(e))
     try:  # list-valued components (the typed parse checks single _component_ nodes only)

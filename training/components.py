@@ -281,10 +281,10 @@ def instantiate(node: Mapping[str, Any] | DictConfig | None, *args: Any, allowed
         )
     try:
         return target(*args, **kwargs, **extra_kwargs)
-    except (TypeError, ValueError) as e:
-        # An installed library refusing a value (torch's "Invalid learning rate: -1") is a config
-        # error. The same exception from tunelab's code, or the user's own, is more likely a bug
-        # whose traceback matters: let it through.
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        # An installed library refusing a value (torch's "Invalid learning rate: -1"), or choking on
+        # one (AdamW(betas=[]) indexes it), is a config error. The same exception from tunelab's
+        # code, or the user's own, is more likely a bug whose traceback matters: let it through.
         if not _refused_by_library(e):
             raise
         shown = ", ".join(f"{k}={_show(v)}" for k, v in kwargs.items())

@@ -150,8 +150,9 @@ def load_config(name_or_path: str | Path) -> DictConfig:
     """
     path = resolve_config_path(name_or_path)
     try:
-        cfg = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        cfg = OmegaConf.create(data) if data is not None else None
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
         detail = " ".join(str(e).split())
         raise ConfigError(f"config {path} is not valid YAML: {detail}") from None
     if cfg is None or not isinstance(cfg, DictConfig):
@@ -159,9 +160,19 @@ def load_config(name_or_path: str | Path) -> DictConfig:
     return cfg
 
 
-class _OverrideLoader(yaml.SafeLoader):
-    """SafeLoader typing values like OmegaConf's YAML loader does for config files: ``1e-4``
-    / ``5e3`` are floats (plain YAML 1.1 wants ``1.0e-4``), dates stay strings."""
+class _Loader(yaml.SafeLoader):
+    """The YAML of config files and overrides: SafeLoader typing values like OmegaConf's loader
+    (``1e-4`` / ``5e3`` are floats, plain YAML 1.1 wants ``1.0e-4``; dates stay strings), without
+    YAML 1.1's base-60 integers (``1:30`` is text, not 90) and refusing duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT_RE = re.compile(
@@ -172,12 +183,13 @@ _FLOAT_RE = re.compile(
     |\.(?:nan|NaN|NAN))$""",
     re.X,
 )
-_OverrideLoader.yaml_implicit_resolvers = {
-    # OmegaConf keeps dates as strings; floats get the more lenient pattern below.
-    k: [(tag, r) for tag, r in v if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+_INT_RE = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_REPLACED = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp")
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, r) for tag, r in v if tag not in _REPLACED] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_OverrideLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT_RE, list("-+0123456789"))
 
 
 def parse_value(text: str) -> Any:
@@ -186,7 +198,7 @@ def parse_value(text: str) -> Any:
     A value that is not valid YAML on its own (e.g. ``a: b`` inside a prompt) stays a string.
     """
     try:
-        return yaml.load(text, Loader=_OverrideLoader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError:
         return text
 

@@ -338,3 +338,19 @@ def test_tune_entry_point_subprocess(tmp_path):
     assert bad.returncode == 1
     assert "Traceback" not in bad.stderr
     assert "not found" in _one_error(bad.stderr)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("batch_size=-1", "batch_size must be >= 1"),
+    ("optimizer.betas=[]", "refused its config values"),
+    ("optimizer.lr=-1", "Invalid learning rate"),
+    ("lora.alpha=1:30", "lora.alpha"),
+])
+def test_validate_refuses_what_the_run_would(override, words, capsys):
+    """tune validate runs the recipe's own checks and builds the optimizer: a config it passes
+    does not fail the run on these values (each was 'config OK' before, then a crash)."""
+    from tunelab.cli.main import main
+
+    assert main(["validate", "tiny/lora", override]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err

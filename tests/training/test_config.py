@@ -465,3 +465,16 @@ def test_components_resolve_only_to_the_allowlist(cfg_file, tmp_path, monkeypatc
     path.write_text(YAML.replace("torch.optim.AdamW, lr: 2.0e-4, weight_decay: 0.0", "noisy_mod.build, x: 2")
                     + "allowed_components: [noisy_mod.build]\n")
     assert parse_config(load_config(path), Settings).optimizer["x"] == 2
+
+
+def test_yaml_surprises_are_text_or_errors(tmp_path):
+    """No base-60 integers (``1:30`` was 90 in YAML 1.1), in overrides and files alike, and a
+    duplicate key in a file is an error instead of the last one silently winning."""
+    assert parse_value("1:30") == "1:30" and parse_value("12") == 12 and parse_value("1e-4") == 1e-4
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1:30\nb: 0x10\n")
+    assert dict(load_config(path)) == {"a": "1:30", "b": 16}
+    path.write_text("a: 1\nb: 2\na: 3\n")
+    with pytest.raises(ConfigError, match="duplicate key 'a'") as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
