@@ -196,7 +196,10 @@ def safetensors_files(checkpoint_dir) -> dict[str, Path]:
             raise CheckpointError(f"{index} has no readable weight_map ({_one_line(e)}); re-download it") from None
         files = {}
         for name, shard in weight_map.items():
-            shard_path = path / shard
+            shard_path = path / shard if isinstance(shard, str) else None
+            if shard_path is None or not shard_path.resolve().is_relative_to(path.resolve()):
+                raise CheckpointError(f"{index} maps {name!r} to {shard!r}, which is not a file inside {path}; "
+                                      "re-download the checkpoint")
             if not shard_path.is_file():
                 raise CheckpointError(
                     f"{shard_path} is listed in {INDEX_FILE} but missing; re-download the checkpoint"

@@ -32,6 +32,28 @@ def _require(cfg: dict, key: str) -> Any:
     return cfg[key]
 
 
+def _integer(cfg: dict, key: str, default: Any = None, minimum: int = 1) -> int:
+    """``cfg[key]`` as an int >= ``minimum`` (``default`` when absent or null; required when the
+    default is None), or a one-line CheckpointError naming the key."""
+    value = cfg.get(key)
+    if value is None:
+        value = _require(cfg, key) if default is None else default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                         and not value.is_integer()):
+        raise CheckpointError(f"config.json {key}={value!r} is not an integer; fix config.json or re-download it")
+    if value < minimum:
+        raise CheckpointError(f"config.json {key}={value!r} must be >= {minimum}; fix config.json or re-download it")
+    return int(value)
+
+
+def _positive(value: Any, key: str) -> float:
+    """``value`` as a float > 0 (finite), or a one-line CheckpointError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise CheckpointError(f"config.json {key}={value!r} must be a positive number; fix config.json or "
+                              "re-download it")
+    return float(value)
+
+
 def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
     """Return (rope_theta, rope_scaling or None) from either config layout."""
     params = cfg.get("rope_parameters")
@@ -41,13 +63,14 @@ def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
     else:
         theta = cfg.get("rope_theta", 10000.0)
         scaling, where = cfg.get("rope_scaling"), "rope_scaling"
+    theta = _positive(theta, "rope_theta")
     if scaling is None:
-        return float(theta), None
+        return theta, None
     if not isinstance(scaling, dict):
         raise CheckpointError(f"config.json {where}={scaling!r} is not a dict; expected null or a llama3 rope dict")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     if rope_type != "llama3":
         raise CheckpointError(
             f"config.json {where}.rope_type={rope_type!r} is not supported; tunelab supports 'default' and 'llama3'"
@@ -55,11 +78,11 @@ def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
     missing = [k for k in LLAMA3_SCALING_KEYS if scaling.get(k) is None]
     if missing:
         raise CheckpointError(f"config.json {where} (rope_type llama3) lacks {', '.join(missing)}; add them")
-    out = {"rope_type": "llama3", **{k: scaling[k] for k in LLAMA3_SCALING_KEYS}}
-    out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+    out = {"rope_type": "llama3",
+           "original_max_position_embeddings": _integer(scaling, "original_max_position_embeddings")}
     for k in ("factor", "low_freq_factor", "high_freq_factor"):
-        out[k] = float(out[k])
-    return float(theta), out
+        out[k] = _positive(scaling[k], f"{where}.{k}")
+    return theta, out
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
@@ -80,6 +103,9 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         raise CheckpointError(f"config.json model_type={model_type!r} is not supported; tunelab loads 'llama' models")
     archs = cfg.get("architectures")
     if archs is not None:
+        if not isinstance(archs, list):
+            raise CheckpointError(f"config.json architectures={archs!r} must be a list such as "
+                                  f"{list(SUPPORTED_ARCHITECTURES)}")
         bad = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
         if bad or not archs:
             raise CheckpointError(
@@ -97,22 +123,26 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         )
 
     rope_theta, rope_scaling = _rope_settings(cfg)
-    n_heads = int(_require(cfg, "num_attention_heads"))
-    dim = int(_require(cfg, "hidden_size"))
+    # every field the model uses: its type and range, one line naming the key when wrong
+    n_heads = _integer(cfg, "num_attention_heads")
+    dim = _integer(cfg, "hidden_size")
+    tied = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise CheckpointError(f"config.json tie_word_embeddings={tied!r} must be true or false")
     try:
         return ModelArgs(
-            vocab_size=int(_require(cfg, "vocab_size")),
+            vocab_size=_integer(cfg, "vocab_size"),
             dim=dim,
-            n_layers=int(_require(cfg, "num_hidden_layers")),
+            n_layers=_integer(cfg, "num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(cfg.get("head_dim") or dim // n_heads),
-            hidden_dim=int(_require(cfg, "intermediate_size")),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            n_kv_heads=_integer(cfg, "num_key_value_heads", default=n_heads),
+            head_dim=_integer(cfg, "head_dim", default=max(dim // n_heads, 1)),
+            hidden_dim=_integer(cfg, "intermediate_size"),
+            norm_eps=_positive(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_seq_len=_integer(cfg, "max_position_embeddings", default=2048),
+            tie_word_embeddings=tied,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
         )

@@ -120,3 +120,40 @@ def test_model_args_defaults():
     assert args.n_kv_heads == 4 and args.head_dim == 16
     with pytest.raises(ValueError):
         ModelArgs(vocab_size=10, dim=64, n_layers=1, n_heads=4, n_kv_heads=3, hidden_dim=128)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"num_attention_heads": 0}, "num_attention_heads=0 must be >= 1"),
+    ({"num_attention_heads": "four"}, "num_attention_heads='four' is not an integer"),
+    ({"hidden_size": 4096.5}, "hidden_size=4096.5 is not an integer"),
+    ({"hidden_size": True}, "hidden_size=True is not an integer"),
+    ({"num_hidden_layers": {"a": [1]}}, "num_hidden_layers={'a': [1]} is not an integer"),
+    ({"vocab_size": -5}, "vocab_size=-5 must be >= 1"),
+    ({"intermediate_size": [14336]}, "intermediate_size=[14336] is not an integer"),
+    ({"rms_norm_eps": "tiny"}, "rms_norm_eps='tiny' must be a positive number"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps=0 must be a positive number"),
+    ({"rope_theta": "big"}, "rope_theta='big' must be a positive number"),
+    ({"rope_scaling": dict(HUB_LLAMA3_1_8B["rope_scaling"], factor="x")}, "rope_scaling.factor='x'"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings=0 must be >= 1"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings='no' must be true or false"),
+    ({"architectures": "LlamaForCausalLM"}, "must be a list"),
+])
+def test_every_field_the_model_uses_is_type_and_range_checked(change, needle):
+    """config.json values of the wrong type or out of range: one line naming the key (they were
+    tracebacks, or silently truncated like a fractional hidden_size)."""
+    with pytest.raises(CheckpointError) as e:
+        args_from_hf_config(dict(HUB_LLAMA3_1_8B, **change))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_shard_index_cannot_point_outside_the_folder(tmp_path):
+    from tunelab.models.checkpoint import safetensors_files
+
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": "../outside.safetensors"}}))
+    with pytest.raises(CheckpointError, match="not a file inside") as e:
+        safetensors_files(ckpt)
+    assert "\n" not in str(e.value)
