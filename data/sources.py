@@ -18,6 +18,7 @@ or repo.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import json
 import re
@@ -218,48 +219,58 @@ def iter_rows(files: list[Path]) -> Iterator[dict | MalformedRow | object]:
 
 
 def _iter_json_lines(path: Path) -> Iterator[object]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    # bytes, decoded line by line: one bad byte or a runaway nesting costs that row, not the file
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # a UTF-8 BOM some editors write
+            if not raw.strip():
                 continue
+            where = f"{path.name}:{lineno}"
             try:
-                yield json.loads(line)
+                yield json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield MalformedRow(where, "not UTF-8 text")
             except json.JSONDecodeError as e:
-                yield MalformedRow(f"{path.name}:{lineno}", f"invalid JSON ({e.msg})")
+                yield MalformedRow(where, f"invalid JSON ({e.msg})")
+            except RecursionError:
+                yield MalformedRow(where, "JSON nested too deeply")
 
 
-def _first_char(path: Path) -> str:
-    with open(path, encoding="utf-8") as f:
-        while chunk := f.read(4096):
-            if stripped := chunk.lstrip():
-                return stripped[0]
-    return ""
+def _first_line(path: Path) -> str:
+    """The file's first non-blank line, BOM dropped (undecodable bytes replaced: only for telling
+    the layout apart)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        return next((line for line in f if line.strip()), "")
 
 
 def _load_whole_json(path: Path):
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"dataset file {path}: invalid JSON at line {e.lineno} ({e.msg}); expected a "
-                "JSON list of records or JSON lines (one record per line)"
-            ) from e
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"dataset file {path}: invalid JSON at line {e.lineno} ({e.msg}); expected a "
+            "JSON list of records or JSON lines (one record per line)"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"dataset file {path}: not UTF-8 text (byte {e.start}); save it as UTF-8, or as JSON lines "
+                        "so that a bad row is skipped instead") from None
+    except RecursionError:
+        raise DataError(f"dataset file {path}: JSON nested too deeply to read") from None
 
 
 def _iter_json(path: Path) -> Iterator[object]:
     # A .json file holds a JSON list of records, JSON lines, or one (pretty-printed) record.
-    first = _first_char(path)
-    if not first:
+    first_line = _first_line(path)
+    if not first_line:
         return
-    if first == "[":
+    if first_line.lstrip()[0] == "[":
         yield from _load_whole_json(path)  # parsed once; json needs the whole list anyway
         return
-    with open(path, encoding="utf-8") as f:
-        first_line = next(line for line in f if line.strip())
     try:
         json.loads(first_line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         yield _load_whole_json(path)  # one multi-line record
         return
     yield from _iter_json_lines(path)
@@ -272,6 +283,11 @@ def _iter_parquet(path: Path) -> Iterator[dict]:
         raise DataError(
             f"dataset file {path}: reading parquet needs pyarrow: pip install tunelab[parquet]"
         ) from e
-    pf = pq.ParquetFile(path)
+    import pyarrow
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise DataError(f"dataset file {path}: not a readable parquet file ({' '.join(str(e).split())[:160]})") from None
     for batch in pf.iter_batches(batch_size=1024):
         yield from batch.to_pylist()

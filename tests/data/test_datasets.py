@@ -288,3 +288,29 @@ def test_public_api():
     for name in ("load_tokenizer", "Message", "instruct_dataset", "chat_dataset",
                  "text_completion_dataset", "PackedDataset", "padded_collate", "packed_collate"):
         assert name in data.__all__ and hasattr(data, name), name
+
+
+def test_bad_bytes_bom_and_nesting_cost_a_row_not_the_file(tmp_path, tok):
+    """A UTF-8 BOM is accepted; a line with a non-UTF-8 byte and a line nested past the JSON
+    parser's recursion limit are skipped and counted with file:line, the rest trains."""
+    good = json.dumps({"instruction": "Say hi", "input": "", "output": "hi"}).encode()
+    src = tmp_path / "dirty.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}\n'
+                    + b"[" * 100_000 + b"\n" + good + b"\n")
+    ds = instruct_dataset(tok, source=src, max_seq_len=64)
+    assert len(ds) == 2 and ds.skip_reasons == {"malformed": 2}
+    assert ds.skip_examples["malformed"] == "dirty.jsonl:2: not UTF-8 text"
+    # a .json list with a BOM loads; one that is not UTF-8 is one line naming the file
+    (tmp_path / "list.json").write_bytes(b"\xef\xbb\xbf[" + good + b"]")
+    assert len(instruct_dataset(tok, source=tmp_path / "list.json", max_seq_len=64)) == 1
+    (tmp_path / "bad.json").write_bytes(b"[" + good[:-1] + b', "x": "\xff"}]')
+    with pytest.raises(DataError, match="bad.json: not UTF-8 text") as info:
+        instruct_dataset(tok, source=tmp_path / "bad.json", max_seq_len=64)
+    assert "\n" not in str(info.value)
+
+
+def test_a_file_that_only_claims_to_be_parquet_is_one_line(tmp_path, tok):
+    (tmp_path / "fake.parquet").write_text("instruction,output\nhi,there\n")
+    with pytest.raises(DataError, match="fake.parquet: not a readable parquet file") as info:
+        instruct_dataset(tok, source=tmp_path / "fake.parquet", max_seq_len=64)
+    assert "\n" not in str(info.value)
