@@ -375,7 +375,12 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in tensors:
-            data = quantize(_tensor_data(t, args, source, lora).numpy(), t.qtype)
+            weight = _tensor_data(t, args, source, lora)
+            if not torch.isfinite(weight).all():  # no format would hold it; llama.cpp would print garbage
+                raise CheckpointError(f"{path}: {t.native or t.name} holds nan/inf values; export a checkpoint "
+                                      "saved before the training diverged")
+            data = quantize(weight.numpy(), t.qtype)
+            del weight
             writer.write_tensor_data(data)
             del data
         writer.close()

@@ -392,9 +392,11 @@ def test_cli_exports_and_refuses_to_overwrite(export_checkpoint, tmp_path, capsy
 
 @pytest.mark.parametrize("case,words", [
     ("dtype", "q5_k"), ("checkpoint", "does not exist"), ("adapter", "adapter"), ("tokenizer", "tokenizer"),
+    ("nan", "holds nan/inf values"),
 ])
 def test_cli_errors_are_one_line(export_checkpoint, tmp_path, capsys, case, words):
     ckpt = export_checkpoint("llama3")
+    capsys.readouterr()  # transformers' progress bar, when this test is the first to make it
     args = ["--checkpoint", ckpt, "--out", tmp_path / "m.gguf"]
     if case == "dtype":
         args += ["--dtype", "q5_k"]
@@ -402,6 +404,15 @@ def test_cli_errors_are_one_line(export_checkpoint, tmp_path, capsys, case, word
         args[1] = tmp_path / "nope"
     elif case == "adapter":
         args += ["--adapter", tmp_path]
+    elif case == "nan":  # weights of a run that diverged
+        from safetensors.torch import load_file, save_file
+
+        poisoned = tmp_path / "poisoned"
+        shutil.copytree(ckpt, poisoned)
+        weights = load_file(poisoned / "model.safetensors")
+        weights["model.norm.weight"][0] = float("nan")
+        save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+        args[1] = poisoned
     else:
         bare = tmp_path / "bare"
         shutil.copytree(ckpt, bare)
