@@ -20,3 +20,12 @@ class CheckpointError(TunelabError, ValueError):
 
 class DataError(TunelabError, ValueError):
     """A dataset or tokenizer cannot be used (e.g. no usable row)."""
+
+
+def path_error(error: OSError) -> TunelabError | None:
+    """An OS error about a named file (a path the user gave: too long, not permitted, a
+    folder where a file was expected, ...) as a one-line error naming it; None for one without
+    a file name, which is more likely a bug and keeps its traceback."""
+    if error.filename is None:
+        return None
+    return TunelabError(f"{error.filename}: {error.strerror or error}")

@@ -21,7 +21,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, path_error
 
 __all__ = ["build_parser", "main"]
 
@@ -83,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except TunelabError as e:
         _print_errors(e)
+        return 1
+    except OSError as e:
+        if (line := path_error(e)) is None:
+            raise
+        _print_errors(line)
         return 1
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)

@@ -57,6 +57,8 @@ def check_paths(data: dict[str, Any]) -> list[str]:
     errors = []
     for key, kind in PATH_KEYS.items():
         value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # a string field takes a number as its text (${seed} -> "0"), as the run does
         if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX):
             continue
         path = Path(value).expanduser()
@@ -76,8 +78,13 @@ def check_paths(data: dict[str, Any]) -> list[str]:
         node = data.get(key)
         if not isinstance(node, dict):
             continue
-        source = node.get("source")
-        if not isinstance(source, str) or source.startswith(BUILTIN_PREFIX):
+        if "source" not in node:
+            continue
+        source = node["source"]
+        if not isinstance(source, str):
+            errors.append(f"{key}.source = {source!r} is not a path or a hub dataset id; pass {key}.source=PATH")
+            continue
+        if source.startswith(BUILTIN_PREFIX):
             continue
         if not _looks_like_repo_id(source) and not Path(source).expanduser().exists():
             errors.append(
@@ -165,8 +172,9 @@ def validate_config(config: str, overrides: list[str], recipe: str | None = None
         except TunelabError as e:
             errors.extend(error_lines(e))
     try:  # list-valued components (the typed parse checks single _component_ nodes only)
-        allowed = data.get("allowed_components")
-        check_metric_loggers(data.get("metric_loggers") or [], allowed if isinstance(allowed, list) else [])
+        allowed, loggers = data.get("allowed_components"), data.get("metric_loggers")
+        if isinstance(loggers, list):  # another type is the typed parse's error, reported above
+            check_metric_loggers(loggers, allowed if isinstance(allowed, list) else [])
     except TunelabError as e:
         errors.extend(error_lines(e))
     errors.extend(check_paths(data))  # type: ignore[arg-type]

@@ -51,7 +51,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, path_error
 from tunelab.training.components import (
     COMPONENT_KEY,
     ConfigErrors,
@@ -666,7 +666,9 @@ def recipe_entry(main: Callable[[list[str]], Any], argv: Sequence[str] | None = 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         code = main(args)
-    except TunelabError as e:
+    except (TunelabError, OSError) as e:
+        if isinstance(e, OSError) and (e := path_error(e)) is None:
+            raise
         for line in error_lines(e):
             print(f"error: {line}", file=sys.stderr)
         sys.exit(1)

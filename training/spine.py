@@ -23,6 +23,8 @@ Every function takes the recipe's own typed config (through ``run.cfg``): a subc
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +39,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.models import from_pretrained
 from tunelab.models.checkpoint import check_checkpoint_dir, read_hf_config
 from tunelab.models.hf_config import args_from_hf_config
-from tunelab.modules.peft import apply_lora, set_trainable_params
+from tunelab.modules.peft import apply_lora, check_lora_args, set_trainable_params
 from tunelab.run_layout import COMPLETE, release_lock, step_dir, take_lock
 from tunelab.training.builtin import resolve_builtin
 from tunelab.training.checkpointing import (
@@ -188,6 +190,17 @@ def check_settings(cfg) -> None:
             raise ConfigError(f"{key} must be >= 1 (or null where allowed), got {value}")
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError(f"max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
+    for key, value in cfg.optimizer.items():  # torch takes lr=inf and then trains nan
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"optimizer.{key} = {value} is not a finite number")
+    check_lora_args(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+    if not cfg.lora.targets:
+        raise ConfigError("lora.targets is empty; name at least one layer, e.g. [q_proj, v_proj]")
+    if cfg.lr_scheduler.warmup_steps < 0:
+        raise ConfigError(f"lr_scheduler.warmup_steps must be >= 0, got {cfg.lr_scheduler.warmup_steps}")
+    devices = ("auto", "cpu", "cuda") if isinstance(cfg, DistributedConfig) else None
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) or (devices and cfg.device not in devices):
+        raise ConfigError(f"device: {cfg.device!r} is not a device; use {', '.join(devices or ('auto', 'cpu', 'cuda', 'cuda:N'))}")
     checkpoint_every(cfg.activation_checkpointing, cfg.offload_activations)
     if getattr(cfg, "cuda_graph", False) and cfg.lora.dropout > 0:
         raise ConfigError(f"cuda_graph: true replays a recorded step, so it cannot draw new dropout masks: "

@@ -38,7 +38,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tunelab.cli.board_app.runs import NotFound, RunManager
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, path_error
 
 __all__ = ["COOKIE", "LOOPBACK_HOSTS", "MAX_BODY", "create_app"]
 
@@ -109,6 +109,10 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
             return _errors(e, 404 if status_404 else 400)
         except TunelabError as e:
             return _errors(e, getattr(e, "http_status", 400))
+        except OSError as e:  # a path from the request the OS refuses (too long, ...)
+            if (line := path_error(e)) is None:
+                raise
+            return _errors(line)
         return result if isinstance(result, Response) else JSONResponse(result)
 
     async def body(request: Request) -> dict:

@@ -28,6 +28,7 @@ from tunelab.kernels.lora_mlp import MAX_RANK, lora_swiglu
 
 __all__ = [
     "LoRALinear",
+    "check_lora_args",
     "apply_lora",
     "apply_lora_to_modules",
     "register_lora_base",
@@ -88,7 +89,7 @@ class LoRALinear(nn.Module):
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_lora_args(rank, alpha, dropout)
+        check_lora_args(rank, alpha, dropout)
         if weight is None:
             weight = torch.empty(out_dim, in_dim)
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
@@ -292,10 +293,15 @@ def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, u
                        [m.scaling for m in layers], compute_output=not unread, residual=residual)
 
 
-def _check_lora_args(rank: int, alpha: float, dropout: float) -> None:
+def check_lora_args(rank: int, alpha: float, dropout: float) -> None:
+    """A positive integer rank, a positive finite alpha, a dropout in [0, 1).
+
+    Raises:
+        ConfigError: one line naming the ``lora.`` key.
+    """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"lora.rank must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
         raise ConfigError(f"lora.alpha must be a positive number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {dropout!r}")
@@ -393,7 +399,7 @@ def apply_lora_to_modules(
 ) -> nn.Module:
     """Replace the named linear modules (full dotted names; ``nn.Linear`` or a type registered
     with :func:`register_lora_base`) by ``LoRALinear`` in place."""
-    _check_lora_args(rank, alpha, dropout)
+    check_lora_args(rank, alpha, dropout)
     for name in module_names:
         layer = model.get_submodule(name)
         make = next((f for kind, f in _LORA_BASES.items() if isinstance(layer, kind)), None)
@@ -439,7 +445,7 @@ def apply_lora(
     Raises:
         ConfigError: a target matches no linear layer, or rank/alpha/dropout is out of range.
     """
-    _check_lora_args(rank, alpha, dropout)
+    check_lora_args(rank, alpha, dropout)
     names = resolve_lora_targets(model, targets)
     return apply_lora_to_modules(model, names, rank, alpha, dropout, adapter_dtype=adapter_dtype)
 

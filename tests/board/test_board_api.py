@@ -315,3 +315,28 @@ def test_board_without_its_extra_says_how_to_install(monkeypatch, capsys):
     assert main(["board", "--runs", "/nonexistent/never-created"]) == 1
     err = capsys.readouterr().err
     assert "pip install 'tunelab[board]'" in err and len(err.splitlines()) == 1
+
+
+def test_junk_requests_get_4xx_never_a_crash(manager, bt):
+    """Generated bad bodies for the launching and validating endpoints: every answer is a 4xx
+    with one-line errors (never a 500), and nothing is written anywhere."""
+    import itertools
+
+    junk_values = [None, 0, -1, 1.5, True, "", "x" * 500, [], {}, [1], {"a": 1}, ["a=1", 2], ["\x00=1"],
+                   ["~nope"], ["seed=${oc.env:HOME}"], ["=1"], ["lora.rank=[[[[1]]]]"]]
+    fields = ("name", "recipe", "config", "overrides")
+    with bt.serve(create_app(manager.runs_dir, manager=manager)) as url:
+        for endpoint, (field, value) in itertools.product(("api/runs", "api/validate"),
+                                                          itertools.product(fields, junk_values)):
+            body = {"name": "fz", "recipe": RECIPE, "config": "tiny/lora", "overrides": ["max_steps=1"], field: value}
+            status, data, _ = bt.request(f"{url}/{endpoint}", body)
+            if status == 200:  # a junk value that is valid after all (e.g. an empty override list)
+                if endpoint == "api/runs":
+                    manager.stop_all()
+                continue
+            assert 400 <= status < 500, (endpoint, field, value, status, data)
+            assert data["errors"] and all("\n" not in e and "Traceback" not in e for e in data["errors"]), data
+        status, data, _ = bt.request(f"{url}/api/runs", b"[not json", content_type="application/json")
+        assert 400 <= status < 500
+    # only the one well-formed launch made a folder (junk in a field the launch ignores)
+    assert {p.name for p in manager.runs_dir.iterdir()} <= {"fz"}
