@@ -136,7 +136,6 @@ def run_checks(cfg) -> list[str]:
 def validate_config(config: str, overrides: list[str], recipe: str | None = None) -> list[str]:
     """All problems with a config (empty list = OK). Loads and imports, builds nothing."""
     from tunelab.recipes.registry import RECIPES, recipe_file, recipe_schema
-    from tunelab.training.loggers import check_metric_loggers
     from tunelab.training.config import (
         apply_overrides,
         error_lines,
@@ -171,12 +170,6 @@ def validate_config(config: str, overrides: list[str], recipe: str | None = None
             errors.extend(run_checks(parse_config(data, schema)))
         except TunelabError as e:
             errors.extend(error_lines(e))
-    try:  # list-valued components (the typed parse checks single _component_ nodes only)
-        allowed, loggers = data.get("allowed_components"), data.get("metric_loggers")
-        if isinstance(loggers, list):  # another type is the typed parse's error, reported above
-            check_metric_loggers(loggers, allowed if isinstance(allowed, list) else [])
-    except TunelabError as e:
-        errors.extend(error_lines(e))
     errors.extend(check_paths(data))  # type: ignore[arg-type]
     return errors
 

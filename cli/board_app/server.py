@@ -38,7 +38,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tunelab.cli.board_app.runs import NotFound, RunManager
-from tunelab.errors import TunelabError, path_error
+from tunelab.errors import ConfigError, TunelabError, path_error
 
 __all__ = ["COOKIE", "LOOPBACK_HOSTS", "MAX_BODY", "create_app"]
 
@@ -122,6 +122,12 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
             data = None
         return data if isinstance(data, dict) else {}
 
+    def text_fields(d: dict, names: tuple[str, ...]) -> JSONResponse | None:
+        """A 400 naming the first of ``names`` that is not a string (a JSON null or number would
+        otherwise become a run named "None")."""
+        wrong = [n for n in names if not isinstance(d.get(n, ""), str)]
+        return _errors(ConfigError(f"'{wrong[0]}' must be a string")) if wrong else None
+
     async def index(request: Request):
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
 
@@ -134,9 +140,11 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
 
     async def validate(request: Request):
         d = await body(request)
+        if bad := text_fields(d, ("recipe", "config")):
+            return bad
 
         def check():  # problems with the config are a 400 too, with the same lines
-            errors = runs.validate(str(d.get("recipe", "")), str(d.get("config", "")), d.get("overrides") or [])
+            errors = runs.validate(d.get("recipe", ""), d.get("config", ""), d.get("overrides") or [])
             return JSONResponse({"errors": errors}, status_code=400 if errors else 200)
 
         return await call(check, status_404=False)
@@ -146,8 +154,10 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, manager: RunMa
 
     async def launch(request: Request):
         d = await body(request)
-        return await call(runs.launch, str(d.get("name", "")), str(d.get("recipe", "")),
-                          str(d.get("config", "")), d.get("overrides") or [], status_404=False)
+        if bad := text_fields(d, ("name", "recipe", "config")):
+            return bad
+        return await call(runs.launch, d.get("name", ""), d.get("recipe", ""), d.get("config", ""),
+                          d.get("overrides") or [], status_404=False)
 
     async def run_info(request: Request):
         return await call(runs.info, request.path_params["name"])
