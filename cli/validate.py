@@ -1,8 +1,9 @@
-"""`tune validate CONFIG [overrides] [--recipe RECIPE]`: check a config without building anything.
+"""`tune validate CONFIG [overrides] [--recipe RECIPE]`: check a config as the run would, without training.
 
 Checks, collecting every problem: the YAML loads and the overrides apply; the recipe's
 settings dataclass accepts it (unknown keys with did-you-mean, missing keys, types); every
-``_component_`` imports and accepts its keys; and files named by the known path keys exist
+``_component_`` is allowed, imports and accepts its keys; the recipe's own value checks pass
+and its optimizer builds (on a stand-in parameter); and files named by the known path keys exist
 (``checkpoint_dir``, ``tokenizer``, ``adapter_dir``, and ``dataset.source`` /
 ``validation.source`` unless they are hub dataset ids like ``org/name``). Paths starting with
 ``builtin:`` are assets shipped with tunelab and are not checked. Prints ``config OK`` or one ``error:`` line
@@ -134,7 +135,8 @@ def run_checks(cfg) -> list[str]:
 
 
 def validate_config(config: str, overrides: list[str], recipe: str | None = None) -> list[str]:
-    """All problems with a config (empty list = OK). Loads and imports, builds nothing."""
+    """All problems with a config (empty list = OK), found as the run would find them (see the
+    module docstring); builds nothing but the optimizer, on a stand-in parameter."""
     from tunelab.recipes.registry import RECIPES, recipe_file, recipe_schema
     from tunelab.training.config import (
         apply_overrides,
