@@ -206,3 +206,44 @@ def test_replicated_frozen_base_needs_no_cpu_offload_and_torch_2_7(monkeypatch):
     with pytest.raises(ConfigError, match=r"fsdp.shard_frozen: false needs torch >= 2\.7"):
         sharding.shard_model(model, param_dtype=None, reshard_after_forward=True, cpu_offload=False,
                                shard_frozen=False)
+
+
+RANK1_POISON = '''
+import os
+
+import torch
+
+
+class Rank1PoisonAdamW(torch.optim.AdamW):
+    """AdamW whose 2nd step leaves nan in rank 1's shard of a LoRA weight only."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.steps = 0
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        self.steps += 1
+        if self.steps == 2 and os.environ.get("RANK") == "1":
+            with torch.no_grad():
+                p = self.param_groups[0]["params"][0]
+                (p.to_local() if hasattr(p, "to_local") else p).fill_(float("nan"))
+        return out
+'''
+
+
+def test_non_finite_weights_on_one_rank_stop_every_rank_before_the_save(tmp_path, make_hf_checkpoint, dt):
+    """Only rank 1's shard turns nan after step 2: the all-reduced check stops the save on
+    both ranks; step_1 stays the newest COMPLETE checkpoint and no step_2 folder is written."""
+    (tmp_path / "rank1_poison.py").write_text(RANK1_POISON)
+    ckpt = make_hf_checkpoint("llama3")
+    data = dt.alpaca_jsonl(tmp_path / "train.jsonl", 16)
+    out = tmp_path / "out"
+    run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",
+                      *common(ckpt, out, data, dt.TINY_TOKENIZER), "batch_size=2", "save_every_n_steps=1",
+                      "save_merged=never", "gradient_accumulation_steps=1",
+                      "optimizer._component_=rank1_poison.Rank1PoisonAdamW", "allowed_components=[rank1_poison.*]",
+                      extra_env={"PYTHONPATH": str(tmp_path)})
+    assert run.returncode != 0
+    assert "the trainable weights hold nan/inf after step 2" in run.stdout + run.stderr
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_1"] and (out / "step_1" / COMPLETE).is_file()
