@@ -20,7 +20,10 @@ from typing import Any
 from tunelab.errors import CheckpointError
 from tunelab.models.llama.args import ModelArgs
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# model_type -> the architectures its config.json may name. Mistral's network is Llama's (its
+# released checkpoints use no sliding window); it keeps its own name when saved.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # Keys hf_config_from_args owns; everything else in a source config is carried over.
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
@@ -99,18 +102,22 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    if model_type != "llama":
-        raise CheckpointError(f"config.json model_type={model_type!r} is not supported; tunelab loads 'llama' models")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"config.json model_type={model_type!r} is not supported; tunelab loads "
+                              f"{', '.join(repr(t) for t in ARCHITECTURES)} models")
     archs = cfg.get("architectures")
     if archs is not None:
         if not isinstance(archs, list):
             raise CheckpointError(f"config.json architectures={archs!r} must be a list such as "
-                                  f"{list(SUPPORTED_ARCHITECTURES)}")
-        bad = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
-        if bad or not archs:
+                                  f"{[ARCHITECTURES[model_type]]}")
+        if not archs or any(a != ARCHITECTURES[model_type] for a in archs):
             raise CheckpointError(
-                f"config.json architectures={archs!r} is not supported; tunelab loads {list(SUPPORTED_ARCHITECTURES)}"
+                f"config.json architectures={archs!r} is not supported for model_type {model_type!r}; "
+                f"tunelab loads {[ARCHITECTURES[model_type]]}"
             )
+    if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True):
+        raise CheckpointError(f"config.json sliding_window={cfg['sliding_window']!r} is not supported; tunelab "
+                              "attends over the whole context (released Mistral 7B v0.3 / Nemo have null)")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise CheckpointError(f"config.json {key}={cfg[key]!r} is not supported; the native Llama has no biases")
@@ -145,13 +152,15 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
             tie_word_embeddings=tied,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
+            model_type=model_type,
         )
     except ValueError as e:  # inconsistent head counts etc.
         raise CheckpointError(f"config.json is inconsistent: {e}") from None
 
 
 def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> dict:
-    """A ``config.json`` dict for ``args`` that ``transformers`` loads as ``LlamaForCausalLM``.
+    """A ``config.json`` dict for ``args`` that ``transformers`` loads as the model's family
+    (``LlamaForCausalLM``, ``MistralForCausalLM``).
 
     Args:
         args: the architecture.
@@ -165,8 +174,8 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
     for key in _ROPE_KEYS:
         cfg.pop(key, None)
     cfg.update(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
+        architectures=[ARCHITECTURES[args.model_type]],
+        model_type=args.model_type,
         vocab_size=args.vocab_size,
         hidden_size=args.dim,
         intermediate_size=args.hidden_dim,
@@ -178,9 +187,11 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
         rms_norm_eps=args.norm_eps,
         max_position_embeddings=args.max_seq_len,
         tie_word_embeddings=args.tie_word_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
     )
+    if args.model_type == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    else:  # mistral: no bias keys in its config class; the window is off
+        cfg["sliding_window"] = None
     cfg.setdefault("attention_dropout", 0.0)
     cfg.setdefault("initializer_range", 0.02)
     cfg.setdefault("use_cache", True)

@@ -46,23 +46,30 @@ KINDS = {
         ),
     ),
     "llama3_2": dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True),
+    # Mistral 7B v0.3's shape in small: GQA, theta 1e6, no sliding window; Nemo-like explicit head_dim
+    "mistral": dict(num_key_value_heads=2, rope_theta=1000000.0, sliding_window=None),
+    "mistral_nemo": dict(num_key_value_heads=2, rope_theta=1000000.0, sliding_window=None, head_dim=24),
 }
 
 
 def _build_hf_model(kind: str, seed: int, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     cfg = dict(BASE)
     cfg.update(KINDS[kind])
     cfg.update(overrides)
+    config_class, model_class = LlamaConfig, LlamaForCausalLM
+    if kind.startswith("mistral"):
+        config_class, model_class = MistralConfig, MistralForCausalLM
+        cfg.pop("attention_bias"), cfg.pop("mlp_bias")  # not in Mistral's config
     rope_theta = cfg.pop("rope_theta")
     rope_scaling = cfg.pop("rope_scaling", None)
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_scaling is not None:
         rope_parameters = dict(rope_scaling, rope_theta=rope_theta)
-    config = LlamaConfig(rope_parameters=rope_parameters, **cfg)
+    config = config_class(rope_parameters=rope_parameters, **cfg)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = model_class(config).eval()
     # transformers initialises norms to ones; perturb them so a wrong norm mapping shows up.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -76,7 +83,8 @@ def make_hf_checkpoint(tmp_path_factory):
     """Factory: ``make_hf_checkpoint(kind="llama3", seed=0, **config_overrides) -> Path``.
 
     kinds: llama2 (MHA, theta 1e4), llama3 (GQA, theta 5e5), llama3_1 (llama3 rope scaling),
-    llama3_2 (tied embeddings). Written in fp32 by transformers' save_pretrained. Results are
+    llama3_2 (tied embeddings), mistral (MistralForCausalLM, theta 1e6, no window),
+    mistral_nemo (the same with an explicit head_dim). Written in fp32 by transformers' save_pretrained. Results are
     cached per argument set for the session; treat the folder as read-only (copy it to modify).
     """
     cache: dict = {}
@@ -95,12 +103,13 @@ def make_hf_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def load_hf_model():
-    """``load_hf_model(path) -> LlamaForCausalLM`` in fp32, eval mode (the oracle)."""
+    """``load_hf_model(path) -> LlamaForCausalLM`` (or the family's class) in fp32, eval mode
+    (the oracle)."""
 
     def load(path):
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        return LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
 
     return load
 

@@ -26,6 +26,8 @@ class ModelArgs:
         tie_word_embeddings: logits reuse the embedding matrix (no ``output`` layer).
         bos_token_id: optional, carried to config.json.
         eos_token_id: optional int or list of ints, carried to config.json.
+        model_type: the HF family the weights came from and are saved as [model_type]:
+            ``llama``, or ``mistral`` (the same network; its own config class in transformers).
     """
 
     vocab_size: int
@@ -42,6 +44,7 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    model_type: str = "llama"
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

@@ -79,6 +79,7 @@ def _prompt(tok, n_tokens: int, seed: int = 0) -> list[int]:
     ("llama3_1", "tiktoken", 120, "f16"),  # past original_max_position_embeddings=64: scaled rope matters
     ("llama3_2", "tiktoken", 24, "f16"),   # tied embeddings
     ("llama3", "tiktoken", 24, "bf16"),
+    ("mistral", "sentencepiece", 24, "f16"),  # Mistral 7B v0.3's layout: a llama file for llama.cpp
 ])
 def test_logits_match_tunelab(export_checkpoint, tmp_path, open_llama, kind, tokenizer, n_tokens, dtype):
     ckpt = export_checkpoint(kind, tokenizer, **WIDE)

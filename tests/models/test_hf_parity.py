@@ -28,7 +28,7 @@ def _compare(native, hf, tokens, **kw):
     assert diff <= TOL, diff
 
 
-@pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_1", "llama3_2"])
+@pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_1", "llama3_2", "mistral", "mistral_nemo"])
 def test_logits_match_transformers(kind, make_hf_checkpoint, load_hf_model):
     path = make_hf_checkpoint(kind)
     native, hf = from_pretrained(path), load_hf_model(path)
@@ -79,3 +79,26 @@ def test_bf16_load(make_hf_checkpoint):
     assert all(p.dtype == torch.bfloat16 for p in native.parameters())
     assert native.rope.inv_freq.dtype == torch.float32  # rope stays exact
     assert native(torch.randint(0, 1024, (1, 8))).dtype == torch.bfloat16
+
+
+def test_mistral_saves_as_mistral_and_refuses_a_window(make_hf_checkpoint, load_hf_model, tmp_path):
+    """A Mistral checkpoint keeps its family through save_pretrained (transformers loads the
+    folder as MistralForCausalLM with the same logits); a non-null sliding_window, which
+    tunelab does not implement, is one line naming the key."""
+    from tunelab.errors import CheckpointError
+    from tunelab.models import save_pretrained
+
+    src = make_hf_checkpoint("mistral_nemo")
+    native = from_pretrained(src)
+    out = save_pretrained(native, tmp_path / "out", source_dir=src)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mistral" and config["architectures"] == ["MistralForCausalLM"]
+    hf = load_hf_model(out)
+    assert type(hf).__name__ == "MistralForCausalLM" and hf.config.head_dim == 24
+    _compare(native, hf, torch.randint(0, 1024, (2, 24)))
+    windowed = tmp_path / "windowed"
+    shutil.copytree(src, windowed)
+    (windowed / "config.json").write_text(json.dumps(dict(config, sliding_window=4096)))
+    with pytest.raises(CheckpointError, match="sliding_window=4096 is not supported") as info:
+        from_pretrained(windowed)
+    assert "\n" not in str(info.value)

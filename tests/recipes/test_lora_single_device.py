@@ -299,3 +299,27 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
     with pytest.raises(ConfigError, match=r"resume: lora.rank=16 wrote these checkpoints, 8 now") as info:
         rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=6", *extra, "lora.rank=8", "resume=true"))
     assert "\n" not in str(info.value)
+
+
+def test_mistral_checkpoint_trains_and_exports_for_peft_and_transformers(tmp_path, make_hf_checkpoint,
+                                                                         load_hf_model, rt):
+    """The LoRA recipe on a MistralForCausalLM checkpoint: the PEFT adapter on transformers'
+    Mistral and the merged folder (saved as Mistral) give tunelab's logits (fp32, 1e-4)."""
+    from peft import PeftModel
+
+    from tunelab.models import from_pretrained
+    from tunelab.models.adapters import load_adapter
+
+    ckpt = make_hf_checkpoint("mistral")
+    data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
+    out = tmp_path / "out"
+    rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=3", "optimizer.lr=1.0e-2"))
+    step = out / "step_3"
+    tokens = _tokens()
+    with torch.no_grad():
+        expected = load_adapter(from_pretrained(ckpt), step / "adapter").eval()(tokens)
+        peft_model = PeftModel.from_pretrained(load_hf_model(ckpt), step / "adapter").eval()
+        torch.testing.assert_close(peft_model(tokens).logits, expected, atol=1e-4, rtol=1e-4)
+        merged = load_hf_model(step / "merged")
+        assert type(merged).__name__ == "MistralForCausalLM"
+        torch.testing.assert_close(merged(tokens).logits, expected, atol=1e-4, rtol=1e-4)
