@@ -53,6 +53,8 @@ _LAYER_NAMES = {
     "attn.k_proj.weight": "self_attn.k_proj.weight",
     "attn.v_proj.weight": "self_attn.v_proj.weight",
     "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",  # qwen3
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
     "mlp.gate_proj.weight": "mlp.gate_proj.weight",
     "mlp.up_proj.weight": "mlp.up_proj.weight",

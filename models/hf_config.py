@@ -20,9 +20,10 @@ from typing import Any
 from tunelab.errors import CheckpointError
 from tunelab.models.llama.args import ModelArgs
 
-# model_type -> the architectures its config.json may name. Mistral's network is Llama's (its
-# released checkpoints use no sliding window); it keeps its own name when saved.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# model_type -> the architecture its config.json names. Mistral's network is Llama's (its
+# released checkpoints use no sliding window); Qwen3 adds per-head q/k RMSNorms and states its
+# head_dim. Each keeps its own names when saved.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # Keys hf_config_from_args owns; everything else in a source config is carried over.
@@ -118,6 +119,10 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True):
         raise CheckpointError(f"config.json sliding_window={cfg['sliding_window']!r} is not supported; tunelab "
                               "attends over the whole context (released Mistral 7B v0.3 / Nemo have null)")
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        raise CheckpointError(f"config.json layer_types with {sorted(set(layer_types) - {'full_attention'})} is not "
+                              "supported; tunelab's layers attend over the whole context")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise CheckpointError(f"config.json {key}={cfg[key]!r} is not supported; the native Llama has no biases")
@@ -153,6 +158,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             model_type=model_type,
+            qk_norm=model_type == "qwen3",
         )
     except ValueError as e:  # inconsistent head counts etc.
         raise CheckpointError(f"config.json is inconsistent: {e}") from None
@@ -160,7 +166,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
 
 def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> dict:
     """A ``config.json`` dict for ``args`` that ``transformers`` loads as the model's family
-    (``LlamaForCausalLM``, ``MistralForCausalLM``).
+    (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen3ForCausalLM``).
 
     Args:
         args: the architecture.
@@ -190,8 +196,10 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
     )
     if args.model_type == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
-    else:  # mistral: no bias keys in its config class; the window is off
+    elif args.model_type == "mistral":  # no bias keys in its config class; the window is off
         cfg["sliding_window"] = None
+    else:  # qwen3
+        cfg.update(attention_bias=False, use_sliding_window=False)
     cfg.setdefault("attention_dropout", 0.0)
     cfg.setdefault("initializer_range", 0.02)
     cfg.setdefault("use_cache", True)

@@ -53,6 +53,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from tunelab.errors import ConfigError
 from tunelab.modules.projections import project, project_onto
 from tunelab.modules.recompute import is_recomputing, keeps_regions, kept
+from tunelab.modules.rms_norm import RMSNorm
 from tunelab.modules.rope import apply_rope
 
 SDPA_BACKEND_ENV = "TUNELAB_SDPA_BACKEND"
@@ -336,9 +337,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor | BlockMask | None) -> torch.Tensor:
-    """RoPE on q/k, then :func:`attend` with grouped-query k/v as they are: the piece of a layer
-    kept for checkpointing's rerun (its saved tensors are then q, k, v and the output)."""
+                   mask: torch.Tensor | BlockMask | None, q_norm: nn.Module | None = None,
+                   k_norm: nn.Module | None = None) -> torch.Tensor:
+    """(Per-head q/k norms,) RoPE on q/k, then :func:`attend` with grouped-query k/v as they are:
+    the piece of a layer kept for checkpointing's rerun (its saved tensors are then q, k, v,
+    what the norms save, and the output)."""
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
     q, k = apply_rope(q, k, cos, sin)
     return attend(q, k, v, mask, gqa=True)
 
@@ -400,9 +405,11 @@ class Attention(nn.Module):
         n_heads: query heads.
         n_kv_heads: key/value heads.
         head_dim: size of one head (``n_heads * head_dim`` need not equal ``dim``).
+        qk_norm: an RMSNorm over each head of q and of k (``q_norm``, ``k_norm``, weights
+            [head_dim]) before RoPE, as Qwen3 has; ``None`` (Llama) for none, else its eps.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: float | None = None) -> None:
         super().__init__()
         if n_heads % n_kv_heads != 0:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
@@ -413,6 +420,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
+        self.k_norm = RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
         self.kv_cache: KVCache | None = None
         sdpa_policy()  # a bad TUNELAB_SDPA_BACKEND fails when the model is built, not mid-step
 
@@ -438,10 +447,12 @@ class Attention(nn.Module):
         k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, s, hd)
         v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if keep:
-            # RoPE + attention kept, not recomputed: its saved q/k/v/output are offloaded in
-            # the forward, and checkpointing's rerun gets the output back (modules.recompute)
-            out = kept(rope_attention, q, k, v, cos, sin, mask)
+            # q/k norms, RoPE + attention kept, not recomputed: their saved tensors are offloaded
+            # in the forward, and checkpointing's rerun gets the output back (modules.recompute)
+            out = kept(rope_attention, q, k, v, cos, sin, mask, self.q_norm, self.k_norm)
         else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)  # per head, over hd
             q, k = apply_rope(q, k, cos, sin)
             if self.kv_cache is not None:
                 if input_pos is None:

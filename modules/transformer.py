@@ -25,14 +25,16 @@ class TransformerDecoderLayer(nn.Module):
         head_dim: size of one head.
         hidden_dim: MLP inner width.
         norm_eps: RMSNorm epsilon.
+        qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3), with ``norm_eps``.
     """
 
     def __init__(
-        self, *, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, hidden_dim: int, norm_eps: float
+        self, *, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, hidden_dim: int, norm_eps: float,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, n_heads, n_kv_heads, head_dim)
+        self.attn = Attention(dim, n_heads, n_kv_heads, head_dim, qk_norm=norm_eps if qk_norm else None)
         self.mlp_norm = RMSNorm(dim, eps=norm_eps)
         self.mlp = FeedForward(dim, hidden_dim)
 
@@ -53,7 +55,8 @@ class TransformerDecoder(nn.Module):
     """A Llama-family decoder-only model.
 
     State-dict names: ``tok_embeddings.weight``, ``layers.{i}.attn_norm.weight``,
-    ``layers.{i}.attn.{q,k,v,o}_proj.weight``, ``layers.{i}.mlp_norm.weight``,
+    ``layers.{i}.attn.{q,k,v,o}_proj.weight`` (``attn.{q,k}_norm.weight`` with qk_norm),
+    ``layers.{i}.mlp_norm.weight``,
     ``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``norm.weight`` and ``output.weight``
     (absent with tied embeddings: logits then use ``tok_embeddings.weight``). RoPE frequencies
     are a computed, non-persistent buffer.
@@ -61,8 +64,8 @@ class TransformerDecoder(nn.Module):
     Args:
         args: the architecture, normally a ``tunelab.models.llama.ModelArgs`` (any object with
             its fields works: vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim,
-            hidden_dim, norm_eps, rope_theta, rope_scaling, tie_word_embeddings). Kept as
-            ``model.args``.
+            hidden_dim, norm_eps, rope_theta, rope_scaling, tie_word_embeddings; optionally
+            qk_norm). Kept as ``model.args``.
     """
 
     def __init__(self, args: Any) -> None:
@@ -77,6 +80,7 @@ class TransformerDecoder(nn.Module):
                 head_dim=args.head_dim,
                 hidden_dim=args.hidden_dim,
                 norm_eps=args.norm_eps,
+                qk_norm=getattr(args, "qk_norm", False),
             )
             for _ in range(args.n_layers)
         )

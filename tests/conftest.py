@@ -49,6 +49,8 @@ KINDS = {
     # Mistral 7B v0.3's shape in small: GQA, theta 1e6, no sliding window; Nemo-like explicit head_dim
     "mistral": dict(num_key_value_heads=2, rope_theta=1000000.0, sliding_window=None),
     "mistral_nemo": dict(num_key_value_heads=2, rope_theta=1000000.0, sliding_window=None, head_dim=24),
+    # Qwen3 in small: per-head q/k norms, explicit head_dim != hidden/heads, tied embeddings
+    "qwen3": dict(num_key_value_heads=2, rope_theta=1000000.0, head_dim=24, tie_word_embeddings=True),
 }
 
 
@@ -62,6 +64,11 @@ def _build_hf_model(kind: str, seed: int, **overrides):
     if kind.startswith("mistral"):
         config_class, model_class = MistralConfig, MistralForCausalLM
         cfg.pop("attention_bias"), cfg.pop("mlp_bias")  # not in Mistral's config
+    elif kind == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        config_class, model_class = Qwen3Config, Qwen3ForCausalLM
+        cfg.pop("mlp_bias")
     rope_theta = cfg.pop("rope_theta")
     rope_scaling = cfg.pop("rope_scaling", None)
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
@@ -84,7 +91,7 @@ def make_hf_checkpoint(tmp_path_factory):
 
     kinds: llama2 (MHA, theta 1e4), llama3 (GQA, theta 5e5), llama3_1 (llama3 rope scaling),
     llama3_2 (tied embeddings), mistral (MistralForCausalLM, theta 1e6, no window),
-    mistral_nemo (the same with an explicit head_dim). Written in fp32 by transformers' save_pretrained. Results are
+    mistral_nemo (the same with an explicit head_dim), qwen3 (q/k norms, head_dim 24, tied). Written in fp32 by transformers' save_pretrained. Results are
     cached per argument set for the session; treat the folder as read-only (copy it to modify).
     """
     cache: dict = {}

@@ -348,6 +348,9 @@ def write_gguf(
     path = checkpoint_folder(checkpoint_dir)
     config = read_hf_config(path)
     args = args_from_hf_config(config)
+    if args.model_type not in ("llama", "mistral"):  # llama.cpp's other architectures: names, rope layout
+        raise ConfigError(f"GGUF export of {args.model_type} checkpoints is not supported yet; export llama or "
+                          "mistral ones, or use the merged HF folder")
     source = _Source(path, config, args)
     from tunelab.models.llama.builders import build_model
 

@@ -27,7 +27,9 @@ class ModelArgs:
         bos_token_id: optional, carried to config.json.
         eos_token_id: optional int or list of ints, carried to config.json.
         model_type: the HF family the weights came from and are saved as [model_type]:
-            ``llama``, or ``mistral`` (the same network; its own config class in transformers).
+            ``llama``, ``mistral`` (the same network; its own config class in transformers) or
+            ``qwen3``.
+        qk_norm: a per-head RMSNorm on q and k before RoPE (Qwen3; weights [head_dim]).
     """
 
     vocab_size: int
@@ -45,6 +47,7 @@ class ModelArgs:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     model_type: str = "llama"
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

@@ -247,3 +247,19 @@ def test_non_finite_weights_on_one_rank_stop_every_rank_before_the_save(tmp_path
     assert run.returncode != 0
     assert "the trainable weights hold nan/inf after step 2" in run.stdout + run.stderr
     assert sorted(p.name for p in out.glob("step_*")) == ["step_1"] and (out / "step_1" / COMPLETE).is_file()
+
+
+def test_qwen3_two_ranks_match_one_device(tmp_path, make_hf_checkpoint, dt):
+    """Qwen3 (q/k norms, explicit head_dim, tied embeddings) sharded over 2 ranks: each rank
+    reads its rows of every tensor, q/k norm weights included; the losses are one device's."""
+    from tunelab.recipes import lora_finetune_single_device as single_recipe
+
+    ckpt = make_hf_checkpoint("qwen3")
+    data = dt.alpaca_jsonl(tmp_path / "train.jsonl", 16)
+    extra = ("max_steps=2", "gradient_accumulation_steps=1", "save_merged=never")
+    run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",
+                      *common(ckpt, tmp_path / "dist", data, dt.TINY_TOKENIZER), *extra, "batch_size=2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    single_recipe.main(["--config", "tiny/lora", *common(ckpt, tmp_path / "single", data, dt.TINY_TOKENIZER),
+                        *extra, "batch_size=4"])
+    assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)

@@ -28,7 +28,7 @@ def _compare(native, hf, tokens, **kw):
     assert diff <= TOL, diff
 
 
-@pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_1", "llama3_2", "mistral", "mistral_nemo"])
+@pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_1", "llama3_2", "mistral", "mistral_nemo", "qwen3"])
 def test_logits_match_transformers(kind, make_hf_checkpoint, load_hf_model):
     path = make_hf_checkpoint(kind)
     native, hf = from_pretrained(path), load_hf_model(path)

@@ -301,19 +301,33 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
     assert "\n" not in str(info.value)
 
 
-def test_mistral_checkpoint_trains_and_exports_for_peft_and_transformers(tmp_path, make_hf_checkpoint,
-                                                                         load_hf_model, rt):
-    """The LoRA recipe on a MistralForCausalLM checkpoint: the PEFT adapter on transformers'
-    Mistral and the merged folder (saved as Mistral) give tunelab's logits (fp32, 1e-4)."""
+@pytest.mark.parametrize("kind,cls,extra", [
+    ("mistral", "MistralForCausalLM", ()),
+    ("qwen3", "Qwen3ForCausalLM", ()),
+    ("qwen3", "Qwen3ForCausalLM", ("quantize=nf4", "activation_checkpointing=true")),  # QLoRA
+])
+def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, make_hf_checkpoint, load_hf_model,
+                                                                   rt, kind, cls, extra):
+    """The LoRA recipe on a Mistral / Qwen3 checkpoint: the PEFT adapter on transformers' model
+    and the merged folder (saved as the same family) give tunelab's logits (fp32, 1e-4; with an
+    NF4 base the reference is tunelab's own NF4 model + adapter, as the merge dequantizes)."""
     from peft import PeftModel
 
     from tunelab.models import from_pretrained
     from tunelab.models.adapters import load_adapter
 
-    ckpt = make_hf_checkpoint("mistral")
+    ckpt = make_hf_checkpoint(kind)
     data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
     out = tmp_path / "out"
-    rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=3", "optimizer.lr=1.0e-2"))
+    rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=3", "optimizer.lr=1.0e-2",
+                             "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", *extra))
+    if extra:  # QLoRA: trained and saved; the adapter loads back onto the NF4 base
+        adapter = load_adapter(from_pretrained(ckpt, quantize="nf4"), out / "step_3" / "adapter")
+        merged = load_hf_model(out / "step_3" / "merged")
+        assert type(merged).__name__ == cls
+        with torch.no_grad():
+            torch.testing.assert_close(merged(_tokens()).logits, adapter.eval()(_tokens()), atol=1e-4, rtol=1e-4)
+        return
     step = out / "step_3"
     tokens = _tokens()
     with torch.no_grad():
@@ -321,5 +335,5 @@ def test_mistral_checkpoint_trains_and_exports_for_peft_and_transformers(tmp_pat
         peft_model = PeftModel.from_pretrained(load_hf_model(ckpt), step / "adapter").eval()
         torch.testing.assert_close(peft_model(tokens).logits, expected, atol=1e-4, rtol=1e-4)
         merged = load_hf_model(step / "merged")
-        assert type(merged).__name__ == "MistralForCausalLM"
+        assert type(merged).__name__ == cls
         torch.testing.assert_close(merged(tokens).logits, expected, atol=1e-4, rtol=1e-4)

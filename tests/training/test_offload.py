@@ -100,9 +100,15 @@ def test_cuda_offload_matches_and_frees_device_memory(tiny_lora_model):
     assert held[False] - held[True] >= (len(model.layers) - 2) * layer_input  # all but layer 0's (and slack)
 
 
-def _all_linear_model(offload: bool, compiled: bool, n_layers: int = 3, nf4: bool = False):
+def _all_linear_model(offload: bool, compiled: bool, n_layers: int = 3, nf4: bool = False, qk_norm: bool = False):
     torch.manual_seed(0)
-    model = build_model(tiny(vocab_size=96, n_layers=n_layers), device="cpu", dtype=torch.float32)
+    args = tiny(vocab_size=96, n_layers=n_layers)
+    args.qk_norm = qk_norm  # Qwen3's per-head q/k norms: inside the kept region
+    model = build_model(args, device="cpu", dtype=torch.float32)
+    if qk_norm:
+        for layer in model.layers:
+            for norm in (layer.attn.q_norm, layer.attn.k_norm):
+                torch.nn.init.normal_(norm.weight, mean=1.0, std=0.1)
     if nf4:
         from tunelab.modules.nf4 import quantize_linears_
 
@@ -117,8 +123,9 @@ def _all_linear_model(offload: bool, compiled: bool, n_layers: int = 3, nf4: boo
     return model
 
 
-@pytest.mark.parametrize("compiled,nf4", [(False, False), (True, False), (True, True)])
-def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypatch, compiled, nf4):
+@pytest.mark.parametrize("compiled,nf4,qk_norm", [(False, False, False), (True, False, False), (True, True, False),
+                                                  (False, False, True)])
+def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypatch, compiled, nf4, qk_norm):
     """With offloading, attention (RoPE + SDPA) is kept instead of recomputed: the rerun calls it
     no more, skips the q/k/v GEMMs (and the down projection's) and the gradients over two steps
     equal plain checkpointing's. The LoRA functions take their fused path on CPU here (they are
@@ -151,7 +158,8 @@ def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypat
     monkeypatch.setattr(attention, "rope_attention", spy_attention)
     torch._dynamo.reset()
     tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
-    plain, offloaded = _all_linear_model(False, compiled, nf4=nf4), _all_linear_model(True, compiled, nf4=nf4)
+    plain = _all_linear_model(False, compiled, nf4=nf4, qk_norm=qk_norm)
+    offloaded = _all_linear_model(True, compiled, nf4=nf4, qk_norm=qk_norm)
     n_layers = len(offloaded.layers)
     for _ in range(2):
         loss_a, grads_a = _grads(plain, tokens)
