@@ -327,7 +327,6 @@ def resume_changes(previous: Path, cfg) -> dict[str, tuple[Any, Any]]:
     return changes
 
 
-
 def apply_resume_changes(changes: dict[str, tuple[Any, Any]], optimizer, scheduler) -> None:
     """Make the restored optimizer and lr schedule follow the config as it is now: changed
     optimizer settings (lr, weight_decay, betas, ...) go into its param groups (the saved state

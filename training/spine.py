@@ -198,9 +198,11 @@ def check_settings(cfg) -> None:
         raise ConfigError("lora.targets is empty; name at least one layer, e.g. [q_proj, v_proj]")
     if cfg.lr_scheduler.warmup_steps < 0:
         raise ConfigError(f"lr_scheduler.warmup_steps must be >= 0, got {cfg.lr_scheduler.warmup_steps}")
-    devices = ("auto", "cpu", "cuda") if isinstance(cfg, DistributedConfig) else None
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) or (devices and cfg.device not in devices):
-        raise ConfigError(f"device: {cfg.device!r} is not a device; use {', '.join(devices or ('auto', 'cpu', 'cuda', 'cuda:N'))}")
+    if not isinstance(cfg, DistributedConfig) and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device: {cfg.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if isinstance(cfg, DistributedConfig) and cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: {cfg.device!r} is not supported here; use auto, cpu or cuda (torchrun gives "
+                          "each rank cuda:LOCAL_RANK)")
     checkpoint_every(cfg.activation_checkpointing, cfg.offload_activations)
     if getattr(cfg, "cuda_graph", False) and cfg.lora.dropout > 0:
         raise ConfigError(f"cuda_graph: true replays a recorded step, so it cannot draw new dropout masks: "
