@@ -103,7 +103,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise CheckpointError(f"config.json model_type={model_type!r} is not supported; tunelab loads "
                               f"{', '.join(repr(t) for t in ARCHITECTURES)} models")
     archs = cfg.get("architectures")
@@ -120,9 +120,10 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         raise CheckpointError(f"config.json sliding_window={cfg['sliding_window']!r} is not supported; tunelab "
                               "attends over the whole context (released Mistral 7B v0.3 / Nemo have null)")
     layer_types = cfg.get("layer_types")
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        raise CheckpointError(f"config.json layer_types with {sorted(set(layer_types) - {'full_attention'})} is not "
-                              "supported; tunelab's layers attend over the whole context")
+    if layer_types is not None and (not isinstance(layer_types, list)
+                                    or any(t != "full_attention" for t in layer_types)):
+        raise CheckpointError(f"config.json layer_types={layer_types!r} is not supported; tunelab's layers attend "
+                              "over the whole context (every entry full_attention)")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise CheckpointError(f"config.json {key}={cfg[key]!r} is not supported; the native Llama has no biases")
