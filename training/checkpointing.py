@@ -402,11 +402,14 @@ class CheckpointManager:
                 return f"{rel} has {path.stat().st_size} bytes, not {size}"
         return None
 
-    def latest_intact(self) -> tuple[Path | None, list[str]]:
-        """The newest complete step folder that is intact (what resume uses), and one line per
-        newer complete folder passed over, saying what is wrong with it."""
+    def latest_intact(self, before: int | None = None) -> tuple[Path | None, list[str]]:
+        """The newest complete step folder that is intact (what resume uses; of the steps
+        below ``before`` if given), and one line per newer complete folder passed over, saying
+        what is wrong with it."""
         passed_over = []
         for step in reversed(self.complete_steps()):
+            if before is not None and step >= before:
+                continue
             folder = step_dir(self.output_dir, step)
             problem = self.damage(folder)
             if problem is None:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import CheckpointError, ConfigError, DataError
 from tunelab.models import from_pretrained
 from tunelab.models.checkpoint import check_checkpoint_dir, read_hf_config
 from tunelab.models.hf_config import args_from_hf_config
@@ -531,16 +531,29 @@ def restore_progress(run: Run, *, model, optimizer, scheduler, sampler) -> Train
     The data position counts GLOBAL micro-batches (``batch_size`` x world size), so a
     checkpoint resumes on any world size that keeps that product, and on one device.
 
+    A state folder that does not load is passed over (with a warning) for the next older intact
+    checkpoint; ``run.resume_dir`` then names the one used.
+
     Raises:
         ConfigError: the checkpoint was written with another (global) micro-batch.
+        CheckpointError: no checkpoint's state loads.
     """
     cfg, resume_dir = run.cfg, run.resume_dir
     if resume_dir is None:
         return TrainingProgress(sampler_seed=cfg.seed, batch_size=run.global_batch)
-    if run.distributed:
-        progress = load_sharded_state(resume_dir / "state", model, optimizer, scheduler)
-    else:
-        progress = load_state(resume_dir / "state", model=model, optimizer=optimizer, scheduler=scheduler)
+    while True:  # a state that does not load (a damaged file of the right size): the next older intact one
+        try:
+            if run.distributed:
+                progress = load_sharded_state(resume_dir / "state", model, optimizer, scheduler)
+            else:
+                progress = load_state(resume_dir / "state", model=model, optimizer=optimizer, scheduler=scheduler)
+            break
+        except CheckpointError as e:
+            older, _ = run.manager.latest_intact(before=int(resume_dir.name.removeprefix("step_")))
+            if older is None:
+                raise
+            say(f"warning: {e}; resuming from {older.name} instead")
+            resume_dir = run.resume_dir = older
     if progress.batch_size not in (None, run.global_batch):
         if run.distributed:
             raise ConfigError(f"resume: {resume_dir.name} was written with a global micro-batch of "

@@ -234,6 +234,15 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, make_hf_checkp
     stdout = capsys.readouterr().out
     assert "warning: step_3: state/rng.json is missing" in stdout and f"resumed from {out / 'step_2'}" in stdout
     assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in straight if "loss" in r]
+    # a state file damaged in place (same size, so the manifest cannot tell): it does not load,
+    # and resume falls back to the older checkpoint the same way
+    state = out / "step_3" / "state" / "optimizer.safetensors"
+    state.write_bytes(b"\xff" * 16 + state.read_bytes()[16:])
+    capsys.readouterr()
+    again = rt.run_lora(rt.lora_argv(ckpt, out, data, *extra, "resume=true"))
+    stdout = capsys.readouterr().out
+    assert "state is damaged" in stdout and "resuming from step_2 instead" in stdout
+    assert [r["loss"] for r in again if "loss" in r] == [r["loss"] for r in straight if "loss" in r]
     for step in (2, 3):  # every checkpoint damaged: nothing to resume from
         path = out / f"step_{step}" / "adapter" / "adapter_model.safetensors"
         path.write_bytes(path.read_bytes()[:-1])
