@@ -56,3 +56,13 @@ def test_what_validate_accepts_the_run_accepts(accepted, tmp_path, monkeypatch):
     for i, override in enumerate(accepted):
         recipe.main(["--config", "tiny/lora", override, "max_steps=1", "save_merged=never", "validation=null",
                      f"output_dir={tmp_path / str(i)}"] + (["export_gguf=null"] if "export_gguf" not in override else []))
+
+
+def test_fsdp_keys_get_one_line_errors(tmp_path):
+    """The FSDP recipes' own keys (fsdp.*, dist_timeout_s) under the same generated values."""
+    for key in [k for k in _leaf_keys("tiny/lora_distributed") if k.startswith(("fsdp.", "dist_timeout_s", "device"))]:
+        for value in BAD:
+            errors = validate_config("tiny/lora_distributed", [f"{key}={value}", f"output_dir={tmp_path / 'out'}"])
+            assert all("\n" not in e and "Traceback" not in e for e in errors), (key, value, errors)
+            if key in ("dist_timeout_s", "fsdp.prefetch_layers") and value in ("-1", "abc", "1.5", "{}"):
+                assert errors, (key, value)
