@@ -18,6 +18,7 @@ arguments and sets ``func(args) -> int``. Bad input (a ``TunelabError``) is prin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TunelabError as e:
         _print_errors(e)
         return 1
+    except BrokenPipeError:  # `tune ls | head`: the reader left; the rest of the output is not wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except OSError as e:
         if (line := path_error(e)) is None:
             raise

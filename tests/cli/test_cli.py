@@ -354,3 +354,18 @@ def test_validate_refuses_what_the_run_would(override, words, capsys):
     assert main(["validate", "tiny/lora", override]) == 1
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_ls_into_a_pipe_that_closes_early_is_quiet():
+    """`tune ls | head -1`: the reader is gone before tune writes (a pipe whose read end is
+    closed): no BrokenPipeError traceback, exit code 0."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli.main", "ls"], stdout=write_end,
+                          stderr=subprocess.PIPE, env=dict(os.environ, PYTHONSAFEPATH="1"), timeout=60)
+    os.close(write_end)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
