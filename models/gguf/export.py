@@ -47,6 +47,10 @@ from tunelab.models.llama.args import ModelArgs
 
 __all__ = ["DTYPES", "write_gguf", "gguf_tensor_name", "permute_for_llama_cpp", "rope_freq_factors"]
 
+# model_type -> llama.cpp architecture. Mistral is a llama file; qwen3 is its own (q/k norms,
+# and rotate-half RoPE as in HF, so its q/k rows are not interleaved).
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3"}
+
 #: Output types of ``export_gguf`` (llama.cpp's file-type names, lower case).
 DTYPES = ("f16", "bf16", "q8_0", "q4_k_m")
 _INSTALL_HINT = "pip install 'tunelab[gguf]'"
@@ -57,6 +61,8 @@ _LAYER_GGUF = {
     "attn.k_proj.weight": "attn_k.weight",
     "attn.v_proj.weight": "attn_v.weight",
     "attn.o_proj.weight": "attn_output.weight",
+    "attn.q_norm.weight": "attn_q_norm.weight",  # qwen3
+    "attn.k_norm.weight": "attn_k_norm.weight",
     "mlp_norm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -220,6 +226,8 @@ def _plan(args: ModelArgs, source: _Source) -> list[_Tensor]:
         tensors.append(_Tensor("rope_freqs.weight", tuple(factors.shape)))
     for i in range(args.n_layers):
         for native_leaf in _LAYER_GGUF:
+            if native_leaf.startswith(("attn.q_norm", "attn.k_norm")) and not args.qk_norm:
+                continue  # only qwen3 has them
             native = f"layers.{i}.{native_leaf}"
             tensors.append(_Tensor(gguf_tensor_name(native), source.shapes[native], native))
     tensors.append(_Tensor("output_norm.weight", source.shapes["norm.weight"], "norm.weight"))
@@ -291,10 +299,11 @@ def _tensor_data(t: _Tensor, args: ModelArgs, source: _Source, lora: dict) -> to
         a, b, scaling = pair
         # W0 + (alpha / r) B A in fp32, the same update LoRALinear.merged_weight computes
         weight = weight + scaling * (b @ a)  # [out, r] @ [r, in] -> [out, in]
-    if t.native.endswith("attn.q_proj.weight"):
-        weight = permute_for_llama_cpp(weight, args.n_heads)
-    elif t.native.endswith("attn.k_proj.weight"):
-        weight = permute_for_llama_cpp(weight, args.n_kv_heads)
+    if GGUF_ARCH[args.model_type] == "llama":  # llama.cpp rotates interleaved pairs there
+        if t.native.endswith("attn.q_proj.weight"):
+            weight = permute_for_llama_cpp(weight, args.n_heads)
+        elif t.native.endswith("attn.k_proj.weight"):
+            weight = permute_for_llama_cpp(weight, args.n_kv_heads)
     return weight.contiguous()
 
 
@@ -348,9 +357,6 @@ def write_gguf(
     path = checkpoint_folder(checkpoint_dir)
     config = read_hf_config(path)
     args = args_from_hf_config(config)
-    if args.model_type not in ("llama", "mistral"):  # llama.cpp's other architectures: names, rope layout
-        raise ConfigError(f"GGUF export of {args.model_type} checkpoints is not supported yet; export llama or "
-                          "mistral ones, or use the merged HF folder")
     source = _Source(path, config, args)
     from tunelab.models.llama.builders import build_model
 
@@ -366,7 +372,7 @@ def write_gguf(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
-    writer = gguf.GGUFWriter(partial, "llama")
+    writer = gguf.GGUFWriter(partial, GGUF_ARCH[args.model_type])
     try:
         name = path.name if path.name not in ("merged", "") else path.parent.name
         _write_metadata(writer, args, dtype, name)
