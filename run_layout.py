@@ -29,12 +29,20 @@ from pathlib import Path
 from tunelab.errors import ConfigError
 
 __all__ = ["COMPLETE", "LOCK", "MERGED", "complete_steps", "lock_holder", "merged_models", "release_lock", "step_dir",
-           "step_dirs", "take_lock"]
+           "step_dirs", "take_lock", "write_atomic"]
 
 COMPLETE = "COMPLETE"
 LOCK = ".lock"
 MERGED = "merged"
 _STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` through a temporary file and a rename: a kill leaves the
+    old file or the new one, never a cut one (markers, the lock, metrics.jsonl)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
@@ -114,9 +122,7 @@ def take_lock(output_dir: str | Path) -> None:
                               f"{owner['host']}; wait for it or pick another output_dir (delete {path} only "
                               "if that run is gone)") from None
         print(f"notice: taking over the lock of a run that is gone ({path})", flush=True)
-        tmp = path.with_name(f"{LOCK}.tmp{os.getpid()}")
-        tmp.write_text(mine)
-        os.replace(tmp, path)
+        write_atomic(path, mine)
         return
     with os.fdopen(fd, "w") as f:
         f.write(mine)

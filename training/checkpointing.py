@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Sampler
 
 from tunelab.errors import CheckpointError, ConfigError
-from tunelab.run_layout import COMPLETE, complete_steps, step_dir, step_dirs
+from tunelab.run_layout import COMPLETE, complete_steps, step_dir, step_dirs, write_atomic
 from tunelab.training.config import config_to_dict
 
 
@@ -351,12 +351,6 @@ def apply_resume_changes(changes: dict[str, tuple[Any, Any]], optimizer, schedul
 Writer = Callable[[Path], None]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class CheckpointManager:
     """Creates, lists and prunes ``output_dir/step_N`` folders.
 
@@ -451,7 +445,7 @@ class CheckpointManager:
         files = {p.relative_to(final).as_posix(): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
         marker = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": sorted(writers),
                   "files": files}
-        _write_atomic(final / COMPLETE, json.dumps(marker) + "\n")
+        write_atomic(final / COMPLETE, json.dumps(marker) + "\n")
         self.prune()
         return final
 

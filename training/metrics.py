@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tunelab.run_layout import write_atomic
 from tunelab.training.process_group import is_rank0
 
 
@@ -75,10 +75,7 @@ class MetricsLogger:
         a kill during this leaves the old file or the new one, never a cut one."""
         self._file.close()
         rows = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in rows))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
