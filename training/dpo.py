@@ -23,6 +23,7 @@ from tunelab.modules.loss import preference_loss, sequence_log_probs_from_hidden
 from tunelab.modules.peft import disable_adapters
 from tunelab.training.checkpointing import ResumableSampler
 from tunelab.training.process_group import all_gather_stack, all_reduce_sum
+from tunelab.training.steps import plain_output_weight
 
 __all__ = [
     "REWARD_KEYS",
@@ -99,11 +100,9 @@ def policy_log_probs(model, batch: dict, device: torch.device) -> tuple[torch.Te
     """
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     hidden = model(tokens, return_hidden=True)  # (2b, s, dim)
-    try:  # a plain (frozen) head lets the fused per-token loss skip the fp32 logits
-        head = model.output_weight
-    except ConfigError:  # LoRA on `output`: its logits need the module call
-        head = None
-    return sequence_log_probs_from_hidden(hidden, labels, model.logits_from_hidden, output_weight=head)
+    # a plain (frozen) head lets the fused per-token loss skip the fp32 logits; a LoRA'd one is called
+    return sequence_log_probs_from_hidden(hidden, labels, model.logits_from_hidden,
+                                          output_weight=plain_output_weight(model))
 
 
 @torch.no_grad()
