@@ -115,10 +115,14 @@ def _guess_recipe(config_arg: str, config_path: Path) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def run_checks(cfg) -> list[str]:
+def run_checks(cfg) -> None:
     """What a recipe checks on its parsed config before any work, the same calls: the shared
     value ranges, the DPO loss settings, and the optimizer built as the run builds it (on one
-    stand-in parameter), so a config validate passes does not fail the run on configuration."""
+    stand-in parameter), so a config validate passes does not fail the run on configuration.
+
+    Raises:
+        TunelabError: the first problem, as the run would raise it.
+    """
     import torch
 
     from tunelab.training.config import instantiate
@@ -126,12 +130,11 @@ def run_checks(cfg) -> list[str]:
     from tunelab.training.spine import TrainConfig, check_settings
 
     if not isinstance(cfg, TrainConfig):
-        return []
+        return
     check_settings(cfg)
     if isinstance(cfg, DPOFields):
         check_loss_settings(cfg)
     instantiate(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], allowed_components=cfg.allowed_components)
-    return []
 
 
 def validate_config(config: str, overrides: list[str], recipe: str | None = None) -> list[str]:
@@ -169,7 +172,7 @@ def validate_config(config: str, overrides: list[str], recipe: str | None = None
         return [f"cannot resolve config: {' '.join(str(e).split())}"]
     if schema is not None:
         try:
-            errors.extend(run_checks(parse_config(data, schema)))
+            run_checks(parse_config(data, schema))
         except TunelabError as e:
             errors.extend(error_lines(e))
     errors.extend(check_paths(data))  # type: ignore[arg-type]

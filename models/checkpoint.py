@@ -31,8 +31,8 @@ from tunelab.errors import CheckpointError
 from tunelab.models.hf_config import args_from_hf_config, hf_config_from_args
 from tunelab.models.llama.args import ModelArgs
 from tunelab.models.llama.builders import build_model
-from tunelab.run_layout import merged_models
 from tunelab.modules.transformer import TransformerDecoder
+from tunelab.run_layout import merged_models
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -24,7 +24,6 @@ from tunelab.models.llama.args import ModelArgs
 # released checkpoints use no sliding window); Qwen3 adds per-head q/k RMSNorms and states its
 # head_dim. Each keeps its own names when saved.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # Keys hf_config_from_args owns; everything else in a source config is carried over.
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")

@@ -98,11 +98,6 @@ def read_rows(path: Path, offset: int = 0) -> tuple[list[dict], int, bool]:
     return rows, offset + end + 1, reset
 
 
-def _checkpoints(run_dir: Path) -> list[int]:
-    """Steps of the complete ``step_N`` folders, oldest first (``tunelab.run_layout``)."""
-    return complete_steps(run_dir)
-
-
 def _tail(path: Path, max_bytes: int) -> str:
     try:
         with open(path, "rb") as f:
@@ -258,7 +253,7 @@ class RunManager:
         run_dir = self._run_dir(name)
         meta = self._meta(run_dir)
         summary = self._metrics_summary(run_dir)
-        steps = _checkpoints(run_dir)
+        steps = complete_steps(run_dir)  # the complete step_N folders, oldest first
         return {
             "name": name,
             "recipe": meta.get("recipe") or self._infer_recipe(run_dir),
