@@ -9,8 +9,9 @@ packing several samples is plain concatenation.
 
 Rows that cannot be used are skipped and counted by reason (``ds.skip_reasons``):
 ``malformed`` (missing keys, wrong types, unknown roles, unparsable lines), ``empty`` (nothing to
-train on: empty output/text, no assistant reply) and ``fully_masked`` (no trainable label left
-after truncation to ``max_seq_len``). Each builder logs one summary line on the ``tunelab``
+train on: empty output/text, no assistant reply), ``fully_masked`` (no trainable label left
+after truncation to ``max_seq_len``) and ``template`` (the checkpoint's chat template refused
+the conversation, e.g. roles that do not alternate). Each builder logs one summary line on the ``tunelab``
 logger and raises ``DataError`` when no row is usable.
 
 Tokenisation is EAGER: the whole dataset is tokenised when the builder is called. That keeps
@@ -31,6 +32,7 @@ from torch.utils.data import Dataset
 
 from tunelab.data.sources import MalformedRow, iter_rows, resolve_data_files, source_name
 from tunelab.data.tokenizers import Message
+from tunelab.data.tokenizers.chat_template import ChatTemplateError
 from tunelab.errors import DataError
 
 log = logging.getLogger("tunelab")
@@ -41,6 +43,7 @@ _REASON_TEXT = {
     "malformed": "malformed",
     "empty": "empty",
     "fully_masked": "fully masked after truncation to {max_seq_len} tokens",
+    "template": "refused by the chat template",
 }
 
 
@@ -70,7 +73,7 @@ class TokenizedDataset(Dataset):
 
     Built by the ``*_dataset`` builders (eagerly tokenised). Attributes: ``name`` (source name
     for logs), ``max_seq_len``, ``pad_id`` (the tokenizer's, used by packing), ``num_skipped``,
-    ``skip_reasons`` (reason -> count, reasons ``malformed`` / ``empty`` / ``fully_masked``)
+    ``skip_reasons`` (reason -> count, reasons ``malformed`` / ``empty`` / ``fully_masked`` / ``template``)
     and ``skip_examples`` (reason -> first offending row's description).
     """
 
@@ -166,6 +169,8 @@ def converted_rows(rows: Iterable[Any], convert: Callable[[dict], Any], ds) -> I
             yield rowno, convert(row)
         except _Skip as s:
             ds._skip(s.reason, f"row {rowno}: {s.detail}")
+        except ChatTemplateError as e:
+            ds._skip("template", f"row {rowno}: {e}")
 
 
 def finish_dataset(ds, name: str, *, unit: str, units: str):

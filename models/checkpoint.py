@@ -52,6 +52,9 @@ _LAYER_NAMES = {
     "attn.q_proj.weight": "self_attn.q_proj.weight",
     "attn.k_proj.weight": "self_attn.k_proj.weight",
     "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.q_proj.bias": "self_attn.q_proj.bias",  # qwen2
+    "attn.k_proj.bias": "self_attn.k_proj.bias",
+    "attn.v_proj.bias": "self_attn.v_proj.bias",
     "attn.o_proj.weight": "self_attn.o_proj.weight",
     "attn.q_norm.weight": "self_attn.q_norm.weight",  # qwen3
     "attn.k_norm.weight": "self_attn.k_norm.weight",

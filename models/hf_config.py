@@ -21,9 +21,12 @@ from tunelab.errors import CheckpointError
 from tunelab.models.llama.args import ModelArgs
 
 # model_type -> the architecture its config.json names. Mistral's network is Llama's (its
-# released checkpoints use no sliding window); Qwen3 adds per-head q/k RMSNorms and states its
-# head_dim. Each keeps its own names when saved.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# released checkpoints use no sliding window); Qwen2 adds biases on q/k/v; Qwen3 adds per-head
+# q/k RMSNorms and states its head_dim. Each keeps its own names when saved.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+# max_position_embeddings when config.json has none: each transformers config class's default
+_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # Keys hf_config_from_args owns; everything else in a source config is carried over.
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
@@ -115,7 +118,12 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
                 f"config.json architectures={archs!r} is not supported for model_type {model_type!r}; "
                 f"tunelab loads {[ARCHITECTURES[model_type]]}"
             )
-    if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window", True):
+    if model_type.startswith("qwen"):
+        # Qwen configs state a window size but switch it off (use_sliding_window defaults to false)
+        if cfg.get("use_sliding_window", False):
+            raise CheckpointError(f"config.json use_sliding_window={cfg['use_sliding_window']!r} is not supported; "
+                                  "tunelab attends over the whole context (released Qwen checkpoints have false)")
+    elif cfg.get("sliding_window") is not None:
         raise CheckpointError(f"config.json sliding_window={cfg['sliding_window']!r} is not supported; tunelab "
                               "attends over the whole context (released Mistral 7B v0.3 / Nemo have null)")
     layer_types = cfg.get("layer_types")
@@ -123,9 +131,11 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
                                     or any(t != "full_attention" for t in layer_types)):
         raise CheckpointError(f"config.json layer_types={layer_types!r} is not supported; tunelab's layers attend "
                               "over the whole context (every entry full_attention)")
+    # Qwen2's q/k/v biases are part of its architecture (its config has no switch for them)
     for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            raise CheckpointError(f"config.json {key}={cfg[key]!r} is not supported; the native Llama has no biases")
+        if cfg.get(key) and model_type != "qwen2":
+            raise CheckpointError(f"config.json {key}={cfg[key]!r} is not supported for model_type "
+                                  f"{model_type!r}; its projections have no biases")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"config.json hidden_act={act!r} is not supported; tunelab's Llama MLP uses 'silu'")
@@ -153,12 +163,13 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
             norm_eps=_positive(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_seq_len=_integer(cfg, "max_position_embeddings", default=2048),
+            max_seq_len=_integer(cfg, "max_position_embeddings", default=_MAX_POSITIONS[model_type]),
             tie_word_embeddings=tied,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             model_type=model_type,
             qk_norm=model_type == "qwen3",
+            qkv_bias=model_type == "qwen2",
         )
     except ValueError as e:  # inconsistent head counts etc.
         raise CheckpointError(f"config.json is inconsistent: {e}") from None
@@ -166,7 +177,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
 
 def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> dict:
     """A ``config.json`` dict for ``args`` that ``transformers`` loads as the model's family
-    (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen3ForCausalLM``).
+    (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``).
 
     Args:
         args: the architecture.
@@ -198,6 +209,8 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
         cfg.update(attention_bias=False, mlp_bias=False)
     elif args.model_type == "mistral":  # no bias keys in its config class; the window is off
         cfg["sliding_window"] = None
+    elif args.model_type == "qwen2":  # biases on q/k/v are implied by the architecture
+        cfg["use_sliding_window"] = False
     else:  # qwen3
         cfg.update(attention_bias=False, use_sliding_window=False)
     cfg.setdefault("attention_dropout", 0.0)

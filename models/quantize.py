@@ -113,6 +113,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), leaf, module)
 
 
+def _quantized_module(model: nn.Module, weight_name: str, weight) -> None:
+    """Put an NF4Linear holding ``weight`` where the linear layer of ``weight_name`` is, keeping
+    that layer's bias Parameter (loaded already or still meta: it loads by name later)."""
+    name = weight_name.removesuffix(".weight")
+    _set_module(model, name, NF4Linear(weight, model.get_submodule(name).bias))
+
+
 def _read_quant_state(tensor: torch.Tensor, hf_name: str, where) -> dict:
     try:
         state = json.loads(bytes(tensor.to(torch.uint8).tolist()).decode("utf-8"))
@@ -222,12 +229,11 @@ def from_pretrained_quantized(
                 continue
             weight = _nf4_from_bnb(pending.pop(base_name), base_name, dtype, device, path)
             if quantize == "nf4" and is_decoder_linear(name):
-                _set_module(model, name.removesuffix(".weight"), NF4Linear(weight))
+                _quantized_module(model, name, weight)
             else:
                 _set_param(model, name, weight.dequantize(dtype))
         elif quantize == "nf4" and is_decoder_linear(name):
-            weight = to_nf4(tensor.to(device=device, dtype=dtype))
-            _set_module(model, name.removesuffix(".weight"), NF4Linear(weight))
+            _quantized_module(model, name, to_nf4(tensor.to(device=device, dtype=dtype)))
         else:
             _set_param(model, name, tensor.to(device=device, dtype=dtype))
         del tensor

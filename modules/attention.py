@@ -395,8 +395,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with grouped-query heads (``n_kv_heads`` divides ``n_heads``).
 
-    q/k/v/o projections are plain ``nn.Linear(bias=False)`` attributes (LoRA swaps them by leaf
-    name). ``mask`` picks the kernel (see the module docstring): None is causal attention
+    q/k/v/o projections are plain ``nn.Linear`` attributes (LoRA swaps them by leaf name), without
+    bias unless ``qkv_bias``. ``mask`` picks the kernel (see the module docstring): None is causal attention
     through SDPA under the ``TUNELAB_SDPA_BACKEND`` policy, a flex ``BlockMask`` runs
     flex_attention, a boolean tensor (True = may attend) runs SDPA with that mask.
 
@@ -407,18 +407,20 @@ class Attention(nn.Module):
         head_dim: size of one head (``n_heads * head_dim`` need not equal ``dim``).
         qk_norm: an RMSNorm over each head of q and of k (``q_norm``, ``k_norm``, weights
             [head_dim]) before RoPE, as Qwen3 has; ``None`` (Llama) for none, else its eps.
+        qkv_bias: biases on the q, k and v projections (Qwen2); o_proj never has one.
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: float | None = None) -> None:
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: float | None = None,
+                 qkv_bias: bool = False) -> None:
         super().__init__()
         if n_heads % n_kv_heads != 0:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.q_norm = RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None

@@ -26,15 +26,17 @@ class TransformerDecoderLayer(nn.Module):
         hidden_dim: MLP inner width.
         norm_eps: RMSNorm epsilon.
         qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3), with ``norm_eps``.
+        qkv_bias: biases on the q, k and v projections (Qwen2).
     """
 
     def __init__(
         self, *, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, hidden_dim: int, norm_eps: float,
-        qk_norm: bool = False,
+        qk_norm: bool = False, qkv_bias: bool = False,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, n_heads, n_kv_heads, head_dim, qk_norm=norm_eps if qk_norm else None)
+        self.attn = Attention(dim, n_heads, n_kv_heads, head_dim, qk_norm=norm_eps if qk_norm else None,
+                              qkv_bias=qkv_bias)
         self.mlp_norm = RMSNorm(dim, eps=norm_eps)
         self.mlp = FeedForward(dim, hidden_dim)
 
@@ -55,7 +57,8 @@ class TransformerDecoder(nn.Module):
     """A Llama-family decoder-only model.
 
     State-dict names: ``tok_embeddings.weight``, ``layers.{i}.attn_norm.weight``,
-    ``layers.{i}.attn.{q,k,v,o}_proj.weight`` (``attn.{q,k}_norm.weight`` with qk_norm),
+    ``layers.{i}.attn.{q,k,v,o}_proj.weight`` (``attn.{q,k}_norm.weight`` with qk_norm,
+    ``attn.{q,k,v}_proj.bias`` with qkv_bias),
     ``layers.{i}.mlp_norm.weight``,
     ``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``norm.weight`` and ``output.weight``
     (absent with tied embeddings: logits then use ``tok_embeddings.weight``). RoPE frequencies
@@ -65,7 +68,7 @@ class TransformerDecoder(nn.Module):
         args: the architecture, normally a ``tunelab.models.llama.ModelArgs`` (any object with
             its fields works: vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim,
             hidden_dim, norm_eps, rope_theta, rope_scaling, tie_word_embeddings; optionally
-            qk_norm). Kept as ``model.args``.
+            qk_norm, qkv_bias). Kept as ``model.args``.
     """
 
     def __init__(self, args: Any) -> None:
@@ -81,6 +84,7 @@ class TransformerDecoder(nn.Module):
                 hidden_dim=args.hidden_dim,
                 norm_eps=args.norm_eps,
                 qk_norm=getattr(args, "qk_norm", False),
+                qkv_bias=getattr(args, "qkv_bias", False),
             )
             for _ in range(args.n_layers)
         )

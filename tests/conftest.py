@@ -49,6 +49,9 @@ KINDS = {
     # Mistral 7B v0.3's shape in small: GQA, theta 1e6, no sliding window; Nemo-like explicit head_dim
     "mistral": dict(num_key_value_heads=2, rope_theta=1000000.0, sliding_window=None),
     "mistral_nemo": dict(num_key_value_heads=2, rope_theta=1000000.0, sliding_window=None, head_dim=24),
+    # Qwen2.5 in small: biases on q/k/v, theta 1e6, tied embeddings, the window switched off
+    "qwen2": dict(num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
+                  sliding_window=4096),
     # Qwen3 in small: per-head q/k norms, explicit head_dim != hidden/heads, tied embeddings
     "qwen3": dict(num_key_value_heads=2, rope_theta=1000000.0, head_dim=24, tie_word_embeddings=True),
 }
@@ -64,6 +67,11 @@ def _build_hf_model(kind: str, seed: int, **overrides):
     if kind.startswith("mistral"):
         config_class, model_class = MistralConfig, MistralForCausalLM
         cfg.pop("attention_bias"), cfg.pop("mlp_bias")  # not in Mistral's config
+    elif kind == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config_class, model_class = Qwen2Config, Qwen2ForCausalLM
+        cfg.pop("attention_bias"), cfg.pop("mlp_bias")  # q/k/v biases are implied
     elif kind == "qwen3":
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -77,10 +85,11 @@ def _build_hf_model(kind: str, seed: int, **overrides):
     config = config_class(rope_parameters=rope_parameters, **cfg)
     torch.manual_seed(seed)
     model = model_class(config).eval()
-    # transformers initialises norms to ones; perturb them so a wrong norm mapping shows up.
+    # transformers initialises norms to ones and biases to zeros; perturb them so a wrong
+    # mapping shows up.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -91,7 +100,8 @@ def make_hf_checkpoint(tmp_path_factory):
 
     kinds: llama2 (MHA, theta 1e4), llama3 (GQA, theta 5e5), llama3_1 (llama3 rope scaling),
     llama3_2 (tied embeddings), mistral (MistralForCausalLM, theta 1e6, no window),
-    mistral_nemo (the same with an explicit head_dim), qwen3 (q/k norms, head_dim 24, tied). Written in fp32 by transformers' save_pretrained. Results are
+    mistral_nemo (the same with an explicit head_dim), qwen2 (q/k/v biases, tied), qwen3 (q/k
+    norms, head_dim 24, tied). Written in fp32 by transformers' save_pretrained. Results are
     cached per argument set for the session; treat the folder as read-only (copy it to modify).
     """
     cache: dict = {}

@@ -21,8 +21,9 @@ class BaseTokenizer:
         pad_id: an id that is safe to pad with (labels use -100, so it is never trained on).
         stop_tokens: ids that end generation.
         vocab_size: number of ids, special tokens included (max id + 1).
-        chat_template: the Jinja ``chat_template`` from tokenizer_config.json when one sits
-            next to the tokenizer. Informational only: tunelab formats chats natively.
+        chat_template: the Jinja ``chat_template`` from tokenizer_config.json (or
+            chat_template.jinja) when one sits next to the tokenizer; ``tokenize_messages``
+            renders it where the tokenizer can (``encode_rendered``).
         path: the file the tokenizer was read from.
     """
 
@@ -58,26 +59,59 @@ class BaseTokenizer:
         """Id of the special token spelled ``name`` (e.g. ``"<|eot_id|>"``)."""
         raise NotImplementedError
 
+    def encode_rendered(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids of a rendered chat template, where special-token text IS the special token (as
+        transformers tokenizes ``apply_chat_template``'s text), and each id's length in UTF-8
+        bytes of ``text``. Tokenizers that cannot say where each id sits raise NotImplementedError
+        (their chats use the built-in ``chat_format``)."""
+        raise NotImplementedError
+
+    def template_tokens(self) -> dict[str, str]:
+        """The special-token strings a chat template may read (``bos_token``, ``eos_token``...)."""
+        return {}
+
+    def special_texts(self) -> list[str]:
+        """The text of every special token."""
+        return []
+
+    def renders_template(self) -> bool:
+        """True when ``tokenize_messages`` renders ``chat_template`` (the tokenizer has one and
+        implements ``encode_rendered``); else the built-in ``chat_format`` is used."""
+        return self.chat_template is not None and type(self).encode_rendered is not BaseTokenizer.encode_rendered
+
     def tokenize_messages(
-        self, messages: Sequence[Message | dict], add_generation_prompt: bool = False
+        self, messages: Sequence[Message | dict], add_generation_prompt: bool = False, **template_variables
     ) -> tuple[list[int], list[bool]]:
-        """Ids and loss mask for a conversation in this tokenizer's chat format.
+        """Ids and loss mask for a conversation: the checkpoint's own chat template rendered
+        (see ``tunelab.data.tokenizers.chat_template``) where the tokenizer can, else its
+        built-in chat format (Llama 3 headers, Llama 2 ``[INST]``).
 
         Args:
             messages: ``Message`` objects (or dicts with role/content[/masked]).
             add_generation_prompt: end with the header that opens an assistant turn.
+            template_variables: extra chat-template variables (``enable_thinking``, ``tools``...);
+                ignored by the built-in formats.
 
         Returns:
             ``(ids, mask)`` of equal length; ``mask[i]`` True means position i is NOT trained
-            on. The sequence starts with BOS; the assistant's content and its end-of-turn token
-            are trainable, the rest is masked (unless ``Message.masked`` says otherwise).
+            on. The assistant's content and its end-of-turn token are trainable, the rest is
+            masked (unless ``Message.masked`` says otherwise).
+
+        Raises:
+            ChatTemplateError: the template refused or could not render this conversation.
+            DataError: no template and no built-in chat format.
         """
+        msgs = [m if isinstance(m, Message) else _to_message(m) for m in messages]
+        if self.renders_template():
+            from tunelab.data.tokenizers.chat_template import tokenize_with_template
+
+            return tokenize_with_template(self, msgs, add_generation_prompt, **template_variables)
         if self.chat_format is None:
             raise DataError(
-                f"tokenizer {self.path} has no known chat format (needs Llama 3 header tokens "
-                "or a sentencepiece model); use a text-completion dataset instead"
+                f"tokenizer {self.path} has no chat template and no known chat format (Llama 3 header "
+                "tokens or a sentencepiece model); add tokenizer_config.json with its chat_template, or use "
+                "a text-completion dataset"
             )
-        msgs = [m if isinstance(m, Message) else _to_message(m) for m in messages]
         return CHAT_FORMATS[self.chat_format](self, msgs, add_generation_prompt)
 
     def __repr__(self) -> str:

@@ -84,8 +84,9 @@ def load_tokenizer(path_or_dir: str | Path) -> BaseTokenizer:
     In a folder, looks for ``tokenizer.model`` (then ``original/tokenizer.model``), else
     ``tokenizer.json``. The file format is detected from its content: a Llama 3 tiktoken BPE
     file (``base64 rank`` lines), a sentencepiece model (protobuf) or an HF tokenizer.json
-    with a byte-level BPE model. ``chat_template`` from tokenizer_config.json is kept on the
-    returned tokenizer for reference.
+    with a byte-level BPE model. ``chat_template`` from tokenizer_config.json (or
+    chat_template.jinja) is kept on the tokenizer, which renders it for chats where it can; the
+    ``eos_token_id`` ids of generation_config.json are added to its stop tokens.
 
     Args:
         path_or_dir: checkpoint folder or tokenizer file.
@@ -115,9 +116,26 @@ def load_tokenizer(path_or_dir: str | Path) -> BaseTokenizer:
 
     kind = _sniff(file)
     if kind == "tiktoken":
-        return load_llama3_tiktoken(file, chat_template=template)
-    if kind == "sentencepiece":
-        return SentencePieceTokenizer(file, chat_template=template)
-    if kind == "json":
-        return load_hf_json(file, config=config, chat_template=template)
-    raise DataError(f"{file} is not a recognised tokenizer; expected {_EXPECTED}")
+        tok = load_llama3_tiktoken(file, chat_template=template)
+    elif kind == "sentencepiece":
+        tok = SentencePieceTokenizer(file, chat_template=template)
+    elif kind == "json":
+        tok = load_hf_json(file, config=config, chat_template=template)
+    else:
+        raise DataError(f"{file} is not a recognised tokenizer; expected {_EXPECTED}")
+    _add_generation_stops(tok, folders)
+    return tok
+
+
+def _add_generation_stops(tok: BaseTokenizer, folders: list[Path]) -> None:
+    """Add generation_config.json's ``eos_token_id`` (an id or a list: chat models name their
+    end-of-turn token there, e.g. Qwen's <|im_end|> beside <|endoftext|>) to ``stop_tokens``."""
+    for folder in folders:
+        path = folder / "generation_config.json"
+        if path.is_file():
+            eos = _read_json(path).get("eos_token_id")
+            ids = eos if isinstance(eos, list) else [eos]
+            for i in ids:
+                if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tok.vocab_size and i not in tok.stop_tokens:
+                    tok.stop_tokens.append(i)
+            return

@@ -168,6 +168,8 @@ class TiktokenTokenizer(BaseTokenizer):
         self._special_ids = set(self.special_tokens.values()) - {
             self.special_tokens[t] for t in self._text_tokens
         }
+        self._named = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token),
+                                           ("pad_token", pad_token)) if v is not None}
         self.bos_id = self._lookup(bos_token)
         self.eos_id = self._lookup(eos_token)
         pad = self._lookup(pad_token)
@@ -216,6 +218,25 @@ class TiktokenTokenizer(BaseTokenizer):
         if add_eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    def encode_rendered(self, text: str) -> tuple[list[int], list[int]]:
+        ranks: list[int] = []
+        for piece in _split_for_encode(text):
+            ranks += self._enc.encode(piece, allowed_special="all", disallowed_special=())
+        lengths = [len(self._enc.decode_single_token_bytes(r)) for r in ranks]
+        if self._rank_to_id is not None:
+            ranks = [self._rank_to_id[r] for r in ranks]
+        return ranks, lengths
+
+    def renders_template(self) -> bool:
+        # a normalizer or prefix space would move the ids off the text's byte offsets
+        return super().renders_template() and self._normalize is None and not self._prefix_space
+
+    def template_tokens(self) -> dict[str, str]:
+        return dict(self._named)
+
+    def special_texts(self) -> list[str]:
+        return list(self.special_tokens)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]

@@ -47,9 +47,9 @@ from tunelab.models.llama.args import ModelArgs
 
 __all__ = ["DTYPES", "write_gguf", "gguf_tensor_name", "permute_for_llama_cpp", "rope_freq_factors"]
 
-# model_type -> llama.cpp architecture. Mistral is a llama file; qwen3 is its own (q/k norms,
-# and rotate-half RoPE as in HF, so its q/k rows are not interleaved).
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3"}
+# model_type -> llama.cpp architecture. Mistral is a llama file; qwen2 (q/k/v biases) and qwen3
+# (q/k norms) are their own, with rotate-half RoPE as in HF, so their q/k rows are not interleaved.
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 #: Output types of ``export_gguf`` (llama.cpp's file-type names, lower case).
 DTYPES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -60,6 +60,9 @@ _LAYER_GGUF = {
     "attn.q_proj.weight": "attn_q.weight",
     "attn.k_proj.weight": "attn_k.weight",
     "attn.v_proj.weight": "attn_v.weight",
+    "attn.q_proj.bias": "attn_q.bias",  # qwen2
+    "attn.k_proj.bias": "attn_k.bias",
+    "attn.v_proj.bias": "attn_v.bias",
     "attn.o_proj.weight": "attn_output.weight",
     "attn.q_norm.weight": "attn_q_norm.weight",  # qwen3
     "attn.k_norm.weight": "attn_k_norm.weight",
@@ -228,6 +231,8 @@ def _plan(args: ModelArgs, source: _Source) -> list[_Tensor]:
         for native_leaf in _LAYER_GGUF:
             if native_leaf.startswith(("attn.q_norm", "attn.k_norm")) and not args.qk_norm:
                 continue  # only qwen3 has them
+            if native_leaf.endswith(".bias") and not args.qkv_bias:
+                continue  # only qwen2 has them
             native = f"layers.{i}.{native_leaf}"
             tensors.append(_Tensor(gguf_tensor_name(native), source.shapes[native], native))
     tensors.append(_Tensor("output_norm.weight", source.shapes["norm.weight"], "norm.weight"))

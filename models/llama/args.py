@@ -27,9 +27,10 @@ class ModelArgs:
         bos_token_id: optional, carried to config.json.
         eos_token_id: optional int or list of ints, carried to config.json.
         model_type: the HF family the weights came from and are saved as [model_type]:
-            ``llama``, ``mistral`` (the same network; its own config class in transformers) or
-            ``qwen3``.
+            ``llama``, ``mistral`` (the same network; its own config class in transformers),
+            ``qwen2`` or ``qwen3``.
         qk_norm: a per-head RMSNorm on q and k before RoPE (Qwen3; weights [head_dim]).
+        qkv_bias: the q, k and v projections have biases (Qwen2 / Qwen2.5).
     """
 
     vocab_size: int
@@ -48,6 +49,7 @@ class ModelArgs:
     eos_token_id: int | list[int] | None = None
     model_type: str = "llama"
     qk_norm: bool = False
+    qkv_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

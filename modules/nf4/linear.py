@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.modules.nf4.weight import NF4Weight, to_nf4
-from tunelab.modules.peft.lora import LoRALinear, register_lora_base
+from tunelab.modules.peft.lora import LoRALinear, add_bias, frozen_bias, register_lora_base
 
 __all__ = ["NF4Linear", "NF4LoRALinear", "nf4_linear", "quantize_linears_"]
 
@@ -110,35 +110,36 @@ def _register_dense_view(module: nn.Module) -> None:
 
 # ------------------------------------------------------------------ layers
 class NF4Linear(nn.Module):
-    """A frozen, bias-free linear layer whose weight is stored in NF4.
+    """A frozen linear layer whose weight is stored in NF4.
 
-    ``forward(x) = x @ dequant(W)^T`` in ``x.dtype``. ``weight`` is an ``NF4Weight`` (call
-    ``weight.dequantize()`` for the dense tensor); the layer has no parameters.
+    ``forward(x) = x @ dequant(W)^T (+ b)`` in ``x.dtype``. ``weight`` is an ``NF4Weight`` (call
+    ``weight.dequantize()`` for the dense tensor); the only parameter is the optional bias,
+    kept dense (as bitsandbytes does).
 
     Args:
         weight: the NF4 weight, shape [out_features, in_features].
+        bias: optional [out_features] bias (frozen).
 
     Shapes: ``x`` [..., in_features] -> [..., out_features].
     """
 
-    def __init__(self, weight: NF4Weight) -> None:
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         if len(weight.shape) != 2:
             raise ValueError(f"NF4Linear needs a 2-d weight, got shape {list(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.weight = weight
+        self.register_parameter("bias", frozen_bias(bias))
         _register_dense_view(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = 64, scaler_block_size: int = 256) -> "NF4Linear":
-        """Quantize a bias-free ``nn.Linear`` (on its device); the dense weight is not kept."""
-        if linear.bias is not None:
-            raise ValueError("NF4Linear supports bias-free linear layers only")
-        layer = cls(to_nf4(linear.weight.detach(), block_size, scaler_block_size))
+        """Quantize an ``nn.Linear`` (on its device; its bias kept dense); the dense weight is not kept."""
+        layer = cls(to_nf4(linear.weight.detach(), block_size, scaler_block_size), linear.bias)
         return layer.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_linear(x, self.weight)
+        return add_bias(nf4_linear(x, self.weight), self)
 
     def dense_base_weight(self) -> torch.Tensor:
         """The weight dequantized to its original dtype."""
@@ -160,6 +161,7 @@ class NF4LoRALinear(LoRALinear):
         weight: the NF4 base weight [out_dim, in_dim] (kept as is, frozen).
         rank, alpha, dropout: as in ``LoRALinear``.
         adapter_dtype: dtype of ``lora_a``/``lora_b`` (default: the base's original dtype).
+        bias: optional dense [out_dim] base bias (frozen).
     """
 
     def __init__(
@@ -170,12 +172,14 @@ class NF4LoRALinear(LoRALinear):
         dropout: float = 0.0,
         *,
         adapter_dtype: torch.dtype | None = None,
+        bias: torch.Tensor | None = None,
     ) -> None:
         out_dim, in_dim = weight.shape
         # LoRALinear's constructor wants a dense [out, in] base: give it a zero-stride stand-in
         # (one element of memory) that fixes device and dtype, then swap the NF4 weight in.
         stand_in = torch.empty((), device=weight.device, dtype=weight.dtype).expand(out_dim, in_dim)
-        super().__init__(in_dim, out_dim, rank, alpha, dropout, weight=stand_in, adapter_dtype=adapter_dtype)
+        super().__init__(in_dim, out_dim, rank, alpha, dropout, weight=stand_in, adapter_dtype=adapter_dtype,
+                         bias=bias)
         del self.weight  # the stand-in Parameter
         self.weight = weight
         _register_dense_view(self)
@@ -189,13 +193,14 @@ class NF4LoRALinear(LoRALinear):
             lora.alpha,
             lora.dropout_p,
             adapter_dtype=lora.lora_a.weight.dtype,
+            bias=lora.bias,
         )
         layer.lora_a, layer.lora_b = lora.lora_a, lora.lora_b
         layer.disabled = lora.disabled
         return layer.train(lora.training)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_linear(x, self.weight)
+        return add_bias(nf4_linear(x, self.weight), self)
 
     def fused_base(self, x: torch.Tensor):
         # the fused LoRA function dequantizes the base (into the shared buffer) in its forward
@@ -239,7 +244,7 @@ def quantize_linears_(module: nn.Module, skip: Iterable[str] = ("output",)) -> n
 
 def _nf4_lora(base: NF4Linear, rank: int, alpha: float, dropout: float = 0.0, *,
               adapter_dtype: torch.dtype | None = None) -> NF4LoRALinear:
-    return NF4LoRALinear(base.weight, rank, alpha, dropout, adapter_dtype=adapter_dtype)
+    return NF4LoRALinear(base.weight, rank, alpha, dropout, adapter_dtype=adapter_dtype, bias=base.bias)
 
 
 # apply_lora turns targeted NF4Linear layers into NF4LoRALinear (the 4-bit base kept), so a

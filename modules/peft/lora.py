@@ -28,7 +28,9 @@ from tunelab.kernels.lora_mlp import MAX_RANK, lora_swiglu
 
 __all__ = [
     "LoRALinear",
+    "add_bias",
     "check_lora_args",
+    "frozen_bias",
     "apply_lora",
     "apply_lora_to_modules",
     "register_lora_base",
@@ -49,11 +51,12 @@ _OUTPUT_LEAF = "output"
 
 
 class LoRALinear(nn.Module):
-    """A bias-free linear layer with a frozen base weight and a trainable low-rank adapter.
+    """A linear layer with a frozen base weight (and optional frozen bias) and a trainable
+    low-rank adapter.
 
     .. math::
 
-        y = x W_0^T + \\frac{\\alpha}{r} \\, B A \\, \\mathrm{dropout}(x)
+        y = x W_0^T + b_0 + \\frac{\\alpha}{r} \\, B A \\, \\mathrm{dropout}(x)
 
     where ``W0`` ([out, in]) is frozen, ``A = lora_a.weight`` ([r, in]) starts kaiming-uniform
     (as ``nn.Linear`` does) and ``B = lora_b.weight`` ([out, r]) starts at zero, so a fresh
@@ -70,6 +73,7 @@ class LoRALinear(nn.Module):
         adapter_dtype: dtype of ``lora_a``/``lora_b`` (default: the base weight's dtype). Inputs
             are cast to it on the adapter path and the update is cast back, so fp32 adapters
             work on a bf16 base.
+        bias: optional existing base bias [out_dim] (Qwen2's q/k/v), frozen like the weight.
 
     Shapes: ``x`` [..., in_dim] -> [..., out_dim].
 
@@ -87,6 +91,7 @@ class LoRALinear(nn.Module):
         *,
         weight: torch.Tensor | None = None,
         adapter_dtype: torch.dtype | None = None,
+        bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         check_lora_args(rank, alpha, dropout)
@@ -107,6 +112,7 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / rank
         self.weight = weight
+        self.register_parameter("bias", frozen_bias(bias))
         factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
         self.lora_a = nn.Linear(in_dim, rank, bias=False, **factory)
         self.lora_b = nn.Linear(rank, out_dim, bias=False, **factory)
@@ -124,13 +130,11 @@ class LoRALinear(nn.Module):
         *,
         adapter_dtype: torch.dtype | None = None,
     ) -> "LoRALinear":
-        """Wrap an existing bias-free ``nn.Linear``, reusing its weight Parameter (no copy).
+        """Wrap an existing ``nn.Linear``, reusing its weight (and bias) Parameter (no copy).
 
         Works when the weight is on the meta device (the adapter is then created on meta too;
         call ``reset_lora_parameters()`` after materialising it).
         """
-        if linear.bias is not None:
-            raise ValueError("LoRALinear supports bias-free linear layers only")
         return cls(
             linear.in_features,
             linear.out_features,
@@ -139,6 +143,7 @@ class LoRALinear(nn.Module):
             dropout,
             weight=linear.weight,
             adapter_dtype=adapter_dtype,
+            bias=linear.bias,
         )
 
     @property
@@ -153,8 +158,8 @@ class LoRALinear(nn.Module):
     # The two paths are separate methods so that a quantized base weight (NF4) or a fused
     # autograd function can replace one without touching the other.
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen path ``x W0^T``."""
-        return F.linear(x, self.weight)
+        """Frozen path ``x W0^T + b0``."""
+        return F.linear(x, self.weight, self.bias)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Adapter path ``scaling * B A dropout(x)``, computed in x's dtype.
@@ -174,7 +179,7 @@ class LoRALinear(nn.Module):
         base = self.fused_base(x)
         if base is not None:
             # One autograd node that reuses x for both paths and skips W0's gradient.
-            return lora_linear(x, base, self.lora_a.weight, self.lora_b.weight, self.scaling)
+            return add_bias(lora_linear(x, base, self.lora_a.weight, self.lora_b.weight, self.scaling), self)
         return self.base_forward(x) + self.adapter_forward(x)
 
     def fused_base(self, x: torch.Tensor):
@@ -222,6 +227,20 @@ class LoRALinear(nn.Module):
         )
 
 
+def frozen_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
+    """``bias`` as a frozen Parameter (the caller's Parameter object reused), or None."""
+    if bias is None or isinstance(bias, nn.Parameter):
+        return None if bias is None else bias.requires_grad_(False)
+    return nn.Parameter(bias, requires_grad=False)
+
+
+def add_bias(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``y + layer.bias`` in y's dtype where the layer has a bias (the fused LoRA functions
+    compute the bias-free part), else ``y``."""
+    bias = getattr(layer, "bias", None)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 def _frozen_fused_base(layer: nn.Module, x: torch.Tensor):
     """The base ``layer`` hands the fused LoRA functions for ``x`` if it is an active LoRA layer
     on the fused path with a frozen base (what the grouped and output-skipping calls need), else None."""
@@ -249,9 +268,10 @@ def project(x: torch.Tensor, *layers: nn.Module, unread: bool = False) -> tuple[
     bases = [_frozen_fused_base(m, x) for m in layers]
     if all(b is not None for b in bases):
         if len(layers) > 1 and len({m.lora_a.weight.dtype for m in layers}) == 1:
-            return lora_linear_group(x, bases, [m.lora_a.weight for m in layers], [m.lora_b.weight for m in layers],
+            outs = lora_linear_group(x, bases, [m.lora_a.weight for m in layers], [m.lora_b.weight for m in layers],
                                      [m.scaling for m in layers], compute_outputs=not unread)
-    if unread:
+            return outs if unread else tuple(add_bias(y, m) for y, m in zip(outs, layers))
+    if unread:  # nobody reads the outputs: no bias added to them
         return tuple(m(x) if b is None else
                      lora_linear(x, b, m.lora_a.weight, m.lora_b.weight, m.scaling, compute_output=False)
                      for m, b in zip(layers, bases))
@@ -263,7 +283,7 @@ def project_onto(x: torch.Tensor, layer: nn.Module, residual: torch.Tensor) -> t
     layer on the fused path with a frozen base, the add happens inside its rank-r GEMM
     (``lora_linear``'s ``residual``) instead of as a separate pass over [tokens, dim]."""
     base = _frozen_fused_base(layer, x)
-    if base is None or residual.dtype != x.dtype:
+    if base is None or residual.dtype != x.dtype or layer.bias is not None:
         return residual + layer(x)
     return lora_linear(x, base, layer.lora_a.weight, layer.lora_b.weight, layer.scaling, residual=residual)
 
@@ -286,7 +306,8 @@ def lora_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, u
     """
     layers = (gate, up, down)
     bases = [_frozen_fused_base(m, x) for m in layers]
-    if (any(b is None for b in bases) or len({m.lora_a.weight.dtype for m in layers}) > 1
+    if (any(b is None for b in bases) or any(m.bias is not None for m in layers)
+            or len({m.lora_a.weight.dtype for m in layers}) > 1
             or max(m.rank for m in layers) > MAX_RANK or (residual is not None and residual.dtype != x.dtype)):
         return None
     return lora_swiglu(x, bases, [m.lora_a.weight for m in layers], [m.lora_b.weight for m in layers],
@@ -525,8 +546,10 @@ def merge_lora_(model: nn.Module) -> nn.Module:
     """
     for name, m in list(lora_modules(model)):
         merged = m.merged_weight()
-        linear = nn.Linear(m.in_dim, m.out_dim, bias=False, device="meta")
+        linear = nn.Linear(m.in_dim, m.out_dim, bias=m.bias is not None, device="meta")
         linear.weight = nn.Parameter(merged, requires_grad=False)
+        if m.bias is not None:
+            linear.bias = m.bias
         linear.train(m.training)
         if name:
             _set_submodule(model, name, linear)

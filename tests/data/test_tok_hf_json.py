@@ -73,7 +73,7 @@ def pair(request, tmp_path_factory):
     folder = _write(
         tmp_path_factory.mktemp(request.param),
         oracle,
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": "{{x}}"},
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE},
     )
     return load_tokenizer(folder), oracle
 
@@ -108,7 +108,7 @@ def test_specials_config_and_chat(pair):
     stops = {oracle.token_to_id(t) for t in ("<|eot_id|>", "<|end_of_text|>")}
     assert set(tok.stop_tokens) == stops
     assert tok.vocab_size == oracle.get_vocab_size()
-    assert tok.chat_template == "{{x}}"
+    assert tok.chat_template == LLAMA3_TEMPLATE and tok.renders_template()
     ids = tok.encode("x <|eot_id|>", add_bos=False)
     assert tok.eos_id not in ids
     msgs = [Message("user", "Hi"), Message("assistant", "Hello there")]
@@ -192,8 +192,8 @@ LLAMA3_TEMPLATE = (
 
 
 def test_matches_transformers_chat_template(tmp_path):
-    """Our native Llama 3 chat ids equal transformers' apply_chat_template with the official
-    Llama 3 template (the Llama 3.1 template additionally injects date lines; see report)."""
+    """The built-in Llama 3 chat format (used for folders without a template) gives the ids
+    transformers' apply_chat_template gives with the official Llama 3 template."""
     transformers = pytest.importorskip("transformers")
     cfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
     folder = _write(tmp_path, _train("llama3"), cfg)

@@ -80,6 +80,7 @@ def _prompt(tok, n_tokens: int, seed: int = 0) -> list[int]:
     ("llama3_2", "tiktoken", 24, "f16"),   # tied embeddings
     ("llama3", "tiktoken", 24, "bf16"),
     ("mistral", "sentencepiece", 24, "f16"),  # Mistral 7B v0.3's layout: a llama file for llama.cpp
+    ("qwen2", "tiktoken", 24, "f16"),  # llama.cpp's qwen2: q/k/v biases, rotate-half rope, tied embeddings
     ("qwen3", "tiktoken", 24, "f16"),  # llama.cpp's qwen3: q/k norms, rotate-half rope, tied embeddings
 ])
 def test_logits_match_tunelab(export_checkpoint, tmp_path, open_llama, kind, tokenizer, n_tokens, dtype):

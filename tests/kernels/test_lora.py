@@ -272,16 +272,18 @@ def test_group_function_skips_outputs_without_gradient():
     torch.testing.assert_close(ga1, torch.zeros_like(ga1), rtol=0, atol=0)
 
 
-def test_attention_and_mlp_use_one_node_and_match_the_reference(device):
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_attention_and_mlp_use_one_node_and_match_the_reference(device, qkv_bias):
     """LoRA on q/k/v and gate/up: the modules' projections go through one group node each,
     and the whole checkpointed model's output and adapter gradients (its recompute skipping the
-    down projections' GEMMs) equal the kernels-off reference."""
+    down projections' GEMMs) equal the kernels-off reference; with Qwen2's q/k/v biases (added
+    after the group node) too."""
     from tunelab.models import build_model, tiny
     from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_params
     from tunelab.training.steps import wrap_layers
 
     torch.manual_seed(0)
-    model = build_model(tiny(vocab_size=96), device=device, dtype=torch.float32)
+    model = build_model(tiny(vocab_size=96, qkv_bias=qkv_bias), device=device, dtype=torch.float32)
     apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank=4, alpha=8)
     for p in get_adapter_params(model).values():
         torch.nn.init.normal_(p, std=0.05)
@@ -298,7 +300,10 @@ def test_attention_and_mlp_use_one_node_and_match_the_reference(device):
                 q, k, v = model.layers[0].attn.q_proj, model.layers[0].attn.k_proj, model.layers[0].attn.v_proj
                 from tunelab.modules.peft.lora import project
 
-                assert "LoRAGroupFunction" in type(project(x, q, k, v)[0].grad_fn).__name__
+                node = project(x, q, k, v)[0].grad_fn
+                if qkv_bias:  # the bias add sits on top of the group node
+                    node = node.next_functions[0][0]
+                assert "LoRAGroupFunction" in type(node).__name__
             hidden.square().mean().backward()  # (the recompute must see the same backend)
         results[name] = (hidden, {k: p.grad.clone() for k, p in get_adapter_params(model).items()})
     torch.testing.assert_close(results["triton"][0], results["reference"][0], **TOL)

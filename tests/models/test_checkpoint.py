@@ -218,7 +218,7 @@ def test_missing_and_unexpected_tensors(make_hf_checkpoint, tmp_path):
     sd["model.norm.weight"] = torch.ones(64)
     sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
-    assert "unexpected tensor 'model.layers.0.self_attn.q_proj.bias'" in _error(d)
+    assert "unexpected tensors model.layers.0.self_attn.q_proj.bias;" in _error(d)
 
 
 def test_corrupt_safetensors_header(make_hf_checkpoint, tmp_path):

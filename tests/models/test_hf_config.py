@@ -96,7 +96,7 @@ def test_rope_parameters_layout():
 @pytest.mark.parametrize(
     "change, needle",
     [
-        ({"model_type": "qwen2"}, "model_type='qwen2'"),
+        ({"model_type": "gpt_neox"}, "model_type='gpt_neox'"),
         ({"model_type": "mistral"}, "architectures=['LlamaForCausalLM'] is not supported for model_type 'mistral'"),
         ({"architectures": ["MistralForCausalLM"]}, "architectures=['MistralForCausalLM']"),
         ({"attention_bias": True}, "attention_bias=True"),

@@ -28,7 +28,8 @@ def _compare(native, hf, tokens, **kw):
     assert diff <= TOL, diff
 
 
-@pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_1", "llama3_2", "mistral", "mistral_nemo", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_1", "llama3_2", "mistral", "mistral_nemo", "qwen2",
+                                  "qwen3"])
 def test_logits_match_transformers(kind, make_hf_checkpoint, load_hf_model):
     path = make_hf_checkpoint(kind)
     native, hf = from_pretrained(path), load_hf_model(path)
@@ -101,4 +102,38 @@ def test_mistral_saves_as_mistral_and_refuses_a_window(make_hf_checkpoint, load_
     (windowed / "config.json").write_text(json.dumps(dict(config, sliding_window=4096)))
     with pytest.raises(CheckpointError, match="sliding_window=4096 is not supported") as info:
         from_pretrained(windowed)
+    assert "\n" not in str(info.value)
+
+
+def test_qwen2_biases_round_trip_and_a_live_window_is_refused(make_hf_checkpoint, load_hf_model, tmp_path):
+    """Qwen2's q/k/v biases load, save back under their HF names (transformers reads the folder
+    as Qwen2ForCausalLM with the same logits); both config spellings load (hub: rope_theta and
+    no layer_types; transformers 5: rope_parameters and layer_types); use_sliding_window=true,
+    which tunelab does not implement, is one line naming the key."""
+    from safetensors import safe_open
+
+    from tunelab.errors import CheckpointError
+    from tunelab.models import save_pretrained
+
+    src = make_hf_checkpoint("qwen2")
+    native = from_pretrained(src)
+    assert native.layers[0].attn.q_proj.bias is not None and native.layers[0].attn.o_proj.bias is None
+    out = save_pretrained(native, tmp_path / "out", source_dir=src)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "model.layers.1.self_attn.v_proj.bias" in f.keys()
+    hf = load_hf_model(out)
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    _compare(native, hf, torch.randint(0, 1024, (2, 40)))
+
+    config = json.loads((src / "config.json").read_text())
+    hub = tmp_path / "hub"
+    shutil.copytree(src, hub)
+    hub_config = {k: v for k, v in config.items() if k not in ("rope_parameters", "layer_types")}
+    (hub / "config.json").write_text(json.dumps(dict(hub_config, rope_theta=1000000.0, rope_scaling=None)))
+    assert from_pretrained(hub).args.rope_theta == 1000000.0
+    _compare(from_pretrained(hub), load_hf_model(src), torch.randint(0, 1024, (2, 40)))
+
+    (hub / "config.json").write_text(json.dumps(dict(hub_config, use_sliding_window=True)))
+    with pytest.raises(CheckpointError, match="use_sliding_window=True is not supported") as info:
+        from_pretrained(hub)
     assert "\n" not in str(info.value)

@@ -144,8 +144,11 @@ def test_from_linear_reuses_weight_and_meta():
         meta_lin = nn.Linear(6, 4, bias=False)
     meta_lora = LoRALinear.from_linear(meta_lin, rank=2, alpha=2)
     assert meta_lora.weight.is_meta and meta_lora.lora_a.weight.is_meta
-    with pytest.raises(ValueError):
-        LoRALinear.from_linear(nn.Linear(6, 4, bias=True), rank=2, alpha=2)
+    biased = nn.Linear(6, 4, bias=True)  # Qwen2's q/k/v: the bias is kept, frozen, in the base path
+    lora = LoRALinear.from_linear(biased, rank=2, alpha=2)
+    assert lora.bias is biased.bias and not lora.bias.requires_grad
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(lora(x), biased(x))  # a fresh adapter (B = 0) is the base layer
 
 
 def test_adapter_dtype_fp32_on_bf16_base():

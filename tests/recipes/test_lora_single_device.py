@@ -312,6 +312,8 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
 
 @pytest.mark.parametrize("kind,cls,extra", [
     ("mistral", "MistralForCausalLM", ()),
+    ("qwen2", "Qwen2ForCausalLM", ()),
+    ("qwen2", "Qwen2ForCausalLM", ("quantize=nf4",)),  # QLoRA: the biases stay dense beside NF4
     ("qwen3", "Qwen3ForCausalLM", ()),
     ("qwen3", "Qwen3ForCausalLM", ("quantize=nf4", "activation_checkpointing=true")),  # QLoRA
 ])
