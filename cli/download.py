@@ -3,8 +3,9 @@
 Uses ``huggingface_hub.snapshot_download`` into a plain folder (no cache symlinks). The
 token is ``--hf-token`` or the ``HF_TOKEN`` environment variable (else the one saved by
 ``hf auth login``); the endpoint is ``HF_ENDPOINT`` read when the command runs (mirrors, tests).
-By default Meta's original consolidated ``*.pth`` weights (``original/consolidated*.pth``,
-a second copy of the model in another format) are skipped; ``--include-original`` keeps them.
+By default the second copies of the weights in the publisher's own format are skipped: Meta's
+``original/consolidated*.pth`` and Mistral's ``consolidated.safetensors``; ``--include-original``
+keeps them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tunelab.errors import CheckpointError
 
 __all__ = ["DEFAULT_IGNORE", "add_parser", "cmd_download", "download"]
 
-DEFAULT_IGNORE = ["original/consolidated*.pth"]
+DEFAULT_IGNORE = ["original/consolidated*.pth", "consolidated.safetensors"]
 
 
 def add_parser(subparsers) -> None:
@@ -41,7 +42,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--include-original", action="store_true",
-        help="also download original/consolidated*.pth",
+        help="also download the second copies of the weights (original/consolidated*.pth, consolidated.safetensors)",
     )
     p.set_defaults(func=cmd_download)
 

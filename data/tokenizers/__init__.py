@@ -16,6 +16,7 @@ from tunelab.data.tokenizers.sentencepiece_tok import SentencePieceTokenizer
 from tunelab.data.tokenizers.tiktoken_bpe import (
     LLAMA3_SPECIAL_TOKENS,
     LLAMA3_SPLIT_PATTERN,
+    QWEN2_SPLIT_PATTERN,
     TiktokenTokenizer,
     load_llama3_tiktoken,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "LLAMA3_SPECIAL_TOKENS",
     "LLAMA3_SPLIT_PATTERN",
     "Message",
+    "QWEN2_SPLIT_PATTERN",
     "SentencePieceTokenizer",
     "TiktokenTokenizer",
     "Tokenizer",

@@ -12,8 +12,9 @@ tokenizes exactly like the tokenizer tunelab trained with):
 * Llama 3 tiktoken ``tokenizer.model`` -> ``"gpt2"`` (byte-level BPE): tokens spelled in
   GPT-2's byte-to-unicode alphabet, the 256 special tokens as CONTROL, and merges derived
   from the ranks (below), pre-tokenizer ``"llama-bpe"`` (Llama 3's split regex).
-* HF ``tokenizer.json`` with a byte-level BPE model and Llama 3's split regex -> the same,
-  with the vocabulary and merges taken as the file spells them.
+* HF ``tokenizer.json`` with a byte-level BPE model and Llama 3's split regex (pre-tokenizer
+  ``"llama-bpe"``) or Qwen's (``"qwen2"``) -> the same, with the vocabulary and merges taken as
+  the file spells them.
 
 Merges from tiktoken ranks: tiktoken merges the adjacent pair whose concatenation has the
 lowest rank. llama.cpp merges the pair that comes first in the merges list. So each
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from tunelab.data.tokenizers import (
     LLAMA3_SPLIT_PATTERN,
+    QWEN2_SPLIT_PATTERN,
     BaseTokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
@@ -154,7 +156,7 @@ def build_vocab(tokenizer_path, vocab_size: int) -> GGUFVocab:
 
     Raises:
         CheckpointError: no tokenizer, an unsupported kind (a byte-level BPE whose split regex
-            is not Llama 3's), or more tokens than the model has rows.
+            is neither Llama 3's nor Qwen's), or more tokens than the model has rows.
     """
     try:
         tok = load_tokenizer(tokenizer_path)
@@ -182,6 +184,7 @@ def build_vocab(tokenizer_path, vocab_size: int) -> GGUFVocab:
         vocab.scores += [-1000.0] * (vocab_size - n)
 
     vocab.special_ids.update(_special_ids(tok))
+    vocab.add_bos = tok.bos_id is not None  # Qwen's tokenizers have none: llama.cpp must not add one
     vocab.chat_format = tok.chat_format
     vocab.chat_template = tok.chat_template or _TEMPLATES.get(tok.chat_format or "")
     vocab.stop_texts = [vocab.tokens[i] for i in tok.stop_tokens]
@@ -335,6 +338,10 @@ def _tiktoken_vocab(path: Path, tok: TiktokenTokenizer) -> GGUFVocab:
     return GGUFVocab(model="gpt2", pre="llama-bpe", tokens=tokens, types=types, merges=merges)
 
 
+# split regex -> llama.cpp's name for the pre-tokenizer that splits the same way
+_LLAMA_CPP_PRE = {LLAMA3_SPLIT_PATTERN: "llama-bpe", QWEN2_SPLIT_PATTERN: "qwen2"}
+
+
 def _split_patterns(node) -> list[str]:
     """Every Split regex in a tokenizer.json pre_tokenizer node (nested Sequences included)."""
     if isinstance(node, dict):
@@ -360,9 +367,10 @@ def _hf_json_vocab(path: Path, tok: TiktokenTokenizer) -> GGUFVocab:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a readable tokenizer.json ({e})") from None
     patterns = _split_patterns(data.get("pre_tokenizer"))
-    if patterns != [LLAMA3_SPLIT_PATTERN]:
+    pre = _LLAMA_CPP_PRE.get(patterns[0]) if len(patterns) == 1 else None
+    if pre is None:
         raise CheckpointError(
-            f"{path}: GGUF export supports byte-level BPE tokenizers with Llama 3's split regex; "
+            f"{path}: GGUF export supports byte-level BPE tokenizers with Llama 3's or Qwen's split regex; "
             "this one splits differently (export from the original tokenizer.model instead)"
         )
     n = max([*vocab.values(), *tok.special_tokens.values()]) + 1
@@ -378,4 +386,4 @@ def _hf_json_vocab(path: Path, tok: TiktokenTokenizer) -> GGUFVocab:
         types[token_id] = USER_DEFINED if text in text_tokens else CONTROL
     # merges are stored as "a b" strings (older files) or [a, b] pairs (newer ones)
     merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
-    return GGUFVocab(model="gpt2", pre="llama-bpe", tokens=tokens, types=types, merges=merges)
+    return GGUFVocab(model="gpt2", pre=pre, tokens=tokens, types=types, merges=merges)

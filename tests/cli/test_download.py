@@ -104,3 +104,14 @@ def test_hub_download_helpers_use_fake_hub(fake_hub, tmp_path):
     assert open(path).read() == "[]"
     folder = huggingface_hub.snapshot_download("org/data", repo_type="dataset")
     assert (tmp_path / "hf_home") in __import__("pathlib").Path(folder).parents
+
+
+def test_download_mistral_layout_skips_the_consolidated_copy(fake_hub, tmp_path):
+    """Mistral's repos carry the weights twice (consolidated.safetensors in its own format):
+    the shipped config's download command fetches the HF copy only."""
+    files = {"config.json": json.dumps({"model_type": "mistral"}), "model-00001-of-00001.safetensors": b"w" * 64,
+             "consolidated.safetensors": b"c" * 64, "params.json": "{}", "tokenizer.model": b"spm"}
+    fake_hub.add_repo("mistralai/Mistral-7B-Instruct-v0.3", files)
+    out = tmp_path / "m"
+    assert main(["download", "mistralai/Mistral-7B-Instruct-v0.3", "--output-dir", str(out)]) == 0
+    assert (out / "model-00001-of-00001.safetensors").is_file() and not (out / "consolidated.safetensors").exists()

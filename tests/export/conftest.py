@@ -6,6 +6,7 @@
   0/1/2, digits split, no whitespace normalisation) trained here on the tiny training text.
 * ``hf_json``: a Llama-3-style HF ``tokenizer.json`` (Split regex + ByteLevel, specials first)
   trained here with the ``tokenizers`` library, as fine-tuned Llama 3 checkpoints ship it.
+* ``qwen_json``: the same with Qwen's split regex (single digits) and ChatML specials.
 """
 
 from __future__ import annotations
@@ -54,21 +55,24 @@ def tokenizer_files(tmp_path_factory) -> dict[str, Path]:
         "tiktoken": TINY / "tokenizer.model",
         "sentencepiece": prefix.with_suffix(".model"),
         "hf_json": _train_hf_json(text, folder / "tokenizer.json"),
+        "qwen_json": _train_hf_json(text, folder / "qwen" / "tokenizer.json", qwen=True),
     }
 
 
-def _train_hf_json(corpus: Path, out: Path) -> Path:
+def _train_hf_json(corpus: Path, out: Path, qwen: bool = False) -> Path:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tunelab.data.tokenizers import LLAMA3_SPLIT_PATTERN
+    from tunelab.data.tokenizers import LLAMA3_SPLIT_PATTERN, QWEN2_SPLIT_PATTERN
 
     tk = Tokenizer(models.BPE(ignore_merges=True))  # as Llama 3's tokenizer.json
     tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN if qwen else LLAMA3_SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tk.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if qwen else
+                ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    out.parent.mkdir(parents=True, exist_ok=True)
     trainer = trainers.BpeTrainer(vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=specials, show_progress=False)
     tk.train([str(corpus)], trainer)

@@ -103,11 +103,13 @@ def test_logits_match_tunelab(export_checkpoint, tmp_path, open_llama, kind, tok
         assert float(np.abs(got - unscaled).max()) > 4 * REL_TOL[dtype] * scale
 
 
-@pytest.mark.parametrize("tokenizer", ["tiktoken", "sentencepiece", "hf_json"])
+@pytest.mark.parametrize("tokenizer", ["tiktoken", "sentencepiece", "hf_json", "qwen_json"])
 def test_llama_cpp_tokenizer_matches_tunelab(export_checkpoint, tmp_path, open_llama, random_text, tokenizer):
     """llama.cpp, reading only the GGUF vocabulary, tokenizes random text as tunelab does
-    (BOS added, special-token text kept as text) and detokenizes back to the text."""
-    ckpt = export_checkpoint("llama2" if tokenizer == "sentencepiece" else "llama3", tokenizer)
+    (BOS added, special-token text kept as text) and detokenizes back to the text; Qwen's
+    tokenizer.json (single digits) as llama.cpp's qwen2 pre-tokenizer."""
+    kind = {"sentencepiece": "llama2", "qwen_json": "qwen2"}.get(tokenizer, "llama3")
+    ckpt = export_checkpoint(kind, tokenizer)
     path = export_gguf(ckpt, tmp_path / "m.gguf")
     tok = load_tokenizer(ckpt)
     llm = open_llama(path, vocab_only=True)
@@ -117,10 +119,11 @@ def test_llama_cpp_tokenizer_matches_tunelab(export_checkpoint, tmp_path, open_l
             text += " <|eot_id|></s>"  # typed special-token text stays text
         want = tok.encode(text, add_bos=True)
         assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == want, text
-        back = llm.detokenize(want[1:]).decode("utf-8")
+        body = want[1:] if tok.bos_id is not None else want  # Qwen's tokenizer has no BOS
+        back = llm.detokenize(body).decode("utf-8")
         if tokenizer == "sentencepiece":  # llama.cpp keeps the dummy-prefix space sentencepiece drops
             back = back.removeprefix(" ")
-        assert back == tok.decode(want[1:])
+        assert back == tok.decode(body)
 
 
 def _greedy_llama(llm, prompt: list[int], n: int) -> list[int]:

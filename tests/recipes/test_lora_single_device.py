@@ -155,6 +155,10 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, make_hf_checkpoint, rt, caps
         ("llama3_1/8B_lora_single_device", "llama3_1"),
         ("llama3_2/1B_lora_single_device", "llama3_2"),
         ("llama3_2/3B_lora_single_device", "llama3_2"),
+        ("mistral/7B_lora_single_device", "mistral"),
+        ("mistral/nemo_12B_qlora_single_device", "mistral_nemo"),
+        ("qwen2_5/7B_lora_single_device", "qwen2"),
+        ("qwen3/8B_qlora_single_device", "qwen3"),
     ],
 )
 def test_shipped_configs_run_on_cpu(config, kind, tmp_path, make_hf_checkpoint, rt, capsys):
