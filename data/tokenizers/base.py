@@ -74,6 +74,10 @@ class BaseTokenizer:
         """The text of every special token."""
         return []
 
+    def special_token_ids(self) -> set[int]:
+        """The ids of the special (control / added) tokens."""
+        return set()
+
     def renders_template(self) -> bool:
         """True when ``tokenize_messages`` renders ``chat_template`` (the tokenizer has one and
         implements ``encode_rendered``); else the built-in ``chat_format`` is used."""

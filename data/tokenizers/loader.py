@@ -129,13 +129,15 @@ def load_tokenizer(path_or_dir: str | Path) -> BaseTokenizer:
 
 def _add_generation_stops(tok: BaseTokenizer, folders: list[Path]) -> None:
     """Add generation_config.json's ``eos_token_id`` (an id or a list: chat models name their
-    end-of-turn token there, e.g. Qwen's <|im_end|> beside <|endoftext|>) to ``stop_tokens``."""
+    end-of-turn token there, e.g. Qwen's <|im_end|> beside <|endoftext|>) to ``stop_tokens``.
+    Only ids of this tokenizer's special tokens count: a generation_config written for another
+    tokenizer must not stop generation at an ordinary token."""
     for folder in folders:
         path = folder / "generation_config.json"
         if path.is_file():
             eos = _read_json(path).get("eos_token_id")
-            ids = eos if isinstance(eos, list) else [eos]
-            for i in ids:
-                if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tok.vocab_size and i not in tok.stop_tokens:
+            special = tok.special_token_ids()
+            for i in eos if isinstance(eos, list) else [eos]:
+                if i in special and i not in tok.stop_tokens:
                     tok.stop_tokens.append(i)
             return

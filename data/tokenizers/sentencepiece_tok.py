@@ -84,6 +84,9 @@ class SentencePieceTokenizer(BaseTokenizer):
             out.append(self._sp.Decode(run))
         return "".join(out)
 
+    def special_token_ids(self) -> set[int]:
+        return set(self._control)
+
     def special_id(self, name: str) -> int:
         i = self._sp.PieceToId(name)
         if i == self._sp.unk_id() and name != self._sp.IdToPiece(i):

@@ -240,6 +240,9 @@ class TiktokenTokenizer(BaseTokenizer):
     def special_texts(self) -> list[str]:
         return list(self.special_tokens)
 
+    def special_token_ids(self) -> set[int]:
+        return set(self.special_tokens.values())
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
