@@ -15,7 +15,8 @@ rendered text (as given, or stripped: templates often ``trim`` it), by aligning 
 a second one in which every content is a marker (so a content that also occurs in the
 template's own text, "2023" in a date line, is not mistaken for it). An assistant
 message trains on its content plus the special token right after it (its end of turn:
-``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``...); everything else is masked. A
+``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``..., spaces before it included);
+everything else is masked. A
 message with ``masked=False`` trains on everything from the end of the previous message (for
 the first message: the end of the preamble's last end-of-turn token, if any) up to its own end
 of turn (headers included: ``train_on_input``). Rendering prefixes of the
@@ -192,10 +193,12 @@ def _aligned(text: str, messages: Sequence["Message"], pieces: list[str]) -> lis
 
 
 def _end_of_turn(text: str, end: int, specials: Sequence[str]) -> int:
-    """``end`` moved past the special token that starts there, if one does."""
+    """``end`` moved past the special token that starts there, or after spaces (Llama 2 writes
+    ``content </s>``), if one does."""
+    at = len(text) - len(text[end:].lstrip(" "))
     for s in specials:  # longest first
-        if text.startswith(s, end):
-            return end + len(s)
+        if text.startswith(s, at):
+            return at + len(s)
     return end
 
 

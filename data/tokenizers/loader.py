@@ -118,7 +118,7 @@ def load_tokenizer(path_or_dir: str | Path) -> BaseTokenizer:
     if kind == "tiktoken":
         tok = load_llama3_tiktoken(file, chat_template=template)
     elif kind == "sentencepiece":
-        tok = SentencePieceTokenizer(file, chat_template=template)
+        tok = SentencePieceTokenizer(file, chat_template=template, legacy=config.get("legacy") is True)
     elif kind == "json":
         tok = load_hf_json(file, config=config, chat_template=template)
     else:

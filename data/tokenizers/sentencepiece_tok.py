@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,20 +18,23 @@ class SentencePieceTokenizer(BaseTokenizer):
     Whole strings are passed to sentencepiece, so ids are exactly the library's (its dummy
     prefix "▁" is added once per ``encode`` call, as in Meta's Llama 2 code). Control-token
     text such as "<s>" in user input is encoded as plain text, which is sentencepiece's own
-    behaviour for control symbols. Chat format: Llama 2 ``[INST]``.
+    behaviour for control symbols. Chats: the checkpoint's chat template where one is present
+    (``encode_rendered``), else the built-in Llama 2 ``[INST]`` format.
 
     ``pad_id`` is the model's pad piece when it has one, else 0 (``<unk>`` in Llama 2, which
     has no pad piece): padded positions carry label -100, so the id only needs to be valid.
 
     Args:
         path: the ``tokenizer.model`` file.
-        chat_template: informational Jinja template from tokenizer_config.json.
+        chat_template: the Jinja template from tokenizer_config.json, rendered for chats.
+        legacy: tokenizer_config.json's ``legacy`` (how transformers puts the "▁" prefix on
+            text after a special token in a rendered template; see ``encode_rendered``).
 
     Raises:
         DataError: the file is not a sentencepiece model or lacks BOS/EOS pieces.
     """
 
-    def __init__(self, path: str | Path, chat_template: str | None = None) -> None:
+    def __init__(self, path: str | Path, chat_template: str | None = None, legacy: bool = False) -> None:
         self.path = str(path)
         self.chat_template = chat_template
         self.chat_format = "llama2"
@@ -53,6 +57,14 @@ class SentencePieceTokenizer(BaseTokenizer):
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
         self.stop_tokens = [self.eos_id]
         self._control = {i for i in range(self.vocab_size) if self._sp.IsControl(i)}
+        # control pieces spelled in a rendered template ("<s>", Mistral's "[INST]"), longest first
+        texts = sorted(((self._sp.IdToPiece(i), i) for i in self._control), key=lambda t: -len(t[0]))
+        self._control_ids = dict(texts)
+        self._control_re = re.compile("|".join(re.escape(t) for t, _ in texts if t)) if texts else None
+        pieces = self._sp.EncodeAsPieces("a")
+        self._dummy_prefix = bool(pieces) and pieces[0].startswith("\u2581")
+        self._legacy = legacy
+        self._sp_no_prefix: spm.SentencePieceProcessor | None = None
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
         ids = self._sp.Encode(text)
@@ -83,6 +95,56 @@ class SentencePieceTokenizer(BaseTokenizer):
         if run:
             out.append(self._sp.Decode(run))
         return "".join(out)
+
+    def encode_rendered(self, text: str) -> tuple[list[int], list[int]]:
+        """Control-piece text is the control piece; each run of text between them is encoded by
+        sentencepiece as transformers' converted tokenizer does it: with a dummy-prefix model
+        (Llama 2, Mistral) a run gets the "▁" prefix only at the start of the text, or (with
+        ``legacy: true`` in tokenizer_config.json) wherever it does not start with a space;
+        Gemma's model adds none. The lengths count the text's own bytes (an added prefix 0)."""
+        ids: list[int] = []
+        lengths: list[int] = []
+        pos = 0
+        matches = list(self._control_re.finditer(text)) if self._control_re is not None else []
+        for m in [*matches, None]:
+            run = text[pos:m.start() if m else len(text)]
+            if run:
+                prefixed = self._dummy_prefix and not run.startswith(" ") and (pos == 0 or self._legacy)
+                run_ids = (self._sp if prefixed else self._no_prefix()).Encode(run)
+                run_lengths = [self._piece_bytes(i) for i in run_ids]
+                if prefixed and run_lengths:  # the added "▁" is not in the text
+                    run_lengths[0] = max(run_lengths[0] - 1, 0)
+                ids += run_ids
+                lengths += run_lengths
+            if m is not None:
+                ids.append(self._control_ids[m.group()])
+                lengths.append(len(m.group().encode("utf-8")))
+                pos = m.end()
+        return ids, lengths
+
+    def _no_prefix(self) -> spm.SentencePieceProcessor:
+        """The same model with ``add_dummy_prefix`` off (built once): a serialized field-3
+        NormalizerSpec appended to the ModelProto is merged into the model's own, and
+        ``{3: false}`` in it is add_dummy_prefix."""
+        if self._sp_no_prefix is None:
+            if not self._dummy_prefix:
+                self._sp_no_prefix = self._sp
+            else:
+                sp = spm.SentencePieceProcessor()
+                sp.LoadFromSerializedProto(Path(self.path).read_bytes() + b"\x1a\x02\x18\x00")
+                self._sp_no_prefix = sp
+        return self._sp_no_prefix
+
+    def _piece_bytes(self, i: int) -> int:
+        if self._sp.IsByte(i):
+            return 1
+        return len(self._sp.IdToPiece(i).replace("\u2581", " ").encode("utf-8"))
+
+    def template_tokens(self) -> dict[str, str]:
+        return {"bos_token": self._sp.IdToPiece(self.bos_id), "eos_token": self._sp.IdToPiece(self.eos_id)}
+
+    def special_texts(self) -> list[str]:
+        return list(self._control_ids)
 
     def special_token_ids(self) -> set[int]:
         return set(self._control)

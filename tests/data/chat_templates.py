@@ -292,6 +292,60 @@ PHI4 = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
 )
 
+MISTRAL_V3 = (
+    "{%- if messages[0][\"role\"] == \"system\" %}\n"
+    "    {%- set system_message = messages[0][\"content\"] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "{%- set ns = namespace() %}\n"
+    "{%- set ns.index = 0 %}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if (message[\"role\"] == \"user\") != (ns.index % 2 == 0) %}\n"
+    "        {{- raise_exception(\"After the optional system message, conversation roles must alternate "
+    "user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif %}\n"
+    "    {%- set ns.index = ns.index + 1 %}\n"
+    "{%- endfor %}\n"
+    "\n"
+    "{{- bos_token }}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if message[\"role\"] == \"user\" %}\n"
+    "        {%- if loop.last and system_message is defined %}\n"
+    "            {{- \"[INST] \" + system_message + \"\\n\\n\" + message[\"content\"] + \"[/INST]\" }}\n"
+    "        {%- else %}\n"
+    "            {{- \"[INST] \" + message[\"content\"] + \"[/INST]\" }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message[\"role\"] == \"assistant\" %}\n"
+    "        {{- \" \" + message[\"content\"]|trim + eos_token}}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception(\"Only user and assistant roles are supported!\") }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# sentencepiece families: template, control symbols, tokenizer_config extras
+SENTENCEPIECE_FAMILIES = {
+    "mistral_v3": (MISTRAL_V3, ["[INST]", "[/INST]"], {"legacy": False}),
+    "llama2": (LLAMA2, [], {"legacy": True}),
+    "llama2_nonlegacy": (LLAMA2, [], {"legacy": False}),
+}
+
 # A template in HF's assistant-mask style: {% generation %} around the assistant's text.
 GENERATION_TAGGED = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -352,4 +406,26 @@ def write_family_tokenizer(folder: Path, family: str) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template=template)))
     (folder / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": [tk.token_to_id(n) for n in eos_names]}))
+    return folder
+
+
+def write_sentencepiece_tokenizer(folder: Path, family: str) -> Path:
+    """A tiny sentencepiece BPE model (byte fallback, dummy prefix, <unk>/<s>/</s> at 0/1/2,
+    the family's control symbols) with tokenizer_config.json (template, legacy flag)."""
+    import sentencepiece as spm
+
+    template, controls, extra = SENTENCEPIECE_FAMILIES[family]
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "sp"), model_type="bpe", vocab_size=400, byte_fallback=True,
+        control_symbols=controls, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=0.9995, num_threads=1,
+        minloglevel=2)
+    (folder / "sp.model").rename(folder / "tokenizer.model")
+    corpus.unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+        extra, bos_token="<s>", eos_token="</s>", unk_token="<unk>", tokenizer_class="LlamaTokenizer",
+        chat_template=template)))
     return folder

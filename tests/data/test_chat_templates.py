@@ -15,7 +15,12 @@ from tunelab.data.tokenizers import Message, load_tokenizer  # noqa: E402
 from tunelab.data.tokenizers.chat_template import ChatTemplateError, render_chat_template  # noqa: E402
 from tunelab.errors import DataError  # noqa: E402
 
-from .chat_templates import FAMILIES, write_family_tokenizer  # noqa: E402
+from .chat_templates import (  # noqa: E402
+    FAMILIES,
+    SENTENCEPIECE_FAMILIES,
+    write_family_tokenizer,
+    write_sentencepiece_tokenizer,
+)
 
 SYSTEM = {"role": "system", "content": "You are terse.\n"}
 TURNS = [
@@ -172,3 +177,38 @@ def test_chat_dataset_renders_the_template_and_skips_rows_it_refuses(family_fold
     sample = ds[0]
     assert tok.decode(sample["tokens"], skip_special_tokens=False) == "<s>[INST]What is 2+2?[/INST]Four.</s>"
     assert tok.decode([t for t in sample["labels"] if t != IGNORE_INDEX], skip_special_tokens=False) == "Four.</s>"
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_folder(tmp_path_factory):
+    cache = {}
+
+    def make(family):
+        if family not in cache:
+            cache[family] = write_sentencepiece_tokenizer(tmp_path_factory.mktemp(family), family)
+        return cache[family]
+
+    return make
+
+
+@pytest.mark.parametrize("family", sorted(SENTENCEPIECE_FAMILIES))
+@pytest.mark.parametrize("name", ["with_system", "without_system"])
+def test_sentencepiece_templates_equal_apply_chat_template(sentencepiece_folder, family, name):
+    """Mistral v0.3's [INST] control tokens and Llama 2's text [INST] through a sentencepiece
+    model: ids equal transformers' (its tokenizer converted from the same model, with the
+    folder's ``legacy`` flag deciding the "▁" after special tokens); the assistant's trimmed
+    content and </s> (with the space Llama 2 puts before it) are what is trained."""
+    pytest.importorskip("google.protobuf", reason="transformers converts sentencepiece models with protobuf")
+    folder = sentencepiece_folder(family)
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    tok = load_tokenizer(folder)
+    assert tok.renders_template()
+    convo = CONVERSATIONS[name]
+    text = hf.apply_chat_template(convo, tokenize=False)
+    ids, mask = tok.tokenize_messages(convo)
+    assert ids == hf(text, add_special_tokens=False)["input_ids"], (
+        hf.convert_ids_to_tokens(hf(text, add_special_tokens=False)["input_ids"]), hf.convert_ids_to_tokens(ids))
+    gap = " " if family.startswith("llama2") else ""
+    want = "".join(m["content"].strip() + gap + "</s>" for m in convo if m["role"] == "assistant")
+    trained = [i for i, m in zip(ids, mask) if not m]
+    assert tok.decode(trained, skip_special_tokens=False).strip() == want.strip()
