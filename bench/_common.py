@@ -63,7 +63,7 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, *, nf4: b
             from tunelab.modules.nf4 import quantize_linears_
 
             quantize_linears_(layer, skip=())
-    model.rope.reset_parameters(device)
+    model.reset_rope(device)
     return model
 
 

@@ -109,7 +109,7 @@ def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, r
                 local.normal_(0.0, 0.02, generator=gen)
     torch.manual_seed(0)
     sharded_io.init_lora_sharded(model)
-    model.rope.reset_parameters(device=device)
+    model.reset_rope(device)
     return model.train()
 
 

@@ -26,7 +26,7 @@ def main() -> None:
     from triton.testing import do_bench
 
     import tunelab.kernels.lora_mlp as lm
-    from tunelab.kernels.swiglu import _swiglu_bwd, _swiglu_fwd
+    from tunelab.kernels.swiglu import _gated_bwd, _gated_fwd
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -49,8 +49,9 @@ def main() -> None:
     block = 1024
     grid1 = (triton.cdiv(n * f, block),)
     floors = {
-        "swiglu_fwd_ms": do_bench(lambda: _swiglu_fwd[grid1](g0, u0, y, n * f, BLOCK=block, num_warps=4)),
-        "swiglu_bwd_ms": do_bench(lambda: _swiglu_bwd[grid1](dh, g0, u0, dg, du, n * f, BLOCK=block, num_warps=4)),
+        "swiglu_fwd_ms": do_bench(lambda: _gated_fwd[grid1](g0, u0, y, n * f, BLOCK=block, GELU=False, num_warps=4)),
+        "swiglu_bwd_ms": do_bench(lambda: _gated_bwd[grid1](dh, g0, u0, dg, du, n * f, BLOCK=block, GELU=False,
+                                                           num_warps=4)),
         "rank_r_gemm_ms": do_bench(lambda: torch.mm(xa[:, :r], bg.t())),
     }
     emit(dict(base, variant="floors", **{k: round(v, 4) for k, v in floors.items()}))

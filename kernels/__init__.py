@@ -31,7 +31,7 @@ from tunelab.kernels.lora import lora_linear, lora_linear_reference
 from tunelab.kernels.lora_mlp import lora_swiglu, lora_swiglu_reference
 from tunelab.kernels.rms_norm import rms_norm, rms_norm_reference
 from tunelab.kernels.rope import rope, rope_reference
-from tunelab.kernels.swiglu import swiglu, swiglu_reference
+from tunelab.kernels.swiglu import gated_act, gated_act_reference, swiglu, swiglu_reference
 
 __all__ = [
     "BACKENDS",
@@ -50,6 +50,8 @@ __all__ = [
     "rope",
     "rope_reference",
     "set_backend",
+    "gated_act",
+    "gated_act_reference",
     "swiglu",
     "swiglu_reference",
     "use_triton",

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.errors import CheckpointError
-from tunelab.models.hf_config import args_from_hf_config, hf_config_from_args
+from tunelab.models.hf_config import ARCHITECTURES, args_from_hf_config, hf_config_from_args
 from tunelab.models.llama.args import ModelArgs
 from tunelab.models.llama.builders import build_model
 from tunelab.modules.transformer import TransformerDecoder
@@ -68,9 +68,18 @@ _TOP_NAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Gemma's four norms per layer: its post_attention_layernorm is the norm AFTER attention (in
+# Llama it is the one before the MLP).
+_SANDWICH_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_post_norm.weight": "post_attention_layernorm.weight",
+    "mlp_norm.weight": "pre_feedforward_layernorm.weight",
+    "mlp_post_norm.weight": "post_feedforward_layernorm.weight",
+}
 NATIVE_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_TO_NATIVE_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_HF_TO_NATIVE_SANDWICH = {v: k for k, v in _SANDWICH_LAYER_NAMES.items()}
 _HF_TO_NATIVE_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # Old transformers versions saved this computed buffer; it is recomputed, never loaded.
 _IGNORED_HF = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -93,26 +102,36 @@ def rename_weight(name: str, top: dict[str, str], layer_pattern: re.Pattern, lay
     raise KeyError(f"{name!r} is not {what}")
 
 
-def native_to_hf_key(name: str) -> str:
+def native_to_hf_key(name: str, sandwich: bool = False) -> str:
     """``layers.0.attn.q_proj.weight`` -> ``model.layers.0.self_attn.q_proj.weight``.
 
+    Args:
+        name: a native weight name.
+        sandwich: the model has Gemma's four norms per layer (``ModelArgs.sandwich_norm``).
+
     Raises:
-        KeyError: the name is not a native Llama weight (e.g. a LoRA adapter weight).
+        KeyError: the name is not a native weight (e.g. a LoRA adapter weight).
     """
-    return rename_weight(name, _TOP_NAMES, NATIVE_LAYER, _LAYER_NAMES, "model.layers.", "a native Llama weight name")
+    layer = _SANDWICH_LAYER_NAMES if sandwich else _LAYER_NAMES
+    return rename_weight(name, _TOP_NAMES, NATIVE_LAYER, layer, "model.layers.", "a native weight name")
 
 
-def hf_to_native_key(name: str) -> str:
+def hf_to_native_key(name: str, sandwich: bool = False) -> str:
     """``model.layers.0.self_attn.q_proj.weight`` -> ``layers.0.attn.q_proj.weight``.
 
+    Args:
+        name: an HF tensor name.
+        sandwich: as in :func:`native_to_hf_key`.
+
     Raises:
-        KeyError: the name is not an HF Llama weight.
+        KeyError: the name is not an HF weight of the family.
     """
-    return rename_weight(name, _HF_TO_NATIVE_TOP, _HF_LAYER, _HF_TO_NATIVE_LAYER, "layers.", "an HF Llama weight name")
+    layer = _HF_TO_NATIVE_SANDWICH if sandwich else _HF_TO_NATIVE_LAYER
+    return rename_weight(name, _HF_TO_NATIVE_TOP, _HF_LAYER, layer, "layers.", "an HF weight name")
 
 
 # ---------------------------------------------------------------------------- reading
-def native_weight_name(hf_name: str, *, tied: bool, where) -> str | None:
+def native_weight_name(hf_name: str, args: ModelArgs, where) -> str | None:
     """The native name an HF checkpoint tensor loads into, or None for a tensor every reader
     skips: the rotary ``inv_freq`` buffer old transformers versions saved (recomputed, never
     loaded) and ``lm_head.weight`` of a model with tied embeddings (the head is the embedding).
@@ -122,18 +141,19 @@ def native_weight_name(hf_name: str, *, tied: bool, where) -> str | None:
 
     Args:
         hf_name: the tensor's name in the safetensors file.
-        tied: the model ties its output head to the embeddings (``tie_word_embeddings``).
+        args: the architecture (tied embeddings, the family's layer names).
         where: the checkpoint folder, for the error.
 
     Raises:
-        CheckpointError: a name that is not a Llama weight.
+        CheckpointError: a name that is not a weight of the family.
     """
-    if _IGNORED_HF.match(hf_name) or (tied and hf_name == "lm_head.weight"):
+    if _IGNORED_HF.match(hf_name) or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
         return None
     try:
-        return hf_to_native_key(hf_name)
+        return hf_to_native_key(hf_name, args.sandwich_norm)
     except KeyError:
-        raise CheckpointError(f"{where}: unexpected tensor {hf_name!r}; not a plain LlamaForCausalLM checkpoint") from None
+        arch = ARCHITECTURES.get(args.model_type, "LlamaForCausalLM")
+        raise CheckpointError(f"{where}: unexpected tensor {hf_name!r}; not a plain {arch} checkpoint") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -275,25 +295,26 @@ def load_hf_state_dict(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     *,
-    tie_word_embeddings: bool | None = None,
+    args: ModelArgs | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read an HF Llama checkpoint's weights with native names.
+    """Read an HF checkpoint's weights with native names.
 
     Args:
         checkpoint_dir: HF folder (``model.safetensors`` or sharded with an index).
         dtype: cast floating tensors to it (None keeps the stored dtype).
         device: where to put the tensors (cast tensor by tensor).
-        tie_word_embeddings: drop ``lm_head.weight`` when True (default: from config.json).
+        args: the architecture (default: from config.json): its names, and with tied
+            embeddings ``lm_head.weight`` is dropped.
 
     Raises:
         CheckpointError: missing files, corrupt safetensors, or a tensor name that is not a
-            Llama weight.
+            weight of the family.
     """
-    if tie_word_embeddings is None:
-        tie_word_embeddings = bool(read_hf_config(checkpoint_dir).get("tie_word_embeddings", False))
+    if args is None:
+        args = args_from_hf_config(read_hf_config(checkpoint_dir))
     out: dict[str, torch.Tensor] = {}
     for hf_name, tensor in iter_hf_tensors(checkpoint_dir):
-        name = native_weight_name(hf_name, tied=tie_word_embeddings, where=checkpoint_dir)
+        name = native_weight_name(hf_name, args, checkpoint_dir)
         if name is None:
             continue
         out[name] = _cast(tensor, dtype, device)
@@ -333,27 +354,28 @@ def from_pretrained(
     args = args_from_hf_config(config)
     model = build_model(args, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state_dict = load_hf_state_dict(path, dtype=dtype, device=device, tie_word_embeddings=args.tie_word_embeddings)
-    check_state_dict(state_dict, expected, path)
+    state_dict = load_hf_state_dict(path, dtype=dtype, device=device, args=args)
+    check_state_dict(state_dict, expected, path, args.sandwich_norm)
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Computed buffers were built on meta; rebuild them where the weights now live.
-    model.rope.reset_parameters(device=device)
+    model.reset_rope(device)
     return model.eval()
 
 
-def check_state_dict(state_dict: dict, expected: dict[str, tuple], where) -> None:
+def check_state_dict(state_dict: dict, expected: dict[str, tuple], where, sandwich: bool = False) -> None:
     """Every expected native name present with its shape and nothing else, or a one-line
-    CheckpointError in HF names (``where``: the checkpoint, for the message)."""
+    CheckpointError in HF names (``where``: the checkpoint, for the message; ``sandwich``: as
+    in :func:`native_to_hf_key`)."""
     missing = [k for k in expected if k not in state_dict]
     if missing:
-        hf = [native_to_hf_key(k) for k in missing]
+        hf = [native_to_hf_key(k, sandwich) for k in missing]
         more = f" (+{len(hf) - 3} more)" if len(hf) > 3 else ""
         raise CheckpointError(
             f"{where}: missing tensors {', '.join(hf[:3])}{more}; the weights do not match config.json"
         )
     unexpected = [k for k in state_dict if k not in expected]
     if unexpected:
-        hf = [native_to_hf_key(k) for k in unexpected]
+        hf = [native_to_hf_key(k, sandwich) for k in unexpected]
         more = f" (+{len(hf) - 3} more)" if len(hf) > 3 else ""
         raise CheckpointError(
             f"{where}: unexpected tensors {', '.join(hf[:3])}{more}; the weights do not match config.json"
@@ -362,7 +384,7 @@ def check_state_dict(state_dict: dict, expected: dict[str, tuple], where) -> Non
         got = tuple(state_dict[k].shape)
         if got != shape:
             raise CheckpointError(
-                f"{where}: tensor {native_to_hf_key(k)!r} has shape {list(got)}, config.json expects "
+                f"{where}: tensor {native_to_hf_key(k, sandwich)!r} has shape {list(got)}, config.json expects "
                 f"{list(shape)}; the weights do not match config.json"
             )
 
@@ -427,9 +449,9 @@ def save_pretrained(
     hf_state: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
         try:
-            hf_state[native_to_hf_key(name)] = tensor
+            hf_state[native_to_hf_key(name, args.sandwich_norm)] = tensor
         except KeyError:
-            raise CheckpointError(f"cannot save {name!r}: not a native Llama weight name") from None
+            raise CheckpointError(f"cannot save {name!r}: not a native weight name") from None
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,10 @@ Reads both layouts of the RoPE settings:
   ``{"rope_type" or "type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
   "original_max_position_embeddings"}`` (or null);
 * transformers 5 files: ``rope_parameters = {"rope_type": "default" | "llama3",
-  "rope_theta", ...}``.
+  "rope_theta", ...}``;
+* Gemma 3: hub ``rope_theta`` + ``rope_scaling`` (global layers) + ``rope_local_base_freq``
+  and ``sliding_window_pattern``, or transformers 5's ``rope_parameters`` per layer type and
+  ``layer_types``.
 
 Anything the native model cannot reproduce exactly (biases, other activations, other RoPE
 types, other architectures) is refused with a ``CheckpointError`` rather than loaded wrong.
@@ -22,11 +25,12 @@ from tunelab.models.llama.args import ModelArgs
 
 # model_type -> the architecture its config.json names. Mistral's network is Llama's (its
 # released checkpoints use no sliding window); Qwen2 adds biases on q/k/v; Qwen3 adds per-head
-# q/k RMSNorms and states its head_dim. Each keeps its own names when saved.
+# q/k RMSNorms and states its head_dim; Gemma 3 (text) changes norms, MLP, embeddings and mixes
+# sliding-window layers with full ones. Each keeps its own names when saved.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # max_position_embeddings when config.json has none: each transformers config class's default
-_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma3_text": 131072}
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # Keys hf_config_from_args owns; everything else in a source config is carried over.
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
@@ -60,27 +64,31 @@ def _positive(value: Any, key: str) -> float:
     return float(value)
 
 
-def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
+def _rope_settings(cfg: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
     """Return (rope_theta, rope_scaling or None) from either config layout."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and params:
-        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling, where = params, "rope_parameters"
-    else:
-        theta = cfg.get("rope_theta", 10000.0)
-        scaling, where = cfg.get("rope_scaling"), "rope_scaling"
+        theta = params.get("rope_theta", cfg.get("rope_theta", default_theta))
+        return _rope_dict(params, theta, "rope_parameters")
+    return _rope_dict(cfg.get("rope_scaling"), cfg.get("rope_theta", default_theta), "rope_scaling")
+
+
+def _rope_dict(scaling: Any, theta: Any, where: str) -> tuple[float, dict | None]:
+    """(theta, scaling or None) from one RoPE dict (``rope_scaling`` or a ``rope_parameters``
+    entry): ``default``, ``llama3`` or ``linear``."""
     theta = _positive(theta, "rope_theta")
     if scaling is None:
         return theta, None
     if not isinstance(scaling, dict):
-        raise CheckpointError(f"config.json {where}={scaling!r} is not a dict; expected null or a llama3 rope dict")
+        raise CheckpointError(f"config.json {where}={scaling!r} is not a dict; expected null or a rope dict")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return theta, None
+    if rope_type == "linear":  # Gemma 3's global layers: positions divided by factor
+        return theta, {"rope_type": "linear", "factor": _positive(scaling.get("factor"), f"{where}.factor")}
     if rope_type != "llama3":
-        raise CheckpointError(
-            f"config.json {where}.rope_type={rope_type!r} is not supported; tunelab supports 'default' and 'llama3'"
-        )
+        raise CheckpointError(f"config.json {where}.rope_type={rope_type!r} is not supported; tunelab supports "
+                              "'default', 'linear' and 'llama3'")
     missing = [k for k in LLAMA3_SCALING_KEYS if scaling.get(k) is None]
     if missing:
         raise CheckpointError(f"config.json {where} (rope_type llama3) lacks {', '.join(missing)}; add them")
@@ -89,6 +97,58 @@ def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
     for k in ("factor", "low_freq_factor", "high_freq_factor"):
         out[k] = _positive(scaling[k], f"{where}.{k}")
     return theta, out
+
+
+def _layer_types(cfg: dict, n_layers: int, pattern_default: int | None) -> list[str] | None:
+    """``layer_types`` as written (transformers 5), else from ``sliding_window_pattern`` (hub
+    Gemma 3: layer i slides iff (i + 1) % pattern != 0), else None."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n_layers or any(
+                t not in ("full_attention", "sliding_attention") for t in types):
+            raise CheckpointError(f"config.json layer_types={types!r} must list full_attention / sliding_attention "
+                                  f"for each of the {n_layers} layers")
+        return list(types)
+    if pattern_default is None:
+        return None
+    pattern = _integer(cfg, "sliding_window_pattern", default=pattern_default)
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+
+
+def _gemma3_fields(cfg: dict, n_layers: int) -> dict:
+    """The ``ModelArgs`` fields only Gemma 3 sets, from its config (defaults as transformers'
+    Gemma3TextConfig: global theta 1e6, local 1e4, window 4096, pattern 6, scalar 256)."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise CheckpointError(f"config.json {key}={cfg[key]!r} is not supported; tunelab runs Gemma 3 "
+                                  "without softcapping (released checkpoints have null)")
+    if cfg.get("use_bidirectional_attention"):
+        raise CheckpointError("config.json use_bidirectional_attention=true is not supported; tunelab trains "
+                              "causal language models")
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full = params.get("full_attention") or {}
+        local = params.get("sliding_attention") or {}
+        theta, scaling = _rope_dict(full, full.get("rope_theta", 1_000_000.0), "rope_parameters.full_attention")
+        local_theta, local_scaling = _rope_dict(local, local.get("rope_theta", 10_000.0),
+                                                "rope_parameters.sliding_attention")
+    else:
+        theta, scaling = _rope_settings(cfg, default_theta=1_000_000.0)
+        local_theta, local_scaling = _positive(cfg.get("rope_local_base_freq", 10_000.0), "rope_local_base_freq"), None
+    if local_scaling is not None:
+        raise CheckpointError(f"config.json: RoPE scaling {local_scaling['rope_type']!r} on the sliding layers is not "
+                              "supported (Gemma 3 scales the global layers only)")
+    scalar = _positive(cfg.get("query_pre_attn_scalar", 256), "query_pre_attn_scalar")
+    return dict(
+        rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta,
+        sliding_window=_integer(cfg, "sliding_window", default=4096),
+        layer_types=_layer_types(cfg, n_layers, pattern_default=6),
+        attn_scale=scalar ** -0.5, norm_plus_one=True, sandwich_norm=True, qk_norm=True,
+        hidden_act="gelu_tanh",
+    )
+
+
+_GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
@@ -118,58 +178,68 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
                 f"config.json architectures={archs!r} is not supported for model_type {model_type!r}; "
                 f"tunelab loads {[ARCHITECTURES[model_type]]}"
             )
+    n_layers = _integer(cfg, "num_hidden_layers")
+    gemma = model_type == "gemma3_text"
     if model_type.startswith("qwen"):
         # Qwen configs state a window size but switch it off (use_sliding_window defaults to false)
         if cfg.get("use_sliding_window", False):
             raise CheckpointError(f"config.json use_sliding_window={cfg['use_sliding_window']!r} is not supported; "
                                   "tunelab attends over the whole context (released Qwen checkpoints have false)")
-    elif cfg.get("sliding_window") is not None:
-        raise CheckpointError(f"config.json sliding_window={cfg['sliding_window']!r} is not supported; tunelab "
-                              "attends over the whole context (released Mistral 7B v0.3 / Nemo have null)")
-    layer_types = cfg.get("layer_types")
-    if layer_types is not None and (not isinstance(layer_types, list)
-                                    or any(t != "full_attention" for t in layer_types)):
-        raise CheckpointError(f"config.json layer_types={layer_types!r} is not supported; tunelab's layers attend "
-                              "over the whole context (every entry full_attention)")
+        window = None
+    elif gemma:
+        window = None  # _gemma3_fields reads it
+    else:  # Llama has no window; Mistral's applies to every layer when set
+        window = None if cfg.get("sliding_window") is None else _integer(cfg, "sliding_window")
+    layer_types = None if gemma else _layer_types(cfg, n_layers, pattern_default=None)
+    if layer_types is not None and "sliding_attention" in layer_types and window is None:
+        raise CheckpointError(f"config.json layer_types lists sliding_attention layers but sliding_window is "
+                              f"{cfg.get('sliding_window')!r}; give the window size")
+    if layer_types is not None and all(t == "full_attention" for t in layer_types):
+        layer_types = None
     # Qwen2's q/k/v biases are part of its architecture (its config has no switch for them)
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key) and model_type != "qwen2":
             raise CheckpointError(f"config.json {key}={cfg[key]!r} is not supported for model_type "
                                   f"{model_type!r}; its projections have no biases")
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"config.json hidden_act={act!r} is not supported; tunelab's Llama MLP uses 'silu'")
+    act_key = "hidden_activation" if gemma and "hidden_activation" in cfg else "hidden_act"
+    act = cfg.get(act_key, "gelu_pytorch_tanh" if gemma else "silu")
+    if act not in ((*_GELU_TANH,) if gemma else ("silu",)):
+        raise CheckpointError(f"config.json {act_key}={act!r} is not supported for model_type {model_type!r}; "
+                              f"tunelab's MLP uses {'gelu_pytorch_tanh' if gemma else 'silu'!r}")
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
         raise CheckpointError(
             f"config.json partial_rotary_factor={cfg['partial_rotary_factor']!r} is not supported; only 1.0"
         )
 
-    rope_theta, rope_scaling = _rope_settings(cfg)
     # every field the model uses: its type and range, one line naming the key when wrong
     n_heads = _integer(cfg, "num_attention_heads")
     dim = _integer(cfg, "hidden_size")
-    tied = cfg.get("tie_word_embeddings", False)
+    tied = cfg.get("tie_word_embeddings", gemma)
     if not isinstance(tied, bool):
         raise CheckpointError(f"config.json tie_word_embeddings={tied!r} must be true or false")
+    if gemma:
+        family = _gemma3_fields(cfg, n_layers)
+        family["embed_scale"] = dim ** 0.5
+    else:
+        rope_theta, rope_scaling = _rope_settings(cfg)
+        family = dict(rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window,
+                      layer_types=layer_types, qk_norm=model_type == "qwen3", qkv_bias=model_type == "qwen2")
     try:
         return ModelArgs(
             vocab_size=_integer(cfg, "vocab_size"),
             dim=dim,
-            n_layers=_integer(cfg, "num_hidden_layers"),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=_integer(cfg, "num_key_value_heads", default=n_heads),
             head_dim=_integer(cfg, "head_dim", default=max(dim // n_heads, 1)),
             hidden_dim=_integer(cfg, "intermediate_size"),
             norm_eps=_positive(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
             max_seq_len=_integer(cfg, "max_position_embeddings", default=_MAX_POSITIONS[model_type]),
             tie_word_embeddings=tied,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             model_type=model_type,
-            qk_norm=model_type == "qwen3",
-            qkv_bias=model_type == "qwen2",
+            **family,
         )
     except ValueError as e:  # inconsistent head counts etc.
         raise CheckpointError(f"config.json is inconsistent: {e}") from None
@@ -177,7 +247,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
 
 def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> dict:
     """A ``config.json`` dict for ``args`` that ``transformers`` loads as the model's family
-    (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``).
+    (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
+    ``Gemma3ForCausalLM``).
 
     Args:
         args: the architecture.
@@ -188,8 +259,9 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
     """
     cfg = copy.deepcopy(source_config) if source_config else {}
     use_rope_parameters = isinstance(cfg.get("rope_parameters"), dict)
-    for key in _ROPE_KEYS:
+    for key in (*_ROPE_KEYS, "rope_local_base_freq", "layer_types"):
         cfg.pop(key, None)
+    gemma = args.model_type == "gemma3_text"
     cfg.update(
         architectures=[ARCHITECTURES[args.model_type]],
         model_type=args.model_type,
@@ -200,19 +272,28 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
         num_attention_heads=args.n_heads,
         num_key_value_heads=args.n_kv_heads,
         head_dim=args.head_dim,
-        hidden_act="silu",
         rms_norm_eps=args.norm_eps,
         max_position_embeddings=args.max_seq_len,
         tie_word_embeddings=args.tie_word_embeddings,
     )
+    if gemma:
+        cfg.pop("hidden_act", None)
+        scalar = args.attn_scale ** -2 if args.attn_scale is not None else args.head_dim
+        cfg.update(hidden_activation="gelu_pytorch_tanh", attention_bias=False, sliding_window=args.sliding_window,
+                   query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+                   final_logit_softcapping=None, attn_logit_softcapping=None)
+    else:
+        cfg["hidden_act"] = "silu"
     if args.model_type == "llama":
         cfg.update(attention_bias=False, mlp_bias=False)
-    elif args.model_type == "mistral":  # no bias keys in its config class; the window is off
-        cfg["sliding_window"] = None
+    elif args.model_type == "mistral":  # no bias keys in its config class
+        cfg["sliding_window"] = args.sliding_window
     elif args.model_type == "qwen2":  # biases on q/k/v are implied by the architecture
         cfg["use_sliding_window"] = False
-    else:  # qwen3
+    elif args.model_type == "qwen3":
         cfg.update(attention_bias=False, use_sliding_window=False)
+    if args.layer_types is not None:
+        cfg["layer_types"] = list(args.layer_types)
     cfg.setdefault("attention_dropout", 0.0)
     cfg.setdefault("initializer_range", 0.02)
     cfg.setdefault("use_cache", True)
@@ -225,8 +306,13 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
     if use_rope_parameters:
         params = {"rope_type": "default"} if scaling is None else dict(scaling)
         params["rope_theta"] = args.rope_theta
+        if gemma:  # one entry per layer type
+            params = {"full_attention": params,
+                      "sliding_attention": {"rope_type": "default", "rope_theta": args.rope_local_theta}}
         cfg["rope_parameters"] = params
     else:
         cfg["rope_theta"] = args.rope_theta
         cfg["rope_scaling"] = scaling
+        if gemma:
+            cfg["rope_local_base_freq"] = args.rope_local_theta
     return dict(sorted(cfg.items()))

@@ -210,16 +210,16 @@ def from_pretrained_quantized(
     # names and shapes first (headers only), so a mismatch fails before any real work
     shapes = {}
     for hf_name, shape in _hf_shapes(path, bnb).items():
-        name = native_weight_name(hf_name, tied=args.tie_word_embeddings, where=path)
+        name = native_weight_name(hf_name, args, path)
         if name is not None:
             shapes[name] = torch.empty(shape, device="meta")
-    check_state_dict(shapes, expected, path)
+    check_state_dict(shapes, expected, path, args.sandwich_norm)
 
     pending: dict[str, dict[str, torch.Tensor]] = {}  # bnb pieces of a weight until all arrived
     for hf_name, tensor in iter_hf_tensors(path):
         m = _BNB_SUFFIX.match(hf_name) if bnb is not None else None
         base_name = m.group("weight") if m else hf_name
-        name = native_weight_name(base_name, tied=args.tie_word_embeddings, where=path)
+        name = native_weight_name(base_name, args, path)
         if name is None:
             continue
         if bnb is not None and (m is not None or tensor.dtype == torch.uint8):
@@ -244,5 +244,5 @@ def from_pretrained_quantized(
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: no weights for {', '.join(left[:3])}; the weights do not match config.json")
-    model.rope.reset_parameters(device=device)
+    model.reset_rope(device)
     return model.eval()

@@ -176,7 +176,8 @@ def _capability_at_least_8(index: int | None) -> bool:
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: SDPAPolicy | None = None, gqa: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: SDPAPolicy | None = None, gqa: bool = False,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Causal self-attention without a mask tensor, under an SDPA backend policy.
 
@@ -188,6 +189,7 @@ def causal_attention(
         gqa: under the ``auto`` policy, hand k/v to SDPA with ``enable_gqa=True`` instead of
             expanding them also where :func:`_gqa_kernels` would not (kept attention: the
             expanded copies would be what SDPA saves).
+        scale: the query scaling (None: ``head_dim ** -0.5``).
 
     Returns:
         [b, nh, s, hd].
@@ -196,16 +198,16 @@ def causal_attention(
     n_rep = q.shape[1] // k.shape[1]
     if policy.backends is None:
         if n_rep > 1 and (gqa or _gqa_kernels(q)):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=scale)
         k, v = _expand_kv(k, v, n_rep)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     gqa = policy.native_gqa and n_rep > 1
     if not gqa:
         k, v = _expand_kv(k, v, n_rep)
     # The context manager (not a global setting) so other SDPA users in the process keep
     # torch's defaults; dynamo traces it, so a compiled layer bakes the choice into its graph.
     with sdpa_kernel(list(policy.backends), set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
 
 
 _compiled_flex = None
@@ -222,7 +224,7 @@ def _flex_compiled():
 
 
 def flex_document_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None = None
 ) -> torch.Tensor:
     """flex_attention over a :func:`document_block_mask` (grouped-query k/v used as they are).
 
@@ -231,6 +233,7 @@ def flex_document_attention(
         k: [b, nkv, s, hd] with ``nh % nkv == 0``.
         v: like ``k``.
         block_mask: built for ``b`` rows of ``s`` tokens.
+        scale: the query scaling (None: ``head_dim ** -0.5``).
 
     Returns:
         [b, nh, s, hd].
@@ -240,8 +243,8 @@ def flex_document_attention(
         # Inside a compiled layer dynamo captures this call into the layer's own graph (a
         # nested compiled function would only add a graph break). On CPU the eager reference
         # runs (tests; forward only: torch has no CPU flex backward).
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    return _flex_compiled()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa, scale=scale)
+    return _flex_compiled()(q, k, v, block_mask=block_mask, enable_gqa=gqa, scale=scale)
 
 
 def document_block_mask(document_ids: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
@@ -323,29 +326,48 @@ def document_mask(document_ids: torch.Tensor, *, use_flex: bool | None = None) -
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None,
-           gqa: bool = False) -> torch.Tensor:
+           gqa: bool = False, scale: float | None = None) -> torch.Tensor:
     """Attention of q [b, nh, s, hd] over k/v [b, nkv, s_kv, hd] by the kernel ``mask`` picks
     (see the module docstring): None causal SDPA, a ``BlockMask`` flex_attention, a bool
     tensor (True = may attend, broadcastable to [b, nh, s, s_kv]) masked SDPA. ``gqa`` as in
-    :func:`causal_attention`. Returns [b, nh, s, hd]."""
+    :func:`causal_attention`; ``scale`` the query scaling (None: ``head_dim ** -0.5``).
+    Returns [b, nh, s, hd]."""
     if mask is None:
-        return causal_attention(q, k, v, gqa=gqa)
+        return causal_attention(q, k, v, gqa=gqa, scale=scale)
     if isinstance(mask, BlockMask):
-        return flex_document_attention(q, k, v, mask)
+        return flex_document_attention(q, k, v, mask, scale=scale)
     k, v = _expand_kv(k, v, q.shape[1] // k.shape[1])  # (b, nh, s_kv, hd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def window_mask(s: int, window: int, device, document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The mask of a sliding-window layer over ``s`` positions: query i sees key j iff
+    ``i - window < j <= i`` (transformers' convention: ``window`` keys, itself included) and,
+    with ``document_ids`` [b, s], both are in the same document. None when the window covers
+    every position and there are no documents (plain causal attention is the same).
+
+    Returns:
+        bool [1 or b, 1, s, s] (True = may attend), or None.
+    """
+    if document_ids is None and s <= window:
+        return None
+    i = torch.arange(s, device=device)
+    near = (i[:, None] - i[None, :] < window)  # (s, s)
+    if document_ids is None:
+        return (near & torch.ones(s, s, dtype=torch.bool, device=device).tril())[None, None]
+    return dense_document_mask(document_ids) & near[None, None]
 
 
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor | BlockMask | None, q_norm: nn.Module | None = None,
-                   k_norm: nn.Module | None = None) -> torch.Tensor:
+                   k_norm: nn.Module | None = None, scale: float | None = None) -> torch.Tensor:
     """(Per-head q/k norms,) RoPE on q/k, then :func:`attend` with grouped-query k/v as they are:
     the piece of a layer kept for checkpointing's rerun (its saved tensors are then q, k, v,
     what the norms save, and the output)."""
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     q, k = apply_rope(q, k, cos, sin)
-    return attend(q, k, v, mask, gqa=True)
+    return attend(q, k, v, mask, gqa=True, scale=scale)
 
 
 class KVCache(nn.Module):
@@ -408,22 +430,30 @@ class Attention(nn.Module):
         qk_norm: an RMSNorm over each head of q and of k (``q_norm``, ``k_norm``, weights
             [head_dim]) before RoPE, as Qwen3 has; ``None`` (Llama) for none, else its eps.
         qkv_bias: biases on the q, k and v projections (Qwen2); o_proj never has one.
+        sliding_window: this layer attends over the last ``sliding_window`` positions only
+            (Mistral v0.1, Gemma 3's local layers); the decoder hands it the matching mask.
+        scale: the query scaling (Gemma 3: ``query_pre_attn_scalar ** -0.5``); None is
+            ``head_dim ** -0.5``.
+        norm_plus_one: the q/k norms are Gemma's (``1 + weight``).
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: float | None = None,
-                 qkv_bias: bool = False) -> None:
+                 qkv_bias: bool = False, sliding_window: int | None = None, scale: float | None = None,
+                 norm_plus_one: bool = False) -> None:
         super().__init__()
         if n_heads % n_kv_heads != 0:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = head_dim
+        self.sliding_window = sliding_window
+        self.scale = scale
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
-        self.k_norm = RMSNorm(head_dim, eps=qk_norm) if qk_norm is not None else None
+        self.q_norm = RMSNorm(head_dim, eps=qk_norm, plus_one=norm_plus_one) if qk_norm is not None else None
+        self.k_norm = RMSNorm(head_dim, eps=qk_norm, plus_one=norm_plus_one) if qk_norm is not None else None
         self.kv_cache: KVCache | None = None
         sdpa_policy()  # a bad TUNELAB_SDPA_BACKEND fails when the model is built, not mid-step
 
@@ -451,7 +481,7 @@ class Attention(nn.Module):
         if keep:
             # q/k norms, RoPE + attention kept, not recomputed: their saved tensors are offloaded
             # in the forward, and checkpointing's rerun gets the output back (modules.recompute)
-            out = kept(rope_attention, q, k, v, cos, sin, mask, self.q_norm, self.k_norm)
+            out = kept(rope_attention, q, k, v, cos, sin, mask, self.q_norm, self.k_norm, self.scale)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)  # per head, over hd
@@ -460,6 +490,6 @@ class Attention(nn.Module):
                 if input_pos is None:
                     raise ValueError("input_pos is required when KV caches are set up")
                 k, v = self.kv_cache.update(input_pos, k, v)  # (b, nkv, max_seq_len, hd)
-            out = attend(q, k, v, mask)  # (b, nh, s, hd)
+            out = attend(q, k, v, mask, scale=self.scale)  # (b, nh, s, hd)
         out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)  # (b, s, nh*hd)
         return self.o_proj(out) if residual is None else project_onto(out, self.o_proj, residual)

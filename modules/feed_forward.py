@@ -1,17 +1,17 @@
-"""SwiGLU MLP of Llama."""
+"""Gated MLP: SwiGLU (Llama, Qwen, Mistral) or GeGLU with tanh GELU (Gemma)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from tunelab.kernels import swiglu
+from tunelab.kernels import gated_act
 from tunelab.modules.projections import mlp, project, project_onto
 from tunelab.modules.recompute import is_recomputing
 
 
 class FeedForward(nn.Module):
-    """``down_proj(silu(gate_proj(x)) * up_proj(x))``.
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` with ``act`` silu or tanh-GELU.
 
     The three projections are plain ``nn.Linear(bias=False)`` attributes so LoRA can replace
     them by leaf name.
@@ -19,10 +19,12 @@ class FeedForward(nn.Module):
     Args:
         dim: model width.
         hidden_dim: inner width (Llama's ``intermediate_size``).
+        act: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (Gemma's ``gelu_pytorch_tanh``).
     """
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, act: str = "silu") -> None:
         super().__init__()
+        self.act = act
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
@@ -32,11 +34,12 @@ class FeedForward(nn.Module):
         (inside the down projection's GEMMs where it is a fused LoRA layer)."""
         # checkpointing's rerun only refills saved tensors: nothing reads the output there
         unread = is_recomputing()
-        out = mlp(x, self.gate_proj, self.up_proj, self.down_proj, unread=unread, residual=residual)
-        if out is not None:  # a fused node (LoRA on all three)
-            return out
+        if self.act == "silu":  # the fused LoRA MLP kernels are SwiGLU's
+            out = mlp(x, self.gate_proj, self.up_proj, self.down_proj, unread=unread, residual=residual)
+            if out is not None:  # a fused node (LoRA on all three)
+                return out
         gate, up = project(x, self.gate_proj, self.up_proj)  # one LoRA node when both are adapted
-        hidden = swiglu(gate, up)  # silu(gate) * up
+        hidden = gated_act(gate, up, self.act)  # act(gate) * up
         if residual is not None and not unread:
             return project_onto(hidden, self.down_proj, residual)
         (out,) = project(hidden, self.down_proj, unread=unread)

@@ -4,8 +4,9 @@ The head dimension is split in two halves ``[x1, x2]`` and rotated as
 ``x * cos + [-x2, x1] * sin`` with frequency ``inv_freq[i]`` shared by element ``i`` of each
 half. This is the layout of HF Llama checkpoints, so q/k weights load without permutation.
 
-Frequencies are either plain (``theta ** (-2i / head_dim)``) or Llama 3.1's ``llama3``
-scaling, which divides the low frequencies by ``factor`` and interpolates smoothly in between.
+Frequencies are either plain (``theta ** (-2i / head_dim)``), ``linear`` (all divided by
+``factor``, Gemma 3) or Llama 3.1's ``llama3`` scaling, which divides the low frequencies by
+``factor`` and interpolates smoothly in between.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def rope_inv_freq(
     Args:
         head_dim: size of one attention head (even).
         theta: RoPE base (1e4 for Llama 2, 5e5 for Llama 3).
-        rope_scaling: None for plain RoPE, or ``{"rope_type": "llama3", "factor",
-            "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``.
+        rope_scaling: None for plain RoPE, ``{"rope_type": "linear", "factor"}``, or
+            ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}``.
         device: where to build the tensor.
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
@@ -40,8 +42,10 @@ def rope_inv_freq(
     rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
     if rope_type == "default":
         return inv_freq
+    if rope_type == "linear":  # positions divided by factor (Gemma 3's global layers)
+        return inv_freq / float(rope_scaling["factor"])
     if rope_type != "llama3":
-        raise ValueError(f"unsupported rope_type {rope_type!r}: only default and llama3")
+        raise ValueError(f"unsupported rope_type {rope_type!r}: only default, linear and llama3")
     factor = float(rope_scaling["factor"])
     low_freq_factor = float(rope_scaling["low_freq_factor"])
     high_freq_factor = float(rope_scaling["high_freq_factor"])

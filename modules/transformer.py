@@ -1,4 +1,6 @@
-"""The Llama decoder: embeddings, pre-norm decoder layers, final norm, output head."""
+"""The decoder: embeddings, pre-norm decoder layers, final norm, output head (Llama's shape,
+with what the other families change as switches: q/k norms, q/k/v biases, Gemma's sandwich
+norms, GeGLU, scaled embeddings and sliding-window layers)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.modules.attention import Attention, BlockMask, KVCache, document_mask
+from tunelab.modules.attention import Attention, BlockMask, KVCache, document_mask, window_mask
 from tunelab.modules.feed_forward import FeedForward
 from tunelab.modules.rms_norm import RMSNorm
 from tunelab.modules.rope import RotaryEmbedding
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + attn(attn_norm(x)); out = h + mlp(mlp_norm(h))``.
+    """Pre-norm block: ``h = x + attn(attn_norm(x)); out = h + mlp(mlp_norm(h))``; with
+    ``sandwich`` (Gemma) each sublayer's output is normed too before the residual add:
+    ``h = x + attn_post_norm(attn(attn_norm(x)))``, ``out = h + mlp_post_norm(mlp(mlp_norm(h)))``.
 
     Args:
         dim: model width.
@@ -27,18 +31,28 @@ class TransformerDecoderLayer(nn.Module):
         norm_eps: RMSNorm epsilon.
         qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3), with ``norm_eps``.
         qkv_bias: biases on the q, k and v projections (Qwen2).
+        sliding_window: attend over the last ``sliding_window`` positions only (None: all).
+        attn_scale: the query scaling (None: ``head_dim ** -0.5``).
+        norm_plus_one: Gemma's RMSNorm (``1 + weight``, fp32) everywhere in the layer.
+        sandwich: Gemma's post-attention and post-MLP norms.
+        act: the MLP gate's activation, ``silu`` or ``gelu_tanh``.
     """
 
     def __init__(
         self, *, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, hidden_dim: int, norm_eps: float,
-        qk_norm: bool = False, qkv_bias: bool = False,
+        qk_norm: bool = False, qkv_bias: bool = False, sliding_window: int | None = None,
+        attn_scale: float | None = None, norm_plus_one: bool = False, sandwich: bool = False, act: str = "silu",
     ) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(dim, eps=norm_eps)
+        norm = dict(eps=norm_eps, plus_one=norm_plus_one)
+        self.attn_norm = RMSNorm(dim, **norm)
         self.attn = Attention(dim, n_heads, n_kv_heads, head_dim, qk_norm=norm_eps if qk_norm else None,
-                              qkv_bias=qkv_bias)
-        self.mlp_norm = RMSNorm(dim, eps=norm_eps)
-        self.mlp = FeedForward(dim, hidden_dim)
+                              qkv_bias=qkv_bias, sliding_window=sliding_window, scale=attn_scale,
+                              norm_plus_one=norm_plus_one)
+        self.attn_post_norm = RMSNorm(dim, **norm) if sandwich else None
+        self.mlp_norm = RMSNorm(dim, **norm)
+        self.mlp = FeedForward(dim, hidden_dim, act=act)
+        self.mlp_post_norm = RMSNorm(dim, **norm) if sandwich else None
 
     def forward(
         self,
@@ -48,6 +62,9 @@ class TransformerDecoderLayer(nn.Module):
         mask: torch.Tensor | BlockMask | None = None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.attn_post_norm is not None:  # Gemma: the sublayer outputs are normed before the adds
+            h = x + self.attn_post_norm(self.attn(self.attn_norm(x), cos, sin, mask=mask, input_pos=input_pos))
+            return h + self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
         # the residual adds happen inside the output projections (see project_onto)
         h = self.attn(self.attn_norm(x), cos, sin, mask=mask, input_pos=input_pos, residual=x)
         return self.mlp(self.mlp_norm(h), residual=h)
@@ -59,16 +76,14 @@ class TransformerDecoder(nn.Module):
     State-dict names: ``tok_embeddings.weight``, ``layers.{i}.attn_norm.weight``,
     ``layers.{i}.attn.{q,k,v,o}_proj.weight`` (``attn.{q,k}_norm.weight`` with qk_norm,
     ``attn.{q,k,v}_proj.bias`` with qkv_bias),
-    ``layers.{i}.mlp_norm.weight``,
+    ``layers.{i}.mlp_norm.weight``, (sandwich) ``layers.{i}.{attn,mlp}_post_norm.weight``,
     ``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``norm.weight`` and ``output.weight``
     (absent with tied embeddings: logits then use ``tok_embeddings.weight``). RoPE frequencies
-    are a computed, non-persistent buffer.
+    are a computed, non-persistent buffer; sliding-window layers get their own RoPE base
+    (``rope_local``) where ``rope_local_theta`` is set (Gemma 3).
 
     Args:
-        args: the architecture, normally a ``tunelab.models.llama.ModelArgs`` (any object with
-            its fields works: vocab_size, dim, n_layers, n_heads, n_kv_heads, head_dim,
-            hidden_dim, norm_eps, rope_theta, rope_scaling, tie_word_embeddings; optionally
-            qk_norm, qkv_bias). Kept as ``model.args``.
+        args: the architecture, a ``tunelab.models.llama.ModelArgs``. Kept as ``model.args``.
     """
 
     def __init__(self, args: Any) -> None:
@@ -83,16 +98,31 @@ class TransformerDecoder(nn.Module):
                 head_dim=args.head_dim,
                 hidden_dim=args.hidden_dim,
                 norm_eps=args.norm_eps,
-                qk_norm=getattr(args, "qk_norm", False),
-                qkv_bias=getattr(args, "qkv_bias", False),
+                qk_norm=args.qk_norm,
+                qkv_bias=args.qkv_bias,
+                sliding_window=args.sliding_window if args.is_sliding(i) else None,
+                attn_scale=args.attn_scale,
+                norm_plus_one=args.norm_plus_one,
+                sandwich=args.sandwich_norm,
+                act=args.hidden_act,
             )
-            for _ in range(args.n_layers)
+            for i in range(args.n_layers)
         )
-        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps, plus_one=args.norm_plus_one)
         if not args.tie_word_embeddings:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
+        self.rope_local = (RotaryEmbedding(args.head_dim, args.rope_local_theta)
+                           if args.rope_local_theta is not None else None)
         self.causal_mask: torch.Tensor | None = None  # set by setup_caches
+        self.window_cache_mask: torch.Tensor | None = None
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Recompute the RoPE frequencies (fp32) on ``device``: after building on the meta
+        device and loading weights with ``assign=True``."""
+        for rope in (self.rope, self.rope_local):
+            if rope is not None:
+                rope.reset_parameters(device)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -135,6 +165,9 @@ class TransformerDecoder(nn.Module):
             attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, device)
         # Query at position p may see cached keys 0..p; rows are indexed by input_pos.
         self.causal_mask = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
+        if self.args.sliding_window is not None:  # ... and sliding layers only the last `window` of them
+            i = torch.arange(max_seq_len, device=device)
+            self.window_cache_mask = self.causal_mask & (i[:, None] - i[None, :] < self.args.sliding_window)
 
     def reset_caches(self) -> None:
         """Zero the KV caches (start a new sequence) without reallocating them."""
@@ -148,6 +181,7 @@ class TransformerDecoder(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = None
         self.causal_mask = None
+        self.window_cache_mask = None
 
     def caches_are_enabled(self) -> bool:
         return self.causal_mask is not None
@@ -178,14 +212,19 @@ class TransformerDecoder(nn.Module):
         """
         b, s = tokens.shape
         h = self.tok_embeddings(tokens)  # (b, s, dim)
+        if self.args.embed_scale is not None:  # Gemma: times sqrt(dim), rounded to h's dtype first
+            h = h * torch.tensor(self.args.embed_scale, dtype=h.dtype, device=h.device)
 
-        mask = None
+        mask = local_mask = None
+        windowed = self.args.sliding_window is not None
         if self.caches_are_enabled():
             if input_pos is None:
                 raise ValueError("input_pos [s] is required when KV caches are set up")
             if document_ids is not None:
                 raise ValueError("document_ids (packing) cannot be combined with a KV cache")
             mask = self.causal_mask[None, None, input_pos]  # (1, 1, s, cache_len)
+            if windowed:
+                local_mask = self.window_cache_mask[None, None, input_pos]
             if position_ids is None:
                 position_ids = input_pos[None].expand(b, s)
         else:
@@ -195,12 +234,20 @@ class TransformerDecoder(nn.Module):
                 # shared by all of them: a flex BlockMask on CUDA, a dense [b, 1, s, s] bool
                 # mask on CPU (see tunelab.modules.attention).
                 mask = document_mask(document_ids)
+            if windowed:  # a dense [1 or b, 1, s, s] mask (None while the window covers the row)
+                local_mask = window_mask(s, self.args.sliding_window, tokens.device, document_ids)
         if position_ids is None:
             position_ids = torch.arange(s, device=tokens.device)[None].expand(b, s)
 
         cos, sin = self.rope(position_ids, dtype=h.dtype)  # (b, s, head_dim) each
+        local_cos, local_sin = cos, sin
+        if self.rope_local is not None:
+            local_cos, local_sin = self.rope_local(position_ids, dtype=h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask=mask, input_pos=input_pos)
+            if layer.attn.sliding_window is not None:
+                h = layer(h, local_cos, local_sin, mask=local_mask, input_pos=input_pos)
+            else:
+                h = layer(h, cos, sin, mask=mask, input_pos=input_pos)
         h = self.norm(h)
         if return_hidden:
             return h

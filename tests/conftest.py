@@ -54,6 +54,13 @@ KINDS = {
                   sliding_window=4096),
     # Qwen3 in small: per-head q/k norms, explicit head_dim != hidden/heads, tied embeddings
     "qwen3": dict(num_key_value_heads=2, rope_theta=1000000.0, head_dim=24, tie_word_embeddings=True),
+    # Gemma 3 in small: 1+w norms (four per layer, and on q/k), GeGLU, scaled embeddings, two
+    # sliding layers (window 16, local theta 1e4) then a global one with linear rope scaling,
+    # query_pre_attn_scalar != head_dim, tied embeddings
+    "gemma3": dict(num_hidden_layers=3, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=16,
+                   query_pre_attn_scalar=24, rope_theta=1000000.0, rope_local_theta=10000.0,
+                   rope_scaling=dict(rope_type="linear", factor=8.0)),
 }
 
 
@@ -77,11 +84,19 @@ def _build_hf_model(kind: str, seed: int, **overrides):
 
         config_class, model_class = Qwen3Config, Qwen3ForCausalLM
         cfg.pop("mlp_bias")
+    elif kind == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config_class, model_class = Gemma3TextConfig, Gemma3ForCausalLM
+        cfg.pop("mlp_bias")
     rope_theta = cfg.pop("rope_theta")
     rope_scaling = cfg.pop("rope_scaling", None)
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_scaling is not None:
         rope_parameters = dict(rope_scaling, rope_theta=rope_theta)
+    if kind == "gemma3":  # one RoPE per layer type
+        rope_parameters = {"full_attention": rope_parameters,
+                           "sliding_attention": {"rope_type": "default", "rope_theta": cfg.pop("rope_local_theta")}}
     config = config_class(rope_parameters=rope_parameters, **cfg)
     torch.manual_seed(seed)
     model = model_class(config).eval()
@@ -101,7 +116,7 @@ def make_hf_checkpoint(tmp_path_factory):
     kinds: llama2 (MHA, theta 1e4), llama3 (GQA, theta 5e5), llama3_1 (llama3 rope scaling),
     llama3_2 (tied embeddings), mistral (MistralForCausalLM, theta 1e6, no window),
     mistral_nemo (the same with an explicit head_dim), qwen2 (q/k/v biases, tied), qwen3 (q/k
-    norms, head_dim 24, tied). Written in fp32 by transformers' save_pretrained. Results are
+    norms, head_dim 24, tied), gemma3 (Gemma3ForCausalLM: sliding and global layers). Written in fp32 by transformers' save_pretrained. Results are
     cached per argument set for the session; treat the folder as read-only (copy it to modify).
     """
     cache: dict = {}

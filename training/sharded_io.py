@@ -79,12 +79,11 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
         params[name] = w  # found by its dense name; its storage parameters are filled together
         for part in NF4_STORAGE:
             params.pop(f"{name}.{part}")
-    tied = bool(getattr(model.args, "tie_word_embeddings", False))
     loaded: set[str] = set()
     for file, names in tensors_by_file(checkpoint_dir).items():
         with open_safetensors(file) as f:
             for hf_name in names:
-                name = native_weight_name(hf_name, tied=tied, where=checkpoint_dir)
+                name = native_weight_name(hf_name, model.args, checkpoint_dir)
                 if name is None:
                     continue
                 if name not in params:
@@ -105,7 +104,8 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
                 loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:
-        raise CheckpointError(f"{checkpoint_dir}: missing tensors {', '.join(native_to_hf_key(k) for k in missing[:3])}; "
+        names = ", ".join(native_to_hf_key(k, model.args.sandwich_norm) for k in missing[:3])
+        raise CheckpointError(f"{checkpoint_dir}: missing tensors {names}; "
                               "the weights do not match config.json")
 
 

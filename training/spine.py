@@ -431,7 +431,7 @@ def build_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
     model.to_empty(device="cpu" if cfg.fsdp.cpu_offload else device)
     load_hf_weights_sharded(model, cfg.checkpoint_dir)
     init_lora_sharded(model)
-    model.rope.reset_parameters(device=device)
+    model.reset_rope(device)
     return model.train()
 
 

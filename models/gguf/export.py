@@ -166,7 +166,7 @@ class _Source:
         for hf_name, shape in _hf_shapes(path, self.bnb).items():
             if self.bnb is not None and _BNB_SUFFIX.match(hf_name):
                 continue  # a part of a quantized weight, read together with it
-            native = native_weight_name(hf_name, tied=args.tie_word_embeddings, where=path)
+            native = native_weight_name(hf_name, args, path)
             if native is None:
                 continue
             self.hf_names[native] = hf_name
@@ -366,7 +366,8 @@ def write_gguf(
     from tunelab.models.llama.builders import build_model
 
     expected = {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
-    check_state_dict({k: torch.empty(s, device="meta") for k, s in source.shapes.items()}, expected, path)
+    check_state_dict({k: torch.empty(s, device="meta") for k, s in source.shapes.items()}, expected, path,
+                     args.sandwich_norm)
 
     vocab = vocab(args.vocab_size)
     lora = _lora_pairs(args, adapter_dir) if adapter_dir is not None else {}

@@ -1,4 +1,5 @@
-"""``ModelArgs``: the architecture of a Llama-family model."""
+"""``ModelArgs``: the architecture of a decoder-only model of the supported families (Llama's
+shape plus the switches the others need)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ class ModelArgs:
             ``qwen2`` or ``qwen3``.
         qk_norm: a per-head RMSNorm on q and k before RoPE (Qwen3; weights [head_dim]).
         qkv_bias: the q, k and v projections have biases (Qwen2 / Qwen2.5).
+        sliding_window: size of the attention window of sliding layers [sliding_window]:
+            query i sees keys i - window + 1 ... i.
+        layer_types: per layer ``"full_attention"`` or ``"sliding_attention"`` [layer_types];
+            None = every layer full, or every layer sliding when ``sliding_window`` is set.
+        rope_local_theta: RoPE base of the sliding layers, which then use no rope scaling
+            (Gemma 3's rope_local_base_freq); None = the global RoPE everywhere.
+        attn_scale: query scaling (Gemma 3: query_pre_attn_scalar ** -0.5); None = head_dim ** -0.5.
+        norm_plus_one: Gemma's RMSNorm (scale 1 + weight, computed in fp32).
+        sandwich_norm: Gemma's extra norms on the attention and MLP outputs.
+        hidden_act: MLP gate activation, ``"silu"`` or ``"gelu_tanh"`` (Gemma).
+        embed_scale: multiply the embeddings by this (Gemma: sqrt(dim)); None = no scaling.
     """
 
     vocab_size: int
@@ -50,6 +62,14 @@ class ModelArgs:
     model_type: str = "llama"
     qk_norm: bool = False
     qkv_bias: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None
+    attn_scale: float | None = None
+    norm_plus_one: bool = False
+    sandwich_norm: bool = False
+    hidden_act: str = "silu"
+    embed_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -64,3 +84,22 @@ class ModelArgs:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+            bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if bad:
+                raise ValueError(f"layer_types holds {bad}; each entry is full_attention or sliding_attention")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not silu or gelu_tanh")
+
+    def is_sliding(self, layer: int) -> bool:
+        """Does layer ``layer`` attend over a sliding window?"""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"

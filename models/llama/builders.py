@@ -24,7 +24,7 @@ def build_model(
     Args:
         args: the architecture.
         device: where to allocate parameters; ``"meta"`` builds without memory (then load with
-            ``load_state_dict(assign=True)`` and call ``model.rope.reset_parameters(device)``).
+            ``load_state_dict(assign=True)`` and call ``model.reset_rope(device)``).
         dtype: parameter dtype (default: torch's default dtype). RoPE stays fp32.
     """
     old_dtype = torch.get_default_dtype()

@@ -93,3 +93,26 @@ def test_dispatch_triton_path(triton_backend):
     x, w, dy = _inputs((3, 50), torch.float32, triton_backend)
     y = rms_norm(x, w, 1e-6)
     assert y.grad_fn is not None and "RMSNormFunction" in type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_plus_one_fp32_matches_reference(device, shape, weight_grad):
+    """Gemma's norm (scale 1 + w, fp32 until one final rounding) against its reference."""
+    x, w, dy = _inputs(shape, torch.float32, device, weight_grad, seed=3)
+    w = (0.3 * w.detach()).requires_grad_(weight_grad)  # Gemma's weights sit around 0
+    ours = _run(lambda a, b, e: RMSNormFunction.apply(a, b, e, True), x, w, dy)
+    ref = _run(lambda a, b, e: rms_norm_reference(a, b, e, True), x, w, dy)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_plus_one_bf16_keeps_the_input_dtype(device, assert_bf16_close):
+    x, w, dy = _inputs((4, 9, 200), torch.bfloat16, device, seed=4)
+    w32 = (0.3 * w.detach().float()).requires_grad_()
+    ours = _run(lambda a, b, e: RMSNormFunction.apply(a, b, e, True), x, w32, dy)
+    low = _run(lambda a, b, e: rms_norm_reference(a, b, e, True), x, w32, dy)
+    truth = _run(lambda a, b, e: rms_norm_reference(a, b, e, True), x.double(), w32.double(), dy.double())
+    assert ours[0].dtype == low[0].dtype == torch.bfloat16
+    for name, a, b, t in zip(["y", "dx", "dw"], ours, low, truth):
+        assert_bf16_close(a, b, t, name)

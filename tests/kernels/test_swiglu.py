@@ -72,3 +72,30 @@ def test_dispatch(device):
         assert "SwiGLUFunction" in type(swiglu(gate.requires_grad_(), up).grad_fn).__name__
     with backend("reference"):
         assert torch.equal(swiglu(gate, up), swiglu_reference(gate, up))
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 37), (5, 2048 + 3)])
+def test_gelu_tanh_fp32_matches_reference(device, shape):
+    """GeGLU (Gemma's gelu_pytorch_tanh gate) against F.gelu(approximate='tanh') * up run in
+    fp64: torch's fp32 version rounds 1 + tanh(z) to 0 in the far negative tail, where the
+    kernel's sigmoid(2z) form keeps the (tiny) value, so the fp64 run is the judge (fp32
+    tolerance as above, absolute 1e-5 for values up to ~40)."""
+    from tunelab.kernels import gated_act_reference
+
+    gate, up, dy = _inputs(shape, torch.float32, device, seed=5)
+    ours = _run(lambda g, u: SwiGLUFunction.apply(g, u, True), gate, up, dy)
+    ref = _run(lambda g, u: gated_act_reference(g, u, "gelu_tanh"), gate.double(), up.double(), dy.double())
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_tanh_bf16_within_bf16_noise(device, assert_bf16_close):
+    from tunelab.kernels import gated_act_reference
+
+    gate, up, dy = _inputs((4, 9, 160), torch.bfloat16, device, seed=6)
+    ref = lambda g, u: gated_act_reference(g, u, "gelu_tanh")  # noqa: E731
+    ours = _run(lambda g, u: SwiGLUFunction.apply(g, u, True), gate, up, dy)
+    low = _run(ref, gate, up, dy)
+    truth = _run(ref, gate.double(), up.double(), dy.double())
+    for name, a, b, t in zip(["y", "dgate", "dup"], ours, low, truth):
+        assert_bf16_close(a, b, t, name)

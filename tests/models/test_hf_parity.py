@@ -29,7 +29,7 @@ def _compare(native, hf, tokens, **kw):
 
 
 @pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_1", "llama3_2", "mistral", "mistral_nemo", "qwen2",
-                                  "qwen3"])
+                                  "qwen3", "gemma3"])
 def test_logits_match_transformers(kind, make_hf_checkpoint, load_hf_model):
     path = make_hf_checkpoint(kind)
     native, hf = from_pretrained(path), load_hf_model(path)
@@ -82,11 +82,10 @@ def test_bf16_load(make_hf_checkpoint):
     assert native(torch.randint(0, 1024, (1, 8))).dtype == torch.bfloat16
 
 
-def test_mistral_saves_as_mistral_and_refuses_a_window(make_hf_checkpoint, load_hf_model, tmp_path):
+def test_mistral_saves_as_mistral_and_runs_its_window(make_hf_checkpoint, load_hf_model, tmp_path):
     """A Mistral checkpoint keeps its family through save_pretrained (transformers loads the
-    folder as MistralForCausalLM with the same logits); a non-null sliding_window, which
-    tunelab does not implement, is one line naming the key."""
-    from tunelab.errors import CheckpointError
+    folder as MistralForCausalLM with the same logits); a sliding_window (Mistral 7B v0.1's
+    4096, here 8 on 24 tokens) applies to every layer, as in transformers."""
     from tunelab.models import save_pretrained
 
     src = make_hf_checkpoint("mistral_nemo")
@@ -97,12 +96,10 @@ def test_mistral_saves_as_mistral_and_refuses_a_window(make_hf_checkpoint, load_
     hf = load_hf_model(out)
     assert type(hf).__name__ == "MistralForCausalLM" and hf.config.head_dim == 24
     _compare(native, hf, torch.randint(0, 1024, (2, 24)))
-    windowed = tmp_path / "windowed"
-    shutil.copytree(src, windowed)
-    (windowed / "config.json").write_text(json.dumps(dict(config, sliding_window=4096)))
-    with pytest.raises(CheckpointError, match="sliding_window=4096 is not supported") as info:
-        from_pretrained(windowed)
-    assert "\n" not in str(info.value)
+    windowed = make_hf_checkpoint("mistral", sliding_window=8)
+    native = from_pretrained(windowed)
+    assert native.args.sliding_window == 8 and all(native.args.is_sliding(i) for i in range(2))
+    _compare(native, load_hf_model(windowed), torch.randint(0, 1024, (2, 24)))
 
 
 def test_qwen2_biases_round_trip_and_a_live_window_is_refused(make_hf_checkpoint, load_hf_model, tmp_path):
@@ -135,5 +132,39 @@ def test_qwen2_biases_round_trip_and_a_live_window_is_refused(make_hf_checkpoint
 
     (hub / "config.json").write_text(json.dumps(dict(hub_config, use_sliding_window=True)))
     with pytest.raises(CheckpointError, match="use_sliding_window=True is not supported") as info:
+        from_pretrained(hub)
+    assert "\n" not in str(info.value)
+
+
+def test_gemma3_round_trip_and_hub_config(make_hf_checkpoint, load_hf_model, tmp_path):
+    """Gemma 3's four norms per layer save back under their HF names (transformers reads the
+    folder as Gemma3ForCausalLM with the same logits); the hub spelling of its config (rope_theta
+    + rope_scaling for the global layers, rope_local_base_freq, sliding_window_pattern) loads to
+    the same model; softcapping, which tunelab does not implement, is one line naming the key."""
+    from tunelab.errors import CheckpointError
+    from tunelab.models import save_pretrained
+
+    src = make_hf_checkpoint("gemma3")
+    native = from_pretrained(src)
+    a = native.args
+    assert [a.is_sliding(i) for i in range(3)] == [True, True, False] and a.attn_scale == 24 ** -0.5
+    out = save_pretrained(native, tmp_path / "out", source_dir=src)
+    hf = load_hf_model(out)
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    tokens = torch.randint(0, 1024, (2, 40))
+    _compare(native, hf, tokens)
+
+    config = json.loads((src / "config.json").read_text())
+    hub = tmp_path / "hub"
+    shutil.copytree(src, hub)
+    hub_config = {k: v for k, v in config.items() if k not in ("rope_parameters", "layer_types")}
+    hub_config.update(rope_theta=1000000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                      rope_local_base_freq=10000.0, sliding_window_pattern=3)  # layers 0, 1 slide; 2 is global
+    (hub / "config.json").write_text(json.dumps(hub_config))
+    assert from_pretrained(hub).args == a
+    _compare(from_pretrained(hub), load_hf_model(src), tokens)
+
+    (hub / "config.json").write_text(json.dumps(dict(hub_config, final_logit_softcapping=30.0)))
+    with pytest.raises(CheckpointError, match="final_logit_softcapping=30.0 is not supported") as info:
         from_pretrained(hub)
     assert "\n" not in str(info.value)

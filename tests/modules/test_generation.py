@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tunelab.models import from_pretrained
 from tunelab.modules.generation import generate, sample_next_token
 
 
-def test_greedy_matches_transformers(make_hf_checkpoint, load_hf_model):
-    path = make_hf_checkpoint("llama3_1")
+@pytest.mark.parametrize("kind", ["llama3_1", "gemma3", "qwen2"])
+def test_greedy_matches_transformers(make_hf_checkpoint, load_hf_model, kind):
+    """llama3_1: past original_max_position_embeddings (64); gemma3: past its window (16), so
+    the cached decoding runs the sliding layers' window mask and local RoPE."""
+    path = make_hf_checkpoint(kind)
     native, hf = from_pretrained(path), load_hf_model(path)
-    prompt = torch.randint(3, 1024, (9,)).tolist()
-    n = 70  # runs past original_max_position_embeddings (64)
+    prompt = torch.randint(3, 1024, (9,), generator=torch.Generator().manual_seed(0)).tolist()
+    n = 70
     with torch.no_grad():
         ref = hf.generate(
             torch.tensor([prompt]), do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0
