@@ -49,7 +49,7 @@ __all__ = ["DTYPES", "write_gguf", "gguf_tensor_name", "permute_for_llama_cpp", 
 
 # model_type -> llama.cpp architecture. Mistral is a llama file; qwen2 (q/k/v biases) and qwen3
 # (q/k norms) are their own, with rotate-half RoPE as in HF, so their q/k rows are not interleaved.
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
 
 #: Output types of ``export_gguf`` (llama.cpp's file-type names, lower case).
 DTYPES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -66,7 +66,9 @@ _LAYER_GGUF = {
     "attn.o_proj.weight": "attn_output.weight",
     "attn.q_norm.weight": "attn_q_norm.weight",  # qwen3
     "attn.k_norm.weight": "attn_k_norm.weight",
+    "attn_post_norm.weight": "post_attention_norm.weight",  # gemma3
     "mlp_norm.weight": "ffn_norm.weight",
+    "mlp_post_norm.weight": "post_ffw_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
@@ -111,8 +113,8 @@ def rope_freq_factors(args: ModelArgs) -> torch.Tensor | None:
         fp32 ``[head_dim // 2]``: the divisor of each rotary frequency, i.e. plain
         ``theta ** (-2i / head_dim)`` over tunelab's scaled frequency.
     """
-    if args.rope_scaling is None:
-        return None
+    if args.rope_scaling is None or args.rope_scaling["rope_type"] != "llama3":
+        return None  # linear scaling is a metadata key (rope.scaling.type / factor)
     from tunelab.modules.rope import rope_inv_freq
 
     plain = rope_inv_freq(args.head_dim, args.rope_theta, None).double()
@@ -233,6 +235,8 @@ def _plan(args: ModelArgs, source: _Source) -> list[_Tensor]:
                 continue  # only qwen3 has them
             if native_leaf.endswith(".bias") and not args.qkv_bias:
                 continue  # only qwen2 has them
+            if native_leaf.endswith("_post_norm.weight") and not args.sandwich_norm:
+                continue  # only gemma3 has them
             native = f"layers.{i}.{native_leaf}"
             tensors.append(_Tensor(gguf_tensor_name(native), source.shapes[native], native))
     tensors.append(_Tensor("output_norm.weight", source.shapes["norm.weight"], "norm.weight"))
@@ -292,7 +296,27 @@ def _write_metadata(writer, args: ModelArgs, dtype: str, name: str) -> None:
     if args.head_dim * args.n_heads != args.dim:
         writer.add_key_length(args.head_dim)
         writer.add_value_length(args.head_dim)
+    if args.sliding_window is not None and any(args.is_sliding(i) for i in range(args.n_layers)):
+        writer.add_sliding_window(args.sliding_window)
+    if args.rope_scaling is not None and args.rope_scaling["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
 
+
+def _check_llama_cpp_can_run(args: ModelArgs, path) -> None:
+    """llama.cpp's gemma3 fixes what transformers reads from config.json: every 6th layer
+    global, local RoPE base 1e4, and the query scale 1/sqrt(head_dim) (27B: 1/sqrt(dim/heads)).
+    Refuse a file it would run differently."""
+    if args.model_type != "gemma3_text":
+        return
+    pattern = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(args.n_layers)]
+    types = args.layer_types or ["sliding_attention"] * args.n_layers
+    scalar = args.attn_scale ** -2 if args.attn_scale is not None else args.head_dim
+    scalars = [args.head_dim] + ([args.dim / args.n_heads] if args.n_layers == 62 else [])
+    if types != pattern or args.rope_local_theta != 10000.0 or not any(abs(scalar - s) < 1e-6 for s in scalars):
+        raise CheckpointError(f"{path}: llama.cpp runs Gemma 3 with every 6th layer global, local RoPE base 10000 "
+                              "and query_pre_attn_scalar = head_dim; this checkpoint differs, so its GGUF file "
+                              "would compute something else")
 
 def _tensor_data(t: _Tensor, args: ModelArgs, source: _Source, lora: dict) -> torch.Tensor:
     """The fp32 tensor to encode for plan entry ``t`` (merged and permuted)."""
@@ -309,6 +333,8 @@ def _tensor_data(t: _Tensor, args: ModelArgs, source: _Source, lora: dict) -> to
             weight = permute_for_llama_cpp(weight, args.n_heads)
         elif t.native.endswith("attn.k_proj.weight"):
             weight = permute_for_llama_cpp(weight, args.n_kv_heads)
+    if args.norm_plus_one and t.native.endswith("norm.weight"):
+        weight = weight + 1  # llama.cpp's gemma3 scales by the stored weight (its converter adds the 1)
     return weight.contiguous()
 
 
@@ -362,6 +388,7 @@ def write_gguf(
     path = checkpoint_folder(checkpoint_dir)
     config = read_hf_config(path)
     args = args_from_hf_config(config)
+    _check_llama_cpp_can_run(args, path)
     source = _Source(path, config, args)
     from tunelab.models.llama.builders import build_model
 

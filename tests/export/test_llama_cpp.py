@@ -36,6 +36,9 @@ WIDE = dict(hidden_size=256, intermediate_size=512)  # rows of 256: q4_k_m holds
 # 4e-3 leaves ~5x room, while q/k rows left in HF order put it at 4e-2 to 6e-2. bf16
 # weights keep 8 significant bits instead of 11 (8x the rounding): bound 8x as wide.
 REL_TOL = {"f16": 4e-3, "bf16": 3.2e-2}
+# What llama.cpp's gemma3 hard-codes: every 6th layer global and query_pre_attn_scalar = head_dim
+LLAMA_CPP_LAYOUT = {"gemma3": dict(num_hidden_layers=6, query_pre_attn_scalar=32,
+                                   layer_types=["sliding_attention"] * 5 + ["full_attention"])}
 
 
 @pytest.fixture
@@ -82,9 +85,10 @@ def _prompt(tok, n_tokens: int, seed: int = 0) -> list[int]:
     ("mistral", "sentencepiece", 24, "f16"),  # Mistral 7B v0.3's layout: a llama file for llama.cpp
     ("qwen2", "tiktoken", 24, "f16"),  # llama.cpp's qwen2: q/k/v biases, rotate-half rope, tied embeddings
     ("qwen3", "tiktoken", 24, "f16"),  # llama.cpp's qwen3: q/k norms, rotate-half rope, tied embeddings
+    ("gemma3", "sentencepiece", 40, "f16"),  # 1+w norms stored +1, GeGLU, window 16 < 40 tokens
 ])
 def test_logits_match_tunelab(export_checkpoint, tmp_path, open_llama, kind, tokenizer, n_tokens, dtype):
-    ckpt = export_checkpoint(kind, tokenizer, **WIDE)
+    ckpt = export_checkpoint(kind, tokenizer, **WIDE, **LLAMA_CPP_LAYOUT.get(kind, {}))
     path = export_gguf(ckpt, tmp_path / "m.gguf", dtype=dtype)
     tok = load_tokenizer(ckpt)
     ids = _prompt(tok, n_tokens)

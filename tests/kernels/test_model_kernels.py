@@ -19,11 +19,12 @@ from tunelab.modules.peft import apply_lora, get_adapter_params, set_trainable_p
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("kind", ["llama3", "llama3_2"])
+@pytest.mark.parametrize("kind", ["llama3", "llama3_2", "gemma3"])
 def test_logits_match_transformers_with_kernels(kind, triton_backend, make_hf_checkpoint, load_hf_model):
+    """gemma3: the 1+w RMSNorm and GeGLU kernels in the model, past its window (16)."""
     path = make_hf_checkpoint(kind)
     model = from_pretrained(path, device=triton_backend)
-    tokens = torch.randint(0, 1024, (2, 12))
+    tokens = torch.randint(0, 1024, (2, 20 if kind == "gemma3" else 12))
     with torch.no_grad():
         ours = model(tokens.to(triton_backend)).cpu()
         ref = load_hf_model(path)(tokens).logits

@@ -192,3 +192,26 @@ def test_tiny_dpo_as_shipped(tmp_path, capsys):
     assert "builtin:tiny/preferences.jsonl" in (out / "config.yaml").read_text()
     printed = capsys.readouterr().out  # the progress lines (stderr is no terminal under pytest)
     assert "step 2/2 loss=" in printed and "acc=" in printed and "margin=" in printed
+
+
+@pytest.mark.parametrize("kind,cls", [("qwen3", "Qwen3ForCausalLM"), ("gemma3", "Gemma3ForCausalLM")])
+def test_other_families_dpo(tmp_path, make_hf_checkpoint, load_hf_model, kind, cls):
+    """DPO on Qwen3 (pairs rendered by Qwen3's own chat template) and Gemma 3: the first step
+    is policy == reference (loss log 2), the merged folder loads in transformers as the family
+    with tunelab's logits (fp32, 1e-4)."""
+    from tunelab.models import from_pretrained
+    from tunelab.models.adapters import load_adapter
+
+    from ..data.chat_templates import write_family_tokenizer
+
+    tokenizer = write_family_tokenizer(tmp_path / "tok", "qwen3") if kind == "qwen3" else TINY_TOKENIZER
+    out = tmp_path / "out"
+    rows = run(dpo_argv(make_hf_checkpoint(kind), out, pairs_file(tmp_path, 8), "max_steps=2", "save_merged=final",
+                        f"tokenizer={tokenizer}", f"lora.targets=[{ALL_TARGETS.removesuffix(',output')}]"))
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    tokens = torch.randint(0, 600, (2, 12), generator=torch.Generator().manual_seed(0))
+    merged = load_hf_model(out / "step_2" / "merged")
+    assert type(merged).__name__ == cls
+    with torch.no_grad():
+        expected = load_adapter(from_pretrained(make_hf_checkpoint(kind)), out / "step_2" / "adapter").eval()(tokens)
+        torch.testing.assert_close(merged(tokens).logits, expected, atol=1e-4, rtol=1e-4)

@@ -320,6 +320,8 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
     ("qwen2", "Qwen2ForCausalLM", ("quantize=nf4",)),  # QLoRA: the biases stay dense beside NF4
     ("qwen3", "Qwen3ForCausalLM", ()),
     ("qwen3", "Qwen3ForCausalLM", ("quantize=nf4", "activation_checkpointing=true")),  # QLoRA
+    ("gemma3", "Gemma3ForCausalLM", ()),
+    ("gemma3", "Gemma3ForCausalLM", ("quantize=nf4",)),
 ])
 def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, make_hf_checkpoint, load_hf_model,
                                                                    rt, kind, cls, extra):
