@@ -72,13 +72,18 @@ _UNSUPPORTED = {
 _BASE_MODIFYING_INIT = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-def _hf_module(native_module: str) -> str:
-    """``layers.0.attn.q_proj`` -> ``model.layers.0.self_attn.q_proj`` (through the weight name)."""
-    return native_to_hf_key(f"{native_module}.weight").removesuffix(".weight")
+def _hf_module(native_module: str, args=None) -> str:
+    """``layers.0.attn.q_proj`` -> ``model.layers.0.self_attn.q_proj``: the module path in the
+    transformers model PEFT wraps (an image-text model's language model sits at
+    ``model.language_model.`` there, whatever its checkpoint files call it)."""
+    hf = native_to_hf_key(f"{native_module}.weight").removesuffix(".weight")
+    if getattr(args, "multimodal", False) and hf.startswith("model."):
+        hf = "model.language_model." + hf.removeprefix("model.")
+    return hf
 
 
-def _native_module(hf_module: str) -> str:
-    return hf_to_native_key(f"{hf_module}.weight").removesuffix(".weight")
+def _native_module(hf_module: str, args=None) -> str:
+    return hf_to_native_key(f"{hf_module}.weight", args).removesuffix(".weight")
 
 
 def _cfg_value(lora_cfg: Any, name: str) -> Any:
@@ -163,19 +168,21 @@ def save_adapter(
     for name, m in modules:
         if m.lora_a.weight.is_meta:
             raise ValueError(f"save_adapter: {name} adapter weights are on the meta device")
-        hf = _hf_module(name)
+        hf = _hf_module(name, model.args)
         hf_paths.append(hf)
         tensors[f"{_PREFIX}{hf}.lora_A.weight"] = m.lora_a.weight.detach().cpu().contiguous()
         tensors[f"{_PREFIX}{hf}.lora_B.weight"] = m.lora_b.weight.detach().cpu().contiguous()
 
     # PEFT matches a target name against the end of each module path. Leaf names describe the
-    # model when every layer with that leaf is adapted; otherwise list the exact paths.
+    # model when every layer with that leaf is adapted (and no vision tower shares the leaf
+    # names); otherwise list the exact paths.
     all_linear = linear_layer_names(model)
     adapted = {name for name, _ in modules}
     target_modules = set()
     for hf, (name, _) in zip(hf_paths, modules):
         leaf = name.rpartition(".")[2]
-        full_cover = all(n in adapted for n in all_linear if n.rpartition(".")[2] == leaf)
+        full_cover = not model.args.multimodal and all(n in adapted for n in all_linear
+                                                       if n.rpartition(".")[2] == leaf)
         target_modules.add(hf.rpartition(".")[2] if full_cover else hf)
 
     config = {
@@ -261,7 +268,7 @@ def _targeted_modules(model: nn.Module, target_modules: Any, cfg_path: Path) -> 
     linears = {}
     for name in linear_layer_names(model):
         try:
-            linears[name] = _hf_module(name)
+            linears[name] = _hf_module(name, model.args)
         except KeyError:
             continue  # a layer with no HF name cannot be targeted by a PEFT adapter
     if isinstance(target_modules, str):
@@ -326,10 +333,10 @@ def load_adapter(
             )
         adapter_names.add(m["adapter"])
         try:
-            native = _native_module(m["module"])
+            native = _native_module(m["module"], model.args)
         except KeyError:
             raise CheckpointError(
-                f"{weights_path}: key {key!r} names no layer of a Llama model"
+                f"{weights_path}: key {key!r} names no layer of this model (different base model?)"
             ) from None
         found.setdefault(native, {})[m["which"]] = (key, tensor)
     if len(adapter_names) > 1:
@@ -350,7 +357,7 @@ def load_adapter(
     missing = sorted(targeted - set(found))
     if missing:
         raise CheckpointError(
-            f"{weights_path}: no adapter weights for {_PREFIX}{_hf_module(missing[0])} "
+            f"{weights_path}: no adapter weights for {_PREFIX}{_hf_module(missing[0], model.args)} "
             f"({len(missing)} targeted layer(s) missing); wrong base model or truncated file?"
         )
 

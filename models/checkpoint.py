@@ -43,6 +43,10 @@ AUX_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
     "original/tokenizer.model",
 )
 
@@ -81,6 +85,8 @@ _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_TO_NATIVE_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HF_TO_NATIVE_SANDWICH = {v: k for k, v in _SANDWICH_LAYER_NAMES.items()}
 _HF_TO_NATIVE_TOP = {v: k for k, v in _TOP_NAMES.items()}
+# Where an image-text checkpoint (Gemma3ForConditionalGeneration) keeps its language model
+MULTIMODAL_PREFIX = "language_model."
 # Old transformers versions saved this computed buffer; it is recomputed, never loaded.
 _IGNORED_HF = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
@@ -102,39 +108,59 @@ def rename_weight(name: str, top: dict[str, str], layer_pattern: re.Pattern, lay
     raise KeyError(f"{name!r} is not {what}")
 
 
-def native_to_hf_key(name: str, sandwich: bool = False) -> str:
+def native_to_hf_key(name: str, args: ModelArgs | None = None) -> str:
     """``layers.0.attn.q_proj.weight`` -> ``model.layers.0.self_attn.q_proj.weight``.
 
     Args:
         name: a native weight name.
-        sandwich: the model has Gemma's four norms per layer (``ModelArgs.sandwich_norm``).
+        args: the architecture, where the family names its weights differently: Gemma's four
+            norms per layer (``sandwich_norm``), the ``language_model.`` prefix of an
+            image-text checkpoint (``multimodal``). None: Llama's names.
 
     Raises:
         KeyError: the name is not a native weight (e.g. a LoRA adapter weight).
     """
-    layer = _SANDWICH_LAYER_NAMES if sandwich else _LAYER_NAMES
-    return rename_weight(name, _TOP_NAMES, NATIVE_LAYER, layer, "model.layers.", "a native weight name")
+    layer = _SANDWICH_LAYER_NAMES if args is not None and args.sandwich_norm else _LAYER_NAMES
+    hf = rename_weight(name, _TOP_NAMES, NATIVE_LAYER, layer, "model.layers.", "a native weight name")
+    return MULTIMODAL_PREFIX + hf if args is not None and args.multimodal else hf
 
 
-def hf_to_native_key(name: str, sandwich: bool = False) -> str:
+def hf_to_native_key(name: str, args: ModelArgs | None = None) -> str:
     """``model.layers.0.self_attn.q_proj.weight`` -> ``layers.0.attn.q_proj.weight``.
 
     Args:
         name: an HF tensor name.
-        sandwich: as in :func:`native_to_hf_key`.
+        args: as in :func:`native_to_hf_key` (an image-text checkpoint's text weights may also
+            be spelled ``model.language_model.*``, as transformers 5 names them in memory).
 
     Raises:
         KeyError: the name is not an HF weight of the family.
     """
-    layer = _HF_TO_NATIVE_SANDWICH if sandwich else _HF_TO_NATIVE_LAYER
+    if args is not None and args.multimodal:
+        if name.startswith("model.language_model."):
+            name = "model." + name.removeprefix("model.language_model.")
+        elif name.startswith(MULTIMODAL_PREFIX):
+            name = name.removeprefix(MULTIMODAL_PREFIX)
+        elif name != "lm_head.weight":
+            raise KeyError(f"{name!r} is not a weight of the language model")
+    layer = _HF_TO_NATIVE_SANDWICH if args is not None and args.sandwich_norm else _HF_TO_NATIVE_LAYER
     return rename_weight(name, _HF_TO_NATIVE_TOP, _HF_LAYER, layer, "layers.", "an HF weight name")
+
+
+def is_language_model_tensor(hf_name: str, args: ModelArgs) -> bool:
+    """False for the tensors of an image-text checkpoint outside its language model (vision
+    tower, projector): tunelab neither loads nor changes them, and carries them into merged
+    exports as they are."""
+    return not args.multimodal or hf_name.startswith((MULTIMODAL_PREFIX, "model.language_model.", "lm_head.",
+                                                      "language_model.lm_head."))
 
 
 # ---------------------------------------------------------------------------- reading
 def native_weight_name(hf_name: str, args: ModelArgs, where) -> str | None:
     """The native name an HF checkpoint tensor loads into, or None for a tensor every reader
     skips: the rotary ``inv_freq`` buffer old transformers versions saved (recomputed, never
-    loaded) and ``lm_head.weight`` of a model with tied embeddings (the head is the embedding).
+    loaded), ``lm_head.weight`` of a model with tied embeddings (the head is the embedding) and
+    an image-text checkpoint's vision tensors (:func:`is_language_model_tensor`).
 
     The one rule for reading HF weights: the dense, quantized, sharded and GGUF readers all
     ask it.
@@ -147,10 +173,11 @@ def native_weight_name(hf_name: str, args: ModelArgs, where) -> str | None:
     Raises:
         CheckpointError: a name that is not a weight of the family.
     """
-    if _IGNORED_HF.match(hf_name) or (args.tie_word_embeddings and hf_name == "lm_head.weight"):
+    if (_IGNORED_HF.match(hf_name) or not is_language_model_tensor(hf_name, args)
+            or (args.tie_word_embeddings and hf_name.endswith("lm_head.weight"))):
         return None
     try:
-        return hf_to_native_key(hf_name, args.sandwich_norm)
+        return hf_to_native_key(hf_name, args)
     except KeyError:
         arch = ARCHITECTURES.get(args.model_type, "LlamaForCausalLM")
         raise CheckpointError(f"{where}: unexpected tensor {hf_name!r}; not a plain {arch} checkpoint") from None
@@ -355,27 +382,27 @@ def from_pretrained(
     model = build_model(args, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state_dict = load_hf_state_dict(path, dtype=dtype, device=device, args=args)
-    check_state_dict(state_dict, expected, path, args.sandwich_norm)
+    check_state_dict(state_dict, expected, path, args)
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Computed buffers were built on meta; rebuild them where the weights now live.
     model.reset_rope(device)
     return model.eval()
 
 
-def check_state_dict(state_dict: dict, expected: dict[str, tuple], where, sandwich: bool = False) -> None:
+def check_state_dict(state_dict: dict, expected: dict[str, tuple], where, args: ModelArgs | None = None) -> None:
     """Every expected native name present with its shape and nothing else, or a one-line
-    CheckpointError in HF names (``where``: the checkpoint, for the message; ``sandwich``: as
-    in :func:`native_to_hf_key`)."""
+    CheckpointError in HF names (``where``: the checkpoint, for the message; ``args``: the
+    family's names, as in :func:`native_to_hf_key`)."""
     missing = [k for k in expected if k not in state_dict]
     if missing:
-        hf = [native_to_hf_key(k, sandwich) for k in missing]
+        hf = [native_to_hf_key(k, args) for k in missing]
         more = f" (+{len(hf) - 3} more)" if len(hf) > 3 else ""
         raise CheckpointError(
             f"{where}: missing tensors {', '.join(hf[:3])}{more}; the weights do not match config.json"
         )
     unexpected = [k for k in state_dict if k not in expected]
     if unexpected:
-        hf = [native_to_hf_key(k, sandwich) for k in unexpected]
+        hf = [native_to_hf_key(k, args) for k in unexpected]
         more = f" (+{len(hf) - 3} more)" if len(hf) > 3 else ""
         raise CheckpointError(
             f"{where}: unexpected tensors {', '.join(hf[:3])}{more}; the weights do not match config.json"
@@ -384,7 +411,7 @@ def check_state_dict(state_dict: dict, expected: dict[str, tuple], where, sandwi
         got = tuple(state_dict[k].shape)
         if got != shape:
             raise CheckpointError(
-                f"{where}: tensor {native_to_hf_key(k, sandwich)!r} has shape {list(got)}, config.json expects "
+                f"{where}: tensor {native_to_hf_key(k, args)!r} has shape {list(got)}, config.json expects "
                 f"{list(shape)}; the weights do not match config.json"
             )
 
@@ -447,11 +474,19 @@ def save_pretrained(
     if args.tie_word_embeddings:
         state_dict.pop("output.weight", None)
     hf_state: dict[str, torch.Tensor] = {}
+    carried: set[str] = set()  # written as they were read, never cast
     for name, tensor in state_dict.items():
         try:
-            hf_state[native_to_hf_key(name, args.sandwich_norm)] = tensor
+            hf_state[native_to_hf_key(name, args)] = tensor
         except KeyError:
             raise CheckpointError(f"cannot save {name!r}: not a native weight name") from None
+    if args.multimodal:  # the vision tower and projector, as they were
+        if source_dir is None:
+            raise CheckpointError("an image-text model is saved from the folder it was loaded from; pass source_dir")
+        for hf_name, tensor in iter_hf_tensors(source_dir):
+            if not is_language_model_tensor(hf_name, args):
+                hf_state[hf_name] = tensor
+                carried.add(hf_name)
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -460,28 +495,31 @@ def save_pretrained(
         if old.is_file():
             old.unlink()
 
-    def nbytes(t: torch.Tensor) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size() if dtype and t.is_floating_point() else t.element_size()
-        return t.numel() * itemsize
+    def nbytes(k: str) -> int:
+        t = hf_state[k]
+        cast = dtype and t.is_floating_point() and k not in carried
+        return t.numel() * (torch.empty((), dtype=dtype).element_size() if cast else t.element_size())
 
-    shards = _plan_shards([(k, nbytes(t)) for k, t in hf_state.items()], max_shard_size)
+    shards = _plan_shards([(k, nbytes(k)) for k in hf_state], max_shard_size)
     n = len(shards)
     weight_map: dict[str, str] = {}
     for i, names in enumerate(shards, start=1):
         fname = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
         # One shard in host memory at a time; clone() so no two names share storage.
-        tensors = {k: _cast(hf_state[k].detach(), dtype, "cpu").contiguous().clone() for k in names}
+        tensors = {k: _cast(hf_state[k].detach(), None if k in carried else dtype, "cpu").contiguous().clone()
+                   for k in names}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         del tensors
         weight_map.update({k: fname for k in names})
     if n > 1:
-        total = sum(nbytes(t) for t in hf_state.values())
+        total = sum(nbytes(k) for k in hf_state)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     config = hf_config_from_args(args, source_config)
     config.pop("quantization_config", None)  # the weights written here are always dense
-    saved_dtype = dtype or next((t.dtype for t in hf_state.values() if t.is_floating_point()), None)
+    saved_dtype = dtype or next((t.dtype for k, t in hf_state.items() if t.is_floating_point() and k not in carried),
+                                None)
     if saved_dtype is not None:
         dtype_name = str(saved_dtype).removeprefix("torch.")
         if "torch_dtype" in config:

@@ -18,6 +18,7 @@ types, other architectures) is refused with a ``CheckpointError`` rather than lo
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 from tunelab.errors import CheckpointError
@@ -29,6 +30,8 @@ from tunelab.models.llama.args import ModelArgs
 # sliding-window layers with full ones. Each keeps its own names when saved.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+# image-text model_type -> (its architecture, the model_type of its text_config)
+MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text")}
 # max_position_embeddings when config.json has none: each transformers config class's default
 _MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma3_text": 131072}
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -164,6 +167,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     """
     if not isinstance(cfg, dict):
         raise CheckpointError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
+    if cfg.get("model_type") in MULTIMODAL:
+        return _multimodal_args(cfg)
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise CheckpointError(f"config.json model_type={model_type!r} is not supported; tunelab loads "
@@ -245,6 +250,24 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         raise CheckpointError(f"config.json is inconsistent: {e}") from None
 
 
+def _multimodal_args(cfg: dict) -> ModelArgs:
+    """The language model of an image-text config (``text_config``, keys missing there
+    defaulting as transformers' text config class does); tied embeddings from the top level."""
+    arch, text_type = MULTIMODAL[cfg["model_type"]]
+    archs = cfg.get("architectures")
+    if archs is not None and archs != [arch]:
+        raise CheckpointError(f"config.json architectures={archs!r} is not supported for model_type "
+                              f"{cfg['model_type']!r}; tunelab loads {[arch]}")
+    text = cfg.get("text_config") or {}
+    if not isinstance(text, dict):
+        raise CheckpointError(f"config.json text_config={text!r} must be a JSON object")
+    text = dict(text, model_type=text_type)
+    text.pop("architectures", None)
+    if "tie_word_embeddings" in cfg:
+        text.setdefault("tie_word_embeddings", cfg["tie_word_embeddings"])
+    return dataclasses.replace(args_from_hf_config(text), multimodal=True)
+
+
 def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> dict:
     """A ``config.json`` dict for ``args`` that ``transformers`` loads as the model's family
     (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
@@ -257,6 +280,14 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
             (``rope_parameters`` vs top-level ``rope_theta`` + ``rope_scaling``). Without it the
             hub layout is written, which both transformers 4 and 5 read.
     """
+    if args.multimodal:  # the source's config with its text_config rewritten
+        if not source_config or source_config.get("model_type") not in MULTIMODAL:
+            raise CheckpointError("an image-text model is saved from the folder it was loaded from; pass source_dir")
+        cfg = copy.deepcopy(source_config)
+        text = hf_config_from_args(dataclasses.replace(args, multimodal=False), cfg.get("text_config") or {})
+        text.pop("architectures")
+        cfg["text_config"] = text
+        return dict(sorted(cfg.items()))
     cfg = copy.deepcopy(source_config) if source_config else {}
     use_rope_parameters = isinstance(cfg.get("rope_parameters"), dict)
     for key in (*_ROPE_KEYS, "rope_local_base_freq", "layer_types"):

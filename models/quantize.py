@@ -213,7 +213,7 @@ def from_pretrained_quantized(
         name = native_weight_name(hf_name, args, path)
         if name is not None:
             shapes[name] = torch.empty(shape, device="meta")
-    check_state_dict(shapes, expected, path, args.sandwich_norm)
+    check_state_dict(shapes, expected, path, args)
 
     pending: dict[str, dict[str, torch.Tensor]] = {}  # bnb pieces of a weight until all arrived
     for hf_name, tensor in iter_hf_tensors(path):

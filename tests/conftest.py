@@ -64,7 +64,28 @@ KINDS = {
 }
 
 
+def _build_gemma3_image_text(seed: int, **overrides):
+    """Gemma3ForConditionalGeneration in small: the gemma3 kind's text model beside a one-layer
+    SigLIP vision tower and projector (what the 4B/12B/27B checkpoints hold)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = _build_hf_model("gemma3", seed, **overrides).config.to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=1000,
+                          boi_token_index=1001, eoi_token_index=1002)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def _build_hf_model(kind: str, seed: int, **overrides):
+    if kind == "gemma3_mm":
+        return _build_gemma3_image_text(seed, **overrides)
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     cfg = dict(BASE)
@@ -116,7 +137,8 @@ def make_hf_checkpoint(tmp_path_factory):
     kinds: llama2 (MHA, theta 1e4), llama3 (GQA, theta 5e5), llama3_1 (llama3 rope scaling),
     llama3_2 (tied embeddings), mistral (MistralForCausalLM, theta 1e6, no window),
     mistral_nemo (the same with an explicit head_dim), qwen2 (q/k/v biases, tied), qwen3 (q/k
-    norms, head_dim 24, tied), gemma3 (Gemma3ForCausalLM: sliding and global layers). Written in fp32 by transformers' save_pretrained. Results are
+    norms, head_dim 24, tied), gemma3 (Gemma3ForCausalLM: sliding and global layers), gemma3_mm
+    (Gemma3ForConditionalGeneration: the same text model beside a vision tower). Written in fp32 by transformers' save_pretrained. Results are
     cached per argument set for the session; treat the folder as read-only (copy it to modify).
     """
     cache: dict = {}

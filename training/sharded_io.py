@@ -104,7 +104,7 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
                 loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:
-        names = ", ".join(native_to_hf_key(k, model.args.sandwich_norm) for k in missing[:3])
+        names = ", ".join(native_to_hf_key(k, model.args) for k in missing[:3])
         raise CheckpointError(f"{checkpoint_dir}: missing tensors {names}; "
                               "the weights do not match config.json")
 

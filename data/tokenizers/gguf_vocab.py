@@ -43,13 +43,13 @@ from tunelab.data.tokenizers import (
     load_tokenizer,
 )
 from tunelab.data.tokenizers.hf_json import bytes_to_unicode
+
+# gguf.TokenType values are sentencepiece's piece types (the same numbering)
+from tunelab.data.tokenizers.sentencepiece_tok import CONTROL, NORMAL, UNUSED, USER_DEFINED, proto_fields
 from tunelab.data.tokenizers.tiktoken_bpe import read_tiktoken_file
 from tunelab.errors import CheckpointError, DataError
 
 __all__ = ["GGUFVocab", "build_vocab", "LLAMA3_CHAT_TEMPLATE", "LLAMA2_CHAT_TEMPLATE"]
-
-# gguf.TokenType values (same numbering as sentencepiece's piece types).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Jinja chat templates written into the GGUF when the checkpoint brings none (a tokenizer
 # without tokenizer_config.json). They render the same text as tunelab's chat formats
@@ -211,41 +211,6 @@ def _special_ids(tok: BaseTokenizer) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------- sentencepiece
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, pos
-
-
-def _fields(buf: bytes):
-    """Yield (field number, wire type, value) of a protobuf message, in order.
-
-    Only the wire types sentencepiece uses are needed: varint (0), 64-bit (1), bytes (2),
-    32-bit (5). Values are ints, raw bytes for type 2, raw 4/8 bytes for the fixed types.
-    """
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos : pos + 8], pos + 8
-        elif wire == 2:
-            length, pos = _read_varint(buf, pos)
-            value, pos = buf[pos : pos + length], pos + length
-        elif wire == 5:
-            value, pos = buf[pos : pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, wire, value
-
-
 def _sentencepiece_vocab(path: Path) -> GGUFVocab:
     """Pieces, scores and types straight from the ModelProto (sentencepiece's Python API does
     not expose user-defined pieces or the normalizer flags, and protobuf is not a dependency)."""
@@ -255,10 +220,10 @@ def _sentencepiece_vocab(path: Path) -> GGUFVocab:
     add_dummy_prefix = True  # proto2 defaults of NormalizerSpec
     remove_extra_whitespaces = True
     try:
-        for number, _, value in _fields(path.read_bytes()):
+        for number, _, value in proto_fields(path.read_bytes()):
             if number == 1:  # ModelProto.pieces
                 piece, score, kind = "", 0.0, NORMAL
-                for n, _, v in _fields(value):
+                for n, _, v in proto_fields(value):
                     if n == 1:
                         piece = v.decode("utf-8")
                     elif n == 2:
@@ -269,7 +234,7 @@ def _sentencepiece_vocab(path: Path) -> GGUFVocab:
                 scores.append(score)
                 types.append(kind)
             elif number == 3:  # ModelProto.normalizer_spec
-                for n, _, v in _fields(value):
+                for n, _, v in proto_fields(value):
                     if n == 3:
                         add_dummy_prefix = bool(v)
                     elif n == 4:

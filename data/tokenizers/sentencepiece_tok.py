@@ -12,6 +12,55 @@ from tunelab.data.tokenizers.base import BaseTokenizer
 from tunelab.errors import DataError
 
 
+# ModelProto piece types (sentencepiece_model.proto)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def proto_fields(buf: bytes):
+    """Yield (field number, wire type, value) of a protobuf message, in order.
+
+    Only the wire types sentencepiece uses are needed: varint (0), 64-bit (1), bytes (2),
+    32-bit (5). Values are ints, raw bytes for type 2, raw 4/8 bytes for the fixed types.
+    """
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos : pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            value, pos = buf[pos : pos + length], pos + length
+        elif wire == 5:
+            value, pos = buf[pos : pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def piece_types(path: str | Path) -> list[int]:
+    """The type of every piece, read from the ModelProto (sentencepiece's Python API cannot
+    tell user-defined pieces, such as Gemma's <start_of_turn>, from normal ones)."""
+    types = []
+    for number, _, value in proto_fields(Path(path).read_bytes()):
+        if number == 1:  # ModelProto.pieces: SentencePiece{piece=1, score=2, type=3}
+            types.append(next((v for n, _, v in proto_fields(value) if n == 3), NORMAL))
+    return types
+
+
 class SentencePieceTokenizer(BaseTokenizer):
     """Thin wrapper over ``sentencepiece.SentencePieceProcessor``.
 
@@ -57,6 +106,12 @@ class SentencePieceTokenizer(BaseTokenizer):
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
         self.stop_tokens = [self.eos_id]
         self._control = {i for i in range(self.vocab_size) if self._sp.IsControl(i)}
+        try:
+            types = piece_types(path)
+        except (ValueError, IndexError):
+            types = []
+        # user-defined pieces (Gemma's turn markers) are matched in text by sentencepiece itself
+        self._user_defined = {i for i, t in enumerate(types) if t == USER_DEFINED}
         # control pieces spelled in a rendered template ("<s>", Mistral's "[INST]"), longest first
         texts = sorted(((self._sp.IdToPiece(i), i) for i in self._control), key=lambda t: -len(t[0]))
         self._control_ids = dict(texts)
@@ -144,10 +199,10 @@ class SentencePieceTokenizer(BaseTokenizer):
         return {"bos_token": self._sp.IdToPiece(self.bos_id), "eos_token": self._sp.IdToPiece(self.eos_id)}
 
     def special_texts(self) -> list[str]:
-        return list(self._control_ids)
+        return [*self._control_ids, *(self._sp.IdToPiece(i) for i in self._user_defined)]
 
     def special_token_ids(self) -> set[int]:
-        return set(self._control)
+        return self._control | self._user_defined
 
     def special_id(self, name: str) -> int:
         i = self._sp.PieceToId(name)

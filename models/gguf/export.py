@@ -393,8 +393,7 @@ def write_gguf(
     from tunelab.models.llama.builders import build_model
 
     expected = {k: tuple(v.shape) for k, v in build_model(args, device="meta").state_dict().items()}
-    check_state_dict({k: torch.empty(s, device="meta") for k, s in source.shapes.items()}, expected, path,
-                     args.sandwich_norm)
+    check_state_dict({k: torch.empty(s, device="meta") for k, s in source.shapes.items()}, expected, path, args)
 
     vocab = vocab(args.vocab_size)
     lora = _lora_pairs(args, adapter_dir) if adapter_dir is not None else {}

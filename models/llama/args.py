@@ -43,6 +43,9 @@ class ModelArgs:
         sandwich_norm: Gemma's extra norms on the attention and MLP outputs.
         hidden_act: MLP gate activation, ``"silu"`` or ``"gelu_tanh"`` (Gemma).
         embed_scale: multiply the embeddings by this (Gemma: sqrt(dim)); None = no scaling.
+        multimodal: the language model of an image-text checkpoint (Gemma 3 4B+,
+            ``Gemma3ForConditionalGeneration``): its weights sit under ``language_model.`` and
+            its vision tensors are carried through exports untouched.
     """
 
     vocab_size: int
@@ -70,6 +73,7 @@ class ModelArgs:
     sandwich_norm: bool = False
     hidden_act: str = "silu"
     embed_scale: float | None = None
+    multimodal: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

@@ -339,11 +339,58 @@ LLAMA2 = (
     "{% endfor %}"
 )
 
-# sentencepiece families: template, control symbols, tokenizer_config extras
+GEMMA3 = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+# sentencepiece families: template, control symbols, user-defined symbols, tokenizer_config
+# extras, dummy prefix
 SENTENCEPIECE_FAMILIES = {
-    "mistral_v3": (MISTRAL_V3, ["[INST]", "[/INST]"], {"legacy": False}),
-    "llama2": (LLAMA2, [], {"legacy": True}),
-    "llama2_nonlegacy": (LLAMA2, [], {"legacy": False}),
+    "mistral_v3": (MISTRAL_V3, ["[INST]", "[/INST]"], [], {"legacy": False}, True),
+    "llama2": (LLAMA2, [], [], {"legacy": True}, True),
+    "llama2_nonlegacy": (LLAMA2, [], [], {"legacy": False}, True),
+    # Gemma's model: no dummy prefix, turn markers as user-defined pieces, <bos>/<eos>
+    "gemma3": (GEMMA3, [], ["<start_of_turn>", "<end_of_turn>"],
+               {"bos_token": "<bos>", "eos_token": "<eos>", "tokenizer_class": "GemmaTokenizer"}, False),
 }
 
 # A template in HF's assistant-mask style: {% generation %} around the assistant's text.
@@ -414,18 +461,21 @@ def write_sentencepiece_tokenizer(folder: Path, family: str) -> Path:
     the family's control symbols) with tokenizer_config.json (template, legacy flag)."""
     import sentencepiece as spm
 
-    template, controls, extra = SENTENCEPIECE_FAMILIES[family]
+    template, controls, user_defined, extra, dummy_prefix = SENTENCEPIECE_FAMILIES[family]
+    gemma = not dummy_prefix
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(CORPUS), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(folder / "sp"), model_type="bpe", vocab_size=400, byte_fallback=True,
-        control_symbols=controls, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=0.9995, num_threads=1,
-        minloglevel=2)
+        control_symbols=controls, user_defined_symbols=user_defined, unk_id=3 if gemma else 0,
+        bos_id=2 if gemma else 1, eos_id=1 if gemma else 2, pad_id=0 if gemma else -1,
+        unk_piece="<unk>", bos_piece="<bos>" if gemma else "<s>", eos_piece="<eos>" if gemma else "</s>",
+        pad_piece="<pad>", normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=dummy_prefix, character_coverage=0.9995, num_threads=1, minloglevel=2)
     (folder / "sp.model").rename(folder / "tokenizer.model")
     corpus.unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
-        extra, bos_token="<s>", eos_token="</s>", unk_token="<unk>", tokenizer_class="LlamaTokenizer",
-        chat_template=template)))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "LlamaTokenizer",
+              **extra, "chat_template": template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder

@@ -209,6 +209,7 @@ def test_sentencepiece_templates_equal_apply_chat_template(sentencepiece_folder,
     assert ids == hf(text, add_special_tokens=False)["input_ids"], (
         hf.convert_ids_to_tokens(hf(text, add_special_tokens=False)["input_ids"]), hf.convert_ids_to_tokens(ids))
     gap = " " if family.startswith("llama2") else ""
-    want = "".join(m["content"].strip() + gap + "</s>" for m in convo if m["role"] == "assistant")
+    eot = "<end_of_turn>" if family == "gemma3" else "</s>"
+    want = "".join(m["content"].strip() + gap + eot for m in convo if m["role"] == "assistant")
     trained = [i for i, m in zip(ids, mask) if not m]
     assert tok.decode(trained, skip_special_tokens=False).strip() == want.strip()

@@ -168,3 +168,28 @@ def test_gemma3_round_trip_and_hub_config(make_hf_checkpoint, load_hf_model, tmp
     with pytest.raises(CheckpointError, match="final_logit_softcapping=30.0 is not supported") as info:
         from_pretrained(hub)
     assert "\n" not in str(info.value)
+
+
+def test_gemma3_image_text_checkpoint(make_hf_checkpoint, load_hf_model, tmp_path):
+    """Gemma 3 4B+ checkpoints are Gemma3ForConditionalGeneration: tunelab loads the language
+    model (text logits equal transformers' on text-only input) and saves it back into a folder
+    that loads as the image-text model again, the vision tensors byte for byte the source's."""
+    from safetensors.torch import load_file
+
+    from tunelab.models import save_pretrained
+
+    src = make_hf_checkpoint("gemma3_mm")
+    native = from_pretrained(src)
+    assert native.args.multimodal and native.args.model_type == "gemma3_text"
+    tokens = torch.randint(0, 1000, (2, 40))
+    hf = load_hf_model(src)
+    assert type(hf).__name__ == "Gemma3ForConditionalGeneration"
+    _compare(native, hf, tokens)
+    out = save_pretrained(native, tmp_path / "out", source_dir=src, dtype=torch.bfloat16)
+    reloaded = load_hf_model(out)
+    assert type(reloaded).__name__ == "Gemma3ForConditionalGeneration"
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    vision = [k for k in before if not k.startswith("language_model.")]
+    assert vision and all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in vision)
+    assert after["language_model.model.norm.weight"].dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["text_config"]["model_type"] == "gemma3_text"

@@ -322,6 +322,7 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
     ("qwen3", "Qwen3ForCausalLM", ("quantize=nf4", "activation_checkpointing=true")),  # QLoRA
     ("gemma3", "Gemma3ForCausalLM", ()),
     ("gemma3", "Gemma3ForCausalLM", ("quantize=nf4",)),
+    ("gemma3_mm", "Gemma3ForConditionalGeneration", ()),  # Gemma 3 4B+: the text model of an image-text one
 ])
 def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, make_hf_checkpoint, load_hf_model,
                                                                    rt, kind, cls, extra):
