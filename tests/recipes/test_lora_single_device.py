@@ -155,6 +155,8 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, make_hf_checkpoint, rt, caps
         ("llama3_1/8B_lora_single_device", "llama3_1"),
         ("llama3_2/1B_lora_single_device", "llama3_2"),
         ("llama3_2/3B_lora_single_device", "llama3_2"),
+        ("gemma3/4B_lora_single_device", "gemma3_mm"),
+        ("gemma3/12B_qlora_single_device", "gemma3_mm"),
         ("mistral/7B_lora_single_device", "mistral"),
         ("mistral/nemo_12B_qlora_single_device", "mistral_nemo"),
         ("qwen2_5/7B_lora_single_device", "qwen2"),
