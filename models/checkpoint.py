@@ -56,6 +56,8 @@ _LAYER_NAMES = {
     "attn.q_proj.weight": "self_attn.q_proj.weight",
     "attn.k_proj.weight": "self_attn.k_proj.weight",
     "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.qkv_proj.weight": "self_attn.qkv_proj.weight",  # phi3: [q; k; v] rows
+    "mlp.gate_up_proj.weight": "mlp.gate_up_proj.weight",  # phi3: [gate; up] rows
     "attn.q_proj.bias": "self_attn.q_proj.bias",  # qwen2
     "attn.k_proj.bias": "self_attn.k_proj.bias",
     "attn.v_proj.bias": "self_attn.v_proj.bias",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 from tunelab.errors import CheckpointError
@@ -29,11 +30,12 @@ from tunelab.models.llama.args import ModelArgs
 # q/k RMSNorms and states its head_dim; Gemma 3 (text) changes norms, MLP, embeddings and mixes
 # sliding-window layers with full ones. Each keeps its own names when saved.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 # image-text model_type -> (its architecture, the model_type of its text_config)
 MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text")}
 # max_position_embeddings when config.json has none: each transformers config class's default
-_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma3_text": 131072}
+_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma3_text": 131072,
+                  "phi3": 4096}
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # Keys hf_config_from_args owns; everything else in a source config is carried over.
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
@@ -154,6 +156,45 @@ def _gemma3_fields(cfg: dict, n_layers: int) -> dict:
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
+def _phi3_fields(cfg: dict, head_dim: int, max_positions: int) -> dict:
+    """The ``ModelArgs`` fields only Phi-3 sets: fused projections, partial rotary and
+    ``longrope`` (hub: top-level partial_rotary_factor / original_max_position_embeddings and
+    rope_scaling of type longrope, su or yarn; transformers 5: all inside rope_parameters)."""
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else None
+    rope = params if params is not None else (cfg.get("rope_scaling") or {})
+    where = "rope_parameters" if params is not None else "rope_scaling"
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"config.json {where}={rope!r} is not a dict; expected null or a longrope dict")
+    theta = _positive((params or cfg).get("rope_theta", cfg.get("rope_theta", 10000.0)), "rope_theta")
+    partial = (params or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+        raise CheckpointError(f"config.json partial_rotary_factor={partial!r} must be in (0, 1]")
+    rotary_dim = int(head_dim * partial)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return dict(rope_theta=theta, rope_scaling=None, rotary_dim=rotary_dim, fused_projections=True)
+    if rope_type not in ("longrope", "su", "yarn"):
+        raise CheckpointError(f"config.json {where}.rope_type={rope_type!r} is not supported for phi3; tunelab "
+                              "supports 'default' and 'longrope'")
+    original = rope.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings", 4096))
+    original = _integer({"original_max_position_embeddings": original}, "original_max_position_embeddings")
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        value = rope.get(key)
+        if (not isinstance(value, list) or len(value) != rotary_dim // 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)):
+            raise CheckpointError(f"config.json {where}.{key} must list {rotary_dim // 2} positive numbers (one per "
+                                  "rotary frequency)")
+        factors[key] = [float(v) for v in value]
+    factor = rope.get("factor") or max_positions / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    scaling = {"rope_type": "longrope", **factors, "original_max_position_embeddings": original,
+               "attention_factor": _positive(attention_factor, f"{where}.attention_factor")}
+    return dict(rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary_dim, fused_projections=True)
+
+
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     """Build ``ModelArgs`` from a parsed HF Llama ``config.json``.
 
@@ -211,9 +252,10 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     if act not in ((*_GELU_TANH,) if gemma else ("silu",)):
         raise CheckpointError(f"config.json {act_key}={act!r} is not supported for model_type {model_type!r}; "
                               f"tunelab's MLP uses {'gelu_pytorch_tanh' if gemma else 'silu'!r}")
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0 and model_type != "phi3":
         raise CheckpointError(
-            f"config.json partial_rotary_factor={cfg['partial_rotary_factor']!r} is not supported; only 1.0"
+            f"config.json partial_rotary_factor={cfg['partial_rotary_factor']!r} is not supported for model_type "
+            f"{model_type!r}; only 1.0"
         )
 
     # every field the model uses: its type and range, one line naming the key when wrong
@@ -222,9 +264,13 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     tied = cfg.get("tie_word_embeddings", gemma)
     if not isinstance(tied, bool):
         raise CheckpointError(f"config.json tie_word_embeddings={tied!r} must be true or false")
+    head_dim = _integer(cfg, "head_dim", default=max(dim // n_heads, 1))
+    max_positions = _integer(cfg, "max_position_embeddings", default=_MAX_POSITIONS[model_type])
     if gemma:
         family = _gemma3_fields(cfg, n_layers)
         family["embed_scale"] = dim ** 0.5
+    elif model_type == "phi3":
+        family = dict(_phi3_fields(cfg, head_dim, max_positions), sliding_window=window)
     else:
         rope_theta, rope_scaling = _rope_settings(cfg)
         family = dict(rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window,
@@ -236,10 +282,10 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
             n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=_integer(cfg, "num_key_value_heads", default=n_heads),
-            head_dim=_integer(cfg, "head_dim", default=max(dim // n_heads, 1)),
+            head_dim=head_dim,
             hidden_dim=_integer(cfg, "intermediate_size"),
             norm_eps=_positive(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
-            max_seq_len=_integer(cfg, "max_position_embeddings", default=_MAX_POSITIONS[model_type]),
+            max_seq_len=max_positions,
             tie_word_embeddings=tied,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
@@ -271,7 +317,7 @@ def _multimodal_args(cfg: dict) -> ModelArgs:
 def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> dict:
     """A ``config.json`` dict for ``args`` that ``transformers`` loads as the model's family
     (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
-    ``Gemma3ForCausalLM``).
+    ``Gemma3ForCausalLM``, ``Phi3ForCausalLM``).
 
     Args:
         args: the architecture.
@@ -323,6 +369,10 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
         cfg["use_sliding_window"] = False
     elif args.model_type == "qwen3":
         cfg.update(attention_bias=False, use_sliding_window=False)
+    elif args.model_type == "phi3":
+        cfg["sliding_window"] = args.sliding_window
+        for key in ("partial_rotary_factor", "original_max_position_embeddings"):
+            cfg.pop(key, None)
     if args.layer_types is not None:
         cfg["layer_types"] = list(args.layer_types)
     cfg.setdefault("attention_dropout", 0.0)
@@ -334,16 +384,22 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
         cfg.setdefault("eos_token_id", args.eos_token_id)
 
     scaling = dict(args.rope_scaling) if args.rope_scaling is not None else None
+    partial = {}
+    if args.rotary_dim is not None and args.rotary_dim != args.head_dim:
+        partial["partial_rotary_factor"] = args.rotary_dim / args.head_dim
+    if scaling is not None and scaling["rope_type"] == "longrope":  # Phi3Config reads it at the top level
+        cfg["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
+        if not use_rope_parameters:
+            del scaling["original_max_position_embeddings"]
     if use_rope_parameters:
         params = {"rope_type": "default"} if scaling is None else dict(scaling)
-        params["rope_theta"] = args.rope_theta
+        params.update(partial, rope_theta=args.rope_theta)
         if gemma:  # one entry per layer type
             params = {"full_attention": params,
                       "sliding_attention": {"rope_type": "default", "rope_theta": args.rope_local_theta}}
         cfg["rope_parameters"] = params
     else:
-        cfg["rope_theta"] = args.rope_theta
-        cfg["rope_scaling"] = scaling
+        cfg.update(partial, rope_theta=args.rope_theta, rope_scaling=scaling)
         if gemma:
             cfg["rope_local_base_freq"] = args.rope_local_theta
     return dict(sorted(cfg.items()))

@@ -42,14 +42,15 @@ from tunelab.modules.transformer import TransformerDecoder
 __all__ = ["QUANTIZE_METHODS", "from_pretrained_quantized", "bnb_4bit_settings", "quantize_model_", "is_decoder_linear"]
 
 QUANTIZE_METHODS = ("nf4",)
-_DECODER_LINEAR = re.compile(r"^layers\.\d+\.(attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+_DECODER_LINEAR = re.compile(r"^layers\.\d+\.(attn\.(qkv|[qkvo])_proj|mlp\.(gate_up|gate|up|down)_proj)\.weight$")
 _BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 _BNB_SUFFIX = re.compile(r"^(?P<weight>.+\.weight)\.(?P<part>absmax|quant_map|nested_absmax|nested_quant_map|"
                          r"quant_state\.bitsandbytes__\w+)$")
 
 
 def is_decoder_linear(native_name: str) -> bool:
-    """True for ``layers.{i}.attn.{q,k,v,o}_proj.weight`` and ``layers.{i}.mlp.{gate,up,down}_proj.weight``."""
+    """True for ``layers.{i}.attn.{q,k,v,o,qkv}_proj.weight`` and
+    ``layers.{i}.mlp.{gate,up,down,gate_up}_proj.weight``."""
     return _DECODER_LINEAR.match(native_name) is not None
 
 

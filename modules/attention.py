@@ -435,11 +435,13 @@ class Attention(nn.Module):
         scale: the query scaling (Gemma 3: ``query_pre_attn_scalar ** -0.5``); None is
             ``head_dim ** -0.5``.
         norm_plus_one: the q/k norms are Gemma's (``1 + weight``).
+        fused_qkv: one ``qkv_proj`` ([q; k; v] rows, Phi-3) instead of three projections, so
+            LoRA on it is one adapter over the fused matrix, as PEFT puts it.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: float | None = None,
                  qkv_bias: bool = False, sliding_window: int | None = None, scale: float | None = None,
-                 norm_plus_one: bool = False) -> None:
+                 norm_plus_one: bool = False, fused_qkv: bool = False) -> None:
         super().__init__()
         if n_heads % n_kv_heads != 0:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
@@ -448,9 +450,13 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.sliding_window = sliding_window
         self.scale = scale
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        if fused_qkv:
+            self.qkv_proj = nn.Linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+            self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+            self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.fused_qkv = fused_qkv
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.q_norm = RMSNorm(head_dim, eps=qk_norm, plus_one=norm_plus_one) if qk_norm is not None else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm, plus_one=norm_plus_one) if qk_norm is not None else None
@@ -474,7 +480,13 @@ class Attention(nn.Module):
         keep = self.kv_cache is None and keeps_regions()
         # one LoRA node when all three are adapted; a rerun that replays the kept attention below
         # reads none of q/k/v (their GEMMs are skipped, the projection's saved input refilled)
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj, unread=keep and is_recomputing())
+        unread = keep and is_recomputing()
+        if self.fused_qkv:
+            (qkv,) = project(x, self.qkv_proj, unread=unread)  # [q; k; v] along the last dim
+            q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                 self.n_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj, unread=unread)
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # (b, nh, s, hd)
         k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (b, nkv, s, hd)
         v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)

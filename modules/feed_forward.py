@@ -20,13 +20,18 @@ class FeedForward(nn.Module):
         dim: model width.
         hidden_dim: inner width (Llama's ``intermediate_size``).
         act: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (Gemma's ``gelu_pytorch_tanh``).
+        fused_gate_up: one ``gate_up_proj`` ([gate; up] rows, Phi-3) instead of two.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, act: str = "silu") -> None:
+    def __init__(self, dim: int, hidden_dim: int, act: str = "silu", fused_gate_up: bool = False) -> None:
         super().__init__()
         self.act = act
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.fused_gate_up = fused_gate_up
+        if fused_gate_up:
+            self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        else:
+            self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+            self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,11 +39,15 @@ class FeedForward(nn.Module):
         (inside the down projection's GEMMs where it is a fused LoRA layer)."""
         # checkpointing's rerun only refills saved tensors: nothing reads the output there
         unread = is_recomputing()
-        if self.act == "silu":  # the fused LoRA MLP kernels are SwiGLU's
+        if self.act == "silu" and not self.fused_gate_up:  # the fused LoRA MLP kernels are SwiGLU's
             out = mlp(x, self.gate_proj, self.up_proj, self.down_proj, unread=unread, residual=residual)
             if out is not None:  # a fused node (LoRA on all three)
                 return out
-        gate, up = project(x, self.gate_proj, self.up_proj)  # one LoRA node when both are adapted
+        if self.fused_gate_up:
+            (gate_up,) = project(x, self.gate_up_proj)
+            gate, up = gate_up.chunk(2, dim=-1)
+        else:
+            gate, up = project(x, self.gate_proj, self.up_proj)  # one LoRA node when both are adapted
         hidden = gated_act(gate, up, self.act)  # act(gate) * up
         if residual is not None and not unread:
             return project_onto(hidden, self.down_proj, residual)

@@ -5,8 +5,11 @@ The head dimension is split in two halves ``[x1, x2]`` and rotated as
 half. This is the layout of HF Llama checkpoints, so q/k weights load without permutation.
 
 Frequencies are either plain (``theta ** (-2i / head_dim)``), ``linear`` (all divided by
-``factor``, Gemma 3) or Llama 3.1's ``llama3`` scaling, which divides the low frequencies by
-``factor`` and interpolates smoothly in between.
+``factor``, Gemma 3), Phi-3's ``longrope`` (each frequency divided by its own factor, from the
+short list, or the long one for a batch that reaches past ``original_max_position_embeddings``;
+cos/sin scaled by ``attention_factor``) or Llama 3.1's ``llama3`` scaling, which divides the low
+frequencies by ``factor`` and interpolates smoothly in between. Partial rotary (Phi) rotates the
+first ``rotary_dim`` dims of each head only.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ def rope_inv_freq(
         return inv_freq
     if rope_type == "linear":  # positions divided by factor (Gemma 3's global layers)
         return inv_freq / float(rope_scaling["factor"])
+    if rope_type == "longrope":  # Phi-3: per-frequency divisors (the short set; see RotaryEmbedding)
+        return inv_freq / torch.tensor(rope_scaling["short_factor"], dtype=torch.float32, device=device)
     if rope_type != "llama3":
-        raise ValueError(f"unsupported rope_type {rope_type!r}: only default, linear and llama3")
+        raise ValueError(f"unsupported rope_type {rope_type!r}: only default, linear, longrope and llama3")
     factor = float(rope_scaling["factor"])
     low_freq_factor = float(rope_scaling["low_freq_factor"])
     high_freq_factor = float(rope_scaling["high_freq_factor"])
@@ -72,8 +77,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [b, n_heads, s, hd] and k [b, n_kv_heads, s, hd] by cos/sin [b, s, hd]."""
-    return rope(q, cos, sin), rope(k, cos, sin)  # Triton on CUDA, PyTorch elsewhere
+    """Rotate q [b, n_heads, s, hd] and k [b, n_kv_heads, s, hd] by cos/sin [b, s, rd]: all of
+    each head when ``rd == hd``, else (partial rotary, Phi) its first ``rd`` dims, the rest
+    passed through."""
+    rd = cos.shape[-1]
+    if rd == q.shape[-1]:
+        return rope(q, cos, sin), rope(k, cos, sin)  # Triton on CUDA, PyTorch elsewhere
+    return (torch.cat((rope(q[..., :rd], cos, sin), q[..., rd:]), dim=-1),
+            torch.cat((rope(k[..., :rd], cos, sin), k[..., rd:]), dim=-1))
 
 
 class RotaryEmbedding(nn.Module):
@@ -84,9 +95,10 @@ class RotaryEmbedding(nn.Module):
     bf16, and ``to_empty()`` after a meta-device build would leave garbage in it).
 
     Args:
-        head_dim: size of one attention head.
+        head_dim: the rotated dims of one attention head (all of it, or Phi's partial share).
         theta: RoPE base.
-        rope_scaling: None or a ``llama3`` scaling dict (see ``rope_inv_freq``).
+        rope_scaling: None or a scaling dict (see ``rope_inv_freq``); ``longrope`` also
+            needs ``long_factor``, ``original_max_position_embeddings`` and ``attention_factor``.
     """
 
     def __init__(self, head_dim: int, theta: float, rope_scaling: dict | None = None) -> None:
@@ -95,19 +107,28 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self.rope_scaling = dict(rope_scaling) if rope_scaling is not None else None
         self.register_buffer("inv_freq", self._compute(None), persistent=False)
+        self.long_inv_freq = self._long(None)  # a plain attribute: rebuilt with inv_freq
 
     def _compute(self, device) -> torch.Tensor:
         return rope_inv_freq(self.head_dim, self.theta, self.rope_scaling, device=device)
+
+    def _long(self, device) -> torch.Tensor | None:
+        """longrope's long-context frequencies (None for other RoPE types)."""
+        if self.rope_scaling is None or self.rope_scaling.get("rope_type") != "longrope":
+            return None
+        long = dict(self.rope_scaling, short_factor=self.rope_scaling["long_factor"])
+        return rope_inv_freq(self.head_dim, self.theta, long, device=device)
 
     def reset_parameters(self, device: torch.device | str | None = None) -> None:
         """(Re)compute ``inv_freq`` in fp32 on ``device`` (default: where it is now)."""
         device = self.inv_freq.device if device is None else device
         self.inv_freq = self._compute(device)
+        self.long_inv_freq = self._long(device)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         # Casting or materialising must not change the frequencies: rebuild them in fp32.
-        self.inv_freq = self._compute(self.inv_freq.device)
+        self.reset_parameters()
         return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +136,16 @@ class RotaryEmbedding(nn.Module):
 
         Angles are computed in fp32 (positions up to 128k need it) and cast at the end.
         """
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (b, s, hd/2)
+        inv_freq = self.inv_freq
+        scale = 1.0
+        if self.long_inv_freq is not None:  # longrope: the whole batch on one set, as transformers
+            long = position_ids.max() + 1 > self.rope_scaling["original_max_position_embeddings"]
+            inv_freq = torch.where(long, self.long_inv_freq, inv_freq)
+            scale = self.rope_scaling["attention_factor"]
+        freqs = position_ids[..., None].float() * inv_freq.float()  # (b, s, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (b, s, hd): same frequency for both halves
+        if scale != 1.0:
+            return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def extra_repr(self) -> str:

@@ -36,22 +36,24 @@ class TransformerDecoderLayer(nn.Module):
         norm_plus_one: Gemma's RMSNorm (``1 + weight``, fp32) everywhere in the layer.
         sandwich: Gemma's post-attention and post-MLP norms.
         act: the MLP gate's activation, ``silu`` or ``gelu_tanh``.
+        fused: Phi-3's fused ``qkv_proj`` and ``gate_up_proj``.
     """
 
     def __init__(
         self, *, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, hidden_dim: int, norm_eps: float,
         qk_norm: bool = False, qkv_bias: bool = False, sliding_window: int | None = None,
         attn_scale: float | None = None, norm_plus_one: bool = False, sandwich: bool = False, act: str = "silu",
+        fused: bool = False,
     ) -> None:
         super().__init__()
         norm = dict(eps=norm_eps, plus_one=norm_plus_one)
         self.attn_norm = RMSNorm(dim, **norm)
         self.attn = Attention(dim, n_heads, n_kv_heads, head_dim, qk_norm=norm_eps if qk_norm else None,
                               qkv_bias=qkv_bias, sliding_window=sliding_window, scale=attn_scale,
-                              norm_plus_one=norm_plus_one)
+                              norm_plus_one=norm_plus_one, fused_qkv=fused)
         self.attn_post_norm = RMSNorm(dim, **norm) if sandwich else None
         self.mlp_norm = RMSNorm(dim, **norm)
-        self.mlp = FeedForward(dim, hidden_dim, act=act)
+        self.mlp = FeedForward(dim, hidden_dim, act=act, fused_gate_up=fused)
         self.mlp_post_norm = RMSNorm(dim, **norm) if sandwich else None
 
     def forward(
@@ -105,13 +107,14 @@ class TransformerDecoder(nn.Module):
                 norm_plus_one=args.norm_plus_one,
                 sandwich=args.sandwich_norm,
                 act=args.hidden_act,
+                fused=args.fused_projections,
             )
             for i in range(args.n_layers)
         )
         self.norm = RMSNorm(args.dim, eps=args.norm_eps, plus_one=args.norm_plus_one)
         if not args.tie_word_embeddings:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
+        self.rope = RotaryEmbedding(args.rotary_dim or args.head_dim, args.rope_theta, args.rope_scaling)
         self.rope_local = (RotaryEmbedding(args.head_dim, args.rope_local_theta)
                            if args.rope_local_theta is not None else None)
         self.causal_mask: torch.Tensor | None = None  # set by setup_caches

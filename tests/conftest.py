@@ -54,6 +54,15 @@ KINDS = {
                   sliding_window=4096),
     # Qwen3 in small: per-head q/k norms, explicit head_dim != hidden/heads, tied embeddings
     "qwen3": dict(num_key_value_heads=2, rope_theta=1000000.0, head_dim=24, tie_word_embeddings=True),
+    # Phi-3 mini in small: fused qkv_proj / gate_up_proj, a sliding window over every layer
+    "phi3": dict(num_key_value_heads=2, rope_theta=10000.0, sliding_window=24, pad_token_id=0),
+    # Phi-4-mini / Phi-3.5 in small: partial rotary (3/4 of each head), longrope with short and
+    # long factors past original_max_position_embeddings=32, tied embeddings
+    "phi3_longrope": dict(num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0,
+                          partial_rotary_factor=0.75, max_position_embeddings=256, original_max_position_embeddings=32,
+                          rope_scaling=dict(rope_type="longrope", original_max_position_embeddings=32,
+                                            short_factor=[1.0 + 0.05 * i for i in range(6)],
+                                            long_factor=[1.0 + 0.5 * i for i in range(6)])),
     # Gemma 3 in small: 1+w norms (four per layer, and on q/k), GeGLU, scaled embeddings, two
     # sliding layers (window 16, local theta 1e4) then a global one with linear rope scaling,
     # query_pre_attn_scalar != head_dim, tied embeddings
@@ -110,11 +119,19 @@ def _build_hf_model(kind: str, seed: int, **overrides):
 
         config_class, model_class = Gemma3TextConfig, Gemma3ForCausalLM
         cfg.pop("mlp_bias")
+    elif kind.startswith("phi3"):
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        config_class, model_class = Phi3Config, Phi3ForCausalLM
+        cfg.pop("attention_bias"), cfg.pop("mlp_bias")
+        partial = cfg.pop("partial_rotary_factor", None)
     rope_theta = cfg.pop("rope_theta")
     rope_scaling = cfg.pop("rope_scaling", None)
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_scaling is not None:
         rope_parameters = dict(rope_scaling, rope_theta=rope_theta)
+    if kind.startswith("phi3") and partial is not None:
+        rope_parameters["partial_rotary_factor"] = partial
     if kind == "gemma3":  # one RoPE per layer type
         rope_parameters = {"full_attention": rope_parameters,
                            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.pop("rope_local_theta")}}
@@ -138,7 +155,8 @@ def make_hf_checkpoint(tmp_path_factory):
     llama3_2 (tied embeddings), mistral (MistralForCausalLM, theta 1e6, no window),
     mistral_nemo (the same with an explicit head_dim), qwen2 (q/k/v biases, tied), qwen3 (q/k
     norms, head_dim 24, tied), gemma3 (Gemma3ForCausalLM: sliding and global layers), gemma3_mm
-    (Gemma3ForConditionalGeneration: the same text model beside a vision tower). Written in fp32 by transformers' save_pretrained. Results are
+    (Gemma3ForConditionalGeneration: the same text model beside a vision tower), phi3 (fused
+    projections, window 24), phi3_longrope (partial rotary, longrope past 32 positions). Written in fp32 by transformers' save_pretrained. Results are
     cached per argument set for the session; treat the folder as read-only (copy it to modify).
     """
     cache: dict = {}

@@ -47,9 +47,11 @@ from tunelab.models.llama.args import ModelArgs
 
 __all__ = ["DTYPES", "write_gguf", "gguf_tensor_name", "permute_for_llama_cpp", "rope_freq_factors"]
 
-# model_type -> llama.cpp architecture. Mistral is a llama file; qwen2 (q/k/v biases) and qwen3
-# (q/k norms) are their own, with rotate-half RoPE as in HF, so their q/k rows are not interleaved.
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+# model_type -> llama.cpp architecture. Mistral is a llama file; qwen2 (q/k/v biases), qwen3 (q/k
+# norms), gemma3 and phi3 (fused qkv / gate_up, kept fused) are their own, with rotate-half RoPE
+# as in HF, so their q/k rows are not interleaved.
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
+             "phi3": "phi3"}
 
 #: Output types of ``export_gguf`` (llama.cpp's file-type names, lower case).
 DTYPES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -60,6 +62,7 @@ _LAYER_GGUF = {
     "attn.q_proj.weight": "attn_q.weight",
     "attn.k_proj.weight": "attn_k.weight",
     "attn.v_proj.weight": "attn_v.weight",
+    "attn.qkv_proj.weight": "attn_qkv.weight",  # phi3: [q; k; v], as llama.cpp keeps it
     "attn.q_proj.bias": "attn_q.bias",  # qwen2
     "attn.k_proj.bias": "attn_k.bias",
     "attn.v_proj.bias": "attn_v.bias",
@@ -72,6 +75,7 @@ _LAYER_GGUF = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",  # phi3: [gate; up] in one, split by llama.cpp
 }
 _TOP_GGUF = {
     "tok_embeddings.weight": "token_embd.weight",
@@ -224,20 +228,29 @@ def _lora_pairs(args: ModelArgs, adapter_dir) -> dict[str, tuple[torch.Tensor, t
     }
 
 
-def _plan(args: ModelArgs, source: _Source) -> list[_Tensor]:
-    tensors = [_Tensor("token_embd.weight", source.shapes["tok_embeddings.weight"], "tok_embeddings.weight")]
+def _computed_tensors(args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The fp32 tensors llama.cpp reads that no checkpoint holds: Llama 3.1's ``rope_freqs``
+    and Phi-3's longrope divisors (``rope_factors_short`` / ``rope_factors_long``)."""
+    out = {}
     factors = rope_freq_factors(args)
     if factors is not None:
-        tensors.append(_Tensor("rope_freqs.weight", tuple(factors.shape)))
+        out["rope_freqs.weight"] = factors
+    if args.rope_scaling is not None and args.rope_scaling["rope_type"] == "longrope":
+        for which in ("short", "long"):
+            out[f"rope_factors_{which}.weight"] = torch.tensor(args.rope_scaling[f"{which}_factor"],
+                                                               dtype=torch.float32)
+    return out
+
+
+def _plan(args: ModelArgs, source: _Source) -> list[_Tensor]:
+    tensors = [_Tensor("token_embd.weight", source.shapes["tok_embeddings.weight"], "tok_embeddings.weight")]
+    for name, values in _computed_tensors(args).items():
+        tensors.append(_Tensor(name, tuple(values.shape)))
     for i in range(args.n_layers):
         for native_leaf in _LAYER_GGUF:
-            if native_leaf.startswith(("attn.q_norm", "attn.k_norm")) and not args.qk_norm:
-                continue  # only qwen3 has them
-            if native_leaf.endswith(".bias") and not args.qkv_bias:
-                continue  # only qwen2 has them
-            if native_leaf.endswith("_post_norm.weight") and not args.sandwich_norm:
-                continue  # only gemma3 has them
             native = f"layers.{i}.{native_leaf}"
+            if native not in source.shapes:
+                continue  # a tensor of another family (checked against config.json before)
             tensors.append(_Tensor(gguf_tensor_name(native), source.shapes[native], native))
     tensors.append(_Tensor("output_norm.weight", source.shapes["norm.weight"], "norm.weight"))
     # tied embeddings: no output.weight, llama.cpp reuses token_embd (a tied model has no
@@ -291,7 +304,7 @@ def _write_metadata(writer, args: ModelArgs, dtype: str, name: str) -> None:
     writer.add_head_count(args.n_heads)
     writer.add_head_count_kv(args.n_kv_heads)
     writer.add_rope_freq_base(float(args.rope_theta))
-    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_rope_dimension_count(args.rotary_dim or args.head_dim)
     writer.add_layer_norm_rms_eps(float(args.norm_eps))
     if args.head_dim * args.n_heads != args.dim:
         writer.add_key_length(args.head_dim)
@@ -301,6 +314,10 @@ def _write_metadata(writer, args: ModelArgs, dtype: str, name: str) -> None:
     if args.rope_scaling is not None and args.rope_scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+    if args.rope_scaling is not None and args.rope_scaling["rope_type"] == "longrope":
+        # llama.cpp picks the long factors when its context exceeds the original length
+        writer.add_rope_scaling_attn_factors(float(args.rope_scaling["attention_factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(args.rope_scaling["original_max_position_embeddings"]))
 
 
 def _check_llama_cpp_can_run(args: ModelArgs, path) -> None:
@@ -320,8 +337,8 @@ def _check_llama_cpp_can_run(args: ModelArgs, path) -> None:
 
 def _tensor_data(t: _Tensor, args: ModelArgs, source: _Source, lora: dict) -> torch.Tensor:
     """The fp32 tensor to encode for plan entry ``t`` (merged and permuted)."""
-    if t.native is None:  # rope_freqs
-        return rope_freq_factors(args)
+    if t.native is None:  # rope_freqs, rope_factors_*
+        return _computed_tensors(args)[t.name]
     weight = source.read(t.native)
     pair = lora.get(t.native)
     if pair is not None:

@@ -43,6 +43,10 @@ class ModelArgs:
         sandwich_norm: Gemma's extra norms on the attention and MLP outputs.
         hidden_act: MLP gate activation, ``"silu"`` or ``"gelu_tanh"`` (Gemma).
         embed_scale: multiply the embeddings by this (Gemma: sqrt(dim)); None = no scaling.
+        fused_projections: Phi-3's fused ``qkv_proj`` ([q; k; v]) and ``gate_up_proj``
+            ([gate; up]) in place of separate projections.
+        rotary_dim: dims of each head RoPE rotates (Phi's partial_rotary_factor x head_dim);
+            None = all of them.
         multimodal: the language model of an image-text checkpoint (Gemma 3 4B+,
             ``Gemma3ForConditionalGeneration``): its weights sit under ``language_model.`` and
             its vision tensors are carried through exports untouched.
@@ -73,6 +77,8 @@ class ModelArgs:
     sandwich_norm: bool = False
     hidden_act: str = "silu"
     embed_scale: float | None = None
+    fused_projections: bool = False
+    rotary_dim: int | None = None
     multimodal: bool = False
 
     def __post_init__(self) -> None:
@@ -99,6 +105,8 @@ class ModelArgs:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim):
+            raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and within head_dim ({self.head_dim})")
         if self.hidden_act not in ("silu", "gelu_tanh"):
             raise ValueError(f"hidden_act {self.hidden_act!r} is not silu or gelu_tanh")
 

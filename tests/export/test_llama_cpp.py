@@ -38,7 +38,11 @@ WIDE = dict(hidden_size=256, intermediate_size=512)  # rows of 256: q4_k_m holds
 REL_TOL = {"f16": 4e-3, "bf16": 3.2e-2}
 # What llama.cpp's gemma3 hard-codes: every 6th layer global and query_pre_attn_scalar = head_dim
 LLAMA_CPP_LAYOUT = {"gemma3": dict(num_hidden_layers=6, query_pre_attn_scalar=32,
-                                   layer_types=["sliding_attention"] * 5 + ["full_attention"])}
+                                   layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+                    # head_dim 64 at WIDE's width: 48 rotary dims, 24 factors each
+                    "phi3_longrope": dict(rope_scaling=dict(rope_type="longrope", original_max_position_embeddings=32,
+                                                            short_factor=[1.0 + 0.02 * i for i in range(24)],
+                                                            long_factor=[1.0 + 0.25 * i for i in range(24)]))}
 
 
 @pytest.fixture
@@ -86,6 +90,9 @@ def _prompt(tok, n_tokens: int, seed: int = 0) -> list[int]:
     ("qwen2", "tiktoken", 24, "f16"),  # llama.cpp's qwen2: q/k/v biases, rotate-half rope, tied embeddings
     ("qwen3", "tiktoken", 24, "f16"),  # llama.cpp's qwen3: q/k norms, rotate-half rope, tied embeddings
     ("gemma3", "sentencepiece", 40, "f16"),  # 1+w norms stored +1, GeGLU, window 16 < 40 tokens
+    # fused qkv / gate_up, partial rotary, longrope: 40 tokens past the original 32, and llama.cpp's
+    # context (256) too, so both run the long factors
+    ("phi3_longrope", "tiktoken", 40, "f16"),
 ])
 def test_logits_match_tunelab(export_checkpoint, tmp_path, open_llama, kind, tokenizer, n_tokens, dtype):
     ckpt = export_checkpoint(kind, tokenizer, **WIDE, **LLAMA_CPP_LAYOUT.get(kind, {}))
@@ -148,8 +155,10 @@ def _dequantized_model(ckpt, gguf_path):
     model = from_pretrained(ckpt)
     a = model.args
     to_native = {v: k for k, v in export_mod._TOP_GGUF.items()}
-    for i in range(a.n_layers):
-        to_native.update({f"blk.{i}.{v}": f"layers.{i}.{k}" for k, v in export_mod._LAYER_GGUF.items()})
+    names = model.state_dict()
+    for i in range(a.n_layers):  # (ffn_up is up_proj or, in phi3, gate_up_proj: the model's own)
+        to_native.update({f"blk.{i}.{v}": f"layers.{i}.{k}" for k, v in export_mod._LAYER_GGUF.items()
+                          if f"layers.{i}.{k}" in names})
     state = {}
     for t in gguf.GGUFReader(gguf_path).tensors:
         if t.name == "rope_freqs.weight":

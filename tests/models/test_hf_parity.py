@@ -29,7 +29,7 @@ def _compare(native, hf, tokens, **kw):
 
 
 @pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_1", "llama3_2", "mistral", "mistral_nemo", "qwen2",
-                                  "qwen3", "gemma3"])
+                                  "qwen3", "gemma3", "phi3", "phi3_longrope"])
 def test_logits_match_transformers(kind, make_hf_checkpoint, load_hf_model):
     path = make_hf_checkpoint(kind)
     native, hf = from_pretrained(path), load_hf_model(path)
@@ -193,3 +193,37 @@ def test_gemma3_image_text_checkpoint(make_hf_checkpoint, load_hf_model, tmp_pat
     assert vision and all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in vision)
     assert after["language_model.model.norm.weight"].dtype == torch.bfloat16
     assert json.loads((out / "config.json").read_text())["text_config"]["model_type"] == "gemma3_text"
+
+
+def test_phi3_longrope_both_sides_round_trip_and_hub_config(make_hf_checkpoint, load_hf_model, tmp_path):
+    """Phi-3's longrope: a batch within original_max_position_embeddings (32) runs the short
+    factors, one past it the long factors for every position (logits equal transformers' on both
+    sides, and the two sides really differ); the fused projections and partial rotary save back
+    as Phi3ForCausalLM; the hub spelling (rope_scaling of type su, top-level
+    original_max_position_embeddings and partial_rotary_factor) loads to the same model."""
+    from tunelab.models import save_pretrained
+
+    src = make_hf_checkpoint("phi3_longrope")
+    native, hf = from_pretrained(src), load_hf_model(src)
+    assert native.args.rotary_dim == 12 and native.args.fused_projections
+    short, long = torch.randint(0, 1024, (2, 20)), torch.randint(0, 1024, (2, 40))
+    _compare(native, hf, short)
+    _compare(native, hf, long)
+    with torch.no_grad():  # the first 20 positions of the long batch see other frequencies
+        assert (native(long[:, :20]) - native(long)[:, :20]).abs().max() > 1e-3
+
+    out = save_pretrained(native, tmp_path / "out", source_dir=src)
+    reloaded = load_hf_model(out)
+    assert type(reloaded).__name__ == "Phi3ForCausalLM"
+    _compare(native, reloaded, long)
+
+    config = json.loads((src / "config.json").read_text())
+    hub = tmp_path / "hub"
+    shutil.copytree(src, hub)
+    params = config.pop("rope_parameters")
+    config.update(rope_theta=params["rope_theta"], partial_rotary_factor=params["partial_rotary_factor"],
+                  original_max_position_embeddings=params["original_max_position_embeddings"],
+                  rope_scaling={"type": "su", "short_factor": params["short_factor"],
+                                "long_factor": params["long_factor"]})
+    (hub / "config.json").write_text(json.dumps(config))
+    assert from_pretrained(hub).args == native.args

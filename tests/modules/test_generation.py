@@ -9,10 +9,11 @@ from tunelab.models import from_pretrained
 from tunelab.modules.generation import generate, sample_next_token
 
 
-@pytest.mark.parametrize("kind", ["llama3_1", "gemma3", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama3_1", "gemma3", "qwen2", "phi3_longrope"])
 def test_greedy_matches_transformers(make_hf_checkpoint, load_hf_model, kind):
     """llama3_1: past original_max_position_embeddings (64); gemma3: past its window (16), so
-    the cached decoding runs the sliding layers' window mask and local RoPE."""
+    the cached decoding runs the sliding layers' window mask and local RoPE; phi3_longrope:
+    decoding steps past 32 positions switch to the long factors, as transformers' do."""
     path = make_hf_checkpoint(kind)
     native, hf = from_pretrained(path), load_hf_model(path)
     prompt = torch.randint(3, 1024, (9,), generator=torch.Generator().manual_seed(0)).tolist()

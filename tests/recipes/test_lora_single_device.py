@@ -325,12 +325,14 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
     ("gemma3", "Gemma3ForCausalLM", ()),
     ("gemma3", "Gemma3ForCausalLM", ("quantize=nf4",)),
     ("gemma3_mm", "Gemma3ForConditionalGeneration", ()),  # Gemma 3 4B+: the text model of an image-text one
+    ("phi3", "Phi3ForCausalLM", ()),  # LoRA on the fused qkv_proj / gate_up_proj, as PEFT puts it
+    ("phi3_longrope", "Phi3ForCausalLM", ("quantize=nf4",)),
 ])
 def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, make_hf_checkpoint, load_hf_model,
                                                                    rt, kind, cls, extra):
-    """The LoRA recipe on a Mistral / Qwen3 checkpoint: the PEFT adapter on transformers' model
-    and the merged folder (saved as the same family) give tunelab's logits (fp32, 1e-4; with an
-    NF4 base the reference is tunelab's own NF4 model + adapter, as the merge dequantizes)."""
+    """The LoRA recipe on each family's checkpoint: the PEFT adapter on transformers' model and
+    the merged folder (saved as the same family) give tunelab's logits (fp32, 1e-4; with an NF4
+    base the reference is tunelab's own NF4 model + adapter, as the merge dequantizes)."""
     from peft import PeftModel
 
     from tunelab.models import from_pretrained
@@ -339,8 +341,10 @@ def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, mak
     ckpt = make_hf_checkpoint(kind)
     data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
     out = tmp_path / "out"
-    rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=3", "optimizer.lr=1.0e-2",
-                             "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", *extra))
+    targets = ("qkv_proj,o_proj,gate_up_proj,down_proj" if kind.startswith("phi3") else
+               "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=3", "optimizer.lr=1.0e-2", f"lora.targets=[{targets}]",
+                             *extra))
     if extra:  # QLoRA: trained and saved; the adapter loads back onto the NF4 base
         adapter = load_adapter(from_pretrained(ckpt, quantize="nf4"), out / "step_3" / "adapter")
         merged = load_hf_model(out / "step_3" / "merged")
