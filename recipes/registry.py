@@ -89,6 +89,8 @@ RECIPES: dict[str, RecipeSpec] = {
                 "gemma3/27B_qlora_single_device",
                 "mistral/7B_lora_single_device",
                 "mistral/nemo_12B_qlora_single_device",
+                "phi3/mini_lora_single_device",
+                "phi4/14B_qlora_single_device",
                 "qwen2_5/7B_lora_single_device",
                 "qwen3/8B_lora_single_device",
                 "qwen3/8B_qlora_single_device",

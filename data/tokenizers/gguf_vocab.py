@@ -173,15 +173,19 @@ def build_vocab(tokenizer_path, vocab_size: int) -> GGUFVocab:
         raise CheckpointError(f"{path}: tokenizer type {type(tok).__name__} cannot be exported")
 
     n = len(vocab.tokens)
-    if n > vocab_size:
+    if max(n, tok.vocab_size) > vocab_size:
         raise CheckpointError(
-            f"{path} has {n} tokens but the model's embedding has {vocab_size} rows; "
+            f"{path} has {max(n, tok.vocab_size)} tokens but the model's embedding has {vocab_size} rows; "
             "export with the tokenizer the model was trained with"
         )
     vocab.tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]
     vocab.types += [UNUSED] * (vocab_size - n)
     if vocab.scores is not None:
         vocab.scores += [-1000.0] * (vocab_size - n)
+    if isinstance(tok, SentencePieceTokenizer):  # tokens past the model's pieces (Phi-3's chat markers)
+        for text, token_id in tok.added_tokens.items():
+            vocab.tokens[token_id], vocab.types[token_id] = text, CONTROL
+            vocab.scores[token_id] = 0.0
 
     vocab.special_ids.update(_special_ids(tok))
     vocab.add_bos = tok.bos_id is not None  # Qwen's tokenizers have none: llama.cpp must not add one

@@ -140,7 +140,7 @@ def _pre_tokenizer(spec: dict | None, path: Path) -> tuple[str, bool, bool]:
     return pattern or LLAMA3_SPLIT_PATTERN, prefix, byte_level
 
 
-def _token_name(value) -> str | None:
+def token_name(value) -> str | None:
     """tokenizer_config.json stores tokens as strings or {"content": ...} dicts."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -249,13 +249,13 @@ def load_hf_json(
     specials = {t["content"]: int(t["id"]) for t in added}
     text_tokens = [t["content"] for t in added if not t.get("special", False)]
 
-    bos = _token_name(config.get("bos_token")) if "bos_token" in config else None
+    bos = token_name(config.get("bos_token")) if "bos_token" in config else None
     if bos is None and "bos_token" not in config:
         bos = _template_bos(data.get("post_processor"))
         bos = bos or next((n for n in _BOS_NAMES if n in specials), None)
-    eos = _token_name(config.get("eos_token"))
+    eos = token_name(config.get("eos_token"))
     eos = eos or next((n for n in _EOS_NAMES if n in specials), None)
-    pad = _token_name(config.get("pad_token"))
+    pad = token_name(config.get("pad_token"))
     if pad is None and "<|finetune_right_pad_id|>" in specials:
         pad = "<|finetune_right_pad_id|>"
     chat_format = "llama3" if all(t in specials for t in LLAMA3_HEADER_TOKENS) else None

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tunelab.data.tokenizers.base import BaseTokenizer
-from tunelab.data.tokenizers.hf_json import load_hf_json
+from tunelab.data.tokenizers.hf_json import load_hf_json, token_name
 from tunelab.data.tokenizers.sentencepiece_tok import SentencePieceTokenizer
 from tunelab.data.tokenizers.tiktoken_bpe import load_llama3_tiktoken
 from tunelab.errors import DataError
@@ -118,13 +118,28 @@ def load_tokenizer(path_or_dir: str | Path) -> BaseTokenizer:
     if kind == "tiktoken":
         tok = load_llama3_tiktoken(file, chat_template=template)
     elif kind == "sentencepiece":
-        tok = SentencePieceTokenizer(file, chat_template=template, legacy=config.get("legacy") is True)
+        tok = SentencePieceTokenizer(file, chat_template=template, legacy=config.get("legacy") is True,
+                                     added_tokens=_added_tokens(folders), bos_token=token_name(config.get("bos_token")),
+                                     eos_token=token_name(config.get("eos_token")))
     elif kind == "json":
         tok = load_hf_json(file, config=config, chat_template=template)
     else:
         raise DataError(f"{file} is not a recognised tokenizer; expected {_EXPECTED}")
     _add_generation_stops(tok, folders)
     return tok
+
+
+def _added_tokens(folders: list[Path]) -> dict[str, int]:
+    """Tokens a sentencepiece checkpoint adds past its model's pieces, text -> id: the
+    ``added_tokens`` of its tokenizer.json, else added_tokens.json (Phi-3's chat markers)."""
+    for folder in folders:
+        if (folder / "tokenizer.json").is_file():
+            added = _read_json(folder / "tokenizer.json").get("added_tokens") or []
+            return {t["content"]: t["id"] for t in added if isinstance(t, dict)
+                    and isinstance(t.get("content"), str) and isinstance(t.get("id"), int)}
+        if (folder / "added_tokens.json").is_file():
+            return {k: v for k, v in _read_json(folder / "added_tokens.json").items() if isinstance(v, int)}
+    return {}
 
 
 def _add_generation_stops(tok: BaseTokenizer, folders: list[Path]) -> None:

@@ -78,12 +78,19 @@ class SentencePieceTokenizer(BaseTokenizer):
         chat_template: the Jinja template from tokenizer_config.json, rendered for chats.
         legacy: tokenizer_config.json's ``legacy`` (how transformers puts the "▁" prefix on
             text after a special token in a rendered template; see ``encode_rendered``).
+        added_tokens: tokens past the model's pieces, text -> id (Phi-3's ``<|user|>``,
+            ``<|end|>``... from tokenizer.json / added_tokens.json): special tokens of the chat
+            template; typed into plain text they stay text, like control pieces.
+        bos_token, eos_token: tokenizer_config.json's, where they name another token than the
+            model's own BOS/EOS pieces (Phi-3.5's eos_token is the added ``<|endoftext|>``).
 
     Raises:
         DataError: the file is not a sentencepiece model or lacks BOS/EOS pieces.
     """
 
-    def __init__(self, path: str | Path, chat_template: str | None = None, legacy: bool = False) -> None:
+    def __init__(self, path: str | Path, chat_template: str | None = None, legacy: bool = False,
+                 added_tokens: dict[str, int] | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None) -> None:
         self.path = str(path)
         self.chat_template = chat_template
         self.chat_format = "llama2"
@@ -95,7 +102,10 @@ class SentencePieceTokenizer(BaseTokenizer):
                 f"{path} is not a valid sentencepiece model ({type(e).__name__}); expected a "
                 "Llama 2 tokenizer.model or a Llama 3 tiktoken file"
             ) from None
-        self.vocab_size = self._sp.GetPieceSize()
+        n_pieces = self._sp.GetPieceSize()
+        self._added = {t: i for t, i in (added_tokens or {}).items() if i >= n_pieces}
+        self._added_text = {i: t for t, i in self._added.items()}
+        self.vocab_size = max([n_pieces, *(i + 1 for i in self._added.values())])
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
@@ -105,21 +115,30 @@ class SentencePieceTokenizer(BaseTokenizer):
             )
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
         self.stop_tokens = [self.eos_id]
-        self._control = {i for i in range(self.vocab_size) if self._sp.IsControl(i)}
+        self._control = {i for i in range(n_pieces) if self._sp.IsControl(i)}
         try:
             types = piece_types(path)
         except (ValueError, IndexError):
             types = []
         # user-defined pieces (Gemma's turn markers) are matched in text by sentencepiece itself
         self._user_defined = {i for i, t in enumerate(types) if t == USER_DEFINED}
-        # control pieces spelled in a rendered template ("<s>", Mistral's "[INST]"), longest first
-        texts = sorted(((self._sp.IdToPiece(i), i) for i in self._control), key=lambda t: -len(t[0]))
+        # control pieces and added tokens spelled in a rendered template ("<s>", Mistral's
+        # "[INST]", Phi-3's "<|user|>"), longest first
+        texts = sorted([*((self._sp.IdToPiece(i), i) for i in self._control), *self._added.items()],
+                       key=lambda t: -len(t[0]))
         self._control_ids = dict(texts)
         self._control_re = re.compile("|".join(re.escape(t) for t, _ in texts if t)) if texts else None
         pieces = self._sp.EncodeAsPieces("a")
         self._dummy_prefix = bool(pieces) and pieces[0].startswith("\u2581")
         self._legacy = legacy
         self._sp_no_prefix: spm.SentencePieceProcessor | None = None
+        self._names = {"bos_token": self._sp.IdToPiece(self.bos_id), "eos_token": self._sp.IdToPiece(self.eos_id)}
+        for key, name in (("bos_token", bos_token), ("eos_token", eos_token)):
+            if name in self._added or (name is not None and self._sp.PieceToId(name) != self._sp.unk_id()):
+                self._names[key] = name
+        self.bos_id = self.special_id(self._names["bos_token"])
+        self.eos_id = self.special_id(self._names["eos_token"])
+        self.stop_tokens = [self.eos_id]
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
         ids = self._sp.Encode(text)
@@ -134,17 +153,17 @@ class SentencePieceTokenizer(BaseTokenizer):
         for i in ids:
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"token id {i} is not in the vocabulary of {self.path}")
-        if skip_special_tokens:
-            return self._sp.Decode(ids)  # sentencepiece drops control tokens itself
-        # Render control tokens as their piece text between decoded runs of ordinary ids.
+        if skip_special_tokens:  # sentencepiece drops control tokens itself
+            return self._sp.Decode([i for i in ids if i not in self._added_text])
+        # Render control and added tokens as their text between decoded runs of ordinary ids.
         out: list[str] = []
         run: list[int] = []
         for i in ids:
-            if i in self._control:
+            if i in self._control or i in self._added_text:
                 if run:
                     out.append(self._sp.Decode(run))
                     run = []
-                out.append(self._sp.IdToPiece(i))
+                out.append(self._added_text.get(i) or self._sp.IdToPiece(i))
             else:
                 run.append(i)
         if run:
@@ -196,15 +215,22 @@ class SentencePieceTokenizer(BaseTokenizer):
         return len(self._sp.IdToPiece(i).replace("\u2581", " ").encode("utf-8"))
 
     def template_tokens(self) -> dict[str, str]:
-        return {"bos_token": self._sp.IdToPiece(self.bos_id), "eos_token": self._sp.IdToPiece(self.eos_id)}
+        return dict(self._names)
 
     def special_texts(self) -> list[str]:
         return [*self._control_ids, *(self._sp.IdToPiece(i) for i in self._user_defined)]
 
     def special_token_ids(self) -> set[int]:
-        return self._control | self._user_defined
+        return self._control | self._user_defined | set(self._added_text)
+
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        """The tokens past the model's pieces (text -> id)."""
+        return dict(self._added)
 
     def special_id(self, name: str) -> int:
+        if name in self._added:
+            return self._added[name]
         i = self._sp.PieceToId(name)
         if i == self._sp.unk_id() and name != self._sp.IdToPiece(i):
             raise DataError(f"tokenizer {self.path} has no special token {name}")

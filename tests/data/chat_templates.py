@@ -382,6 +382,16 @@ GEMMA3 = (
     "{%- endif -%}\n"
 )
 
+PHI3_5 = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Phi-3's chat markers: tokens past the sentencepiece model's pieces (added_tokens.json)
+PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+
 # sentencepiece families: template, control symbols, user-defined symbols, tokenizer_config
 # extras, dummy prefix
 SENTENCEPIECE_FAMILIES = {
@@ -391,6 +401,7 @@ SENTENCEPIECE_FAMILIES = {
     # Gemma's model: no dummy prefix, turn markers as user-defined pieces, <bos>/<eos>
     "gemma3": (GEMMA3, [], ["<start_of_turn>", "<end_of_turn>"],
                {"bos_token": "<bos>", "eos_token": "<eos>", "tokenizer_class": "GemmaTokenizer"}, False),
+    "phi3_5": (PHI3_5, [], [], {"legacy": False, "eos_token": "<|endoftext|>"}, True),
 }
 
 # A template in HF's assistant-mask style: {% generation %} around the assistant's text.
@@ -477,5 +488,11 @@ def write_sentencepiece_tokenizer(folder: Path, family: str) -> Path:
     corpus.unlink()
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "LlamaTokenizer",
               **extra, "chat_template": template}
+    if family == "phi3_5":  # ids past the model's 400 pieces, in both places checkpoints keep them
+        added = {t: 400 + i for i, t in enumerate(PHI3_ADDED)}
+        (folder / "added_tokens.json").write_text(json.dumps(added))
+        config["added_tokens_decoder"] = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                                   "normalized": False, "single_word": False}
+                                          for t, i in added.items()}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder

@@ -454,3 +454,21 @@ def test_export_streams_one_tensor_at_a_time(export_checkpoint, tmp_path, monkey
     export_gguf(ckpt, tmp_path / "m.gguf", dtype="q8_0", adapter_dir=adapter)
     assert len(handed_out) == 1 + 9 * 2 + 2  # embedding, 9 per layer, final norm, output
     assert most_alive == 0
+
+
+def test_sentencepiece_added_tokens_reach_the_gguf_vocabulary(export_checkpoint, tmp_path):
+    """Phi-3's chat markers sit past its sentencepiece model's pieces (added_tokens.json): the
+    GGUF vocabulary holds them at their ids as control tokens, so llama.cpp renders its chats."""
+    import shutil
+
+    from ..data.chat_templates import write_sentencepiece_tokenizer
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(export_checkpoint("llama2", "sentencepiece"), ckpt)
+    write_sentencepiece_tokenizer(ckpt, "phi3_5")
+    reader = gguf.GGUFReader(export_gguf(ckpt, tmp_path / "m.gguf"))
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    types = reader.fields["tokenizer.ggml.token_type"]
+    text = lambda i: bytes(tokens.parts[tokens.data[i]]).decode()  # noqa: E731
+    assert [text(i) for i in range(400, 405)] == ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+    assert all(int(types.parts[types.data[i]][0]) == gguf.TokenType.CONTROL for i in range(400, 405))

@@ -159,6 +159,8 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, make_hf_checkpoint, rt, caps
         ("gemma3/12B_qlora_single_device", "gemma3_mm"),
         ("mistral/7B_lora_single_device", "mistral"),
         ("mistral/nemo_12B_qlora_single_device", "mistral_nemo"),
+        ("phi3/mini_lora_single_device", "phi3_longrope"),
+        ("phi4/14B_qlora_single_device", "phi3"),
         ("qwen2_5/7B_lora_single_device", "qwen2"),
         ("qwen3/8B_qlora_single_device", "qwen3"),
     ],
