@@ -208,7 +208,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     """
     if not isinstance(cfg, dict):
         raise CheckpointError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
-    if cfg.get("model_type") in MULTIMODAL:
+    if isinstance(cfg.get("model_type"), str) and cfg["model_type"] in MULTIMODAL:
         return _multimodal_args(cfg)
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
@@ -327,7 +327,7 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
             hub layout is written, which both transformers 4 and 5 read.
     """
     if args.multimodal:  # the source's config with its text_config rewritten
-        if not source_config or source_config.get("model_type") not in MULTIMODAL:
+        if not source_config or source_config.get("model_type") not in tuple(MULTIMODAL):
             raise CheckpointError("an image-text model is saved from the folder it was loaded from; pass source_dir")
         cfg = copy.deepcopy(source_config)
         text = hf_config_from_args(dataclasses.replace(args, multimodal=False), cfg.get("text_config") or {})
