@@ -68,6 +68,7 @@ _LAYER_NAMES = {
     "mlp.gate_proj.weight": "mlp.gate_proj.weight",
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
+    "mlp.gate.weight": "mlp.gate.weight",  # an MoE layer's router
 }
 _TOP_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -89,6 +90,31 @@ _HF_TO_NATIVE_SANDWICH = {v: k for k, v in _SANDWICH_LAYER_NAMES.items()}
 _HF_TO_NATIVE_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # Where an image-text checkpoint (Gemma3ForConditionalGeneration) keeps its language model
 MULTIMODAL_PREFIX = "language_model."
+# MoE experts: one tensor per expert on disk, one stacked [E, ...] tensor per projection natively
+_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_NATIVE_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate|up|down)_proj$")
+
+
+def expert_slot(hf_name: str) -> tuple[str, int] | None:
+    """``model.layers.3.mlp.experts.7.up_proj.weight`` -> (``layers.3.mlp.experts.up_proj``, 7):
+    the stacked native tensor an expert's weight is row ``e`` of; None for other names."""
+    m = _HF_EXPERT.match(hf_name)
+    return (f"layers.{m.group(1)}.mlp.experts.{m.group(3)}_proj", int(m.group(2))) if m else None
+
+
+def refuse_moe(args: ModelArgs, what: str, where) -> None:
+    """A one-line CheckpointError for the paths that do not take mixture-of-experts models yet."""
+    if args.n_experts:
+        raise CheckpointError(f"{where}: {what} of a mixture-of-experts model ({args.model_type}) is not supported "
+                              "yet; use the bf16 LoRA recipe on one device")
+
+
+def expert_weight_names(native_name: str, n_experts: int) -> list[str] | None:
+    """The per-expert HF names of a stacked native expert tensor (None for other names)."""
+    m = _NATIVE_EXPERTS.match(native_name)
+    if m is None:
+        return None
+    return [f"model.layers.{m.group(1)}.mlp.experts.{e}.{m.group(2)}_proj.weight" for e in range(n_experts)]
 # Old transformers versions saved this computed buffer; it is recomputed, never loaded.
 _IGNORED_HF = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
@@ -122,6 +148,9 @@ def native_to_hf_key(name: str, args: ModelArgs | None = None) -> str:
     Raises:
         KeyError: the name is not a native weight (e.g. a LoRA adapter weight).
     """
+    experts = _NATIVE_EXPERTS.match(name)
+    if experts:  # a stacked tensor: named by its per-expert pattern
+        return f"model.layers.{experts.group(1)}.mlp.experts.*.{experts.group(2)}_proj.weight"
     layer = _SANDWICH_LAYER_NAMES if args is not None and args.sandwich_norm else _LAYER_NAMES
     hf = rename_weight(name, _TOP_NAMES, NATIVE_LAYER, layer, "model.layers.", "a native weight name")
     return MULTIMODAL_PREFIX + hf if args is not None and args.multimodal else hf
@@ -342,12 +371,23 @@ def load_hf_state_dict(
     if args is None:
         args = args_from_hf_config(read_hf_config(checkpoint_dir))
     out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}  # stacked name -> expert index -> weight
     for hf_name, tensor in iter_hf_tensors(checkpoint_dir):
+        slot = expert_slot(hf_name) if args.n_experts else None
+        if slot is not None:
+            experts.setdefault(slot[0], {})[slot[1]] = _cast(tensor, dtype, device)
+            continue
         name = native_weight_name(hf_name, args, checkpoint_dir)
         if name is None:
             continue
         out[name] = _cast(tensor, dtype, device)
         del tensor
+    for name, pieces in experts.items():
+        if sorted(pieces) != list(range(args.n_experts)):
+            missing = sorted(set(range(args.n_experts)) - set(pieces))
+            raise CheckpointError(f"{checkpoint_dir}: {name} lacks experts {missing[:5]} of {args.n_experts}; "
+                                  "the weights do not match config.json")
+        out[name] = torch.stack([pieces.pop(e) for e in range(args.n_experts)])
     return out
 
 
@@ -478,6 +518,10 @@ def save_pretrained(
     hf_state: dict[str, torch.Tensor] = {}
     carried: set[str] = set()  # written as they were read, never cast
     for name, tensor in state_dict.items():
+        per_expert = expert_weight_names(name, args.n_experts) if args.n_experts else None
+        if per_expert is not None:  # back to one tensor per expert, as checkpoints store them
+            hf_state.update(zip(per_expert, tensor.unbind(0)))
+            continue
         try:
             hf_state[native_to_hf_key(name, args)] = tensor
         except KeyError:

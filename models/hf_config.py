@@ -30,12 +30,13 @@ from tunelab.models.llama.args import ModelArgs
 # q/k RMSNorms and states its head_dim; Gemma 3 (text) changes norms, MLP, embeddings and mixes
 # sliding-window layers with full ones. Each keeps its own names when saved.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
 # image-text model_type -> (its architecture, the model_type of its text_config)
 MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text")}
 # max_position_embeddings when config.json has none: each transformers config class's default
 _MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma3_text": 131072,
-                  "phi3": 4096}
+                  "phi3": 4096, "qwen3_moe": 32768}
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # Keys hf_config_from_args owns; everything else in a source config is carried over.
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
@@ -156,6 +157,29 @@ def _gemma3_fields(cfg: dict, n_layers: int) -> dict:
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
+def _moe_fields(cfg: dict, n_layers: int) -> dict:
+    """Qwen3-MoE's expert settings (hub ``num_experts``, transformers 5 ``num_local_experts``;
+    defaults as transformers' Qwen3MoeConfig)."""
+    key = "num_local_experts" if "num_local_experts" in cfg else "num_experts"
+    n_experts = _integer(cfg, key, default=128)
+    top_k = _integer(cfg, "num_experts_per_tok", default=8)
+    if top_k > n_experts:
+        raise CheckpointError(f"config.json num_experts_per_tok={top_k} exceeds {key}={n_experts}")
+    dense = cfg.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and 0 <= i < n_layers for i in dense):
+        raise CheckpointError(f"config.json mlp_only_layers={dense!r} must list layer indices below {n_layers}")
+    norm = cfg.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        raise CheckpointError(f"config.json norm_topk_prob={norm!r} must be true or false")
+    coef = cfg.get("router_aux_loss_coef", 0.001)
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or coef < 0:
+        raise CheckpointError(f"config.json router_aux_loss_coef={coef!r} must be a number >= 0")
+    return dict(n_experts=n_experts, experts_per_token=top_k, moe_hidden_dim=_integer(cfg, "moe_intermediate_size"),
+                norm_topk_prob=norm, mlp_only_layers=list(dense),
+                decoder_sparse_step=_integer(cfg, "decoder_sparse_step", default=1),
+                router_aux_loss_coef=float(coef))
+
+
 def _phi3_fields(cfg: dict, head_dim: int, max_positions: int) -> dict:
     """The ``ModelArgs`` fields only Phi-3 sets: fused projections, partial rotary and
     ``longrope`` (hub: top-level partial_rotary_factor / original_max_position_embeddings and
@@ -274,7 +298,10 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     else:
         rope_theta, rope_scaling = _rope_settings(cfg)
         family = dict(rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window,
-                      layer_types=layer_types, qk_norm=model_type == "qwen3", qkv_bias=model_type == "qwen2")
+                      layer_types=layer_types, qk_norm=model_type in ("qwen3", "qwen3_moe"),
+                      qkv_bias=model_type == "qwen2")
+        if model_type == "qwen3_moe":
+            family.update(_moe_fields(cfg, n_layers))
     try:
         return ModelArgs(
             vocab_size=_integer(cfg, "vocab_size"),
@@ -367,8 +394,14 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
         cfg["sliding_window"] = args.sliding_window
     elif args.model_type == "qwen2":  # biases on q/k/v are implied by the architecture
         cfg["use_sliding_window"] = False
-    elif args.model_type == "qwen3":
+    elif args.model_type in ("qwen3", "qwen3_moe"):
         cfg.update(attention_bias=False, use_sliding_window=False)
+    if args.n_experts:
+        cfg.pop("num_local_experts" if "num_experts" in cfg else "num_experts", None)
+        cfg.update({"num_local_experts" if use_rope_parameters else "num_experts": args.n_experts},
+                   num_experts_per_tok=args.experts_per_token, moe_intermediate_size=args.moe_hidden_dim,
+                   norm_topk_prob=args.norm_topk_prob, mlp_only_layers=list(args.mlp_only_layers or []),
+                   decoder_sparse_step=args.decoder_sparse_step, router_aux_loss_coef=args.router_aux_loss_coef)
     elif args.model_type == "phi3":
         cfg["sliding_window"] = args.sliding_window
         for key in ("partial_rotary_factor", "original_max_position_embeddings"):

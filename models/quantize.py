@@ -32,6 +32,7 @@ from tunelab.models.checkpoint import (
     native_weight_name,
     open_safetensors,
     read_hf_config,
+    refuse_moe,
     tensors_by_file,
 )
 from tunelab.models.hf_config import args_from_hf_config
@@ -204,6 +205,7 @@ def from_pretrained_quantized(
     config = read_hf_config(path)
     bnb = bnb_4bit_settings(config, path)
     args = args_from_hf_config(config)
+    refuse_moe(args, "4-bit loading (QLoRA)", path)
     device = torch.device(device)
     model = build_model(args, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

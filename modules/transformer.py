@@ -13,6 +13,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.modules.attention import Attention, BlockMask, KVCache, document_mask, window_mask
 from tunelab.modules.feed_forward import FeedForward
+from tunelab.modules.moe import MoE
 from tunelab.modules.rms_norm import RMSNorm
 from tunelab.modules.rope import RotaryEmbedding
 
@@ -37,13 +38,15 @@ class TransformerDecoderLayer(nn.Module):
         sandwich: Gemma's post-attention and post-MLP norms.
         act: the MLP gate's activation, ``silu`` or ``gelu_tanh``.
         fused: Phi-3's fused ``qkv_proj`` and ``gate_up_proj``.
+        moe: ``(n_experts, top_k, expert hidden dim, norm_topk_prob)`` for a mixture-of-experts
+            MLP (Qwen3-MoE) in place of the dense one; None = dense.
     """
 
     def __init__(
         self, *, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, hidden_dim: int, norm_eps: float,
         qk_norm: bool = False, qkv_bias: bool = False, sliding_window: int | None = None,
         attn_scale: float | None = None, norm_plus_one: bool = False, sandwich: bool = False, act: str = "silu",
-        fused: bool = False,
+        fused: bool = False, moe: tuple[int, int, int, bool] | None = None,
     ) -> None:
         super().__init__()
         norm = dict(eps=norm_eps, plus_one=norm_plus_one)
@@ -53,7 +56,11 @@ class TransformerDecoderLayer(nn.Module):
                               norm_plus_one=norm_plus_one, fused_qkv=fused)
         self.attn_post_norm = RMSNorm(dim, **norm) if sandwich else None
         self.mlp_norm = RMSNorm(dim, **norm)
-        self.mlp = FeedForward(dim, hidden_dim, act=act, fused_gate_up=fused)
+        if moe is not None:
+            n_experts, top_k, expert_dim, norm_topk_prob = moe
+            self.mlp = MoE(dim, expert_dim, n_experts, top_k, norm_topk_prob)
+        else:
+            self.mlp = FeedForward(dim, hidden_dim, act=act, fused_gate_up=fused)
         self.mlp_post_norm = RMSNorm(dim, **norm) if sandwich else None
 
     def forward(
@@ -108,6 +115,8 @@ class TransformerDecoder(nn.Module):
                 sandwich=args.sandwich_norm,
                 act=args.hidden_act,
                 fused=args.fused_projections,
+                moe=((args.n_experts, args.experts_per_token, args.moe_hidden_dim, args.norm_topk_prob)
+                     if args.is_moe(i) else None),
             )
             for i in range(args.n_layers)
         )

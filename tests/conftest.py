@@ -63,6 +63,11 @@ KINDS = {
                           rope_scaling=dict(rope_type="longrope", original_max_position_embeddings=32,
                                             short_factor=[1.0 + 0.05 * i for i in range(6)],
                                             long_factor=[1.0 + 0.5 * i for i in range(6)])),
+    # Qwen3-MoE in small: q/k norms, 4 experts of width 48, top-2 with renormalised weights, layer 0
+    # dense (mlp_only_layers), tied embeddings
+    "qwen3_moe": dict(num_key_value_heads=2, rope_theta=1000000.0, head_dim=24, tie_word_embeddings=True,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                      mlp_only_layers=[0], router_aux_loss_coef=0.01),
     # Gemma 3 in small: 1+w norms (four per layer, and on q/k), GeGLU, scaled embeddings, two
     # sliding layers (window 16, local theta 1e4) then a global one with linear rope scaling,
     # query_pre_attn_scalar != head_dim, tied embeddings
@@ -119,6 +124,11 @@ def _build_hf_model(kind: str, seed: int, **overrides):
 
         config_class, model_class = Gemma3TextConfig, Gemma3ForCausalLM
         cfg.pop("mlp_bias")
+    elif kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config_class, model_class = Qwen3MoeConfig, Qwen3MoeForCausalLM
+        cfg.pop("mlp_bias")
     elif kind.startswith("phi3"):
         from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -138,11 +148,11 @@ def _build_hf_model(kind: str, seed: int, **overrides):
     config = config_class(rope_parameters=rope_parameters, **cfg)
     torch.manual_seed(seed)
     model = model_class(config).eval()
-    # transformers initialises norms to ones and biases to zeros; perturb them so a wrong
-    # mapping shows up.
+    # transformers initialises norms to ones, biases and routers to zeros; perturb them so a
+    # wrong mapping shows up.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith((".bias", "mlp.gate.weight")):
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -156,7 +166,8 @@ def make_hf_checkpoint(tmp_path_factory):
     mistral_nemo (the same with an explicit head_dim), qwen2 (q/k/v biases, tied), qwen3 (q/k
     norms, head_dim 24, tied), gemma3 (Gemma3ForCausalLM: sliding and global layers), gemma3_mm
     (Gemma3ForConditionalGeneration: the same text model beside a vision tower), phi3 (fused
-    projections, window 24), phi3_longrope (partial rotary, longrope past 32 positions). Written in fp32 by transformers' save_pretrained. Results are
+    projections, window 24), phi3_longrope (partial rotary, longrope past 32 positions), qwen3_moe
+    (4 experts, top 2, a dense first layer). Written in fp32 by transformers' save_pretrained. Results are
     cached per argument set for the session; treat the folder as read-only (copy it to modify).
     """
     cache: dict = {}

@@ -24,7 +24,13 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tunelab.errors import CheckpointError
-from tunelab.models.checkpoint import native_to_hf_key, native_weight_name, open_safetensors, tensors_by_file
+from tunelab.models.checkpoint import (
+    native_to_hf_key,
+    native_weight_name,
+    open_safetensors,
+    refuse_moe,
+    tensors_by_file,
+)
 from tunelab.training.checkpointing import TrainingProgress, load_state
 from tunelab.training.process_group import is_rank0, rank, world_size
 from tunelab.training.sharding import NF4_STORAGE
@@ -73,6 +79,7 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
     """
     from tunelab.modules.nf4 import NF4Weight, to_nf4
 
+    refuse_moe(model.args, "sharded (FSDP) loading", checkpoint_dir)
     params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
     nf4 = {n: m for n, m in model.named_modules() if isinstance(m, NF4Weight)}  # named like the dense weight
     for name, w in nf4.items():

@@ -39,6 +39,7 @@ from tunelab.models.checkpoint import (
     native_weight_name,
     open_safetensors,
     read_hf_config,
+    refuse_moe,
     rename_weight,
     safetensors_files,
 )
@@ -405,6 +406,7 @@ def write_gguf(
     path = checkpoint_folder(checkpoint_dir)
     config = read_hf_config(path)
     args = args_from_hf_config(config)
+    refuse_moe(args, "GGUF export", path)
     _check_llama_cpp_can_run(args, path)
     source = _Source(path, config, args)
     from tunelab.models.llama.builders import build_model

@@ -47,6 +47,13 @@ class ModelArgs:
             ([gate; up]) in place of separate projections.
         rotary_dim: dims of each head RoPE rotates (Phi's partial_rotary_factor x head_dim);
             None = all of them.
+        n_experts: experts per MoE layer (Qwen3-MoE's num_experts); 0 = a dense model.
+        experts_per_token: experts each token is routed to [num_experts_per_tok].
+        moe_hidden_dim: each expert's inner width [moe_intermediate_size].
+        norm_topk_prob: renormalise the top-k routing weights [norm_topk_prob].
+        mlp_only_layers: layers with a dense MLP in an MoE model [mlp_only_layers].
+        decoder_sparse_step: every this-many-th layer is an MoE layer [decoder_sparse_step].
+        router_aux_loss_coef: weight of the load-balancing loss in training [router_aux_loss_coef].
         multimodal: the language model of an image-text checkpoint (Gemma 3 4B+,
             ``Gemma3ForConditionalGeneration``): its weights sit under ``language_model.`` and
             its vision tensors are carried through exports untouched.
@@ -78,6 +85,13 @@ class ModelArgs:
     hidden_act: str = "silu"
     embed_scale: float | None = None
     fused_projections: bool = False
+    n_experts: int = 0
+    experts_per_token: int = 0
+    moe_hidden_dim: int | None = None
+    norm_topk_prob: bool = False
+    mlp_only_layers: list[int] | None = None
+    decoder_sparse_step: int = 1
+    router_aux_loss_coef: float = 0.0
     rotary_dim: int | None = None
     multimodal: bool = False
 
@@ -105,10 +119,18 @@ class ModelArgs:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.n_experts and not (0 < self.experts_per_token <= self.n_experts and self.moe_hidden_dim):
+            raise ValueError(f"experts_per_token ({self.experts_per_token}) must be in [1, n_experts "
+                             f"({self.n_experts})] and moe_hidden_dim set")
         if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim):
             raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and within head_dim ({self.head_dim})")
         if self.hidden_act not in ("silu", "gelu_tanh"):
             raise ValueError(f"hidden_act {self.hidden_act!r} is not silu or gelu_tanh")
+
+    def is_moe(self, layer: int) -> bool:
+        """Is layer ``layer`` a mixture-of-experts layer (transformers' Qwen3-MoE rule)?"""
+        return (self.n_experts > 0 and layer not in (self.mlp_only_layers or ())
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def is_sliding(self, layer: int) -> bool:
         """Does layer ``layer`` attend over a sliding window?"""

@@ -28,7 +28,7 @@ def _same_tensors(a: dict, b: dict):
 
 
 @pytest.mark.parametrize("kind", ["llama3_1", "llama3_2", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_mm", "phi3",
-                                  "phi3_longrope"])
+                                  "phi3_longrope", "qwen3_moe"])
 def test_save_then_transformers_loads_identical(kind, make_hf_checkpoint, load_hf_model, tmp_path):
     """Every family's save round trip is lossless: transformers loads the saved folder with
     bit-identical weights (and so logits) to the source folder."""

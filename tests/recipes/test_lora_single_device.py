@@ -329,6 +329,7 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
     ("gemma3_mm", "Gemma3ForConditionalGeneration", ()),  # Gemma 3 4B+: the text model of an image-text one
     ("phi3", "Phi3ForCausalLM", ()),  # LoRA on the fused qkv_proj / gate_up_proj, as PEFT puts it
     ("phi3_longrope", "Phi3ForCausalLM", ("quantize=nf4",)),
+    ("qwen3_moe", "Qwen3MoeForCausalLM", ()),  # LoRA on attention and the dense layer's MLP
 ])
 def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, make_hf_checkpoint, load_hf_model,
                                                                    rt, kind, cls, extra):

@@ -1,0 +1,120 @@
+"""Mixture-of-experts feed-forward (Qwen3-MoE): a linear router picks ``top_k`` of
+``n_experts`` SwiGLU experts per token and mixes their outputs by the routing weights.
+
+The experts' weights are stacked, one tensor per projection (``gate_proj`` / ``up_proj``
+[E, hidden, dim], ``down_proj`` [E, dim, hidden]), the layout a grouped GEMM takes; checkpoints
+store them per expert and the HF reader stacks them (``tunelab.models.checkpoint``). This file
+holds the reference path: a loop over the experts that received tokens, each one a dense SwiGLU
+on its tokens, which is exact and what runs on CPU.
+
+The load-balancing loss (Switch Transformer's, as transformers computes it) is
+:func:`load_balancing_loss` over the router logits each MoE block keeps from its last forward
+(``MoE.router_logits``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.kernels import gated_act
+
+__all__ = ["Experts", "MoE", "load_balancing_loss"]
+
+
+class Experts(nn.Module):
+    """``n_experts`` SwiGLU MLPs with stacked weights.
+
+    Args:
+        n_experts: number of experts E.
+        dim: model width.
+        hidden_dim: each expert's inner width (``moe_intermediate_size``).
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for p in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, dim], experts [T, k] (ids), weights [T, k] -> sum over each token's k experts
+        of weight * expert(x) [T, dim] (reference: one dense SwiGLU per expert that got tokens,
+        in ascending expert order, as transformers adds them)."""
+        out = torch.zeros_like(x)
+        for e in torch.unique(experts).tolist():
+            token, slot = torch.where(experts == e)  # the tokens routed to e, and at which of their k slots
+            h = x[token]  # (n_e, dim)
+            y = F.linear(gated_act(F.linear(h, self.gate_proj[e]), F.linear(h, self.up_proj[e])), self.down_proj[e])
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    """Router + experts: ``sum_k w_k * expert_{i_k}(x)`` over the top-k experts of each token.
+
+    Args:
+        dim: model width.
+        hidden_dim: each expert's inner width.
+        n_experts: number of experts.
+        top_k: experts per token.
+        norm_topk_prob: renormalise the top-k routing weights to sum to 1.
+
+    Attributes:
+        router_logits: [tokens, n_experts] of the last forward (for :func:`load_balancing_loss`).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(dim, n_experts, bias=False)  # the router
+        self.experts = Experts(n_experts, dim, hidden_dim)
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [b, s, dim] -> [b, s, dim] (+ ``residual``)."""
+        flat = x.reshape(-1, x.shape[-1])  # (T, dim)
+        logits = self.gate(flat)  # (T, E)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (T, k) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        self.router_logits = logits
+        out = self.experts(flat, experts, weights.to(logits.dtype)).view_as(x)
+        return out if residual is None else residual + out
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k: int,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss over all MoE layers (transformers'
+    ``load_balancing_loss_func``): ``E * sum_e f_e * P_e`` where ``f_e`` is the share of routing
+    slots that chose expert e and ``P_e`` the mean router probability of e, both over tokens of
+    every layer (and, for ``f``, per top-k slot).
+
+    Args:
+        router_logits: per MoE layer, [tokens, E].
+        n_experts: E.
+        top_k: experts per token.
+        mask: optional [tokens] bool, True for real tokens (padding left out of both means).
+
+    Returns:
+        A scalar (fp32).
+    """
+    logits = torch.cat([g.float() for g in router_logits], dim=0)  # (L*T, E)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, n_experts).float()  # (L*T, k, E)
+    if mask is None:
+        tokens_per_expert = chosen.mean(dim=0)  # (k, E)
+        prob_per_expert = probs.mean(dim=0)  # (E,)
+    else:
+        m = mask.reshape(-1).float().repeat(len(router_logits))  # (L*T,)
+        tokens_per_expert = (chosen * m[:, None, None]).sum(0) / m.sum()
+        prob_per_expert = (probs * m[:, None]).sum(0) / m.sum()
+    return (tokens_per_expert * prob_per_expert[None]).sum() * n_experts
