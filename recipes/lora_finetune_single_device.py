@@ -45,6 +45,7 @@ from tunelab.training.spine import (
 )
 from tunelab.training.steps import (
     IGNORE_INDEX,
+    RouterAuxLoss,
     clip_grad_norm,
     evaluate_loss,
     make_loader,
@@ -107,7 +108,8 @@ def train(cfg: RecipeConfig, run) -> None:
     print(f"training {total_steps} steps ({steps_per_epoch} per epoch, {cfg.batch_size} x {accum} samples each)")
     last_saved = run.resume_dir
     throughput = Throughput()  # tokens/s of training steps (eval and saves excluded)
-    backward = micro_batch_backward(model, params, device, cuda_graph=run.flags["cuda_graph"])
+    router_aux = RouterAuxLoss(model, cfg.router_aux_loss)  # MoE models: the load-balancing loss
+    backward = micro_batch_backward(model, params, device, cuda_graph=run.flags["cuda_graph"], router_aux=router_aux)
     try:
         for micro_batches in optimizer_steps(progress, loader, sampler, accum=accum, samples_per_batch=cfg.batch_size,
                                              steps_per_epoch=steps_per_epoch, total_steps=total_steps):
@@ -127,7 +129,7 @@ def train(cfg: RecipeConfig, run) -> None:
             step = progress.step
             if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
                 log.step({"step": step, "epoch": progress.epoch, "loss": loss_value, "lr": lr,
-                          "tokens_per_s": throughput.rate(), "grad_norm": grad_norm})
+                          "tokens_per_s": throughput.rate(), "grad_norm": grad_norm, **router_aux.metrics()})
             if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
                                            or step == total_steps):
                 eval_loss = evaluate_loss(model, val_loader, device)

@@ -163,8 +163,11 @@ class TrainConfig:
     eval_every_n_steps: int | None
     resume: bool
     # callables a _component_ may name beyond tunelab.*, torch.optim.* and torch.nn.* (dotted
-    # names, or module.* for a whole module); the one key a config may leave out: none by default
+    # names, or module.* for a whole module); a key a config may leave out: none by default
     allowed_components: list[str] = field(default_factory=list)
+    # mixture-of-experts models: add the load-balancing loss in training (coefficient: config.json's
+    # router_aux_loss_coef) and log it; no effect on dense models, so a config may leave it out
+    router_aux_loss: bool = True
 
 
 @dataclass(kw_only=True)

@@ -20,7 +20,8 @@ from tunelab.modules.recompute import keeping, recomputing
 from tunelab.training.offload import ActivationOffloader
 from tunelab.training.process_group import all_reduce_sum
 
-__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "wrap_layers", "checkpoint_every", "make_loader", "loss_sum",
+__all__ = ["IGNORE_INDEX", "NonFiniteLossError", "RouterAuxLoss", "wrap_layers", "checkpoint_every", "make_loader",
+           "loss_sum",
            "plain_output_weight", "evaluate_loss", "micro_batch_backward", "optimizer_steps", "clip_grad_norm",
            "optimizer_step"]
 
@@ -153,15 +154,59 @@ def evaluate_loss(model, loader: DataLoader, device: torch.device) -> float:
     return total / max(count, 1)
 
 
-def micro_batch_backward(model, params: list, device: torch.device, *, cuda_graph: bool = False):
+class RouterAuxLoss:
+    """The load-balancing loss of a mixture-of-experts model in training (Switch Transformer's,
+    as transformers adds it with ``output_router_logits=True``: ``router_aux_loss_coef`` x
+    :func:`~tunelab.modules.moe.load_balancing_loss` over every MoE block's router logits of the
+    forward). Falsy for a dense model or when switched off.
+
+    Args:
+        model: the (possibly wrapped) model.
+        enabled: the recipe's ``router_aux_loss`` switch.
+    """
+
+    def __init__(self, model, enabled: bool) -> None:
+        from tunelab.modules.moe import MoE
+
+        args = model.args
+        self.blocks = [m for m in model.modules() if isinstance(m, MoE)] if enabled else []
+        self.coef, self.n_experts, self.top_k = args.router_aux_loss_coef, args.n_experts, args.experts_per_token
+        self._values: list[torch.Tensor] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.blocks) and self.coef > 0
+
+    def loss(self) -> torch.Tensor:
+        """The loss of the forward just run (kept for :meth:`metrics`)."""
+        from tunelab.modules.moe import load_balancing_loss
+
+        aux = load_balancing_loss([b.router_logits for b in self.blocks], self.n_experts, self.top_k)
+        self._values.append(aux.detach())
+        return aux
+
+    def metrics(self) -> dict:
+        """``{"router_aux_loss": mean since the last call}`` (empty for a dense model)."""
+        if not self._values:
+            return {}
+        value = torch.stack(self._values).mean().item()
+        self._values.clear()
+        return {"router_aux_loss": value}
+
+
+def micro_batch_backward(model, params: list, device: torch.device, *, cuda_graph: bool = False,
+                         router_aux: RouterAuxLoss | None = None):
     """``(batch, n_labels) -> summed loss`` (detached): the forward and backward of one
     micro-batch, accumulating the gradients of ``loss_sum / n_labels`` (``n_labels`` = label
-    tokens of the whole optimizer step). With ``cuda_graph`` it is captured once and replayed
+    tokens of the whole optimizer step) plus, for an MoE model, ``router_aux``'s loss weighted by
+    the micro-batch's share of those labels. With ``cuda_graph`` it is captured once and replayed
     (:class:`~tunelab.training.cuda_graph.MicroBatchGraph`; clear gradients in place then)."""
 
     def eager(batch: dict, n_labels: int) -> torch.Tensor:
         loss = loss_sum(model, batch, device)
-        (loss / n_labels).backward()
+        total = loss
+        if router_aux:
+            total = loss + router_aux.coef * router_aux.loss() * int((batch["labels"] != IGNORE_INDEX).sum())
+        (total / n_labels).backward()
         return loss.detach()
 
     if not cuda_graph:
