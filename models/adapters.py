@@ -31,8 +31,11 @@ from torch import nn
 from tunelab.errors import CheckpointError
 from tunelab.models.checkpoint import hf_to_native_key, native_to_hf_key
 from tunelab.modules.peft.lora import (
+    EXPERT_TARGET,
     LoRALinear,
+    apply_expert_lora,
     apply_lora_to_modules,
+    expert_lora_modules,
     linear_layer_names,
     lora_modules,
 )
@@ -45,6 +48,12 @@ _PREFIX = "base_model.model."
 # base_model.model.<hf path>.lora_A[.<adapter name>].weight; PEFT writes no adapter name, but
 # some versions/tools keep it (".default.").
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# PEFT's LoRA on an MoE layer's expert parameters (target_parameters): one ParamWrapper per
+# targeted parameter around the experts module, the first listed innermost (".base_layer" once
+# per wrapper outside it)
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_EXPERT_KEY_RE = re.compile(r"^(?P<module>.+\.mlp\.experts)(?P<depth>(?:\.base_layer)*)\.lora_(?P<which>[AB])"
+                            r"(?:\.[^.]+)?\.weight$")
 
 # adapter_config.json settings that change the math or the set of trained tensors; tunelab
 # loads plain LoRA only, so any of these being set is refused rather than silently ignored.
@@ -59,7 +68,6 @@ _UNSUPPORTED = {
     "layers_to_transform": "layer subsets",
     "layer_replication": "layer replication",
     "exclude_modules": "excluded modules",
-    "target_parameters": "parameter targets",
     "trainable_token_indices": "trainable token rows",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA",
@@ -84,6 +92,25 @@ def _hf_module(native_module: str, args=None) -> str:
 
 def _native_module(hf_module: str, args=None) -> str:
     return hf_to_native_key(f"{hf_module}.weight", args).removesuffix(".weight")
+
+
+def _expert_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The expert LoRA weights in PEFT's layout (``lora_A`` [E*r, in], ``lora_B`` [out, r*E],
+    expert index fastest) and the ``target_parameters`` naming them."""
+    experts = list(expert_lora_modules(model))
+    leaves = [w for w in ("gate_up_lora", "down_lora") if any(n.endswith("." + w) for n, _ in experts)]
+    targets = [f"mlp.experts.{w.removesuffix('_lora')}_proj" for w in leaves]
+    tensors = {}
+    for name, m in experts:
+        module, _, leaf = name.rpartition(".")  # layers.1.mlp.experts, gate_up_lora
+        depth = len(leaves) - 1 - leaves.index(leaf)
+        # the experts' HF path, through the router's (a sibling named like any weight)
+        mlp = _hf_module(module.removesuffix(".experts") + ".gate", model.args).removesuffix(".gate")
+        key = f"{_PREFIX}{mlp}.experts" + ".base_layer" * depth
+        e, r, in_dim = m.lora_a.shape
+        tensors[f"{key}.lora_A.weight"] = m.lora_a.detach().reshape(e * r, in_dim).cpu().contiguous()
+        tensors[f"{key}.lora_B.weight"] = m.lora_b.detach().permute(1, 2, 0).reshape(-1, r * e).cpu().contiguous()
+    return tensors, targets
 
 
 def _cfg_value(lora_cfg: Any, name: str) -> Any:
@@ -131,10 +158,11 @@ def save_adapter(
             device, or settings that disagree with the model (a caller bug, not user input).
     """
     modules = list(lora_modules(model))
-    if not modules:
+    experts = list(expert_lora_modules(model))
+    if not modules and not experts:
         raise ValueError("save_adapter: the model has no LoRALinear layers (call apply_lora first)")
-    ranks = {m.rank for _, m in modules}
-    alphas = {float(m.alpha) for _, m in modules}
+    ranks = {m.rank for _, m in modules + experts}
+    alphas = {float(m.alpha) for _, m in modules + experts}
     dropouts = {m.dropout_p for _, m in modules}
     if len(ranks) > 1 or len(alphas) > 1 or len(dropouts) > 1:
         raise ValueError(
@@ -142,7 +170,7 @@ def save_adapter(
             f"dropouts {sorted(dropouts)}); the PEFT config holds one r/alpha/dropout"
         )
     r, a, p = ranks.pop(), alphas.pop(), dropouts.pop()
-    native_leaves = {name.rpartition(".")[2] for name, _ in modules}
+    native_leaves = {name.rpartition(".")[2] for name, _ in modules} | ({EXPERT_TARGET} if experts else set())
 
     given = dict(
         rank=rank if rank is not None else _cfg_value(lora_cfg, "rank"),
@@ -173,16 +201,19 @@ def save_adapter(
         tensors[f"{_PREFIX}{hf}.lora_A.weight"] = m.lora_a.weight.detach().cpu().contiguous()
         tensors[f"{_PREFIX}{hf}.lora_B.weight"] = m.lora_b.weight.detach().cpu().contiguous()
 
+    expert_tensors, target_parameters = _expert_tensors(model)
+    tensors.update(expert_tensors)
     # PEFT matches a target name against the end of each module path. Leaf names describe the
     # model when every layer with that leaf is adapted (and no vision tower shares the leaf
-    # names); otherwise list the exact paths.
+    # names, and no expert parameter: PEFT 0.22 also wraps experts.gate_up_proj again for a
+    # "gate_proj" / "up_proj" leaf target); otherwise list the exact paths.
     all_linear = linear_layer_names(model)
     adapted = {name for name, _ in modules}
     target_modules = set()
     for hf, (name, _) in zip(hf_paths, modules):
         leaf = name.rpartition(".")[2]
-        full_cover = not model.args.multimodal and all(n in adapted for n in all_linear
-                                                       if n.rpartition(".")[2] == leaf)
+        full_cover = not model.args.multimodal and not experts and all(n in adapted for n in all_linear
+                                                                       if n.rpartition(".")[2] == leaf)
         target_modules.add(hf.rpartition(".")[2] if full_cover else hf)
 
     config = {
@@ -195,6 +226,7 @@ def save_adapter(
         "lora_alpha": _json_number(a),
         "lora_dropout": p,
         "target_modules": sorted(target_modules),
+        **({"target_parameters": target_parameters} if target_parameters else {}),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -254,6 +286,10 @@ def _read_config(adapter_dir: Path) -> tuple[Path, dict]:
     for key in ("r", "lora_alpha", "target_modules"):
         if cfg.get(key) is None:
             raise CheckpointError(f"{cfg_path}: missing {key!r}")
+    params = cfg.get("target_parameters") or []
+    if not isinstance(params, list) or any(p not in EXPERT_PARAMETERS for p in params):
+        raise CheckpointError(f"{cfg_path}: target_parameters={params!r} is not supported; tunelab loads LoRA on "
+                              f"the MoE expert weights {list(EXPERT_PARAMETERS)}")
     r = cfg["r"]
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise CheckpointError(f"{cfg_path}: r must be a positive integer, got {r!r}")
@@ -281,6 +317,48 @@ def _targeted_modules(model: nn.Module, target_modules: Any, cfg_path: Path) -> 
         n for n, hf in linears.items()
         if any(hf == t or hf.endswith("." + t) for t in target_modules)
     }
+
+
+def _load_expert_lora(model: nn.Module, tensors: dict, cfg: dict, where: Path,
+                      adapter_dtype: torch.dtype | None) -> dict:
+    """Put the file's expert LoRA weights (``target_parameters``) on the model's experts; return
+    the other tensors."""
+    params = cfg.get("target_parameters") or []
+    if not params:
+        return tensors
+    rest, pairs = {}, {}
+    for key, tensor in tensors.items():
+        m = _EXPERT_KEY_RE.match(key.removeprefix(_PREFIX)) if key.startswith(_PREFIX) else None
+        if m is None:
+            rest[key] = tensor
+            continue
+        depth = m["depth"].count(".base_layer")
+        if depth >= len(params):
+            raise CheckpointError(f"{where}: key {key!r} is nested deeper than target_parameters {params!r} allows")
+        try:  # through the router's name, as in _expert_tensors
+            mlp = _native_module(m["module"].removesuffix(".experts") + ".gate", model.args).removesuffix(".gate")
+        except KeyError:
+            raise CheckpointError(f"{where}: key {key!r} names no layer of this model (different base model?)") from None
+        native = f"{mlp}.experts"
+        leaf = params[len(params) - 1 - depth].rpartition(".")[2].removesuffix("_proj") + "_lora"
+        pairs.setdefault(f"{native}.{leaf}", {})[m["which"]] = (key, tensor)
+    if not any(True for _ in expert_lora_modules(model)):
+        apply_expert_lora(model, cfg["r"], cfg["lora_alpha"], adapter_dtype=adapter_dtype)
+    modules = dict(expert_lora_modules(model))
+    with torch.no_grad():
+        for name, pair in pairs.items():
+            lora = modules.get(name)
+            if lora is None or set(pair) != {"A", "B"}:
+                raise CheckpointError(f"{where}: expert LoRA for {name} does not fit this model (or lacks A or B)")
+            e, r, in_dim = lora.lora_a.shape
+            out_dim = lora.lora_b.shape[1]
+            a, b = pair["A"][1], pair["B"][1]
+            if tuple(a.shape) != (e * r, in_dim) or tuple(b.shape) != (out_dim, r * e):
+                raise CheckpointError(f"{where}: {pair['A'][0]} / lora_B have shapes {list(a.shape)} / "
+                                      f"{list(b.shape)}, expected {[e * r, in_dim]} / {[out_dim, r * e]}")
+            lora.lora_a.copy_(a.reshape(e, r, in_dim))
+            lora.lora_b.copy_(b.reshape(out_dim, r, e).permute(2, 0, 1))
+    return rest
 
 
 def load_adapter(
@@ -321,6 +399,7 @@ def load_adapter(
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path} cannot be read ({e})") from None
 
+    tensors = _load_expert_lora(model, tensors, cfg, weights_path, adapter_dtype)
     # group the file's tensors by native module: {module: {"A": (key, tensor), "B": ...}}
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     adapter_names = set()

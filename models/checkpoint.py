@@ -90,16 +90,22 @@ _HF_TO_NATIVE_SANDWICH = {v: k for k, v in _SANDWICH_LAYER_NAMES.items()}
 _HF_TO_NATIVE_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # Where an image-text checkpoint (Gemma3ForConditionalGeneration) keeps its language model
 MULTIMODAL_PREFIX = "language_model."
-# MoE experts: one tensor per expert on disk, one stacked [E, ...] tensor per projection natively
+# MoE experts: per expert on disk (gate_proj, up_proj, down_proj), stacked natively as
+# transformers holds them in memory: gate_up_proj [E, 2I, dim] (gate rows, then up), down_proj
 _HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
-_NATIVE_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate|up|down)_proj$")
+_NATIVE_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$")
 
 
-def expert_slot(hf_name: str) -> tuple[str, int] | None:
-    """``model.layers.3.mlp.experts.7.up_proj.weight`` -> (``layers.3.mlp.experts.up_proj``, 7):
-    the stacked native tensor an expert's weight is row ``e`` of; None for other names."""
+def expert_slot(hf_name: str) -> tuple[str, int, int] | None:
+    """``model.layers.3.mlp.experts.7.up_proj.weight`` -> (``layers.3.mlp.experts.gate_up_proj``,
+    7, 1): the stacked native tensor an expert's weight goes into, the expert, and which half of
+    its rows (0 gate, 1 up; 0 for down_proj); None for other names."""
     m = _HF_EXPERT.match(hf_name)
-    return (f"layers.{m.group(1)}.mlp.experts.{m.group(3)}_proj", int(m.group(2))) if m else None
+    if m is None:
+        return None
+    which = m.group(3)
+    stacked = "down_proj" if which == "down" else "gate_up_proj"
+    return f"layers.{m.group(1)}.mlp.experts.{stacked}", int(m.group(2)), int(which == "up")
 
 
 def refuse_moe(args: ModelArgs, what: str, where) -> None:
@@ -109,12 +115,19 @@ def refuse_moe(args: ModelArgs, what: str, where) -> None:
                               "yet; use the bf16 LoRA recipe on one device")
 
 
-def expert_weight_names(native_name: str, n_experts: int) -> list[str] | None:
-    """The per-expert HF names of a stacked native expert tensor (None for other names)."""
+def per_expert_tensors(native_name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """A stacked native expert tensor as the checkpoint's per-expert tensors (views), or None
+    for other names."""
     m = _NATIVE_EXPERTS.match(native_name)
     if m is None:
         return None
-    return [f"model.layers.{m.group(1)}.mlp.experts.{e}.{m.group(2)}_proj.weight" for e in range(n_experts)]
+    prefix = f"model.layers.{m.group(1)}.mlp.experts"
+    if m.group(2) == "down":
+        return {f"{prefix}.{e}.down_proj.weight": w for e, w in enumerate(tensor.unbind(0))}
+    out = {}
+    for e, w in enumerate(tensor.unbind(0)):
+        out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = w.chunk(2, dim=0)
+    return out
 # Old transformers versions saved this computed buffer; it is recomputed, never loaded.
 _IGNORED_HF = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
@@ -150,7 +163,8 @@ def native_to_hf_key(name: str, args: ModelArgs | None = None) -> str:
     """
     experts = _NATIVE_EXPERTS.match(name)
     if experts:  # a stacked tensor: named by its per-expert pattern
-        return f"model.layers.{experts.group(1)}.mlp.experts.*.{experts.group(2)}_proj.weight"
+        which = "down" if experts.group(2) == "down" else "{gate,up}"
+        return f"model.layers.{experts.group(1)}.mlp.experts.*.{which}_proj.weight"
     layer = _SANDWICH_LAYER_NAMES if args is not None and args.sandwich_norm else _LAYER_NAMES
     hf = rename_weight(name, _TOP_NAMES, NATIVE_LAYER, layer, "model.layers.", "a native weight name")
     return MULTIMODAL_PREFIX + hf if args is not None and args.multimodal else hf
@@ -371,11 +385,11 @@ def load_hf_state_dict(
     if args is None:
         args = args_from_hf_config(read_hf_config(checkpoint_dir))
     out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[int, torch.Tensor]] = {}  # stacked name -> expert index -> weight
+    experts: dict[str, dict[tuple[int, int], torch.Tensor]] = {}  # stacked name -> (expert, half) -> weight
     for hf_name, tensor in iter_hf_tensors(checkpoint_dir):
         slot = expert_slot(hf_name) if args.n_experts else None
         if slot is not None:
-            experts.setdefault(slot[0], {})[slot[1]] = _cast(tensor, dtype, device)
+            experts.setdefault(slot[0], {})[slot[1:]] = _cast(tensor, dtype, device)
             continue
         name = native_weight_name(hf_name, args, checkpoint_dir)
         if name is None:
@@ -383,11 +397,13 @@ def load_hf_state_dict(
         out[name] = _cast(tensor, dtype, device)
         del tensor
     for name, pieces in experts.items():
-        if sorted(pieces) != list(range(args.n_experts)):
-            missing = sorted(set(range(args.n_experts)) - set(pieces))
-            raise CheckpointError(f"{checkpoint_dir}: {name} lacks experts {missing[:5]} of {args.n_experts}; "
-                                  "the weights do not match config.json")
-        out[name] = torch.stack([pieces.pop(e) for e in range(args.n_experts)])
+        halves = 1 if name.endswith("down_proj") else 2
+        want = [(e, h) for e in range(args.n_experts) for h in range(halves)]
+        missing = [e for e, h in want if (e, h) not in pieces]
+        if missing:
+            raise CheckpointError(f"{checkpoint_dir}: {name} lacks expert tensors {sorted(set(missing))[:5]} of "
+                                  f"{args.n_experts}; the weights do not match config.json")
+        out[name] = torch.stack([torch.cat([pieces.pop((e, h)) for h in range(halves)]) for e in range(args.n_experts)])
     return out
 
 
@@ -518,9 +534,9 @@ def save_pretrained(
     hf_state: dict[str, torch.Tensor] = {}
     carried: set[str] = set()  # written as they were read, never cast
     for name, tensor in state_dict.items():
-        per_expert = expert_weight_names(name, args.n_experts) if args.n_experts else None
+        per_expert = per_expert_tensors(name, tensor) if args.n_experts else None
         if per_expert is not None:  # back to one tensor per expert, as checkpoints store them
-            hf_state.update(zip(per_expert, tensor.unbind(0)))
+            hf_state.update(per_expert)
             continue
         try:
             hf_state[native_to_hf_key(name, args)] = tensor

@@ -1,9 +1,10 @@
 """Mixture-of-experts feed-forward (Qwen3-MoE): a linear router picks ``top_k`` of
 ``n_experts`` SwiGLU experts per token and mixes their outputs by the routing weights.
 
-The experts' weights are stacked, one tensor per projection (``gate_proj`` / ``up_proj``
-[E, hidden, dim], ``down_proj`` [E, dim, hidden]), the layout a grouped GEMM takes; checkpoints
-store them per expert and the HF reader stacks them (``tunelab.models.checkpoint``). This file
+The experts' weights are stacked as transformers holds them in memory (``gate_up_proj``
+[E, 2 * hidden, dim], gate rows then up rows; ``down_proj`` [E, dim, hidden]), the layout a
+grouped GEMM takes and the one PEFT's expert LoRA (``target_parameters``) is defined on;
+checkpoints store them per expert and the HF reader stacks them (``tunelab.models.checkpoint``). This file
 holds the reference path: a loop over the experts that received tokens, each one a dense SwiGLU
 on its tokens, which is exact and what runs on CPU.
 
@@ -34,14 +35,21 @@ class Experts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
-        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        # expert LoRA (tunelab.modules.peft.ExpertLoRA), set by apply_expert_lora
+        self.gate_up_lora: nn.Module | None = None
+        self.down_lora: nn.Module | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for p in (self.gate_proj, self.up_proj, self.down_proj):
+        for p in (self.gate_up_proj, self.down_proj):
             nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _project(h: torch.Tensor, e: int, weight: torch.Tensor, lora: nn.Module | None) -> torch.Tensor:
+        y = F.linear(h, weight[e])
+        return y if lora is None or lora.disabled else y + lora.update(e, h)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, dim], experts [T, k] (ids), weights [T, k] -> sum over each token's k experts
@@ -51,7 +59,9 @@ class Experts(nn.Module):
         for e in torch.unique(experts).tolist():
             token, slot = torch.where(experts == e)  # the tokens routed to e, and at which of their k slots
             h = x[token]  # (n_e, dim)
-            y = F.linear(gated_act(F.linear(h, self.gate_proj[e]), F.linear(h, self.up_proj[e])), self.down_proj[e])
+            gate_up = self._project(h, e, self.gate_up_proj, self.gate_up_lora)  # (n_e, 2 * hidden)
+            gate, up = gate_up.chunk(2, dim=-1)
+            y = self._project(gated_act(gate, up), e, self.down_proj, self.down_lora)
             out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
         return out
 

@@ -1,11 +1,15 @@
 """Parameter-efficient fine-tuning: LoRA layers and the helpers that put them into a model."""
 
 from tunelab.modules.peft.lora import (
+    EXPERT_TARGET,
+    ExpertLoRA,
     LoRALinear,
+    apply_expert_lora,
     apply_lora,
     apply_lora_to_modules,
     check_lora_args,
     disable_adapters,
+    expert_lora_modules,
     get_adapter_params,
     linear_layer_names,
     lora_modules,
@@ -17,11 +21,15 @@ from tunelab.modules.peft.lora import (
 )
 
 __all__ = [
+    "EXPERT_TARGET",
+    "ExpertLoRA",
     "LoRALinear",
+    "apply_expert_lora",
     "apply_lora",
     "apply_lora_to_modules",
     "check_lora_args",
     "disable_adapters",
+    "expert_lora_modules",
     "get_adapter_params",
     "linear_layer_names",
     "lora_modules",

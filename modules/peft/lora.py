@@ -27,8 +27,12 @@ from tunelab.kernels.lora import lora_linear_group
 from tunelab.kernels.lora_mlp import MAX_RANK, lora_swiglu
 
 __all__ = [
+    "EXPERT_TARGET",
+    "ExpertLoRA",
     "LoRALinear",
     "add_bias",
+    "apply_expert_lora",
+    "expert_lora_modules",
     "check_lora_args",
     "frozen_bias",
     "apply_lora",
@@ -225,6 +229,84 @@ class LoRALinear(nn.Module):
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, "
             f"alpha={self.alpha}, dropout={self.dropout_p}, disabled={self.disabled}"
         )
+
+
+class ExpertLoRA(nn.Module):
+    """LoRA on a stacked expert weight ``W`` [E, out, in] (an MoE layer's ``gate_up_proj`` or
+    ``down_proj``): expert e's update is ``scaling * B[e] @ A[e]``, with ``A = lora_a`` [E, r, in]
+    (kaiming-uniform, as nn.Linear) and ``B = lora_b`` [E, out, r] (zeros). This is PEFT's LoRA
+    on a 3-d parameter (``target_parameters``), whose flat ``lora_A`` [E*r, in] and ``lora_B``
+    [out, r*E] (expert index fastest) the adapter files hold (``tunelab.models.adapters``). No
+    dropout: PEFT has none on parameters.
+
+    Args:
+        n_experts, in_dim, out_dim: the weight's shape.
+        rank, alpha: as in ``LoRALinear``.
+        device, dtype: of the adapter weights.
+
+    Attributes:
+        disabled: when True the update is skipped (the DPO reference).
+    """
+
+    def __init__(self, n_experts: int, in_dim: int, out_dim: int, rank: int, alpha: float, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        check_lora_args(rank, alpha, 0.0)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(n_experts, rank, in_dim, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(n_experts, out_dim, rank, device=device, dtype=dtype))
+        self.disabled = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        for a in self.lora_a:  # per expert, like the [r, in] A of a LoRALinear
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def update(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s update for its tokens h [n, in] -> [n, out], in h's dtype."""
+        a, b = self.lora_a[e].to(h.dtype), self.lora_b[e].to(h.dtype)
+        return F.linear(F.linear(h, a), b) * self.scaling
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + scaling * B @ A`` per expert, in fp32, returned in W's dtype."""
+        delta = torch.einsum("eor,eri->eoi", self.lora_b.float(), self.lora_a.float())
+        return (weight.float() + self.scaling * delta.to(weight.device)).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        e, r, i = self.lora_a.shape
+        return f"experts={e}, in_dim={i}, out_dim={self.lora_b.shape[1]}, rank={r}, alpha={self.alpha}"
+
+
+EXPERT_TARGET = "experts"  # lora.targets name for LoRA on every MoE layer's expert weights
+_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def expert_lora_modules(model: nn.Module) -> Iterator[tuple[str, ExpertLoRA]]:
+    """Yield ``(name, ExpertLoRA)`` for every expert LoRA in ``model``
+    (``layers.1.mlp.experts.gate_up_lora`` ...)."""
+    for name, m in model.named_modules():
+        if isinstance(m, ExpertLoRA):
+            yield name, m
+
+
+def apply_expert_lora(model: nn.Module, rank: int, alpha: float, *, adapter_dtype: torch.dtype | None = None) -> int:
+    """Put an ``ExpertLoRA`` on the ``gate_up_proj`` and ``down_proj`` of every MoE layer's
+    experts (as ``gate_up_lora`` / ``down_lora``, which the experts' forward applies).
+
+    Returns:
+        The number of expert modules adapted (0: the model has no MoE layers).
+    """
+    count = 0
+    for _, m in model.named_modules():
+        if all(isinstance(getattr(m, w, None), nn.Parameter) and getattr(m, w).dim() == 3 for w in _EXPERT_WEIGHTS):
+            for w in _EXPERT_WEIGHTS:
+                e, out_dim, in_dim = getattr(m, w).shape
+                ref = getattr(m, w)
+                setattr(m, w.replace("_proj", "_lora"), ExpertLoRA(e, in_dim, out_dim, rank, alpha, device=ref.device,
+                                                                   dtype=adapter_dtype or ref.dtype))
+            count += 1
+    return count
 
 
 def frozen_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
@@ -454,7 +536,8 @@ def apply_lora(
     Args:
         model: e.g. a native ``TransformerDecoder``.
         targets: leaf names such as ``["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-            "up_proj", "down_proj"]`` (add ``"output"`` for the LM head), or ``"all-linear"``.
+            "up_proj", "down_proj"]`` (add ``"output"`` for the LM head, ``"experts"`` for the
+            expert weights of an MoE model, see ``ExpertLoRA``), or ``"all-linear"``.
         rank: adapter rank.
         alpha: the update is scaled by ``alpha / rank``.
         dropout: dropout on the adapter input.
@@ -467,6 +550,16 @@ def apply_lora(
         ConfigError: a target matches no linear layer, or rank/alpha/dropout is out of range.
     """
     check_lora_args(rank, alpha, dropout)
+    if not isinstance(targets, str) and EXPERT_TARGET in targets:
+        if dropout:
+            raise ConfigError(f"lora.dropout={dropout} with '{EXPERT_TARGET}' in lora.targets: expert LoRA has no "
+                              "dropout (as PEFT's on parameters); set lora.dropout: 0.0")
+        if not apply_expert_lora(model, rank, alpha, adapter_dtype=adapter_dtype):
+            raise ConfigError(f"lora.targets: '{EXPERT_TARGET}' needs a mixture-of-experts model; this one has no "
+                              "experts")
+        targets = [t for t in targets if t != EXPERT_TARGET]
+        if not targets:
+            return model
     names = resolve_lora_targets(model, targets)
     return apply_lora_to_modules(model, names, rank, alpha, dropout, adapter_dtype=adapter_dtype)
 
@@ -485,6 +578,8 @@ def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
         prefix = f"{name}." if name else ""
         params[f"{prefix}lora_a.weight"] = m.lora_a.weight
         params[f"{prefix}lora_b.weight"] = m.lora_b.weight
+    for name, m in expert_lora_modules(model):
+        params[f"{name}.lora_a"], params[f"{name}.lora_b"] = m.lora_a, m.lora_b
     return params
 
 
@@ -509,7 +604,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     Each module's previous ``disabled`` flag is restored on exit, also after an exception.
     """
-    modules = [m for _, m in lora_modules(model)]
+    modules = [m for _, m in lora_modules(model)] + [m for _, m in expert_lora_modules(model)]
     previous = [m.disabled for m in modules]
     try:
         for m in modules:
@@ -535,6 +630,10 @@ def merge_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key in ("lora_a.weight", "lora_b.weight"):
             state.pop(prefix + key, None)
         state[prefix + "weight"] = m.merged_weight()
+    for name, m in expert_lora_modules(model):  # layers.1.mlp.experts.gate_up_lora -> ....gate_up_proj
+        state.pop(f"{name}.lora_a"), state.pop(f"{name}.lora_b")
+        weight = name.removesuffix("_lora") + "_proj"
+        state[weight] = m.merged(state[weight])
     return state
 
 

@@ -49,3 +49,28 @@ def test_paths_without_moe_support_say_so(make_hf_checkpoint):
     with pytest.raises(CheckpointError, match="4-bit loading \\(QLoRA\\) of a mixture-of-experts model") as info:
         from_pretrained(make_hf_checkpoint("qwen3_moe"), quantize="nf4")
     assert "\n" not in str(info.value)
+
+
+def test_expert_lora_matches_its_merge_and_survives_the_peft_layout(make_hf_checkpoint, tmp_path):
+    """LoRA on the experts (lora.targets 'experts'): the model with random adapters equals the
+    model whose expert weights hold W + scaling * B @ A (merge_lora_state_dict), and the adapter
+    saved in PEFT's target_parameters layout loads back to the same logits (fp32, 1e-5)."""
+    from tunelab.models.adapters import load_adapter, save_adapter
+    from tunelab.modules.peft import apply_lora, expert_lora_modules, get_adapter_params, merge_lora_state_dict
+
+    src = make_hf_checkpoint("qwen3_moe")
+    model = apply_lora(from_pretrained(src), ["q_proj", "experts"], rank=2, alpha=4)
+    assert len(list(expert_lora_modules(model))) == 2  # gate_up and down of the one MoE layer
+    torch.manual_seed(0)
+    for p in get_adapter_params(model).values():
+        torch.nn.init.normal_(p, std=0.1)
+    tokens = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(2))
+    merged = from_pretrained(src)
+    merged.load_state_dict(merge_lora_state_dict(model))
+    with torch.no_grad():
+        want = model(tokens)
+        assert (want - from_pretrained(src)(tokens)).abs().max() > 1e-3  # the adapters do something
+        torch.testing.assert_close(merged(tokens), want, atol=1e-5, rtol=1e-5)
+        save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(src))
+        torch.testing.assert_close(load_adapter(from_pretrained(src), tmp_path / "adapter")(tokens), want,
+                                   atol=1e-5, rtol=1e-5)
