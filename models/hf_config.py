@@ -220,15 +220,17 @@ def _phi3_fields(cfg: dict, head_dim: int, max_positions: int) -> dict:
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
-    """Build ``ModelArgs`` from a parsed HF Llama ``config.json``.
+    """Build ``ModelArgs`` from a parsed HF ``config.json`` of a supported family
+    (:data:`ARCHITECTURES`, or an image-text config of :data:`MULTIMODAL`).
 
     Args:
         cfg: the config dict. Unknown extra keys are ignored.
 
     Raises:
-        CheckpointError: the config describes something the native Llama cannot run exactly
-            (model_type/architectures other than Llama, attention_bias/mlp_bias, hidden_act
-            other than silu, RoPE types other than default/llama3, partial rotary).
+        CheckpointError: one line naming the key, for what the native model cannot run exactly
+            (another model_type / architecture, biases where the family has none, another
+            activation or RoPE type, a live Qwen sliding window, Gemma softcapping, ...) or a
+            value of the wrong type or range.
     """
     if not isinstance(cfg, dict):
         raise CheckpointError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
@@ -396,9 +398,9 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
         cfg["use_sliding_window"] = False
     elif args.model_type in ("qwen3", "qwen3_moe"):
         cfg.update(attention_bias=False, use_sliding_window=False)
-    if args.n_experts:
-        cfg.pop("num_local_experts" if "num_experts" in cfg else "num_experts", None)
-        cfg.update({"num_local_experts" if use_rope_parameters else "num_experts": args.n_experts},
+    if args.n_experts:  # the source's spelling (transformers 5: num_local_experts), else the hub's
+        key = "num_local_experts" if "num_local_experts" in cfg else "num_experts"
+        cfg.update({key: args.n_experts},
                    num_experts_per_tok=args.experts_per_token, moe_intermediate_size=args.moe_hidden_dim,
                    norm_topk_prob=args.norm_topk_prob, mlp_only_layers=list(args.mlp_only_layers or []),
                    decoder_sparse_step=args.decoder_sparse_step, router_aux_loss_coef=args.router_aux_loss_coef)

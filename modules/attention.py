@@ -352,7 +352,7 @@ def window_mask(s: int, window: int, device, document_ids: torch.Tensor | None =
     if document_ids is None and s <= window:
         return None
     i = torch.arange(s, device=device)
-    near = (i[:, None] - i[None, :] < window)  # (s, s)
+    near = i[:, None] - i[None, :] < window  # (s, s)
     if document_ids is None:
         return (near & torch.ones(s, s, dtype=torch.bool, device=device).tril())[None, None]
     return dense_document_mask(document_ids) & near[None, None]

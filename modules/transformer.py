@@ -1,6 +1,7 @@
 """The decoder: embeddings, pre-norm decoder layers, final norm, output head (Llama's shape,
 with what the other families change as switches: q/k norms, q/k/v biases, Gemma's sandwich
-norms, GeGLU, scaled embeddings and sliding-window layers)."""
+norms, GeGLU, scaled embeddings, sliding-window layers, Phi's fused projections and partial
+RoPE, Qwen3-MoE's expert layers)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ class TransformerDecoder(nn.Module):
     State-dict names: ``tok_embeddings.weight``, ``layers.{i}.attn_norm.weight``,
     ``layers.{i}.attn.{q,k,v,o}_proj.weight`` (``attn.{q,k}_norm.weight`` with qk_norm,
     ``attn.{q,k,v}_proj.bias`` with qkv_bias),
+    (fused, Phi-3: ``attn.qkv_proj.weight``, ``mlp.gate_up_proj.weight``; MoE layers:
+    ``mlp.gate.weight``, the router, and ``mlp.experts.{gate_up,down}_proj`` [E, ...]),
     ``layers.{i}.mlp_norm.weight``, (sandwich) ``layers.{i}.{attn,mlp}_post_norm.weight``,
     ``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``norm.weight`` and ``output.weight``
     (absent with tied embeddings: logits then use ``tok_embeddings.weight``). RoPE frequencies
