@@ -61,6 +61,7 @@ from tunelab.training.spine import (
 )
 from tunelab.training.steps import (
     IGNORE_INDEX,
+    RouterAuxLoss,
     clip_grad_norm,
     evaluate_loss,
     loss_sum,
@@ -92,6 +93,7 @@ def train(cfg: RecipeConfig, run) -> None:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
     model = build_model(run, tokenizer)  # meta build, fully_shard, each rank reads its rows
     params = list(get_adapter_params(model).values())
+    router_aux = RouterAuxLoss(model, cfg.router_aux_loss)  # MoE models: the load-balancing loss
 
     dataset = build_dataset(run, cfg.dataset, tokenizer, "dataset")
     train_data = PackedDataset(dataset, cfg.max_seq_len, pad_id=tokenizer.pad_id) if cfg.packing else dataset
@@ -127,7 +129,8 @@ def train(cfg: RecipeConfig, run) -> None:
             for i, batch in enumerate(micro_batches):
                 model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
                 loss = loss_sum(model, batch, device)
-                (loss * (world / n_labels)).backward()  # x world: FSDP averages over ranks
+                total = loss + router_aux.weighted(batch) if router_aux else loss  # MoE: load balancing
+                (total * (world / n_labels)).backward()  # x world: FSDP averages over ranks
                 step_loss += loss.detach()
             loss_value = all_reduce_sum([step_loss.item()], device)[0] / n_labels
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm)  # over all ranks' shards
@@ -140,7 +143,7 @@ def train(cfg: RecipeConfig, run) -> None:
             step = progress.step
             if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
                 log.step({"step": step, "epoch": progress.epoch, "loss": loss_value, "lr": lr,
-                          "tokens_per_s": throughput.rate(), "grad_norm": grad_norm})
+                          "tokens_per_s": throughput.rate(), "grad_norm": grad_norm, **router_aux.metrics()})
             if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
                                            or step == total_steps):
                 eval_loss = evaluate_loss(model, val_loader, device)  # collective: every rank

@@ -25,10 +25,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tunelab.errors import CheckpointError
 from tunelab.models.checkpoint import (
+    expert_slot,
     native_to_hf_key,
     native_weight_name,
     open_safetensors,
-    refuse_moe,
     tensors_by_file,
 )
 from tunelab.training.checkpointing import TrainingProgress, load_state
@@ -66,6 +66,23 @@ def _copy_rows(param: torch.Tensor, read_rows) -> None:
         param.copy_(read_rows(0, param.shape[0]))
 
 
+def _copy_expert(params: dict, slot: tuple[str, int, int], piece, where, hf_name: str) -> None:
+    """One expert's tensor into the rank's rows of the stacked expert parameter (experts are
+    dim 0, so a rank reads only the experts it holds)."""
+    name, expert, half = slot
+    if name not in params:
+        raise CheckpointError(f"{where}: unexpected tensor {hf_name!r}; the weights do not match config.json")
+    p = params[name]
+    rows = p.shape[1] // (1 if name.endswith("down_proj") else 2)
+    if tuple(piece.get_shape()) != (rows, p.shape[2]) or expert >= p.shape[0]:
+        raise CheckpointError(f"{where}: tensor {hf_name!r} has shape {list(piece.get_shape())}, config.json "
+                              f"expects {[rows, p.shape[2]]}; the weights do not match config.json")
+    local = p.to_local() if isinstance(p, DTensor) else p
+    start, _ = _row_range(p.shape[0], local.shape[0]) if isinstance(p, DTensor) else (0, p.shape[0])
+    if start <= expert < start + local.shape[0]:
+        local[expert - start, half * rows:(half + 1) * rows].copy_(piece[:].to(dtype=local.dtype))
+
+
 @torch.no_grad()
 def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> None:
     """Fill the (sharded, materialised) base weights of ``model`` from an HF checkpoint.
@@ -79,7 +96,6 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
     """
     from tunelab.modules.nf4 import NF4Weight, to_nf4
 
-    refuse_moe(model.args, "sharded (FSDP) loading", checkpoint_dir)
     params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
     nf4 = {n: m for n, m in model.named_modules() if isinstance(m, NF4Weight)}  # named like the dense weight
     for name, w in nf4.items():
@@ -87,9 +103,15 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
         for part in NF4_STORAGE:
             params.pop(f"{name}.{part}")
     loaded: set[str] = set()
+    expert_pieces: dict[str, int] = {}  # stacked expert tensor -> per-expert tensors read
     for file, names in tensors_by_file(checkpoint_dir).items():
         with open_safetensors(file) as f:
             for hf_name in names:
+                slot = expert_slot(hf_name) if model.args.n_experts else None
+                if slot is not None:
+                    _copy_expert(params, slot, f.get_slice(hf_name), checkpoint_dir, hf_name)
+                    expert_pieces[slot[0]] = expert_pieces.get(slot[0], 0) + 1
+                    continue
                 name = native_weight_name(hf_name, model.args, checkpoint_dir)
                 if name is None:
                     continue
@@ -109,6 +131,9 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
                 else:
                     _copy_rows(p, lambda a, b: piece[a:b].to(dtype=p.dtype))
                 loaded.add(name)
+    for name, count in expert_pieces.items():  # every expert's gate and up (or down) read once
+        if count == model.args.n_experts * (1 if name.endswith("down_proj") else 2):
+            loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:
         names = ", ".join(native_to_hf_key(k, model.args) for k in missing[:3])
@@ -125,8 +150,14 @@ def init_lora_sharded(model: nn.Module) -> None:
     it costs no memory) draws the numbers exactly as the single-device path does; each rank
     keeps its rows. Call it at the same point of the seeded RNG stream on every rank.
     """
-    from tunelab.modules.peft import LoRALinear, lora_modules
+    from tunelab.modules.peft import ExpertLoRA, LoRALinear, expert_lora_modules, lora_modules
 
+    # the order apply_lora draws in: expert adapters first, then the linear layers'
+    for _, m in expert_lora_modules(model):
+        e, r, in_dim = m.lora_a.shape
+        ghost = ExpertLoRA(e, in_dim, m.lora_b.shape[1], r, m.alpha, dtype=m.lora_a.dtype)
+        for mine, full in ((m.lora_a, ghost.lora_a), (m.lora_b, ghost.lora_b)):
+            _copy_rows(mine, lambda a, b: full[a:b])
     for _, m in lora_modules(model):
         ghost_base = torch.zeros((), dtype=m.lora_a.weight.dtype).expand(m.out_dim, m.in_dim)
         ghost = LoRALinear(m.in_dim, m.out_dim, m.rank, m.alpha, weight=ghost_base,

@@ -176,16 +176,19 @@ class RouterAuxLoss:
     def __bool__(self) -> bool:
         return bool(self.blocks) and self.coef > 0
 
-    def loss(self) -> torch.Tensor:
-        """The loss of the forward just run (kept for :meth:`metrics`)."""
+    def weighted(self, batch: dict) -> torch.Tensor:
+        """``coef`` x the loss of the forward just run x the batch's label tokens: added to its
+        summed cross-entropy before the division by the step's label count, the aux loss weighs
+        in by each micro-batch's share of the labels (kept for :meth:`metrics`)."""
         from tunelab.modules.moe import load_balancing_loss
 
         aux = load_balancing_loss([b.router_logits for b in self.blocks], self.n_experts, self.top_k)
         self._values.append(aux.detach())
-        return aux
+        return self.coef * aux * int((batch["labels"] != IGNORE_INDEX).sum())
 
     def metrics(self) -> dict:
-        """``{"router_aux_loss": mean since the last call}`` (empty for a dense model)."""
+        """``{"router_aux_loss": mean since the last call}`` (this rank's micro-batches; empty
+        for a dense model)."""
         if not self._values:
             return {}
         value = torch.stack(self._values).mean().item()
@@ -203,9 +206,7 @@ def micro_batch_backward(model, params: list, device: torch.device, *, cuda_grap
 
     def eager(batch: dict, n_labels: int) -> torch.Tensor:
         loss = loss_sum(model, batch, device)
-        total = loss
-        if router_aux:
-            total = loss + router_aux.coef * router_aux.loss() * int((batch["labels"] != IGNORE_INDEX).sum())
+        total = loss + router_aux.weighted(batch) if router_aux else loss
         (total / n_labels).backward()
         return loss.detach()
 
