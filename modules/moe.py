@@ -4,9 +4,13 @@
 The experts' weights are stacked as transformers holds them in memory (``gate_up_proj``
 [E, 2 * hidden, dim], gate rows then up rows; ``down_proj`` [E, dim, hidden]), the layout a
 grouped GEMM takes and the one PEFT's expert LoRA (``target_parameters``) is defined on;
-checkpoints store them per expert and the HF reader stacks them (``tunelab.models.checkpoint``). This file
-holds the reference path: a loop over the experts that received tokens, each one a dense SwiGLU
-on its tokens, which is exact and what runs on CPU.
+checkpoints store them per expert and the HF reader stacks them (``tunelab.models.checkpoint``). Two paths
+compute the experts: the reference, a loop over the experts that received tokens, each a dense
+SwiGLU on its tokens (exact, in transformers' order of additions; CPU and older GPUs), and the
+grouped path, which sorts the (token, slot) pairs by expert and runs each projection as one
+``torch._grouped_mm`` over all experts, forward and backward, expert LoRA included (bf16 on
+GPUs of compute capability 9.0+; no per-expert Python loop). Both are tested against each other
+on CPU, where ``torch._grouped_mm`` runs too.
 
 The load-balancing loss (Switch Transformer's, as transformers computes it) is
 :func:`load_balancing_loss` over the router logits each MoE block keeps from its last forward
@@ -53,8 +57,28 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, dim], experts [T, k] (ids), weights [T, k] -> sum over each token's k experts
-        of weight * expert(x) [T, dim] (reference: one dense SwiGLU per expert that got tokens,
-        in ascending expert order, as transformers adds them)."""
+        of weight * expert(x) [T, dim]: the grouped path where it applies, else the reference."""
+        if _grouped_applies(x, self.gate_up_proj, self.down_proj):
+            return self.forward_grouped(x, experts, weights)
+        return self.forward_reference(x, experts, weights)
+
+    def forward_grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The grouped path: (token, slot) pairs sorted by expert, one grouped GEMM per
+        projection (and per LoRA factor), the results weighted and added back per token."""
+        n_experts = self.gate_up_proj.shape[0]
+        flat = experts.reshape(-1)  # (T*k,)
+        order = torch.argsort(flat, stable=True)
+        token = order // experts.shape[1]  # (T*k,): the token of each sorted pair
+        offs = torch.cumsum(torch.bincount(flat, minlength=n_experts), 0).to(torch.int32)  # group ends
+        h = x[token]  # (T*k, dim), grouped by expert
+        gate, up = _grouped(h, self.gate_up_proj, self.gate_up_lora, offs).chunk(2, dim=-1)
+        y = _grouped(gated_act(gate, up), self.down_proj, self.down_lora, offs)  # (T*k, dim)
+        y = y * weights.reshape(-1)[order, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+    def forward_reference(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The reference path: one dense SwiGLU per expert that got tokens, in ascending expert
+        order, as transformers adds them."""
         out = torch.zeros_like(x)
         for e in torch.unique(experts).tolist():
             token, slot = torch.where(experts == e)  # the tokens routed to e, and at which of their k slots
@@ -64,6 +88,27 @@ class Experts(nn.Module):
             y = self._project(gated_act(gate, up), e, self.down_proj, self.down_lora)
             out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
         return out
+
+
+def _grouped_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """The grouped GEMM path for this call: a bf16 input on a GPU of compute capability 9.0+
+    (torch._grouped_mm's kernels) with 16-byte aligned rows."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return all(d % 8 == 0 for w in weights for d in w.shape[1:])
+
+
+def _grouped(h: torch.Tensor, weight: torch.Tensor, lora: nn.Module | None, offs: torch.Tensor) -> torch.Tensor:
+    """h [N, in] grouped by expert (``offs``: cumulative ends) times each group's expert weight
+    [E, out, in] transposed, plus the expert LoRA update -> [N, out]."""
+    y = torch._grouped_mm(h, weight.transpose(1, 2), offs=offs)
+    if lora is None or lora.disabled:
+        return y
+    a, b = lora.lora_a.to(h.dtype), lora.lora_b.to(h.dtype)  # [E, r, in], [E, out, r]
+    ha = torch._grouped_mm(h, a.transpose(1, 2), offs=offs)  # (N, r)
+    return y + torch._grouped_mm(ha, b.transpose(1, 2), offs=offs) * lora.scaling
 
 
 class MoE(nn.Module):
