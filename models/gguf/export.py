@@ -38,8 +38,8 @@ from tunelab.models.checkpoint import (
     check_state_dict,
     native_weight_name,
     open_safetensors,
+    expert_slot,
     read_hf_config,
-    refuse_moe,
     rename_weight,
     safetensors_files,
 )
@@ -52,7 +52,7 @@ __all__ = ["DTYPES", "write_gguf", "gguf_tensor_name", "permute_for_llama_cpp", 
 # norms), gemma3 and phi3 (fused qkv / gate_up, kept fused) are their own, with rotate-half RoPE
 # as in HF, so their q/k rows are not interleaved.
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
-             "phi3": "phi3"}
+             "phi3": "phi3", "qwen3_moe": "qwen3moe"}
 
 #: Output types of ``export_gguf`` (llama.cpp's file-type names, lower case).
 DTYPES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -77,7 +77,12 @@ _LAYER_GGUF = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
     "mlp.gate_up_proj.weight": "ffn_up.weight",  # phi3: [gate; up] in one, split by llama.cpp
+    "mlp.gate.weight": "ffn_gate_inp.weight",  # an MoE layer's router
 }
+# an MoE layer's stacked experts as llama.cpp's [E, rows, cols] tensors: (native, half of dim 1)
+_EXPERTS_GGUF = {"ffn_gate_exps.weight": ("mlp.experts.gate_up_proj", 0),
+                 "ffn_up_exps.weight": ("mlp.experts.gate_up_proj", 1),
+                 "ffn_down_exps.weight": ("mlp.experts.down_proj", None)}
 _TOP_GGUF = {
     "tok_embeddings.weight": "token_embd.weight",
     "norm.weight": "output_norm.weight",
@@ -135,6 +140,7 @@ class _Tensor:
     name: str  # GGUF name
     shape: tuple[int, ...]  # numpy/torch order (rows, cols)
     native: str | None = None  # native weight it is read from (None: computed, e.g. rope_freqs)
+    half: int | None = None  # stacked gate_up experts: which half of dim 1 (gate 0, up 1)
     qtype: object = None  # gguf.GGMLQuantizationType, filled in by _choose_types
     nbytes: int = 0
 
@@ -170,9 +176,17 @@ class _Source:
         # native name -> HF name, and the shape of every weight (from headers / quant state)
         self.hf_names: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.experts: dict[tuple[str, int, int], str] = {}  # (stacked, expert, half) -> HF name
+        self.n_experts = args.n_experts
         for hf_name, shape in _hf_shapes(path, self.bnb).items():
             if self.bnb is not None and _BNB_SUFFIX.match(hf_name):
                 continue  # a part of a quantized weight, read together with it
+            slot = expert_slot(hf_name) if args.n_experts else None
+            if slot is not None:  # one tensor per expert: read stacked, [E, rows, cols]
+                self.experts[slot] = hf_name
+                halves = 1 if slot[0].endswith("down_proj") else 2
+                self.shapes[slot[0]] = (args.n_experts, shape[0] * halves, shape[1])
+                continue
             native = native_weight_name(hf_name, args, path)
             if native is None:
                 continue
@@ -191,7 +205,12 @@ class _Source:
             raise CheckpointError(f"{file}: cannot read {hf_name!r} ({e}); re-download it") from None
 
     def read(self, native: str) -> torch.Tensor:
-        """The weight in fp32 (dequantized if the checkpoint stores it as bitsandbytes nf4)."""
+        """The weight in fp32 (dequantized if the checkpoint stores it as bitsandbytes nf4;
+        stacked [E, rows, cols] for an MoE layer's experts)."""
+        if native not in self.hf_names:  # stacked experts
+            halves = 1 if native.endswith("down_proj") else 2
+            return torch.stack([torch.cat([self._get(self.experts[(native, e, h)]) for h in range(halves)]).float()
+                                for e in range(self.n_experts)])
         hf_name = self.hf_names[native]
         tensor = self._get(hf_name)
         if self.bnb is not None and tensor.dtype == torch.uint8:
@@ -210,8 +229,10 @@ class _Source:
         self._handles.clear()
 
 
-def _lora_pairs(args: ModelArgs, adapter_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """``{native weight name: (A [r, in], B [out, r], scaling)}`` from a PEFT adapter folder.
+def _lora_pairs(args: ModelArgs, adapter_dir) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """``{native weight name: merge}`` from a PEFT adapter folder, ``merge(W0)`` being the
+    fp32 merged weight ``W0 + (alpha / r) B A`` (per expert for an MoE layer's stacked experts),
+    the update ``LoRALinear.merged_weight`` / ``ExpertLoRA.merged`` compute.
 
     The adapter is loaded onto a meta-device model, so ``load_adapter`` checks it against the
     architecture (targets, shapes, unsupported LoRA variants) while only the small adapter
@@ -219,14 +240,19 @@ def _lora_pairs(args: ModelArgs, adapter_dir) -> dict[str, tuple[torch.Tensor, t
     """
     from tunelab.models.adapters import load_adapter
     from tunelab.models.llama.builders import build_model
-    from tunelab.modules.peft.lora import lora_modules
+    from tunelab.modules.peft.lora import expert_lora_modules, lora_modules
 
     model = build_model(args, device="meta", dtype=torch.float32)
     load_adapter(model, adapter_dir, adapter_dtype=torch.float32)
-    return {
-        f"{name}.weight": (m.lora_a.weight.detach().float(), m.lora_b.weight.detach().float(), float(m.scaling))
-        for name, m in lora_modules(model)
-    }
+
+    def linear(a, b, scaling):
+        return lambda w: w + scaling * (b @ a)  # [out, r] @ [r, in] -> [out, in]
+
+    merges = {f"{name}.weight": linear(m.lora_a.weight.detach().float(), m.lora_b.weight.detach().float(),
+                                       float(m.scaling)) for name, m in lora_modules(model)}
+    for name, m in expert_lora_modules(model):  # layers.1.mlp.experts.gate_up_lora -> ...gate_up_proj
+        merges[name.removesuffix("_lora") + "_proj"] = torch.no_grad()(m.merged)
+    return merges
 
 
 def _computed_tensors(args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -253,6 +279,12 @@ def _plan(args: ModelArgs, source: _Source) -> list[_Tensor]:
             if native not in source.shapes:
                 continue  # a tensor of another family (checked against config.json before)
             tensors.append(_Tensor(gguf_tensor_name(native), source.shapes[native], native))
+        if args.is_moe(i):
+            for gguf_leaf, (native_leaf, half) in _EXPERTS_GGUF.items():
+                native = f"layers.{i}.{native_leaf}"
+                e, rows, cols = source.shapes[native]
+                tensors.append(_Tensor(f"blk.{i}.{gguf_leaf}", (e, rows // 2 if half is not None else rows, cols),
+                                       native, half))
     tensors.append(_Tensor("output_norm.weight", source.shapes["norm.weight"], "norm.weight"))
     # tied embeddings: no output.weight, llama.cpp reuses token_embd (a tied model has no
     # separate head module, so no adapter can target it either)
@@ -307,6 +339,10 @@ def _write_metadata(writer, args: ModelArgs, dtype: str, name: str) -> None:
     writer.add_rope_freq_base(float(args.rope_theta))
     writer.add_rope_dimension_count(args.rotary_dim or args.head_dim)
     writer.add_layer_norm_rms_eps(float(args.norm_eps))
+    if args.n_experts:
+        writer.add_expert_count(args.n_experts)
+        writer.add_expert_used_count(args.experts_per_token)
+        writer.add_expert_feed_forward_length(args.moe_hidden_dim)
     if args.head_dim * args.n_heads != args.dim:
         writer.add_key_length(args.head_dim)
         writer.add_value_length(args.head_dim)
@@ -321,10 +357,17 @@ def _write_metadata(writer, args: ModelArgs, dtype: str, name: str) -> None:
         writer.add_rope_scaling_orig_ctx_len(int(args.rope_scaling["original_max_position_embeddings"]))
 
 
-def _check_llama_cpp_can_run(args: ModelArgs, path) -> None:
+def _check_llama_cpp_can_run(args: ModelArgs, path, dtype: str) -> None:
     """llama.cpp's gemma3 fixes what transformers reads from config.json: every 6th layer
-    global, local RoPE base 1e4, and the query scale 1/sqrt(head_dim) (27B: 1/sqrt(dim/heads)).
-    Refuse a file it would run differently."""
+    global, local RoPE base 1e4, and the query scale 1/sqrt(head_dim) (27B: 1/sqrt(dim/heads));
+    its qwen3moe has every layer an MoE layer and renormalises the top-k weights. Refuse a file
+    it would run differently."""
+    if args.n_experts:
+        if any(not args.is_moe(i) for i in range(args.n_layers)) or not args.norm_topk_prob:
+            raise CheckpointError(f"{path}: llama.cpp's qwen3moe runs every layer as an MoE layer with renormalised "
+                                  "top-k weights; this checkpoint has dense layers or norm_topk_prob false")
+        if dtype == "q4_k_m":
+            raise CheckpointError(f"{path}: q4_k_m export of an MoE model is not supported yet; use f16, bf16 or q8_0")
     if args.model_type != "gemma3_text":
         return
     pattern = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(args.n_layers)]
@@ -341,11 +384,11 @@ def _tensor_data(t: _Tensor, args: ModelArgs, source: _Source, lora: dict) -> to
     if t.native is None:  # rope_freqs, rope_factors_*
         return _computed_tensors(args)[t.name]
     weight = source.read(t.native)
-    pair = lora.get(t.native)
-    if pair is not None:
-        a, b, scaling = pair
-        # W0 + (alpha / r) B A in fp32, the same update LoRALinear.merged_weight computes
-        weight = weight + scaling * (b @ a)  # [out, r] @ [r, in] -> [out, in]
+    merge = lora.get(t.native)
+    if merge is not None:
+        weight = merge(weight)
+    if t.half is not None:  # gate or up rows of stacked [E, 2I, dim] experts
+        weight = weight.chunk(2, dim=1)[t.half]
     if GGUF_ARCH[args.model_type] == "llama":  # llama.cpp rotates interleaved pairs there
         if t.native.endswith("attn.q_proj.weight"):
             weight = permute_for_llama_cpp(weight, args.n_heads)
@@ -406,8 +449,7 @@ def write_gguf(
     path = checkpoint_folder(checkpoint_dir)
     config = read_hf_config(path)
     args = args_from_hf_config(config)
-    refuse_moe(args, "GGUF export", path)
-    _check_llama_cpp_can_run(args, path)
+    _check_llama_cpp_can_run(args, path, dtype)
     source = _Source(path, config, args)
     from tunelab.models.llama.builders import build_model
 

@@ -39,6 +39,7 @@ REL_TOL = {"f16": 4e-3, "bf16": 3.2e-2}
 # What llama.cpp's gemma3 hard-codes: every 6th layer global and query_pre_attn_scalar = head_dim
 LLAMA_CPP_LAYOUT = {"gemma3": dict(num_hidden_layers=6, query_pre_attn_scalar=32,
                                    layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+                    "qwen3_moe": dict(mlp_only_layers=[]),  # llama.cpp's qwen3moe: every layer MoE
                     # head_dim 64 at WIDE's width: 48 rotary dims, 24 factors each
                     "phi3_longrope": dict(rope_scaling=dict(rope_type="longrope", original_max_position_embeddings=32,
                                                             short_factor=[1.0 + 0.02 * i for i in range(24)],
@@ -93,6 +94,7 @@ def _prompt(tok, n_tokens: int, seed: int = 0) -> list[int]:
     # fused qkv / gate_up, partial rotary, longrope: 40 tokens past the original 32, and llama.cpp's
     # context (256) too, so both run the long factors
     ("phi3_longrope", "tiktoken", 40, "f16"),
+    ("qwen3_moe", "tiktoken", 24, "f16"),  # stacked experts as ffn_*_exps, the router as ffn_gate_inp
 ])
 def test_logits_match_tunelab(export_checkpoint, tmp_path, open_llama, kind, tokenizer, n_tokens, dtype):
     ckpt = export_checkpoint(kind, tokenizer, **WIDE, **LLAMA_CPP_LAYOUT.get(kind, {}))
