@@ -28,6 +28,7 @@ from tunelab.errors import CheckpointError, ConfigError
 from tunelab.models.checkpoint import (
     checkpoint_folder,
     check_state_dict,
+    expert_slot,
     iter_hf_tensors,
     native_weight_name,
     open_safetensors,
@@ -37,7 +38,15 @@ from tunelab.models.checkpoint import (
 )
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.models.llama.builders import build_model
-from tunelab.modules.nf4 import NF4Linear, NF4Weight, dynamic_code, nf4_code, quantize_linears_, to_nf4
+from tunelab.modules.nf4 import (
+    NF4ExpertWeights,
+    NF4Linear,
+    NF4Weight,
+    dynamic_code,
+    nf4_code,
+    quantize_linears_,
+    to_nf4,
+)
 from tunelab.modules.transformer import TransformerDecoder
 
 __all__ = ["QUANTIZE_METHODS", "from_pretrained_quantized", "bnb_4bit_settings", "quantize_model_", "is_decoder_linear"]
@@ -120,6 +129,38 @@ def _quantized_module(model: nn.Module, weight_name: str, weight) -> None:
     that layer's bias Parameter (loaded already or still meta: it loads by name later)."""
     name = weight_name.removesuffix(".weight")
     _set_module(model, name, NF4Linear(weight, model.get_submodule(name).bias))
+
+
+class _ExpertLoader:
+    """Per-expert checkpoint tensors into an MoE model being loaded: with ``quantize="nf4"``
+    each expert's weight is quantized as soon as it is whole (gate and up halves together) and
+    the stack becomes an ``NF4ExpertWeights``; otherwise the dense stack is assembled."""
+
+    def __init__(self, model: nn.Module, n_experts: int, quantize: str | None, dtype, device) -> None:
+        self.model, self.n, self.quantize, self.dtype, self.device = model, n_experts, quantize, dtype, device
+        self.halves: dict[tuple[str, int], dict[int, torch.Tensor]] = {}  # (stacked, expert) -> half -> tensor
+        self.done: dict[str, dict[int, object]] = {}  # stacked -> expert -> NF4Weight or dense tensor
+
+    def add(self, slot: tuple[str, int, int], tensor: torch.Tensor) -> None:
+        name, expert, half = slot
+        parts = self.halves.setdefault((name, expert), {})
+        parts[half] = tensor.to(device=self.device, dtype=self.dtype)
+        if len(parts) < (1 if name.endswith("down_proj") else 2):
+            return
+        weight = torch.cat([parts[h] for h in sorted(self.halves.pop((name, expert)))])
+        self.done.setdefault(name, {})[expert] = to_nf4(weight) if self.quantize == "nf4" else weight
+
+    def finish(self, where) -> None:
+        for name, experts in self.done.items():
+            if sorted(experts) != list(range(self.n)) or self.halves:
+                raise CheckpointError(f"{where}: {name} lacks expert tensors; the weights do not match config.json")
+            weights = [experts[e] for e in range(self.n)]
+            if self.quantize == "nf4":  # the meta Parameter gives way to the quantized stack
+                parent, _, leaf = name.rpartition(".")
+                delattr(self.model.get_submodule(parent), leaf)
+                _set_module(self.model, name, NF4ExpertWeights(weights))
+            else:
+                _set_param(self.model, name, torch.stack(weights))
 
 
 def _read_quant_state(tensor: torch.Tensor, hf_name: str, where) -> dict:
@@ -205,7 +246,8 @@ def from_pretrained_quantized(
     config = read_hf_config(path)
     bnb = bnb_4bit_settings(config, path)
     args = args_from_hf_config(config)
-    refuse_moe(args, "4-bit loading (QLoRA)", path)
+    if args.n_experts and bnb is not None:
+        refuse_moe(args, "loading a bitsandbytes-quantized checkpoint", path)
     device = torch.device(device)
     model = build_model(args, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -213,13 +255,23 @@ def from_pretrained_quantized(
     # names and shapes first (headers only), so a mismatch fails before any real work
     shapes = {}
     for hf_name, shape in _hf_shapes(path, bnb).items():
+        slot = expert_slot(hf_name) if args.n_experts else None
+        if slot is not None:  # per-expert tensors: the stacked shape
+            halves = 1 if slot[0].endswith("down_proj") else 2
+            shapes[slot[0]] = torch.empty((args.n_experts, shape[0] * halves, shape[1]), device="meta")
+            continue
         name = native_weight_name(hf_name, args, path)
         if name is not None:
             shapes[name] = torch.empty(shape, device="meta")
     check_state_dict(shapes, expected, path, args)
 
+    experts = _ExpertLoader(model, args.n_experts, quantize, dtype, device)
     pending: dict[str, dict[str, torch.Tensor]] = {}  # bnb pieces of a weight until all arrived
     for hf_name, tensor in iter_hf_tensors(path):
+        slot = expert_slot(hf_name) if args.n_experts else None
+        if slot is not None:
+            experts.add(slot, tensor)
+            continue
         m = _BNB_SUFFIX.match(hf_name) if bnb is not None else None
         base_name = m.group("weight") if m else hf_name
         name = native_weight_name(base_name, args, path)
@@ -244,6 +296,7 @@ def from_pretrained_quantized(
         first = next(iter(pending))
         raise CheckpointError(f"{path}: {first} lacks parts of its bitsandbytes nf4 state "
                               f"({', '.join(sorted(pending[first]))} found); re-download it")
+    experts.finish(path)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: no weights for {', '.join(left[:3])}; the weights do not match config.json")

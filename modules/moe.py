@@ -51,8 +51,9 @@ class Experts(nn.Module):
             nn.init.normal_(p, std=0.02)
 
     @staticmethod
-    def _project(h: torch.Tensor, e: int, weight: torch.Tensor, lora: nn.Module | None) -> torch.Tensor:
-        y = F.linear(h, weight[e])
+    def _project(h: torch.Tensor, e: int, weight, lora: nn.Module | None) -> torch.Tensor:
+        # a quantized stack (QLoRA's NF4ExpertWeights) multiplies one expert itself
+        y = weight.linear(h, e) if hasattr(weight, "linear") else F.linear(h, weight[e])
         return y if lora is None or lora.disabled else y + lora.update(e, h)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,8 @@ class Experts(nn.Module):
 def _grouped_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """The grouped GEMM path for this call: a bf16 input on a GPU of compute capability 9.0+
     (torch._grouped_mm's kernels) with 16-byte aligned rows."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and all(isinstance(w, torch.Tensor) for w in weights)):  # (not NF4 experts)
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:
         return False

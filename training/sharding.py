@@ -84,6 +84,9 @@ def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -
     if quantize == "nf4":
         from tunelab.modules.nf4 import NF4Linear, NF4Weight
 
+        if args.n_experts:
+            raise ConfigError("quantize: nf4 with the FSDP recipes does not quantize MoE experts yet; use the "
+                              "single-device recipe for QLoRA of an MoE model, or quantize: null with FSDP")
         for layer in model.layers:
             for name, m in list(layer.named_modules()):
                 if type(m) is nn.Linear:

@@ -10,11 +10,13 @@ The storage is byte-compatible with bitsandbytes' ``quantize_4bit(..., quant_typ
 compress_statistics=True)`` (blocks of 64, double-quantized scales in blocks of 256).
 """
 
+from tunelab.modules.nf4.experts import NF4ExpertWeights
 from tunelab.modules.nf4.linear import NF4Linear, NF4LoRALinear, nf4_linear, quantize_linears_
 from tunelab.modules.nf4.quantize import NF4_LEVELS, dynamic_code, nf4_code, quantize_absmax, quantize_nf4
 from tunelab.modules.nf4.weight import NF4Weight, nf4_bytes_per_param, to_nf4
 
 __all__ = [
+    "NF4ExpertWeights",
     "NF4Linear",
     "NF4LoRALinear",
     "NF4Weight",

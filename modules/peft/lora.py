@@ -298,8 +298,8 @@ def apply_expert_lora(model: nn.Module, rank: int, alpha: float, *, adapter_dtyp
         The number of expert modules adapted (0: the model has no MoE layers).
     """
     count = 0
-    for _, m in model.named_modules():
-        if all(isinstance(getattr(m, w, None), nn.Parameter) and getattr(m, w).dim() == 3 for w in _EXPERT_WEIGHTS):
+    for _, m in model.named_modules():  # the experts: a dense or NF4 [E, out, in] stack per weight
+        if all(len(getattr(getattr(m, w, None), "shape", ())) == 3 for w in _EXPERT_WEIGHTS):
             for w in _EXPERT_WEIGHTS:
                 e, out_dim, in_dim = getattr(m, w).shape
                 ref = getattr(m, w)

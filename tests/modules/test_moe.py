@@ -45,10 +45,25 @@ def test_greedy_generation_and_lossless_save(make_hf_checkpoint, load_hf_model, 
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_paths_without_moe_support_say_so(make_hf_checkpoint):
-    with pytest.raises(CheckpointError, match="4-bit loading \\(QLoRA\\) of a mixture-of-experts model") as info:
-        from_pretrained(make_hf_checkpoint("qwen3_moe"), quantize="nf4")
-    assert "\n" not in str(info.value)
+def test_nf4_experts_run_one_expert_at_a_time(make_hf_checkpoint):
+    """QLoRA on Qwen3-MoE: each expert's weight is its own NF4 weight (byte-identical to
+    quantizing that expert alone), the model's logits equal the dense model carrying the
+    dequantized experts, and state_dict() presents the dense stack under the native name."""
+    from tunelab.modules.nf4 import NF4ExpertWeights, to_nf4
+
+    src = make_hf_checkpoint("qwen3_moe")
+    q = from_pretrained(src, quantize="nf4", dtype=torch.float32)
+    stack = q.layers[1].mlp.experts.gate_up_proj
+    assert isinstance(stack, NF4ExpertWeights) and stack.shape == (4, 96, 64)
+    dense = from_pretrained(src)
+    want = to_nf4(dense.layers[1].mlp.experts.gate_up_proj[2].detach())
+    assert torch.equal(stack.experts[2].codes, want.codes)
+    state = q.state_dict()
+    assert state["layers.1.mlp.experts.gate_up_proj"].shape == (4, 96, 64)
+    dense.load_state_dict(state)
+    tokens = torch.randint(0, 1024, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(q(tokens), dense(tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_expert_lora_matches_its_merge_and_survives_the_peft_layout(make_hf_checkpoint, tmp_path):

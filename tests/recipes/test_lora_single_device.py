@@ -330,6 +330,7 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
     ("phi3", "Phi3ForCausalLM", ()),  # LoRA on the fused qkv_proj / gate_up_proj, as PEFT puts it
     ("phi3_longrope", "Phi3ForCausalLM", ("quantize=nf4",)),
     ("qwen3_moe", "Qwen3MoeForCausalLM", ()),  # LoRA on attention, the dense layer's MLP and the experts
+    ("qwen3_moe", "Qwen3MoeForCausalLM", ("quantize=nf4",)),  # NF4 experts, one expert dequantized at a time
 ])
 def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, make_hf_checkpoint, load_hf_model,
                                                                    rt, kind, cls, extra):
