@@ -92,6 +92,8 @@ RECIPES: dict[str, RecipeSpec] = {
                 "phi3/mini_lora_single_device",
                 "phi4/14B_qlora_single_device",
                 "qwen2_5/7B_lora_single_device",
+                "qwen3_moe/30B_A3B_lora_single_device",
+                "qwen3_moe/30B_A3B_qlora_single_device",
                 "qwen3/8B_lora_single_device",
                 "qwen3/8B_qlora_single_device",
                 "qwen3/32B_qlora_single_device",
