@@ -108,6 +108,12 @@ def expert_slot(hf_name: str) -> tuple[str, int, int] | None:
     return f"layers.{m.group(1)}.mlp.experts.{stacked}", int(m.group(2)), int(which == "up")
 
 
+def expert_halves(stacked_name: str) -> int:
+    """How many per-expert checkpoint tensors make one expert's row of a stacked tensor: 2 for
+    ``gate_up_proj`` (gate, up), 1 for ``down_proj``."""
+    return 1 if stacked_name.endswith("down_proj") else 2
+
+
 def refuse_moe(args: ModelArgs, what: str, where) -> None:
     """A one-line CheckpointError for the paths that do not take mixture-of-experts models yet."""
     if args.n_experts:
@@ -397,7 +403,7 @@ def load_hf_state_dict(
         out[name] = _cast(tensor, dtype, device)
         del tensor
     for name, pieces in experts.items():
-        halves = 1 if name.endswith("down_proj") else 2
+        halves = expert_halves(name)
         want = [(e, h) for e in range(args.n_experts) for h in range(halves)]
         missing = [e for e, h in want if (e, h) not in pieces]
         if missing:

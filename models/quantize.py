@@ -28,6 +28,7 @@ from tunelab.errors import CheckpointError, ConfigError
 from tunelab.models.checkpoint import (
     checkpoint_folder,
     check_state_dict,
+    expert_halves,
     expert_slot,
     iter_hf_tensors,
     native_weight_name,
@@ -145,7 +146,7 @@ class _ExpertLoader:
         name, expert, half = slot
         parts = self.halves.setdefault((name, expert), {})
         parts[half] = tensor.to(device=self.device, dtype=self.dtype)
-        if len(parts) < (1 if name.endswith("down_proj") else 2):
+        if len(parts) < expert_halves(name):
             return
         weight = torch.cat([parts[h] for h in sorted(self.halves.pop((name, expert)))])
         self.done.setdefault(name, {})[expert] = to_nf4(weight) if self.quantize == "nf4" else weight
@@ -257,7 +258,7 @@ def from_pretrained_quantized(
     for hf_name, shape in _hf_shapes(path, bnb).items():
         slot = expert_slot(hf_name) if args.n_experts else None
         if slot is not None:  # per-expert tensors: the stacked shape
-            halves = 1 if slot[0].endswith("down_proj") else 2
+            halves = expert_halves(slot[0])
             shapes[slot[0]] = torch.empty((args.n_experts, shape[0] * halves, shape[1]), device="meta")
             continue
         name = native_weight_name(hf_name, args, path)

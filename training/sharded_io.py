@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tunelab.errors import CheckpointError
 from tunelab.models.checkpoint import (
+    expert_halves,
     expert_slot,
     native_to_hf_key,
     native_weight_name,
@@ -73,7 +74,7 @@ def _copy_expert(params: dict, slot: tuple[str, int, int], piece, where, hf_name
     if name not in params:
         raise CheckpointError(f"{where}: unexpected tensor {hf_name!r}; the weights do not match config.json")
     p = params[name]
-    rows = p.shape[1] // (1 if name.endswith("down_proj") else 2)
+    rows = p.shape[1] // expert_halves(name)
     if tuple(piece.get_shape()) != (rows, p.shape[2]) or expert >= p.shape[0]:
         raise CheckpointError(f"{where}: tensor {hf_name!r} has shape {list(piece.get_shape())}, config.json "
                               f"expects {[rows, p.shape[2]]}; the weights do not match config.json")
@@ -132,7 +133,7 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
                     _copy_rows(p, lambda a, b: piece[a:b].to(dtype=p.dtype))
                 loaded.add(name)
     for name, count in expert_pieces.items():  # every expert's gate and up (or down) read once
-        if count == model.args.n_experts * (1 if name.endswith("down_proj") else 2):
+        if count == model.args.n_experts * expert_halves(name):
             loaded.add(name)
     missing = sorted(set(params) - loaded)
     if missing:

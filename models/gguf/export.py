@@ -38,6 +38,7 @@ from tunelab.models.checkpoint import (
     check_state_dict,
     native_weight_name,
     open_safetensors,
+    expert_halves,
     expert_slot,
     read_hf_config,
     rename_weight,
@@ -184,7 +185,7 @@ class _Source:
             slot = expert_slot(hf_name) if args.n_experts else None
             if slot is not None:  # one tensor per expert: read stacked, [E, rows, cols]
                 self.experts[slot] = hf_name
-                halves = 1 if slot[0].endswith("down_proj") else 2
+                halves = expert_halves(slot[0])
                 self.shapes[slot[0]] = (args.n_experts, shape[0] * halves, shape[1])
                 continue
             native = native_weight_name(hf_name, args, path)
@@ -208,7 +209,7 @@ class _Source:
         """The weight in fp32 (dequantized if the checkpoint stores it as bitsandbytes nf4;
         stacked [E, rows, cols] for an MoE layer's experts)."""
         if native not in self.hf_names:  # stacked experts
-            halves = 1 if native.endswith("down_proj") else 2
+            halves = expert_halves(native)
             return torch.stack([torch.cat([self._get(self.experts[(native, e, h)]) for h in range(halves)]).float()
                                 for e in range(self.n_experts)])
         hf_name = self.hf_names[native]
