@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.run_layout import MERGED
+
 __all__ = ["export_gguf", "export_gguf_step"]
 
 
 def export_gguf(checkpoint_dir, out_path, *, dtype: str = "f16", adapter_dir=None, tokenizer_path=None,
                 overwrite: bool = False, modelfile: bool = True) -> Path:
-    """Write a Llama checkpoint as one GGUF file for llama.cpp (and an Ollama Modelfile).
+    """Write a checkpoint as one GGUF file for llama.cpp (and an Ollama Modelfile).
 
     Works on a merged folder (``step_N/merged``) or on a base folder plus its adapter
     (``adapter_dir=step_N/adapter``; merged tensor by tensor in fp32); a bitsandbytes nf4 base
@@ -61,6 +63,6 @@ def export_gguf_step(cfg, final_dir: Path) -> Path | None:
     if out.exists():
         print(f"notice: {out} exists; export_gguf kept it")
         return out
-    merged = final_dir / "merged"
+    merged = final_dir / MERGED
     source, adapter = (merged, None) if merged.is_dir() else (Path(cfg.checkpoint_dir), final_dir / "adapter")
     return export_gguf(source, out, dtype=cfg.export_gguf.dtype, adapter_dir=adapter, tokenizer_path=cfg.tokenizer)

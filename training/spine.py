@@ -40,7 +40,7 @@ from tunelab.models import from_pretrained
 from tunelab.models.checkpoint import check_checkpoint_dir, read_hf_config
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.modules.peft import apply_lora, check_lora_args, set_trainable_params
-from tunelab.run_layout import COMPLETE, release_lock, step_dir, take_lock
+from tunelab.run_layout import COMPLETE, MERGED, release_lock, step_dir, take_lock
 from tunelab.training.builtin import resolve_builtin
 from tunelab.training.checkpointing import (
     CheckpointManager,
@@ -593,7 +593,7 @@ def save_checkpoint(run: Run, progress: TrainingProgress, *, model, optimizer, s
     if is_rank0():
         writers = {"adapter": adapter_writer(model, base_model_name_or_path=cfg.checkpoint_dir, lora_cfg=cfg.lora)}
         if merged:
-            writers["merged"] = merged_writer(model, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
+            writers[MERGED] = merged_writer(model, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
         writers["state"] = state_writer(progress, model=model, optimizer=optimizer, scheduler=scheduler)
         run.manager.save(progress.step, writers)
     barrier()
@@ -627,8 +627,8 @@ def save_final(run: Run, progress: TrainingProgress, last_saved: Path | None, *,
     else:
         final_dir = save_checkpoint(run, progress, model=model, optimizer=optimizer, scheduler=scheduler, final=True)
     say(f"adapter: {final_dir / 'adapter'}")
-    if (final_dir / "merged").is_dir():
-        say(f"merged model: {final_dir / 'merged'}")
+    if (final_dir / MERGED).is_dir():
+        say(f"merged model: {final_dir / MERGED}")
     if is_rank0() and (gguf := export_gguf_step(run.cfg, final_dir)) is not None:
         say(f"gguf: {gguf}")
     return final_dir
