@@ -207,7 +207,8 @@ def tokenize_with_template(tok: "BaseTokenizer", messages: Sequence["Message"], 
     """(ids, mask) of ``messages`` rendered by ``tok.chat_template`` (mask True = not trained).
 
     Args:
-        tok: a tokenizer with ``chat_template`` and ``encode_rendered`` (byte-level BPE).
+        tok: a tokenizer with ``chat_template`` and ``encode_rendered`` (byte-level BPE or
+            sentencepiece).
         messages: the conversation.
         add_generation_prompt: end with the opening of an assistant turn.
         variables: extra template variables (``tools``, ``enable_thinking``...).
@@ -241,10 +242,10 @@ def tokenize_with_template(tok: "BaseTokenizer", messages: Sequence["Message"], 
     def byte_at(i: int) -> int:  # character offset -> offset in the UTF-8 bytes the lengths count
         return len(rendered[:i].encode("utf-8", "surrogatepass"))
 
-    spans = [(byte_at(s), byte_at(e)) for s, e in trained]
+    byte_spans = [(byte_at(s), byte_at(e)) for s, e in trained]
     mask, pos = [], 0
     for n in lengths:
-        mask.append(not any(s <= pos < e for s, e in spans))
+        mask.append(not any(s <= pos < e for s, e in byte_spans))
         pos += n
     return ids, mask
 
