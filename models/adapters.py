@@ -338,7 +338,8 @@ def _load_expert_lora(model: nn.Module, tensors: dict, cfg: dict, where: Path,
         try:  # through the router's name, as in _expert_tensors
             mlp = _native_module(m["module"].removesuffix(".experts") + ".gate", model.args).removesuffix(".gate")
         except KeyError:
-            raise CheckpointError(f"{where}: key {key!r} names no layer of this model (different base model?)") from None
+            raise CheckpointError(f"{where}: key {key!r} names no layer of this model "
+                                  "(different base model?)") from None
         native = f"{mlp}.experts"
         leaf = params[len(params) - 1 - depth].rpartition(".")[2].removesuffix("_proj") + "_lora"
         pairs.setdefault(f"{native}.{leaf}", {})[m["which"]] = (key, tensor)
@@ -356,10 +357,12 @@ def _load_expert_lora(model: nn.Module, tensors: dict, cfg: dict, where: Path,
             if tuple(a.shape) != (e * r, in_dim) or tuple(b.shape) != (out_dim, r * e):
                 raise CheckpointError(f"{where}: {pair['A'][0]} / lora_B have shapes {list(a.shape)} / "
                                       f"{list(b.shape)}, expected {[e * r, in_dim]} / {[out_dim, r * e]}")
-            for param, value in (("lora_a", a.reshape(e, r, in_dim)), ("lora_b", b.reshape(out_dim, r, e).permute(2, 0, 1))):
+            for param, value in (("lora_a", a.reshape(e, r, in_dim)),
+                                 ("lora_b", b.reshape(out_dim, r, e).permute(2, 0, 1))):
                 mine = getattr(lora, param)
                 if mine.is_meta:  # copy_ into meta is a no-op: put a real tensor there
-                    setattr(lora, param, nn.Parameter(value.to(mine.dtype).contiguous(), requires_grad=mine.requires_grad))
+                    setattr(lora, param, nn.Parameter(value.to(mine.dtype).contiguous(),
+                                                      requires_grad=mine.requires_grad))
                 else:
                     mine.copy_(value)
     return rest

@@ -70,7 +70,7 @@ from tunelab.training.spine import (
     start_run,
     train_sampler,
 )
-from tunelab.training.steps import clip_grad_norm, optimizer_step, optimizer_steps
+from tunelab.training.steps import RouterAuxLoss, clip_grad_norm, optimizer_step, optimizer_steps
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -95,6 +95,7 @@ def train(cfg: RecipeConfig, run) -> None:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
     model = build_model(run, tokenizer)  # meta build, fully_shard, each rank reads its rows
     params = list(get_adapter_params(model).values())
+    router_aux = RouterAuxLoss(model, cfg.router_aux_loss)  # MoE models: the load-balancing loss
     say(f"loss {cfg.loss.type} (beta {cfg.loss.beta}), reference = the base model (adapters off)")
 
     dataset = build_dataset(run, cfg.dataset, tokenizer, "dataset")
@@ -132,7 +133,10 @@ def train(cfg: RecipeConfig, run) -> None:
             for i, batch in enumerate(micro_batches):
                 model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
                 losses, chosen, rejected = pair_losses(model, batch, cfg, device)
-                (losses.sum() * (world / n_pairs)).backward()  # x world: FSDP averages over ranks
+                total = losses.sum()  # MoE: plus the policy forward's load-balancing loss, per pair
+                if router_aux:
+                    total = total + router_aux.loss() * len(losses)
+                (total * (world / n_pairs)).backward()  # x world: FSDP averages over ranks
                 stats.add(losses, chosen, rejected, batch["num_tokens"])
             step_row, n_tokens = stats.reduce()  # all ranks: loss + rewards/* over the global step
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm)  # over all ranks' shards
@@ -144,7 +148,7 @@ def train(cfg: RecipeConfig, run) -> None:
 
             step = progress.step
             if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
-                log.step({"step": step, "epoch": progress.epoch, **step_row, "lr": lr,
+                log.step({"step": step, "epoch": progress.epoch, **step_row, **router_aux.metrics(), "lr": lr,
                           "tokens_per_s": throughput.rate(), "grad_norm": grad_norm})
             if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
                                            or step == total_steps):

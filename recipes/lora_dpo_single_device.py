@@ -58,7 +58,7 @@ from tunelab.training.spine import (
     start_run,
     train_sampler,
 )
-from tunelab.training.steps import clip_grad_norm, optimizer_step, optimizer_steps
+from tunelab.training.steps import RouterAuxLoss, clip_grad_norm, optimizer_step, optimizer_steps
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -82,6 +82,7 @@ def train(cfg: RecipeConfig, run) -> None:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint_dir)
     model = build_model(run, tokenizer)
     params = list(get_adapter_params(model).values())
+    router_aux = RouterAuxLoss(model, cfg.router_aux_loss)  # MoE models: the load-balancing loss
     print(f"loss {cfg.loss.type} (beta {cfg.loss.beta}), reference = the base model (adapters off)")
 
     dataset = build_dataset(run, cfg.dataset, tokenizer, "dataset")
@@ -114,7 +115,10 @@ def train(cfg: RecipeConfig, run) -> None:
             stats = PairStats(device)
             for batch in micro_batches:
                 losses, chosen, rejected = pair_losses(model, batch, cfg, device)
-                (losses.sum() / n_pairs).backward()
+                total = losses.sum()  # MoE: plus the policy forward's load-balancing loss, per pair
+                if router_aux:
+                    total = total + router_aux.loss() * len(losses)
+                (total / n_pairs).backward()
                 stats.add(losses, chosen, rejected, batch["num_tokens"])
             step_row, n_tokens = stats.reduce()  # loss + rewards/*: means over the step's pairs
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
@@ -126,7 +130,7 @@ def train(cfg: RecipeConfig, run) -> None:
 
             step = progress.step
             if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
-                log.step({"step": step, "epoch": progress.epoch, **step_row, "lr": lr,
+                log.step({"step": step, "epoch": progress.epoch, **step_row, **router_aux.metrics(), "lr": lr,
                           "tokens_per_s": throughput.rate(), "grad_norm": grad_norm})
             if val_loader is not None and ((cfg.eval_every_n_steps and step % cfg.eval_every_n_steps == 0)
                                            or step == total_steps):

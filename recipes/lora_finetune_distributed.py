@@ -129,7 +129,9 @@ def train(cfg: RecipeConfig, run) -> None:
             for i, batch in enumerate(micro_batches):
                 model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
                 loss = loss_sum(model, batch, device)
-                total = loss + router_aux.weighted(batch) if router_aux else loss  # MoE: load balancing
+                total = loss  # MoE: plus the load-balancing loss, weighted by the micro-batch's labels
+                if router_aux:
+                    total = loss + router_aux.loss() * int((batch["labels"] != IGNORE_INDEX).sum())
                 (total * (world / n_labels)).backward()  # x world: FSDP averages over ranks
                 step_loss += loss.detach()
             loss_value = all_reduce_sum([step_loss.item()], device)[0] / n_labels

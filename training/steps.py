@@ -176,15 +176,15 @@ class RouterAuxLoss:
     def __bool__(self) -> bool:
         return bool(self.blocks) and self.coef > 0
 
-    def weighted(self, batch: dict) -> torch.Tensor:
-        """``coef`` x the loss of the forward just run x the batch's label tokens: added to its
-        summed cross-entropy before the division by the step's label count, the aux loss weighs
-        in by each micro-batch's share of the labels (kept for :meth:`metrics`)."""
+    def loss(self) -> torch.Tensor:
+        """``coef`` x the load-balancing loss of the forward just run (the loss kept for
+        :meth:`metrics`). The caller weighs it by its micro-batch's share of the step (label
+        tokens for SFT, pairs for DPO), as it weighs the main loss."""
         from tunelab.modules.moe import load_balancing_loss
 
         aux = load_balancing_loss([b.router_logits for b in self.blocks], self.n_experts, self.top_k)
         self._values.append(aux.detach())
-        return self.coef * aux * int((batch["labels"] != IGNORE_INDEX).sum())
+        return self.coef * aux
 
     def metrics(self) -> dict:
         """``{"router_aux_loss": mean since the last call}`` (this rank's micro-batches; empty
@@ -206,7 +206,9 @@ def micro_batch_backward(model, params: list, device: torch.device, *, cuda_grap
 
     def eager(batch: dict, n_labels: int) -> torch.Tensor:
         loss = loss_sum(model, batch, device)
-        total = loss + router_aux.weighted(batch) if router_aux else loss
+        total = loss  # MoE: plus the load-balancing loss, weighted by the micro-batch's labels
+        if router_aux:
+            total = loss + router_aux.loss() * int((batch["labels"] != IGNORE_INDEX).sum())
         (total / n_labels).backward()
         return loss.detach()
 

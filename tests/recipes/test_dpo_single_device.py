@@ -194,11 +194,12 @@ def test_tiny_dpo_as_shipped(tmp_path, capsys):
     assert "step 2/2 loss=" in printed and "acc=" in printed and "margin=" in printed
 
 
-@pytest.mark.parametrize("kind,cls", [("qwen3", "Qwen3ForCausalLM"), ("gemma3", "Gemma3ForCausalLM")])
+@pytest.mark.parametrize("kind,cls", [("qwen3", "Qwen3ForCausalLM"), ("gemma3", "Gemma3ForCausalLM"),
+                                      ("qwen3_moe", "Qwen3MoeForCausalLM")])
 def test_other_families_dpo(tmp_path, make_hf_checkpoint, load_hf_model, kind, cls):
-    """DPO on Qwen3 (pairs rendered by Qwen3's own chat template) and Gemma 3: the first step
-    is policy == reference (loss log 2), the merged folder loads in transformers as the family
-    with tunelab's logits (fp32, 1e-4)."""
+    """DPO on Qwen3 (pairs rendered by Qwen3's own chat template), Gemma 3 and Qwen3-MoE (with
+    its load-balancing loss logged): the first step is policy == reference (loss log 2), the
+    merged folder loads in transformers as the family with tunelab's logits (fp32, 1e-4)."""
     from tunelab.models import from_pretrained
     from tunelab.models.adapters import load_adapter
 
@@ -209,6 +210,7 @@ def test_other_families_dpo(tmp_path, make_hf_checkpoint, load_hf_model, kind, c
     rows = run(dpo_argv(make_hf_checkpoint(kind), out, pairs_file(tmp_path, 8), "max_steps=2", "save_merged=final",
                         f"tokenizer={tokenizer}", f"lora.targets=[{ALL_TARGETS.removesuffix(',output')}]"))
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert ("router_aux_loss" in rows[0]) == (kind == "qwen3_moe")  # MoE: the load-balancing loss too
     tokens = torch.randint(0, 600, (2, 12), generator=torch.Generator().manual_seed(0))
     merged = load_hf_model(out / "step_2" / "merged")
     assert type(merged).__name__ == cls
