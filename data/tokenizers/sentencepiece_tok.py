@@ -114,7 +114,6 @@ class SentencePieceTokenizer(BaseTokenizer):
                 "bos_id/eos_id set"
             )
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
-        self.stop_tokens = [self.eos_id]
         self._control = {i for i in range(n_pieces) if self._sp.IsControl(i)}
         try:
             types = piece_types(path)
@@ -132,6 +131,7 @@ class SentencePieceTokenizer(BaseTokenizer):
         self._dummy_prefix = bool(pieces) and pieces[0].startswith("\u2581")
         self._legacy = legacy
         self._sp_no_prefix: spm.SentencePieceProcessor | None = None
+        # BOS/EOS: the model's pieces unless tokenizer_config.json names other tokens it has
         self._names = {"bos_token": self._sp.IdToPiece(self.bos_id), "eos_token": self._sp.IdToPiece(self.eos_id)}
         for key, name in (("bos_token", bos_token), ("eos_token", eos_token)):
             if name in self._added or (name is not None and self._sp.PieceToId(name) != self._sp.unk_id()):
