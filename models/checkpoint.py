@@ -69,6 +69,15 @@ _LAYER_NAMES = {
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
     "mlp.gate.weight": "mlp.gate.weight",  # an MoE layer's router
+    # gpt-oss: biased output projection, sinks, a biased router, experts stored stacked
+    "attn.o_proj.bias": "self_attn.o_proj.bias",
+    "attn.sinks": "self_attn.sinks",
+    "mlp.router.weight": "mlp.router.weight",
+    "mlp.router.bias": "mlp.router.bias",
+    "mlp.experts.gate_up_proj": "mlp.experts.gate_up_proj",
+    "mlp.experts.gate_up_proj_bias": "mlp.experts.gate_up_proj_bias",
+    "mlp.experts.down_proj": "mlp.experts.down_proj",
+    "mlp.experts.down_proj_bias": "mlp.experts.down_proj_bias",
 }
 _TOP_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -167,8 +176,8 @@ def native_to_hf_key(name: str, args: ModelArgs | None = None) -> str:
     Raises:
         KeyError: the name is not a native weight (e.g. a LoRA adapter weight).
     """
-    experts = _NATIVE_EXPERTS.match(name)
-    if experts:  # a stacked tensor: named by its per-expert pattern
+    experts = _NATIVE_EXPERTS.match(name) if args is None or args.swiglu_limit is None else None
+    if experts:  # a stacked tensor of a per-expert checkpoint: named by its per-expert pattern
         which = "down" if experts.group(2) == "down" else "{gate,up}"
         return f"model.layers.{experts.group(1)}.mlp.experts.*.{which}_proj.weight"
     layer = _SANDWICH_LAYER_NAMES if args is not None and args.sandwich_norm else _LAYER_NAMES
@@ -540,7 +549,7 @@ def save_pretrained(
     hf_state: dict[str, torch.Tensor] = {}
     carried: set[str] = set()  # written as they were read, never cast
     for name, tensor in state_dict.items():
-        per_expert = per_expert_tensors(name, tensor) if args.n_experts else None
+        per_expert = per_expert_tensors(name, tensor) if args.n_experts and args.swiglu_limit is None else None
         if per_expert is not None:  # back to one tensor per expert, as checkpoints store them
             hf_state.update(per_expert)
             continue

@@ -31,12 +31,12 @@ from tunelab.models.llama.args import ModelArgs
 # sliding-window layers with full ones. Each keeps its own names when saved.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 # image-text model_type -> (its architecture, the model_type of its text_config)
 MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text")}
 # max_position_embeddings when config.json has none: each transformers config class's default
 _MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma3_text": 131072,
-                  "phi3": 4096, "qwen3_moe": 32768}
+                  "phi3": 4096, "qwen3_moe": 32768, "gpt_oss": 131072}
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # Keys hf_config_from_args owns; everything else in a source config is carried over.
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
@@ -44,7 +44,7 @@ _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 
 def _require(cfg: dict, key: str) -> Any:
     if key not in cfg or cfg[key] is None:
-        raise CheckpointError(f"config.json has no {key!r}: not a complete Llama config (re-download it)")
+        raise CheckpointError(f"config.json has no {key!r}: not a complete config (re-download it)")
     return cfg[key]
 
 
@@ -92,9 +92,22 @@ def _rope_dict(scaling: Any, theta: Any, where: str) -> tuple[float, dict | None
         return theta, None
     if rope_type == "linear":  # Gemma 3's global layers: positions divided by factor
         return theta, {"rope_type": "linear", "factor": _positive(scaling.get("factor"), f"{where}.factor")}
+    if rope_type == "yarn":  # gpt-oss
+        for key in ("mscale", "mscale_all_dim", "attention_factor"):
+            if scaling.get(key) is not None:
+                raise CheckpointError(f"config.json {where}.{key}={scaling[key]!r} is not supported; tunelab's YaRN "
+                                      "derives the attention factor from factor")
+        factor = _positive(scaling.get("factor"), f"{where}.factor")
+        out = {"rope_type": "yarn", "factor": factor,
+               "original_max_position_embeddings": _integer(scaling, "original_max_position_embeddings"),
+               "beta_fast": _positive(scaling.get("beta_fast") or 32.0, f"{where}.beta_fast"),
+               "beta_slow": _positive(scaling.get("beta_slow") or 1.0, f"{where}.beta_slow"),
+               "truncate": bool(scaling.get("truncate", True)),
+               "attention_factor": 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0}
+        return theta, out
     if rope_type != "llama3":
         raise CheckpointError(f"config.json {where}.rope_type={rope_type!r} is not supported; tunelab supports "
-                              "'default', 'linear' and 'llama3'")
+                              "'default', 'linear', 'yarn' and 'llama3'")
     missing = [k for k in LLAMA3_SCALING_KEYS if scaling.get(k) is None]
     if missing:
         raise CheckpointError(f"config.json {where} (rope_type llama3) lacks {', '.join(missing)}; add them")
@@ -180,6 +193,34 @@ def _moe_fields(cfg: dict, n_layers: int) -> dict:
                 router_aux_loss_coef=float(coef))
 
 
+def _gpt_oss_fields(cfg: dict, n_layers: int) -> dict:
+    """gpt-oss: biases on every attention projection, per-head sinks, alternating sliding and
+    full layers (transformers' default when layer_types is absent), YaRN, and its experts
+    (defaults as transformers' GptOssConfig)."""
+    default_rope = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                    "original_max_position_embeddings": 4096}
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else None
+    rope = params if params is not None else (cfg.get("rope_scaling") or default_rope)
+    theta, scaling = _rope_dict(rope, (params or cfg).get("rope_theta", cfg.get("rope_theta", 150000.0)),
+                                "rope_parameters" if params is not None else "rope_scaling")
+    types = _layer_types(cfg, n_layers, pattern_default=2)
+    limit = cfg.get("swiglu_limit", 7.0)
+    alpha = cfg.get("swiglu_alpha", 1.702)
+    if cfg.get("attention_bias", True) is not True:
+        raise CheckpointError(f"config.json attention_bias={cfg.get('attention_bias')!r} is not supported for gpt_oss; "
+                              "its attention projections have biases")
+    n_experts = _integer(cfg, "num_local_experts", default=128)
+    top_k = _integer(cfg, "num_experts_per_tok", default=4)
+    if top_k > n_experts:
+        raise CheckpointError(f"config.json num_experts_per_tok={top_k} exceeds num_local_experts={n_experts}")
+    return dict(rope_theta=theta, rope_scaling=scaling, layer_types=types,
+                sliding_window=_integer(cfg, "sliding_window", default=128), qkv_bias=True, o_bias=True,
+                attn_sinks=True, n_experts=n_experts, experts_per_token=top_k,
+                moe_hidden_dim=_integer(cfg, "intermediate_size"), norm_topk_prob=True,
+                swiglu_limit=_positive(limit, "swiglu_limit"), swiglu_alpha=_positive(alpha, "swiglu_alpha"),
+                router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)))
+
+
 def _phi3_fields(cfg: dict, head_dim: int, max_positions: int) -> dict:
     """The ``ModelArgs`` fields only Phi-3 sets: fused projections, partial rotary and
     ``longrope`` (hub: top-level partial_rotary_factor / original_max_position_embeddings and
@@ -260,9 +301,11 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         window = None
     elif gemma:
         window = None  # _gemma3_fields reads it
+    elif model_type == "gpt_oss":
+        window = None  # _gpt_oss_fields reads it
     else:  # Llama has no window; Mistral's applies to every layer when set
         window = None if cfg.get("sliding_window") is None else _integer(cfg, "sliding_window")
-    layer_types = None if gemma else _layer_types(cfg, n_layers, pattern_default=None)
+    layer_types = None if gemma or model_type == "gpt_oss" else _layer_types(cfg, n_layers, pattern_default=None)
     if layer_types is not None and "sliding_attention" in layer_types and window is None:
         raise CheckpointError(f"config.json layer_types lists sliding_attention layers but sliding_window is "
                               f"{cfg.get('sliding_window')!r}; give the window size")
@@ -270,7 +313,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         layer_types = None
     # Qwen2's q/k/v biases are part of its architecture (its config has no switch for them)
     for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key) and model_type != "qwen2":
+        if cfg.get(key) and model_type not in ("qwen2", "gpt_oss"):
             raise CheckpointError(f"config.json {key}={cfg[key]!r} is not supported for model_type "
                                   f"{model_type!r}; its projections have no biases")
     act_key = "hidden_activation" if gemma and "hidden_activation" in cfg else "hidden_act"
@@ -297,6 +340,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         family["embed_scale"] = dim ** 0.5
     elif model_type == "phi3":
         family = dict(_phi3_fields(cfg, head_dim, max_positions), sliding_window=window)
+    elif model_type == "gpt_oss":
+        family = _gpt_oss_fields(cfg, n_layers)
     else:
         rope_theta, rope_scaling = _rope_settings(cfg)
         family = dict(rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=window,
@@ -398,7 +443,11 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
         cfg["use_sliding_window"] = False
     elif args.model_type in ("qwen3", "qwen3_moe"):
         cfg.update(attention_bias=False, use_sliding_window=False)
-    if args.n_experts:  # the source's spelling (transformers 5: num_local_experts), else the hub's
+    if args.model_type == "gpt_oss":
+        cfg.update(attention_bias=True, sliding_window=args.sliding_window, num_local_experts=args.n_experts,
+                   num_experts_per_tok=args.experts_per_token, swiglu_limit=args.swiglu_limit,
+                   swiglu_alpha=args.swiglu_alpha, router_aux_loss_coef=args.router_aux_loss_coef)
+    elif args.n_experts:  # the source's spelling (transformers 5: num_local_experts), else the hub's
         key = "num_local_experts" if "num_local_experts" in cfg else "num_experts"
         cfg.update({key: args.n_experts},
                    num_experts_per_tok=args.experts_per_token, moe_intermediate_size=args.moe_hidden_dim,
@@ -419,6 +468,8 @@ def hf_config_from_args(args: ModelArgs, source_config: dict | None = None) -> d
         cfg.setdefault("eos_token_id", args.eos_token_id)
 
     scaling = dict(args.rope_scaling) if args.rope_scaling is not None else None
+    if scaling is not None and scaling["rope_type"] == "yarn":
+        del scaling["attention_factor"]  # derived from factor again when read
     partial = {}
     if args.rotary_dim is not None and args.rotary_dim != args.head_dim:
         partial["partial_rotary_factor"] = args.rotary_dim / args.head_dim

@@ -247,8 +247,8 @@ def from_pretrained_quantized(
     config = read_hf_config(path)
     bnb = bnb_4bit_settings(config, path)
     args = args_from_hf_config(config)
-    if args.n_experts and bnb is not None:
-        refuse_moe(args, "loading a bitsandbytes-quantized checkpoint", path)
+    if args.n_experts and (bnb is not None or args.swiglu_limit is not None):
+        refuse_moe(args, "4-bit loading" if bnb is None else "loading a bitsandbytes-quantized checkpoint", path)
     device = torch.device(device)
     model = build_model(args, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -325,13 +325,46 @@ def document_mask(document_ids: torch.Tensor, *, use_flex: bool | None = None) -
     return document_block_mask(document_ids) if use_flex else dense_document_mask(document_ids)
 
 
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                   mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """Attention with a learned sink logit per head (gpt-oss): each query's softmax runs over
+    its keys plus one extra logit ``sinks[h]`` whose probability is dropped, so a head can
+    attend to nothing. The scores are materialised (the exact reference; SDPA has no sinks).
+
+    Args:
+        q: [b, nh, s, hd]; k, v: [b, nkv, s_kv, hd].
+        sinks: [nh].
+        mask: bool, True = may attend, broadcastable to [b, nh, s, s_kv]; None = causal.
+        scale: the query scaling (None: ``head_dim ** -0.5``).
+
+    Returns:
+        [b, nh, s, hd].
+    """
+    k, v = _expand_kv(k, v, q.shape[1] // k.shape[1])  # (b, nh, s_kv, hd)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (b, nh, s, s_kv)
+    if mask is None:
+        s, s_kv = q.shape[2], k.shape[2]
+        mask = torch.ones(s, s_kv, dtype=torch.bool, device=q.device).tril(s_kv - s)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # as transformers: no overflow in bf16
+    probs = torch.softmax(logits, dim=-1)[..., :-1]  # the sink's share dropped
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None,
-           gqa: bool = False, scale: float | None = None) -> torch.Tensor:
+           gqa: bool = False, scale: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [b, nh, s, hd] over k/v [b, nkv, s_kv, hd] by the kernel ``mask`` picks
     (see the module docstring): None causal SDPA, a ``BlockMask`` flex_attention, a bool
     tensor (True = may attend, broadcastable to [b, nh, s, s_kv]) masked SDPA. ``gqa`` as in
-    :func:`causal_attention`; ``scale`` the query scaling (None: ``head_dim ** -0.5``).
-    Returns [b, nh, s, hd]."""
+    :func:`causal_attention`; ``scale`` the query scaling (None: ``head_dim ** -0.5``);
+    ``sinks`` [nh] per-head sink logits (:func:`sink_attention`). Returns [b, nh, s, hd]."""
+    if sinks is not None:
+        if isinstance(mask, BlockMask):
+            raise ValueError("attention sinks run on a dense mask, not a flex BlockMask")
+        return sink_attention(q, k, v, sinks, mask, scale)
     if mask is None:
         return causal_attention(q, k, v, gqa=gqa, scale=scale)
     if isinstance(mask, BlockMask):
@@ -360,14 +393,15 @@ def window_mask(s: int, window: int, device, document_ids: torch.Tensor | None =
 
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor | BlockMask | None, q_norm: nn.Module | None = None,
-                   k_norm: nn.Module | None = None, scale: float | None = None) -> torch.Tensor:
+                   k_norm: nn.Module | None = None, scale: float | None = None,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     """(Per-head q/k norms,) RoPE on q/k, then :func:`attend` with grouped-query k/v as they are:
     the piece of a layer kept for checkpointing's rerun (its saved tensors are then q, k, v,
     what the norms save, and the output)."""
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     q, k = apply_rope(q, k, cos, sin)
-    return attend(q, k, v, mask, gqa=True, scale=scale)
+    return attend(q, k, v, mask, gqa=True, scale=scale, sinks=sinks)
 
 
 class KVCache(nn.Module):
@@ -437,11 +471,15 @@ class Attention(nn.Module):
         norm_plus_one: the q/k norms are Gemma's (``1 + weight``).
         fused_qkv: one ``qkv_proj`` ([q; k; v] rows, Phi-3) instead of three projections, so
             LoRA on it is one adapter over the fused matrix, as PEFT puts it.
+        o_bias: a bias on the output projection too (gpt-oss).
+        sinks: a learned sink logit per head (``sinks`` [n_heads], gpt-oss; see
+            :func:`sink_attention`).
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: float | None = None,
                  qkv_bias: bool = False, sliding_window: int | None = None, scale: float | None = None,
-                 norm_plus_one: bool = False, fused_qkv: bool = False) -> None:
+                 norm_plus_one: bool = False, fused_qkv: bool = False, o_bias: bool = False,
+                 sinks: bool = False) -> None:
         super().__init__()
         if n_heads % n_kv_heads != 0:
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
@@ -457,7 +495,8 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
             self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.fused_qkv = fused_qkv
-        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=o_bias)
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
         self.q_norm = RMSNorm(head_dim, eps=qk_norm, plus_one=norm_plus_one) if qk_norm is not None else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm, plus_one=norm_plus_one) if qk_norm is not None else None
         self.kv_cache: KVCache | None = None
@@ -493,7 +532,7 @@ class Attention(nn.Module):
         if keep:
             # q/k norms, RoPE + attention kept, not recomputed: their saved tensors are offloaded
             # in the forward, and checkpointing's rerun gets the output back (modules.recompute)
-            out = kept(rope_attention, q, k, v, cos, sin, mask, self.q_norm, self.k_norm, self.scale)
+            out = kept(rope_attention, q, k, v, cos, sin, mask, self.q_norm, self.k_norm, self.scale, self.sinks)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)  # per head, over hd
@@ -502,6 +541,6 @@ class Attention(nn.Module):
                 if input_pos is None:
                     raise ValueError("input_pos is required when KV caches are set up")
                 k, v = self.kv_cache.update(input_pos, k, v)  # (b, nkv, max_seq_len, hd)
-            out = attend(q, k, v, mask, scale=self.scale)  # (b, nh, s, hd)
+            out = attend(q, k, v, mask, scale=self.scale, sinks=self.sinks)  # (b, nh, s, hd)
         out = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)  # (b, s, nh*hd)
         return self.o_proj(out) if residual is None else project_onto(out, self.o_proj, residual)

@@ -1,5 +1,6 @@
-"""Mixture-of-experts feed-forward (Qwen3-MoE): a linear router picks ``top_k`` of
-``n_experts`` SwiGLU experts per token and mixes their outputs by the routing weights.
+"""Mixture-of-experts feed-forward: a linear router picks ``top_k`` of ``n_experts`` experts
+per token and mixes their outputs by the routing weights (Qwen3-MoE: :class:`MoE` over SwiGLU
+:class:`Experts`; gpt-oss: :class:`BiasedMoE` over :class:`BiasedExperts`).
 
 The experts' weights are stacked as transformers holds them in memory (``gate_up_proj``
 [E, 2 * hidden, dim], gate rows then up rows; ``down_proj`` [E, dim, hidden]), the layout a
@@ -25,7 +26,7 @@ from torch import nn
 
 from tunelab.kernels import gated_act
 
-__all__ = ["Experts", "MoE", "load_balancing_loss"]
+__all__ = ["BiasedExperts", "BiasedMoE", "Experts", "MoE", "load_balancing_loss"]
 
 
 class Experts(nn.Module):
@@ -175,3 +176,66 @@ def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k
         tokens_per_expert = (chosen * m[:, None, None]).sum(0) / m.sum()
         prob_per_expert = (probs * m[:, None]).sum(0) / m.sum()
     return (tokens_per_expert * prob_per_expert[None]).sum() * n_experts
+
+
+class BiasedExperts(nn.Module):
+    """gpt-oss's experts: weights stored input-major with biases, gate and up interleaved in
+    one projection (``gate_up_proj`` [E, dim, 2 * hidden]: even columns gate, odd columns up;
+    ``down_proj`` [E, hidden, dim]), the checkpoint's own layout; and the clamped SwiGLU
+    ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``.
+
+    Args:
+        n_experts, dim, hidden_dim: as in :class:`Experts`.
+        alpha, limit: the activation's ``swiglu_alpha`` and ``swiglu_limit``.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden_dim))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(n_experts, 2 * hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.down_proj_bias = nn.Parameter(torch.zeros(n_experts, dim))
+        for p in (self.gate_up_proj, self.down_proj):
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """As :meth:`Experts.forward` (the per-expert loop, in transformers' order)."""
+        out = torch.zeros_like(x)
+        for e in torch.unique(experts).tolist():
+            token, slot = torch.where(experts == e)
+            gate_up = x[token] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n_e, 2 * hidden)
+            gate = gate_up[..., ::2].clamp(max=self.limit)
+            up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+            y = ((up + 1) * gate * torch.sigmoid(gate * self.alpha)) @ self.down_proj[e] + self.down_proj_bias[e]
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+class BiasedMoE(nn.Module):
+    """gpt-oss's MoE block: a router with a bias picks the top-k experts by logit and mixes them
+    by the softmax of those k logits, over :class:`BiasedExperts`.
+
+    Args:
+        dim, hidden_dim, n_experts, top_k: as in :class:`MoE`.
+        alpha, limit: the experts' activation (:class:`BiasedExperts`).
+
+    Attributes:
+        router_logits: [tokens, n_experts] of the last forward.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(dim, n_experts, bias=True)
+        self.experts = BiasedExperts(n_experts, dim, hidden_dim, alpha, limit)
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.router(flat)  # (T, E)
+        top, experts = torch.topk(logits, self.top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1, dtype=top.dtype)
+        self.router_logits = logits
+        out = self.experts(flat, experts, weights).view_as(x)
+        return out if residual is None else residual + out

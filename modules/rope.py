@@ -49,8 +49,10 @@ def rope_inv_freq(
         return inv_freq / float(rope_scaling["factor"])
     if rope_type == "longrope":  # Phi-3: per-frequency divisors (the short set; see RotaryEmbedding)
         return inv_freq / torch.tensor(rope_scaling["short_factor"], dtype=torch.float32, device=device)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, rope_scaling)
     if rope_type != "llama3":
-        raise ValueError(f"unsupported rope_type {rope_type!r}: only default, linear, longrope and llama3")
+        raise ValueError(f"unsupported rope_type {rope_type!r}: only default, linear, longrope, yarn and llama3")
     factor = float(rope_scaling["factor"])
     low_freq_factor = float(rope_scaling["low_freq_factor"])
     high_freq_factor = float(rope_scaling["high_freq_factor"])
@@ -66,6 +68,27 @@ def rope_inv_freq(
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """YaRN (gpt-oss): frequencies that turn fewer than ``beta_slow`` times over the original
+    context are divided by ``factor`` (interpolated), those turning more than ``beta_fast``
+    times are kept (extrapolated), with a linear ramp between, in transformers' formulation
+    (``truncate`` rounds the ramp's ends outward)."""
+    factor, original = float(scaling["factor"]), float(scaling["original_max_position_embeddings"])
+
+    def dim_of(rotations: float) -> float:  # the frequency index that turns `rotations` times
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling["beta_fast"]), dim_of(scaling["beta_slow"])
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=inv_freq.device) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the original frequency), 0: interpolate (divided by factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -137,11 +160,11 @@ class RotaryEmbedding(nn.Module):
         Angles are computed in fp32 (positions up to 128k need it) and cast at the end.
         """
         inv_freq = self.inv_freq
-        scale = 1.0
+        # longrope and yarn scale cos/sin by an attention factor
+        scale = (self.rope_scaling or {}).get("attention_factor", 1.0)
         if self.long_inv_freq is not None:  # longrope: the whole batch on one set, as transformers
             long = position_ids.max() + 1 > self.rope_scaling["original_max_position_embeddings"]
             inv_freq = torch.where(long, self.long_inv_freq, inv_freq)
-            scale = self.rope_scaling["attention_factor"]
         freqs = position_ids[..., None].float() * inv_freq.float()  # (b, s, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (b, s, hd): same frequency for both halves
         if scale != 1.0:

@@ -14,7 +14,7 @@ from torch import nn
 from tunelab.errors import ConfigError
 from tunelab.modules.attention import Attention, BlockMask, KVCache, document_mask, window_mask
 from tunelab.modules.feed_forward import FeedForward
-from tunelab.modules.moe import MoE
+from tunelab.modules.moe import BiasedMoE, MoE
 from tunelab.modules.rms_norm import RMSNorm
 from tunelab.modules.rope import RotaryEmbedding
 
@@ -41,6 +41,8 @@ class TransformerDecoderLayer(nn.Module):
         fused: Phi-3's fused ``qkv_proj`` and ``gate_up_proj``.
         moe: ``(n_experts, top_k, expert hidden dim, norm_topk_prob)`` for a mixture-of-experts
             MLP (Qwen3-MoE) in place of the dense one; None = dense.
+        biased_moe: ``(alpha, limit)``: the MoE MLP is gpt-oss's (``BiasedMoE``) instead.
+        o_bias, sinks: gpt-oss's attention output bias and per-head sinks.
     """
 
     def __init__(
@@ -48,16 +50,20 @@ class TransformerDecoderLayer(nn.Module):
         qk_norm: bool = False, qkv_bias: bool = False, sliding_window: int | None = None,
         attn_scale: float | None = None, norm_plus_one: bool = False, sandwich: bool = False, act: str = "silu",
         fused: bool = False, moe: tuple[int, int, int, bool] | None = None,
+        biased_moe: tuple[float, float] | None = None, o_bias: bool = False, sinks: bool = False,
     ) -> None:
         super().__init__()
         norm = dict(eps=norm_eps, plus_one=norm_plus_one)
         self.attn_norm = RMSNorm(dim, **norm)
         self.attn = Attention(dim, n_heads, n_kv_heads, head_dim, qk_norm=norm_eps if qk_norm else None,
                               qkv_bias=qkv_bias, sliding_window=sliding_window, scale=attn_scale,
-                              norm_plus_one=norm_plus_one, fused_qkv=fused)
+                              norm_plus_one=norm_plus_one, fused_qkv=fused, o_bias=o_bias, sinks=sinks)
         self.attn_post_norm = RMSNorm(dim, **norm) if sandwich else None
         self.mlp_norm = RMSNorm(dim, **norm)
-        if moe is not None:
+        if moe is not None and biased_moe is not None:
+            n_experts, top_k, expert_dim, _ = moe
+            self.mlp = BiasedMoE(dim, expert_dim, n_experts, top_k, *biased_moe)
+        elif moe is not None:
             n_experts, top_k, expert_dim, norm_topk_prob = moe
             self.mlp = MoE(dim, expert_dim, n_experts, top_k, norm_topk_prob)
         else:
@@ -120,6 +126,9 @@ class TransformerDecoder(nn.Module):
                 fused=args.fused_projections,
                 moe=((args.n_experts, args.experts_per_token, args.moe_hidden_dim, args.norm_topk_prob)
                      if args.is_moe(i) else None),
+                biased_moe=(args.swiglu_alpha, args.swiglu_limit) if args.swiglu_limit is not None else None,
+                o_bias=args.o_bias,
+                sinks=args.attn_sinks,
             )
             for i in range(args.n_layers)
         )
@@ -248,7 +257,8 @@ class TransformerDecoder(nn.Module):
                 # Built once here, outside the (possibly checkpointed / compiled) layers, and
                 # shared by all of them: a flex BlockMask on CUDA, a dense [b, 1, s, s] bool
                 # mask on CPU (see tunelab.modules.attention).
-                mask = document_mask(document_ids)
+                # (sinks, gpt-oss, take the dense mask: flex has no sinks here)
+                mask = document_mask(document_ids, use_flex=False if self.args.attn_sinks else None)
             if windowed:  # a dense [1 or b, 1, s, s] mask (None while the window covers the row)
                 local_mask = window_mask(s, self.args.sliding_window, tokens.device, document_ids)
         if position_ids is None:

@@ -68,6 +68,12 @@ KINDS = {
     "qwen3_moe": dict(num_key_value_heads=2, rope_theta=1000000.0, head_dim=24, tie_word_embeddings=True,
                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
                       mlp_only_layers=[0], router_aux_loss_coef=0.01),
+    # gpt-oss in small: biased attention with sinks, sliding/full alternation (window 8), YaRN,
+    # 4 biased clamped-SwiGLU experts, top 2, head_dim 16
+    "gpt_oss": dict(num_key_value_heads=2, head_dim=16, intermediate_size=48, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=8, rope_theta=150000.0,
+                    rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                      original_max_position_embeddings=4096)),
     # Gemma 3 in small: 1+w norms (four per layer, and on q/k), GeGLU, scaled embeddings, two
     # sliding layers (window 16, local theta 1e4) then a global one with linear rope scaling,
     # query_pre_attn_scalar != head_dim, tied embeddings
@@ -129,6 +135,11 @@ def _build_hf_model(kind: str, seed: int, **overrides):
 
         config_class, model_class = Qwen3MoeConfig, Qwen3MoeForCausalLM
         cfg.pop("mlp_bias")
+    elif kind == "gpt_oss":
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        config_class, model_class = GptOssConfig, GptOssForCausalLM
+        cfg.pop("mlp_bias"), cfg.pop("attention_bias")
     elif kind.startswith("phi3"):
         from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -152,7 +163,7 @@ def _build_hf_model(kind: str, seed: int, **overrides):
     # wrong mapping shows up.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or name.endswith((".bias", "mlp.gate.weight")):
+            if "norm" in name or name.endswith((".bias", "_bias", "mlp.gate.weight", "router.weight", ".sinks")):
                 p.add_(0.1 * torch.randn_like(p))
     return model
 

@@ -166,10 +166,10 @@ class RouterAuxLoss:
     """
 
     def __init__(self, model, enabled: bool) -> None:
-        from tunelab.modules.moe import MoE
+        from tunelab.modules.moe import BiasedMoE, MoE
 
         args = model.args
-        self.blocks = [m for m in model.modules() if isinstance(m, MoE)] if enabled else []
+        self.blocks = [m for m in model.modules() if isinstance(m, (MoE, BiasedMoE))] if enabled else []
         self.coef, self.n_experts, self.top_k = args.router_aux_loss_coef, args.n_experts, args.experts_per_token
         self._values: list[torch.Tensor] = []
 

@@ -363,6 +363,8 @@ def _check_llama_cpp_can_run(args: ModelArgs, path, dtype: str) -> None:
     global, local RoPE base 1e4, and the query scale 1/sqrt(head_dim) (27B: 1/sqrt(dim/heads));
     its qwen3moe has every layer an MoE layer and renormalises the top-k weights. Refuse a file
     it would run differently."""
+    if args.model_type == "gpt_oss":
+        raise CheckpointError(f"{path}: GGUF export of gpt-oss is not supported yet")
     if args.n_experts:
         if any(not args.is_moe(i) for i in range(args.n_layers)) or not args.norm_topk_prob:
             raise CheckpointError(f"{path}: llama.cpp's qwen3moe runs every layer as an MoE layer with renormalised "

@@ -54,6 +54,11 @@ class ModelArgs:
         mlp_only_layers: layers with a dense MLP in an MoE model [mlp_only_layers].
         decoder_sparse_step: every this-many-th layer is an MoE layer [decoder_sparse_step].
         router_aux_loss_coef: weight of the load-balancing loss in training [router_aux_loss_coef].
+        swiglu_limit: gpt-oss's experts (biased, clamped SwiGLU, router with a bias; see
+            ``modules.moe.BiasedMoE``) [swiglu_limit]; None = Qwen3-MoE's experts.
+        swiglu_alpha: the sigmoid's slope in gpt-oss's activation [swiglu_alpha].
+        o_bias: a bias on the attention output projection (gpt-oss).
+        attn_sinks: a learned sink logit per attention head (gpt-oss).
         multimodal: the language model of an image-text checkpoint (Gemma 3 4B+,
             ``Gemma3ForConditionalGeneration``): its weights sit under ``language_model.`` and
             its vision tensors are carried through exports untouched.
@@ -92,6 +97,10 @@ class ModelArgs:
     mlp_only_layers: list[int] | None = None
     decoder_sparse_step: int = 1
     router_aux_loss_coef: float = 0.0
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
+    o_bias: bool = False
+    attn_sinks: bool = False
     rotary_dim: int | None = None
     multimodal: bool = False
 

@@ -297,9 +297,11 @@ def apply_expert_lora(model: nn.Module, rank: int, alpha: float, *, adapter_dtyp
     Returns:
         The number of expert modules adapted (0: the model has no MoE layers).
     """
+    from tunelab.modules.moe import Experts  # (gpt-oss's BiasedExperts take no expert LoRA yet)
+
     count = 0
     for _, m in model.named_modules():  # the experts: a dense or NF4 [E, out, in] stack per weight
-        if all(len(getattr(getattr(m, w, None), "shape", ())) == 3 for w in _EXPERT_WEIGHTS):
+        if isinstance(m, Experts):
             for w in _EXPERT_WEIGHTS:
                 e, out_dim, in_dim = getattr(m, w).shape
                 ref = getattr(m, w)
@@ -555,6 +557,11 @@ def apply_lora(
             raise ConfigError(f"lora.dropout={dropout} with '{EXPERT_TARGET}' in lora.targets: expert LoRA has no "
                               "dropout (as PEFT's on parameters); set lora.dropout: 0.0")
         if not apply_expert_lora(model, rank, alpha, adapter_dtype=adapter_dtype):
+            from tunelab.modules.moe import BiasedExperts
+
+            if any(isinstance(m, BiasedExperts) for m in model.modules()):
+                raise ConfigError(f"lora.targets: '{EXPERT_TARGET}' (expert LoRA) is not supported on gpt-oss's "
+                                  "experts yet; target the attention projections")
             raise ConfigError(f"lora.targets: '{EXPERT_TARGET}' needs a mixture-of-experts model; this one has no "
                               "experts")
         targets = [t for t in targets if t != EXPERT_TARGET]

@@ -249,7 +249,7 @@ def test_non_finite_weights_on_one_rank_stop_every_rank_before_the_save(tmp_path
     assert sorted(p.name for p in out.glob("step_*")) == ["step_1"] and (out / "step_1" / COMPLETE).is_file()
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "gemma3", "phi3_longrope", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "gemma3", "phi3_longrope", "qwen3_moe", "gpt_oss"])
 def test_other_families_two_ranks_match_one_device(tmp_path, make_hf_checkpoint, dt, kind):
     """Qwen3 (q/k norms, explicit head_dim, tied embeddings), Qwen2 (q/k/v biases) and Gemma 3
     (four 1+w norms per layer, sliding layers), Phi-3 (fused projections, partial rotary) and
@@ -261,7 +261,8 @@ def test_other_families_two_ranks_match_one_device(tmp_path, make_hf_checkpoint,
     ckpt = make_hf_checkpoint(kind)
     data = dt.alpaca_jsonl(tmp_path / "train.jsonl", 16)
     targets = {"phi3_longrope": "[qkv_proj,o_proj,gate_up_proj,down_proj]",
-               "qwen3_moe": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,experts]"}
+               "qwen3_moe": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,experts]",
+               "gpt_oss": "[q_proj,k_proj,v_proj,o_proj]"}
     extra = ("max_steps=2", "gradient_accumulation_steps=1", "save_merged=never",
              *([f"lora.targets={targets[kind]}", "lora.dropout=0.0"] if kind in targets else []))
     run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",

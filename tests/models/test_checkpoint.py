@@ -28,7 +28,7 @@ def _same_tensors(a: dict, b: dict):
 
 
 @pytest.mark.parametrize("kind", ["llama3_1", "llama3_2", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_mm", "phi3",
-                                  "phi3_longrope", "qwen3_moe"])
+                                  "phi3_longrope", "qwen3_moe", "gpt_oss"])
 def test_save_then_transformers_loads_identical(kind, make_hf_checkpoint, load_hf_model, tmp_path):
     """Every family's save round trip is lossless: transformers loads the saved folder with
     bit-identical weights (and so logits) to the source folder."""
@@ -185,8 +185,8 @@ def test_attention_bias(make_hf_checkpoint, tmp_path):
 
 def test_unsupported_rope_type(make_hf_checkpoint, tmp_path):
     d = _copy(make_hf_checkpoint, tmp_path)
-    _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
-    assert "'yarn'" in _error(d)
+    _edit_config(d, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0})
+    assert "'longrope'" in _error(d)
 
 
 def test_no_safetensors_mentions_bin(make_hf_checkpoint, tmp_path):

@@ -102,7 +102,7 @@ def test_rope_parameters_layout():
         ({"attention_bias": True}, "attention_bias=True"),
         ({"mlp_bias": True}, "mlp_bias=True"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-        ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling.rope_type='yarn'"),
+        ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling.rope_type='longrope'"),
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
         ({"hidden_size": None}, "'hidden_size'"),

@@ -29,7 +29,7 @@ def _compare(native, hf, tokens, **kw):
 
 
 @pytest.mark.parametrize("kind", ["llama2", "llama3", "llama3_1", "llama3_2", "mistral", "mistral_nemo", "qwen2",
-                                  "qwen3", "gemma3", "phi3", "phi3_longrope", "qwen3_moe"])
+                                  "qwen3", "gemma3", "phi3", "phi3_longrope", "qwen3_moe", "gpt_oss"])
 def test_logits_match_transformers(kind, make_hf_checkpoint, load_hf_model):
     path = make_hf_checkpoint(kind)
     native, hf = from_pretrained(path), load_hf_model(path)

@@ -9,7 +9,7 @@ from tunelab.models import from_pretrained
 from tunelab.modules.generation import generate, sample_next_token
 
 
-@pytest.mark.parametrize("kind", ["llama3_1", "gemma3", "qwen2", "phi3_longrope"])
+@pytest.mark.parametrize("kind", ["llama3_1", "gemma3", "qwen2", "phi3_longrope", "gpt_oss"])
 def test_greedy_matches_transformers(make_hf_checkpoint, load_hf_model, kind):
     """llama3_1: past original_max_position_embeddings (64); gemma3: past its window (16), so
     the cached decoding runs the sliding layers' window mask and local RoPE; phi3_longrope:
