@@ -196,6 +196,9 @@ class BiasedExperts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(n_experts, 2 * hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.down_proj_bias = nn.Parameter(torch.zeros(n_experts, dim))
+        # expert LoRA (tunelab.modules.peft.ExpertLoRA, transposed), set by apply_expert_lora
+        self.gate_up_lora: nn.Module | None = None
+        self.down_lora: nn.Module | None = None
         for p in (self.gate_up_proj, self.down_proj):
             nn.init.normal_(p, std=0.02)
 
@@ -204,12 +207,20 @@ class BiasedExperts(nn.Module):
         out = torch.zeros_like(x)
         for e in torch.unique(experts).tolist():
             token, slot = torch.where(experts == e)
-            gate_up = x[token] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]  # (n_e, 2 * hidden)
+            h = x[token]
+            gate_up = _biased(h, e, self.gate_up_proj, self.gate_up_proj_bias, self.gate_up_lora)  # (n_e, 2 * hidden)
             gate = gate_up[..., ::2].clamp(max=self.limit)
             up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
-            y = ((up + 1) * gate * torch.sigmoid(gate * self.alpha)) @ self.down_proj[e] + self.down_proj_bias[e]
+            y = _biased((up + 1) * gate * torch.sigmoid(gate * self.alpha), e, self.down_proj, self.down_proj_bias,
+                        self.down_lora)
             out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
         return out
+
+
+def _biased(h: torch.Tensor, e: int, weight: torch.Tensor, bias: torch.Tensor, lora: nn.Module | None) -> torch.Tensor:
+    """``h @ W[e] + b[e]`` for an [E, in, out] weight, plus expert e's LoRA update."""
+    y = h @ weight[e] + bias[e]
+    return y if lora is None or lora.disabled else y + lora.update(e, h)
 
 
 class BiasedMoE(nn.Module):

@@ -243,16 +243,19 @@ class ExpertLoRA(nn.Module):
         n_experts, in_dim, out_dim: the weight's shape.
         rank, alpha: as in ``LoRALinear``.
         device, dtype: of the adapter weights.
+        transposed: the weight is stored [E, in, out] (gpt-oss's experts, PEFT's
+            ``is_transposed``): the same factors, the merged update transposed.
 
     Attributes:
         disabled: when True the update is skipped (the DPO reference).
     """
 
     def __init__(self, n_experts: int, in_dim: int, out_dim: int, rank: int, alpha: float, *,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, transposed: bool = False) -> None:
         super().__init__()
         check_lora_args(rank, alpha, 0.0)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.transposed = transposed
         self.lora_a = nn.Parameter(torch.empty(n_experts, rank, in_dim, device=device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.empty(n_experts, out_dim, rank, device=device, dtype=dtype))
         self.disabled = False
@@ -269,8 +272,10 @@ class ExpertLoRA(nn.Module):
         return F.linear(F.linear(h, a), b) * self.scaling
 
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
-        """``W + scaling * B @ A`` per expert, in fp32, returned in W's dtype."""
-        delta = torch.einsum("eor,eri->eoi", self.lora_b.float(), self.lora_a.float())
+        """``W + scaling * B @ A`` per expert (transposed for an [E, in, out] weight), in fp32,
+        returned in W's dtype."""
+        delta = torch.einsum("eor,eri->eio" if self.transposed else "eor,eri->eoi", self.lora_b.float(),
+                             self.lora_a.float())
         return (weight.float() + self.scaling * delta.to(weight.device)).to(weight.dtype)
 
     def extra_repr(self) -> str:
@@ -297,16 +302,18 @@ def apply_expert_lora(model: nn.Module, rank: int, alpha: float, *, adapter_dtyp
     Returns:
         The number of expert modules adapted (0: the model has no MoE layers).
     """
-    from tunelab.modules.moe import Experts  # (gpt-oss's BiasedExperts take no expert LoRA yet)
+    from tunelab.modules.moe import BiasedExperts, Experts
 
     count = 0
-    for _, m in model.named_modules():  # the experts: a dense or NF4 [E, out, in] stack per weight
-        if isinstance(m, Experts):
+    for _, m in model.named_modules():  # dense or NF4 [E, out, in] stacks; gpt-oss's [E, in, out]
+        if isinstance(m, (Experts, BiasedExperts)):
+            transposed = isinstance(m, BiasedExperts)
             for w in _EXPERT_WEIGHTS:
-                e, out_dim, in_dim = getattr(m, w).shape
                 ref = getattr(m, w)
+                e, out_dim, in_dim = ref.shape if not transposed else (ref.shape[0], ref.shape[2], ref.shape[1])
                 setattr(m, w.replace("_proj", "_lora"), ExpertLoRA(e, in_dim, out_dim, rank, alpha, device=ref.device,
-                                                                   dtype=adapter_dtype or ref.dtype))
+                                                                   dtype=adapter_dtype or ref.dtype,
+                                                                   transposed=transposed))
             count += 1
     return count
 
@@ -557,11 +564,6 @@ def apply_lora(
             raise ConfigError(f"lora.dropout={dropout} with '{EXPERT_TARGET}' in lora.targets: expert LoRA has no "
                               "dropout (as PEFT's on parameters); set lora.dropout: 0.0")
         if not apply_expert_lora(model, rank, alpha, adapter_dtype=adapter_dtype):
-            from tunelab.modules.moe import BiasedExperts
-
-            if any(isinstance(m, BiasedExperts) for m in model.modules()):
-                raise ConfigError(f"lora.targets: '{EXPERT_TARGET}' (expert LoRA) is not supported on gpt-oss's "
-                                  "experts yet; target the attention projections")
             raise ConfigError(f"lora.targets: '{EXPERT_TARGET}' needs a mixture-of-experts model; this one has no "
                               "experts")
         targets = [t for t in targets if t != EXPERT_TARGET]

@@ -262,7 +262,7 @@ def test_other_families_two_ranks_match_one_device(tmp_path, make_hf_checkpoint,
     data = dt.alpaca_jsonl(tmp_path / "train.jsonl", 16)
     targets = {"phi3_longrope": "[qkv_proj,o_proj,gate_up_proj,down_proj]",
                "qwen3_moe": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,experts]",
-               "gpt_oss": "[q_proj,k_proj,v_proj,o_proj]"}
+               "gpt_oss": "[q_proj,k_proj,v_proj,o_proj,experts]"}
     extra = ("max_steps=2", "gradient_accumulation_steps=1", "save_merged=never",
              *([f"lora.targets={targets[kind]}", "lora.dropout=0.0"] if kind in targets else []))
     run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",

@@ -332,7 +332,7 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
     ("phi3_longrope", "Phi3ForCausalLM", ("quantize=nf4",)),
     ("qwen3_moe", "Qwen3MoeForCausalLM", ()),  # LoRA on attention, the dense layer's MLP and the experts
     ("qwen3_moe", "Qwen3MoeForCausalLM", ("quantize=nf4",)),  # NF4 experts, one expert dequantized at a time
-    ("gpt_oss", "GptOssForCausalLM", ()),  # LoRA on the biased attention (o_proj too), sinks frozen
+    ("gpt_oss", "GptOssForCausalLM", ()),  # LoRA on the biased attention (o_proj too) and the [E, in, out] experts
 ])
 def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, make_hf_checkpoint, load_hf_model,
                                                                    rt, kind, cls, extra):
@@ -348,7 +348,7 @@ def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, mak
     data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16))
     out = tmp_path / "out"
     targets = ("qkv_proj,o_proj,gate_up_proj,down_proj" if kind.startswith("phi3") else
-               "q_proj,k_proj,v_proj,o_proj" if kind == "gpt_oss" else
+               "q_proj,k_proj,v_proj,o_proj,experts" if kind == "gpt_oss" else
                "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" + (",experts" if kind == "qwen3_moe" else ""))
     rt.run_lora(rt.lora_argv(ckpt, out, data, "max_steps=3", "optimizer.lr=1.0e-2", f"lora.targets=[{targets}]",
                              *extra))
