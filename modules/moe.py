@@ -26,7 +26,7 @@ from torch import nn
 
 from tunelab.kernels import gated_act
 
-__all__ = ["BiasedExperts", "BiasedMoE", "Experts", "MoE", "load_balancing_loss"]
+__all__ = ["BiasedExperts", "BiasedMoE", "Experts", "MoE", "load_balancing_loss", "per_expert"]
 
 
 class Experts(nn.Module):
@@ -54,8 +54,7 @@ class Experts(nn.Module):
     @staticmethod
     def _project(h: torch.Tensor, e: int, weight, lora: nn.Module | None) -> torch.Tensor:
         # a quantized stack (QLoRA's NF4ExpertWeights) multiplies one expert itself
-        y = weight.linear(h, e) if hasattr(weight, "linear") else F.linear(h, weight[e])
-        return y if lora is None or lora.disabled else y + lora.update(e, h)
+        return _with_lora(weight.linear(h, e) if hasattr(weight, "linear") else F.linear(h, weight[e]), e, h, lora)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, dim], experts [T, k] (ids), weights [T, k] -> sum over each token's k experts
@@ -79,17 +78,29 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
     def forward_reference(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The reference path: one dense SwiGLU per expert that got tokens, in ascending expert
-        order, as transformers adds them."""
-        out = torch.zeros_like(x)
-        for e in torch.unique(experts).tolist():
-            token, slot = torch.where(experts == e)  # the tokens routed to e, and at which of their k slots
-            h = x[token]  # (n_e, dim)
-            gate_up = self._project(h, e, self.gate_up_proj, self.gate_up_lora)  # (n_e, 2 * hidden)
-            gate, up = gate_up.chunk(2, dim=-1)
-            y = self._project(gated_act(gate, up), e, self.down_proj, self.down_lora)
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
-        return out
+        """The reference path: one dense SwiGLU per expert that got tokens (:func:`per_expert`)."""
+
+        def expert(e: int, h: torch.Tensor) -> torch.Tensor:
+            gate, up = self._project(h, e, self.gate_up_proj, self.gate_up_lora).chunk(2, dim=-1)  # (n_e, hidden)
+            return self._project(gated_act(gate, up), e, self.down_proj, self.down_lora)
+
+        return per_expert(x, experts, weights, expert)
+
+
+def per_expert(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, expert) -> torch.Tensor:
+    """The experts one at a time: ``expert(e, h)`` on the tokens h [n_e, dim] routed to each
+    expert e that got any, in ascending order, weighted and added back per token as transformers
+    adds them. x [T, dim], experts / weights [T, k] -> [T, dim]."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(experts).tolist():
+        token, slot = torch.where(experts == e)  # the tokens routed to e, and at which of their k slots
+        out.index_add_(0, token, (expert(e, x[token]) * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
+def _with_lora(y: torch.Tensor, e: int, h: torch.Tensor, lora: nn.Module | None) -> torch.Tensor:
+    """``y`` plus expert e's LoRA update of its input h, where an active expert LoRA is set."""
+    return y if lora is None or lora.disabled else y + lora.update(e, h)
 
 
 def _grouped_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -203,24 +214,16 @@ class BiasedExperts(nn.Module):
             nn.init.normal_(p, std=0.02)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """As :meth:`Experts.forward` (the per-expert loop, in transformers' order)."""
-        out = torch.zeros_like(x)
-        for e in torch.unique(experts).tolist():
-            token, slot = torch.where(experts == e)
-            h = x[token]
-            gate_up = _biased(h, e, self.gate_up_proj, self.gate_up_proj_bias, self.gate_up_lora)  # (n_e, 2 * hidden)
-            gate = gate_up[..., ::2].clamp(max=self.limit)
+        """As :meth:`Experts.forward` (the per-expert loop, :func:`per_expert`)."""
+
+        def expert(e: int, h: torch.Tensor) -> torch.Tensor:
+            gate_up = _with_lora(h @ self.gate_up_proj[e] + self.gate_up_proj_bias[e], e, h, self.gate_up_lora)
+            gate = gate_up[..., ::2].clamp(max=self.limit)  # (n_e, hidden), interleaved columns
             up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
-            y = _biased((up + 1) * gate * torch.sigmoid(gate * self.alpha), e, self.down_proj, self.down_proj_bias,
-                        self.down_lora)
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
-        return out
+            act = (up + 1) * gate * torch.sigmoid(gate * self.alpha)
+            return _with_lora(act @ self.down_proj[e] + self.down_proj_bias[e], e, act, self.down_lora)
 
-
-def _biased(h: torch.Tensor, e: int, weight: torch.Tensor, bias: torch.Tensor, lora: nn.Module | None) -> torch.Tensor:
-    """``h @ W[e] + b[e]`` for an [E, in, out] weight, plus expert e's LoRA update."""
-    y = h @ weight[e] + bias[e]
-    return y if lora is None or lora.disabled else y + lora.update(e, h)
+        return per_expert(x, experts, weights, expert)
 
 
 class BiasedMoE(nn.Module):
