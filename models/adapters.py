@@ -94,6 +94,17 @@ def _native_module(hf_module: str, args=None) -> str:
     return hf_to_native_key(f"{hf_module}.weight", args).removesuffix(".weight")
 
 
+def _hf_experts(native_experts: str, args) -> str:
+    """``layers.1.mlp.experts`` -> ``model.layers.1.mlp.experts`` (in PEFT's module tree), through
+    the router's name: experts have no weight of their own in the name tables."""
+    return _hf_module(native_experts.removesuffix(".experts") + ".gate", args).removesuffix(".gate") + ".experts"
+
+
+def _native_experts(hf_experts: str, args) -> str:
+    """The reverse of :func:`_hf_experts`. Raises KeyError for a path of no layer."""
+    return _native_module(hf_experts.removesuffix(".experts") + ".gate", args).removesuffix(".gate") + ".experts"
+
+
 def _expert_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The expert LoRA weights in PEFT's layout (``lora_A`` [E*r, in], ``lora_B`` [out, r*E],
     expert index fastest) and the ``target_parameters`` naming them."""
@@ -104,9 +115,7 @@ def _expert_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str
     for name, m in experts:
         module, _, leaf = name.rpartition(".")  # layers.1.mlp.experts, gate_up_lora
         depth = len(leaves) - 1 - leaves.index(leaf)
-        # the experts' HF path, through the router's (a sibling named like any weight)
-        mlp = _hf_module(module.removesuffix(".experts") + ".gate", model.args).removesuffix(".gate")
-        key = f"{_PREFIX}{mlp}.experts" + ".base_layer" * depth
+        key = _PREFIX + _hf_experts(module, model.args) + ".base_layer" * depth
         e, r, in_dim = m.lora_a.shape
         tensors[f"{key}.lora_A.weight"] = m.lora_a.detach().reshape(e * r, in_dim).cpu().contiguous()
         tensors[f"{key}.lora_B.weight"] = m.lora_b.detach().permute(1, 2, 0).reshape(-1, r * e).cpu().contiguous()
@@ -335,15 +344,14 @@ def _load_expert_lora(model: nn.Module, tensors: dict, cfg: dict, where: Path,
         depth = m["depth"].count(".base_layer")
         if depth >= len(params):
             raise CheckpointError(f"{where}: key {key!r} is nested deeper than target_parameters {params!r} allows")
-        try:  # through the router's name, as in _expert_tensors
-            mlp = _native_module(m["module"].removesuffix(".experts") + ".gate", model.args).removesuffix(".gate")
+        try:
+            native = _native_experts(m["module"], model.args)
         except KeyError:
             raise CheckpointError(f"{where}: key {key!r} names no layer of this model "
                                   "(different base model?)") from None
-        native = f"{mlp}.experts"
         leaf = params[len(params) - 1 - depth].rpartition(".")[2].removesuffix("_proj") + "_lora"
         pairs.setdefault(f"{native}.{leaf}", {})[m["which"]] = (key, tensor)
-    if not any(True for _ in expert_lora_modules(model)):
+    if next(expert_lora_modules(model), None) is None:
         apply_expert_lora(model, cfg["r"], cfg["lora_alpha"], adapter_dtype=adapter_dtype)
     modules = dict(expert_lora_modules(model))
     with torch.no_grad():

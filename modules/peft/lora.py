@@ -320,8 +320,10 @@ def apply_expert_lora(model: nn.Module, rank: int, alpha: float, *, adapter_dtyp
 
 def frozen_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
     """``bias`` as a frozen Parameter (the caller's Parameter object reused), or None."""
-    if bias is None or isinstance(bias, nn.Parameter):
-        return None if bias is None else bias.requires_grad_(False)
+    if bias is None:
+        return None
+    if isinstance(bias, nn.Parameter):
+        return bias.requires_grad_(False)
     return nn.Parameter(bias, requires_grad=False)
 
 
