@@ -123,6 +123,18 @@ def expert_halves(stacked_name: str) -> int:
     return 1 if stacked_name.endswith("down_proj") else 2
 
 
+def stacked_expert_shape(stacked_name: str, piece_shape, n_experts: int) -> tuple[int, int, int]:
+    """The shape of a stacked expert tensor from the shape of one of its per-expert pieces."""
+    return n_experts, piece_shape[0] * expert_halves(stacked_name), piece_shape[1]
+
+
+def stack_experts(stacked_name: str, n_experts: int, piece) -> torch.Tensor:
+    """The stacked [E, rows, cols] tensor from ``piece(expert, half)``, each expert's halves
+    (gate, up) concatenated along the rows."""
+    halves = expert_halves(stacked_name)
+    return torch.stack([torch.cat([piece(e, h) for h in range(halves)]) for e in range(n_experts)])
+
+
 def refuse_moe(args: ModelArgs, what: str, where) -> None:
     """A one-line CheckpointError for the paths that do not take mixture-of-experts models yet."""
     if args.n_experts:
@@ -418,7 +430,7 @@ def load_hf_state_dict(
         if missing:
             raise CheckpointError(f"{checkpoint_dir}: {name} lacks expert tensors {sorted(set(missing))[:5]} of "
                                   f"{args.n_experts}; the weights do not match config.json")
-        out[name] = torch.stack([torch.cat([pieces.pop((e, h)) for h in range(halves)]) for e in range(args.n_experts)])
+        out[name] = stack_experts(name, args.n_experts, lambda e, h, pieces=pieces: pieces.pop((e, h)))
     return out
 
 

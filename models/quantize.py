@@ -35,6 +35,7 @@ from tunelab.models.checkpoint import (
     open_safetensors,
     read_hf_config,
     refuse_moe,
+    stacked_expert_shape,
     tensors_by_file,
 )
 from tunelab.models.hf_config import args_from_hf_config
@@ -258,8 +259,7 @@ def from_pretrained_quantized(
     for hf_name, shape in _hf_shapes(path, bnb).items():
         slot = expert_slot(hf_name) if args.n_experts else None
         if slot is not None:  # per-expert tensors: the stacked shape
-            halves = expert_halves(slot[0])
-            shapes[slot[0]] = torch.empty((args.n_experts, shape[0] * halves, shape[1]), device="meta")
+            shapes[slot[0]] = torch.empty(stacked_expert_shape(slot[0], shape, args.n_experts), device="meta")
             continue
         name = native_weight_name(hf_name, args, path)
         if name is not None:

@@ -36,13 +36,14 @@ from tunelab.models.checkpoint import (
     NATIVE_LAYER,
     checkpoint_folder,
     check_state_dict,
+    expert_slot,
     native_weight_name,
     open_safetensors,
-    expert_halves,
-    expert_slot,
     read_hf_config,
     rename_weight,
     safetensors_files,
+    stack_experts,
+    stacked_expert_shape,
 )
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.models.llama.args import ModelArgs
@@ -185,8 +186,7 @@ class _Source:
             slot = expert_slot(hf_name) if args.n_experts else None
             if slot is not None:  # one tensor per expert: read stacked, [E, rows, cols]
                 self.experts[slot] = hf_name
-                halves = expert_halves(slot[0])
-                self.shapes[slot[0]] = (args.n_experts, shape[0] * halves, shape[1])
+                self.shapes[slot[0]] = stacked_expert_shape(slot[0], shape, args.n_experts)
                 continue
             native = native_weight_name(hf_name, args, path)
             if native is None:
@@ -209,9 +209,7 @@ class _Source:
         """The weight in fp32 (dequantized if the checkpoint stores it as bitsandbytes nf4;
         stacked [E, rows, cols] for an MoE layer's experts)."""
         if native not in self.hf_names:  # stacked experts
-            halves = expert_halves(native)
-            return torch.stack([torch.cat([self._get(self.experts[(native, e, h)]) for h in range(halves)]).float()
-                                for e in range(self.n_experts)])
+            return stack_experts(native, self.n_experts, lambda e, h: self._get(self.experts[(native, e, h)])).float()
         hf_name = self.hf_names[native]
         tensor = self._get(hf_name)
         if self.bnb is not None and tensor.dtype == torch.uint8:
