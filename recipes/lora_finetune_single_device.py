@@ -25,9 +25,9 @@ import torch
 
 from tunelab.data.packing import PackedDataset
 from tunelab.data.tokenizers import load_tokenizer
-from tunelab.modules.generation import generate
 from tunelab.modules.peft import get_adapter_params
 from tunelab.training.config import parse_recipe_args, recipe_entry
+from tunelab.training.heldout import heldout_rows, report_heldout, score_heldout
 from tunelab.training.metrics import Throughput
 from tunelab.training.spine import (
     RunLog,
@@ -54,7 +54,6 @@ from tunelab.training.steps import (
     optimizer_steps,
 )
 
-SAMPLE_NEW_TOKENS = 32  # length of the greedy completion printed at the end
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -64,13 +63,7 @@ class RecipeConfig(TrainConfig):
 
     packing: bool
     cuda_graph: bool  # replay each micro-batch's forward + backward as a CUDA graph (CUDA; rows padded to max_seq_len)
-
-
-def prompt_of(sample: dict) -> list[int]:
-    """The prompt part of a sample: tokens up to the first trained target."""
-    labels = sample["labels"]
-    first = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels) - 1)
-    return list(sample["tokens"][: first + 1])
+    heldout_accuracy: int | None = None  # score this many validation rows (greedy exact match) before and after
 
 
 # ------------------------------------------------------------------------------------ main
@@ -102,6 +95,12 @@ def train(cfg: RecipeConfig, run) -> None:
 
     optimizer, scheduler = build_optimizer(run, params, total_steps)
     progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
+    # held-out questions, answered before training (adapters off: the base model) and after it
+    questions = heldout_rows(val_data if val_loader is not None else dataset, cfg.heldout_accuracy or 3,
+                             tokenizer.stop_tokens)
+    before = score_heldout(model, questions, tokenizer, adapters=False) if cfg.heldout_accuracy else None
+    if before is not None:
+        print(f"held-out accuracy before training: {before.accuracy:.0%} (n={len(questions)})")
 
     # -------------------------------------------------------------------------------- loop
     log = RunLog(run, progress.step, total_steps)  # resumes: later rows dropped
@@ -146,13 +145,7 @@ def train(cfg: RecipeConfig, run) -> None:
     # -------------------------------------------------------------------------------- final save
     # none when a finished run was resumed; then the adapter / merged paths and the export_gguf step
     save_final(run, progress, last_saved, model=model, optimizer=optimizer, scheduler=scheduler)
-    sample_source = val_data if val_loader is not None else dataset
-    prompt = prompt_of(sample_source[0])
-    completion = generate(model, prompt, max_new_tokens=SAMPLE_NEW_TOKENS, stop_tokens=tokenizer.stop_tokens)
-    print(f"sample prompt: {tokenizer.decode(prompt)!r}")
-    # a model vocab padded past the tokenizer's can emit ids the tokenizer cannot decode
-    completion = [t for t in completion if t < tokenizer.vocab_size]
-    print(f"sample completion (greedy): {tokenizer.decode(completion)!r}")
+    report_heldout(before, score_heldout(model, questions, tokenizer), tokenizer)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from tunelab.training.checkpointing import (
 )
 from tunelab.training.config import component_field, instantiate, save_config
 from tunelab.training.export import export_gguf_step
+from tunelab.training.heldout import check_heldout
 from tunelab.training.loggers import check_metric_loggers
 from tunelab.training.metrics import RunLog
 from tunelab.training.process_group import (
@@ -207,6 +208,7 @@ def check_settings(cfg) -> None:
         raise ConfigError(f"device: {cfg.device!r} is not supported here; use auto, cpu or cuda (torchrun gives "
                           "each rank cuda:LOCAL_RANK)")
     checkpoint_every(cfg.activation_checkpointing, cfg.offload_activations)
+    check_heldout(getattr(cfg, "heldout_accuracy", None), cfg.validation)
     if getattr(cfg, "cuda_graph", False) and cfg.lora.dropout > 0:
         raise ConfigError(f"cuda_graph: true replays a recorded step, so it cannot draw new dropout masks: "
                           f"set lora.dropout: 0 (it is {cfg.lora.dropout}) or cuda_graph: false")

@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import random
-import re
 from pathlib import Path
 
 N_TRAIN = 1000
@@ -35,24 +34,21 @@ def _load_task_module():
     return module
 
 
-def wrong_answer(task: str, instruction: str, inp: str, right: str, rng: random.Random) -> str:
-    """A typical wrong answer for one of make_assets' tasks (never equal to ``right``): an
-    operand instead of the result (add, subtract), a number not in the list (largest), a count
-    off by 1..3, the word not reversed, the text not uppercased, the numbers left unsorted."""
-    nums = [int(x) for x in re.findall(r"\d+", instruction + " " + inp)]
-    if task in ("task_add", "task_subtract") and str(max(nums)) != right:
-        return str(max(nums))  # echoed an operand instead of computing
-    if task in ("task_add", "task_subtract", "task_max", "task_count"):
-        return str(int(right) + rng.randint(1, 3 if task == "task_count" else 9))
-    if task == "task_reverse":
-        word = right[::-1]
-        return word if word != right else word + word[-1]  # a palindrome: repeat a letter
+def wrong_answer(task: str, instruction: str, right: str) -> str:
+    """A typical wrong answer for one of make_assets' word tasks (never equal to ``right``): the
+    other end of the list (first / last word), the words in the wrong order (repeat, reverse
+    the order), the text not uppercased."""
+    words = instruction.split(": ", 1)[1].split()
+    if task == "task_first_word":
+        return words[-1]
+    if task == "task_last_word":
+        return words[0]
+    if task == "task_repeat":
+        return " ".join(words[::-1]) if len(words) > 1 else words[0].upper()
+    if task == "task_reverse_order":
+        return " ".join(words)
     if task == "task_uppercase":
         return right.lower()
-    if task == "task_sort":
-        nums = right.split()
-        shuffled = nums[::-1] if nums[::-1] != nums else nums + nums[:1]
-        return " ".join(shuffled)
     raise ValueError(f"unknown task {task}")
 
 
@@ -68,7 +64,7 @@ def make_records(n: int, seed: int, exclude: set | None = None) -> list[dict]:
         if prompt in exclude:
             continue
         exclude.add(prompt)  # no duplicate prompts either
-        wrong = wrong_answer(task.__name__, instruction, inp, right, rng)
+        wrong = wrong_answer(task.__name__, instruction, right)
         if len(records) % 4 == 3:  # conversational shape
             records.append({"prompt": [{"role": "user", "content": prompt}],
                             "chosen": [{"role": "assistant", "content": right}],

@@ -1,0 +1,152 @@
+"""Exact-match accuracy of greedy answers on held-out rows: the evidence that a run learned.
+
+A falling loss says the model fits its training rows; a right answer to a prompt it never saw
+says it learned the task. The single-device recipes score ``heldout_accuracy`` rows of their
+``validation`` set twice — with the adapters off (the base model, which is what the run
+starts from, so a resumed run reports the same "before") and after training — and print::
+
+    held-out accuracy: 2% before -> 55% after (n=100, exact match, greedy)
+
+An answer counts when its decoded text, stripped of surrounding whitespace, equals the row's
+reference answer (SFT: the trained target; preference rows: ``chosen``). Generation is greedy
+through the KV cache, one row at a time, and stops at the tokenizer's stop ids or after the
+longest reference plus ``SLACK_TOKENS`` (at most ``MAX_NEW_TOKENS``). With
+``heldout_accuracy: null`` the recipes still print three held-out answers at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from tunelab.errors import ConfigError
+from tunelab.modules.generation import generate
+from tunelab.modules.loss import IGNORE_INDEX
+from tunelab.modules.peft import disable_adapters
+
+__all__ = ["HeldOutRow", "HeldOutScore", "heldout_rows", "score_heldout", "report_heldout", "check_heldout"]
+
+SLACK_TOKENS = 8  # generated past the longest reference: a wrong answer may run longer
+MAX_NEW_TOKENS = 256  # cap per answer (a longer reference cannot match)
+
+
+@dataclass
+class HeldOutRow:
+    """One held-out question: its prompt ids (everything the model sees before the answer) and
+    the reference answer's ids (stop ids excluded)."""
+
+    prompt: list[int]
+    answer: list[int]
+
+
+@dataclass
+class HeldOutScore:
+    """Scores of one pass: how many answers matched, and each row's generated ids (in order)."""
+
+    correct: int
+    rows: list[HeldOutRow]
+    generated: list[list[int]] = field(repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / len(self.rows)
+
+
+def check_heldout(n: int | None, validation) -> None:
+    """``heldout_accuracy`` needs a positive row count and a ``validation`` set to draw from.
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"heldout_accuracy: {n!r} is not a positive row count; use e.g. 100, or null for none")
+    if validation is None:
+        raise ConfigError("heldout_accuracy: needs a validation dataset (its rows are the held-out questions); "
+                          "set validation: or heldout_accuracy: null")
+
+
+def _split(tokens: list[int], labels: list[int], stop: set[int]) -> HeldOutRow | None:
+    # labels are already shifted (labels[i] is the target after tokens[i]): the answer starts at
+    # tokens[first + 1], so the prompt keeps tokens[: first + 1]
+    first = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), None)
+    if first is None:
+        return None
+    answer = [t for t in tokens[first + 1 :] if t not in stop]
+    return HeldOutRow(list(tokens[: first + 1]), answer) if answer else None
+
+
+def heldout_rows(dataset, n: int, stop_tokens) -> list[HeldOutRow]:
+    """The first ``n`` usable rows of a tokenised SFT or preference dataset as questions.
+
+    Args:
+        dataset: items with ``tokens``/``labels`` (SFT) or ``chosen_tokens``/``chosen_labels``
+            (preference pairs: the chosen answer is the reference).
+        n: rows wanted (fewer when the dataset is smaller).
+        stop_tokens: the tokenizer's stop ids, dropped from the reference.
+    """
+    stop = set(stop_tokens)
+    rows = []
+    for i in range(len(dataset)):
+        if len(rows) == n:
+            break
+        item = dataset[i]
+        key = "chosen_" if "chosen_tokens" in item else ""
+        row = _split(item[key + "tokens"], item[key + "labels"], stop)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def score_heldout(model: nn.Module, rows: list[HeldOutRow], tokenizer, *, adapters: bool = True) -> HeldOutScore:
+    """Greedy answers to ``rows`` and how many match their reference exactly.
+
+    Args:
+        model: the model (eval mode is set for the call by ``generate``).
+        rows: from :func:`heldout_rows`.
+        tokenizer: decodes the answers and gives the stop ids.
+        adapters: False scores the base model (LoRA adapters switched off for the call).
+    """
+    max_new = min(max(len(r.answer) for r in rows) + SLACK_TOKENS, MAX_NEW_TOKENS)
+    generated, correct = [], 0
+    with disable_adapters(model) if not adapters else contextlib.nullcontext():
+        for row in rows:
+            out = generate(model, row.prompt, max_new_tokens=max_new, stop_tokens=tokenizer.stop_tokens)
+            out = [t for t in out if t < tokenizer.vocab_size]  # a padded model vocab can emit undecodable ids
+            generated.append(out)
+            correct += tokenizer.decode(out).strip() == tokenizer.decode(row.answer).strip()
+    return HeldOutScore(correct, rows, generated)
+
+
+def report_heldout(before: HeldOutScore | None, after: HeldOutScore, tokenizer, examples: int = 3) -> None:
+    """Print the before/after accuracy line (when ``before`` was scored) and the first few
+    held-out answers beside their references."""
+    if before is not None:
+        print(f"held-out accuracy: {before.accuracy:.0%} before -> {after.accuracy:.0%} after "
+              f"(n={len(after.rows)}, exact match, greedy)")
+    for row, out in list(zip(after.rows, after.generated))[:examples]:
+        got, want = tokenizer.decode(out).strip(), tokenizer.decode(row.answer).strip()
+        mark = "right" if got == want else "wrong"
+        print(f"  {_clip(_question(row.prompt, tokenizer))!r} -> {_clip(got)!r} (expected {_clip(want)!r}: {mark})")
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _question(prompt: list[int], tokenizer) -> str:
+    # the longest stretch of the prompt between special tokens: the user's text, without the
+    # chat format's headers and role names around it
+    special = tokenizer.special_token_ids()
+    runs, run = [], []
+    for t in prompt:
+        if t in special:
+            runs.append(run)
+            run = []
+        else:
+            run.append(t)
+    runs.append(run)
+    return tokenizer.decode(max(runs, key=len)).strip()
