@@ -29,3 +29,8 @@ def path_error(error: OSError) -> TunelabError | None:
     if error.filename is None:
         return None
     return TunelabError(f"{error.filename}: {error.strerror or error}")
+
+
+class RunFinished(Exception):
+    """Raised on ``resume=true`` when the run already trained every step it plans: not an
+    error (the recipe entry exits 0); the message says where the outputs are."""

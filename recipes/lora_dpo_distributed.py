@@ -116,7 +116,8 @@ def train(cfg: RecipeConfig, run) -> None:
 
     optimizer, scheduler = build_optimizer(run, params, total_steps)
     # the data position counts GLOBAL micro-batches: a checkpoint resumes on any world size
-    progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
+    progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+                                total_steps=total_steps)
 
     # -------------------------------------------------------------------------------- loop
     log = RunLog(run, progress.step, total_steps)  # rank 0 writes
@@ -163,8 +164,7 @@ def train(cfg: RecipeConfig, run) -> None:
         log.close()
 
     # -------------------------------------------------------------------------------- final save
-    # none when a finished run was resumed; then the adapter / merged paths and the export_gguf step
-    save_final(run, progress, last_saved, model=model, optimizer=optimizer, scheduler=scheduler)
+    save_final(run, progress, model=model, optimizer=optimizer, scheduler=scheduler)
 
 
 if __name__ == "__main__":

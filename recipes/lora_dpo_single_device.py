@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from tunelab.data.tokenizers import load_tokenizer
 from tunelab.modules.peft import get_adapter_params
 from tunelab.training.config import parse_recipe_args, recipe_entry
+from tunelab.training.heldout import HeldOut
 from tunelab.training.dpo import (
     DPOFields,
     PairStats,
@@ -67,6 +68,8 @@ class RecipeConfig(TrainConfig, DPOFields):
     """The shared keys (``TrainConfig``) and the DPO ones (``loss``, ``precompute_ref_log_probs``).
     ``batch_size`` counts preference PAIRS (each is two sequences); ``max_seq_len`` is per side."""
 
+    heldout_accuracy: int | None = None  # score this many validation prompts (greedy = chosen?) before and after
+
 
 # ------------------------------------------------------------------------------------ main
 def main(argv: list[str]) -> None:
@@ -88,11 +91,14 @@ def train(cfg: RecipeConfig, run) -> None:
     dataset = build_dataset(run, cfg.dataset, tokenizer, "dataset")
     accum = cfg.gradient_accumulation_steps
     steps_per_epoch, total_steps = plan_steps(run, len(dataset), "pairs")
-    val_loader = None
+    val_data = val_loader = None
     if cfg.validation is not None:
         val_data = build_dataset(run, cfg.validation, tokenizer, "validation")
         val_loader = make_preference_loader(val_data, cfg.batch_size, eval_sampler(run, len(val_data)),
                                             tokenizer.pad_id, drop_last=False)
+    # held-out prompts, answered before training (adapters off: the base model) and after it;
+    # the chosen answer is the reference
+    heldout = HeldOut(model, tokenizer, cfg.heldout_accuracy, val_data, dataset)
     if cfg.precompute_ref_log_probs:
         started = time.perf_counter()
         dataset = precompute_reference(model, dataset, cfg.batch_size, tokenizer.pad_id, device)
@@ -101,7 +107,8 @@ def train(cfg: RecipeConfig, run) -> None:
     loader = make_preference_loader(dataset, cfg.batch_size, sampler, tokenizer.pad_id)
 
     optimizer, scheduler = build_optimizer(run, params, total_steps)
-    progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
+    progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+                                total_steps=total_steps)
 
     # -------------------------------------------------------------------------------- loop
     log = RunLog(run, progress.step, total_steps)  # resumes: later rows dropped
@@ -145,8 +152,8 @@ def train(cfg: RecipeConfig, run) -> None:
         log.close()
 
     # -------------------------------------------------------------------------------- final save
-    # none when a finished run was resumed; then the adapter / merged paths and the export_gguf step
-    save_final(run, progress, last_saved, model=model, optimizer=optimizer, scheduler=scheduler)
+    save_final(run, progress, model=model, optimizer=optimizer, scheduler=scheduler)
+    heldout.report(model)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tunelab.data.packing import PackedDataset
 from tunelab.data.tokenizers import load_tokenizer
 from tunelab.modules.peft import get_adapter_params
 from tunelab.training.config import parse_recipe_args, recipe_entry
-from tunelab.training.heldout import heldout_rows, report_heldout, score_heldout
+from tunelab.training.heldout import HeldOut
 from tunelab.training.metrics import Throughput
 from tunelab.training.spine import (
     RunLog,
@@ -87,20 +87,17 @@ def train(cfg: RecipeConfig, run) -> None:
                          pad_to=cfg.max_seq_len if run.flags["cuda_graph"] else None)  # a graph needs fixed shapes
     accum = cfg.gradient_accumulation_steps
     steps_per_epoch, total_steps = plan_steps(run, len(train_data), "packed rows" if cfg.packing else "samples")
-    val_loader = None
+    val_data = val_loader = None
     if cfg.validation is not None:
         val_data = build_dataset(run, cfg.validation, tokenizer, "validation")
         val_loader = make_loader(val_data, cfg.batch_size, eval_sampler(run, len(val_data)), tokenizer.pad_id,
                                  packed=False)
 
     optimizer, scheduler = build_optimizer(run, params, total_steps)
-    progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler)
+    progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+                                total_steps=total_steps)
     # held-out questions, answered before training (adapters off: the base model) and after it
-    questions = heldout_rows(val_data if val_loader is not None else dataset, cfg.heldout_accuracy or 3,
-                             tokenizer.stop_tokens)
-    before = score_heldout(model, questions, tokenizer, adapters=False) if cfg.heldout_accuracy else None
-    if before is not None:
-        print(f"held-out accuracy before training: {before.accuracy:.0%} (n={len(questions)})")
+    heldout = HeldOut(model, tokenizer, cfg.heldout_accuracy, val_data, dataset)
 
     # -------------------------------------------------------------------------------- loop
     log = RunLog(run, progress.step, total_steps)  # resumes: later rows dropped
@@ -143,9 +140,8 @@ def train(cfg: RecipeConfig, run) -> None:
         log.close()
 
     # -------------------------------------------------------------------------------- final save
-    # none when a finished run was resumed; then the adapter / merged paths and the export_gguf step
-    save_final(run, progress, last_saved, model=model, optimizer=optimizer, scheduler=scheduler)
-    report_heldout(before, score_heldout(model, questions, tokenizer), tokenizer)
+    save_final(run, progress, model=model, optimizer=optimizer, scheduler=scheduler)
+    heldout.report(model)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tunelab.modules.generation import generate
 from tunelab.modules.loss import IGNORE_INDEX
 from tunelab.modules.peft import disable_adapters
 
-__all__ = ["HeldOutRow", "HeldOutScore", "heldout_rows", "score_heldout", "report_heldout", "check_heldout"]
+__all__ = ["HeldOut", "HeldOutRow", "HeldOutScore", "heldout_rows", "score_heldout", "report_heldout", "check_heldout"]
 
 SLACK_TOKENS = 8  # generated past the longest reference: a wrong answer may run longer
 MAX_NEW_TOKENS = 256  # cap per answer (a longer reference cannot match)
@@ -54,19 +54,42 @@ class HeldOutScore:
         return self.correct / len(self.rows)
 
 
-def check_heldout(n: int | None, validation) -> None:
-    """``heldout_accuracy`` needs a positive row count and a ``validation`` set to draw from.
+def check_heldout(n: int | None) -> None:
+    """``heldout_accuracy`` is a positive row count or null.
 
     Raises:
         ConfigError: naming the key and the fix.
     """
-    if n is None:
-        return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"heldout_accuracy: {n!r} is not a positive row count; use e.g. 100, or null for none")
-    if validation is None:
-        raise ConfigError("heldout_accuracy: needs a validation dataset (its rows are the held-out questions); "
-                          "set validation: or heldout_accuracy: null")
+
+
+class HeldOut:
+    """The recipes' held-out questions: picked and (``n`` set) scored on the base model when
+    built, scored again and reported by :meth:`report` after training.
+
+    Args:
+        model: the model with its (still untrained or restored) adapters; "before" switches them off.
+        tokenizer: the run's tokenizer.
+        n: ``heldout_accuracy``: rows to score, or None to only show three answers at the end.
+        validation: the validation dataset (None: no accuracy, the answers come from ``train``).
+        train: the training dataset.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, n: int | None, validation, train):
+        if n is not None and validation is None:
+            print("notice: heldout_accuracy needs a validation set to draw held-out rows from; skipped")
+            n = None
+        self.tokenizer = tokenizer
+        self.rows = heldout_rows(validation if validation is not None else train, n or 3, tokenizer.stop_tokens)
+        self.before = score_heldout(model, self.rows, tokenizer, adapters=False) if n and self.rows else None
+        if self.before is not None:
+            print(f"held-out accuracy before training: {self.before.accuracy:.0%} (n={len(self.rows)})")
+
+    def report(self, model: nn.Module) -> None:
+        """Score the trained model and print the before/after line and three answers."""
+        if self.rows:
+            report_heldout(self.before, score_heldout(model, self.rows, self.tokenizer), self.tokenizer)
 
 
 def _split(tokens: list[int], labels: list[int], stop: set[int]) -> HeldOutRow | None:

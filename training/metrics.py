@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from tunelab.run_layout import write_atomic
+
+SMOOTHING = 0.5  # weight of the previous console loss in the moving average (per logged step)
 from tunelab.training.process_group import is_rank0
 
 
@@ -180,6 +182,7 @@ class RunLog:
     def __init__(self, run, step: int, total_steps: int):
         self.device = run.device
         self.metrics = self.display = None
+        self._smoothed = None  # the console's moving-average loss
         if is_rank0():
             from tunelab.training.loggers import build_metric_loggers
 
@@ -187,15 +190,22 @@ class RunLog:
             self.metrics = MetricsLogger(run.output_dir, extra_loggers=loggers)
             self.metrics.truncate_after(step)
             self.display = ProgressDisplay(total_steps, initial=step)
+            self.display.write("(console loss: a moving average over the logged steps; metrics.jsonl has each step's)")
 
     def step(self, row: dict) -> None:
-        """A training step's row (``peak_mem_gib`` added on CUDA: rank 0's): the file and the bar."""
+        """A training step's row (``peak_mem_gib`` added on CUDA: rank 0's): as it is to the file,
+        and to the console with ``loss`` as a moving average of the logged steps' losses (one
+        step's loss is noisy: a few short rows; the file keeps each)."""
         if self.metrics is None:
             return
         if (mem := peak_memory_gib(self.device)) is not None:
             row["peak_mem_gib"] = mem
         self.metrics.log(row)
-        self.display.update(row)
+        shown = dict(row)
+        if isinstance(loss := row.get("loss"), float) and math.isfinite(loss):
+            self._smoothed = loss if self._smoothed is None else SMOOTHING * self._smoothed + (1 - SMOOTHING) * loss
+            shown["loss"] = self._smoothed
+        self.display.update(shown)
 
     def event(self, row: dict, line: str) -> None:
         """A row that is not a training step (evaluation): the file, and ``line`` printed."""

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tunelab.errors import CheckpointError, ConfigError, DataError
+from tunelab.errors import CheckpointError, ConfigError, DataError, RunFinished
 from tunelab.models import from_pretrained
 from tunelab.models.checkpoint import check_checkpoint_dir, read_hf_config
 from tunelab.models.hf_config import args_from_hf_config
@@ -208,7 +208,7 @@ def check_settings(cfg) -> None:
         raise ConfigError(f"device: {cfg.device!r} is not supported here; use auto, cpu or cuda (torchrun gives "
                           "each rank cuda:LOCAL_RANK)")
     checkpoint_every(cfg.activation_checkpointing, cfg.offload_activations)
-    check_heldout(getattr(cfg, "heldout_accuracy", None), cfg.validation)
+    check_heldout(getattr(cfg, "heldout_accuracy", None))
     if getattr(cfg, "cuda_graph", False) and cfg.lora.dropout > 0:
         raise ConfigError(f"cuda_graph: true replays a recorded step, so it cannot draw new dropout masks: "
                           f"set lora.dropout: 0 (it is {cfg.lora.dropout}) or cuda_graph: false")
@@ -272,7 +272,8 @@ def start_run(cfg, recipe: str, *, distributed: bool = False, **cuda_only: bool)
     which writes config.yaml as given), resolve ``builtin:`` paths, seed, pick device and dtype,
     switch the CUDA-only settings off on cpu (one notice). Rank 0 holds output_dir's lock
     (``tunelab.run_layout.take_lock``) until the block is left. On leaving, a distributed run
-    prints which rank failed (if one did) and leaves the process group in order.
+    prints which rank failed (if one did) and leaves the process group in order. A
+    ``RunFinished`` raised in the block (resuming a finished run) ends it quietly.
 
     Args:
         cfg: the recipe config.
@@ -289,6 +290,8 @@ def start_run(cfg, recipe: str, *, distributed: bool = False, **cuda_only: bool)
             finally:
                 if is_rank0():
                     release_lock(Path(cfg.output_dir).expanduser())
+    except RunFinished:
+        pass  # resume=true on a finished run: restore_progress said so and named its outputs
     finally:
         if distributed:
             destroy_distributed()
@@ -524,14 +527,19 @@ def plan_steps(run: Run, n_rows: int, rows: str) -> tuple[int, int]:
                         "lower them")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
+        if cfg.max_steps > total_steps and is_rank0():  # the epochs end first: say so instead of silently training less
+            print(f"max_steps {cfg.max_steps} is more than epochs {cfg.epochs} x {steps_per_epoch} steps per epoch "
+                  f"allow: training {total_steps} steps (raise epochs to train longer)")
         total_steps = min(total_steps, cfg.max_steps)
     return steps_per_epoch, total_steps
 
 
 # ------------------------------------------------------------------------------------ state
-def restore_progress(run: Run, *, model, optimizer, scheduler, sampler) -> TrainingProgress:
+def restore_progress(run: Run, *, model, optimizer, scheduler, sampler, total_steps: int) -> TrainingProgress:
     """A fresh ``TrainingProgress``, or the one saved in ``run.resume_dir`` with the adapters,
     optimizer, scheduler, RNG and sampler seed restored (into the shards when distributed).
+    Resuming a run that already trained its ``total_steps`` says so, names its outputs and
+    raises ``RunFinished`` (the recipe exits 0).
 
     The data position counts GLOBAL micro-batches (``batch_size`` x world size), so a
     checkpoint resumes on any world size that keeps that product, and on one device.
@@ -542,6 +550,7 @@ def restore_progress(run: Run, *, model, optimizer, scheduler, sampler) -> Train
     Raises:
         ConfigError: the checkpoint was written with another (global) micro-batch.
         CheckpointError: no checkpoint's state loads.
+        RunFinished: nothing is left to train.
     """
     cfg, resume_dir = run.cfg, run.resume_dir
     if resume_dir is None:
@@ -566,6 +575,11 @@ def restore_progress(run: Run, *, model, optimizer, scheduler, sampler) -> Train
                               f"set batch_size={progress.batch_size // run.world} for {run.world} rank(s)")
         raise ConfigError(f"resume: {resume_dir.name} was written with batch_size={progress.batch_size}, "
                           f"not {cfg.batch_size}; resume with the same batch_size")
+    if progress.step >= total_steps:
+        say(f"{run.output_dir} is finished ({resume_dir.name} is the last of its {total_steps} steps): nothing to "
+            "train; raise epochs or max_steps to train on, or pick another output_dir. Its outputs:")
+        report_outputs(run, resume_dir)  # and the export_gguf step, if a killed run left it undone
+        raise RunFinished(str(resume_dir))
     sampler.seed = progress.sampler_seed
     apply_resume_changes(run.changes, optimizer, scheduler)
     say(f"resumed from {resume_dir} (step {progress.step}, epoch {progress.epoch})")
@@ -619,18 +633,18 @@ def _check_finite_weights(run: Run, model: nn.Module, step: int) -> None:
             f"checkpoint is {newest or 'none'}); lower optimizer.lr, set max_grad_norm or use dtype=fp32")
 
 
-def save_final(run: Run, progress: TrainingProgress, last_saved: Path | None, *, model, optimizer,
-               scheduler) -> Path:
-    """The end-of-training save (none when a finished run was resumed: its last save is the
-    final one), then print where the adapter and merged model are and run the ``export_gguf``
-    step (rank 0 alone: no collective waits on an export of minutes). Returns the step folder."""
-    if last_saved is not None and last_saved == step_dir(run.output_dir, progress.step):
-        final_dir = last_saved
-    else:
-        final_dir = save_checkpoint(run, progress, model=model, optimizer=optimizer, scheduler=scheduler, final=True)
+def save_final(run: Run, progress: TrainingProgress, *, model, optimizer, scheduler) -> Path:
+    """The end-of-training save, then :func:`report_outputs`. Returns the step folder."""
+    final_dir = save_checkpoint(run, progress, model=model, optimizer=optimizer, scheduler=scheduler, final=True)
+    report_outputs(run, final_dir)
+    return final_dir
+
+
+def report_outputs(run: Run, final_dir: Path) -> None:
+    """Print where the adapter and merged model are, then run the ``export_gguf`` step (rank 0
+    alone: no collective waits on an export of minutes; a GGUF already there is kept)."""
     say(f"adapter: {final_dir / 'adapter'}")
     if (final_dir / MERGED).is_dir():
         say(f"merged model: {final_dir / MERGED}")
     if is_rank0() and (gguf := export_gguf_step(run.cfg, final_dir)) is not None:
         say(f"gguf: {gguf}")
-    return final_dir

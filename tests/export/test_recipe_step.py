@@ -41,7 +41,10 @@ def test_resumed_finished_run_keeps_its_gguf(tmp_path, capsys):
     before = gguf_file.stat().st_mtime_ns
     recipe.main([*BASE, f"output_dir={out}", "save_merged=never", "export_gguf.dtype=q8_0", "resume=true"])
     assert gguf_file.stat().st_mtime_ns == before
-    assert "export_gguf kept it" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "export_gguf kept it" in printed
+    assert f"{out} is finished (step_2 is the last of its 2 steps): nothing to train" in printed
+    assert "step 1/" not in printed.split("is finished")[1]  # no step ran
 
 
 def test_bad_export_settings_fail_before_training(tmp_path, monkeypatch):

@@ -69,7 +69,7 @@ def test_reward_accuracy_rises_and_adapter_loads_in_peft(tmp_path, make_hf_check
     assert [r["step"] for r in evals] == [8, 16, 24]
     assert evals[-1]["eval_rewards/accuracy"] >= 0.9, evals
     assert evals[-1]["eval_loss"] < 0.5 < math.log(2)
-    assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"] > 0
+    assert evals[-1]["eval_rewards/margins"] > max(evals[0]["eval_rewards/margins"], 0)
 
     step_dir = out / "step_24"
     assert sorted(p.name for p in step_dir.iterdir()) == ["COMPLETE", "adapter", "merged", "state"]
@@ -184,7 +184,7 @@ def test_bad_loss_settings_fail_before_work(tmp_path, override, match):
 
 def test_tiny_dpo_as_shipped(tmp_path, capsys):
     out = tmp_path / "out"
-    recipe.main(["--config", "tiny/dpo", f"output_dir={out}", "max_steps=2"])
+    recipe.main(["--config", "tiny/dpo", f"output_dir={out}", "max_steps=2", "heldout_accuracy=4"])
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # first and last always logged
     assert [r["step"] for r in rows if "eval_loss" in r] == [2]  # and the final evaluation
@@ -192,6 +192,7 @@ def test_tiny_dpo_as_shipped(tmp_path, capsys):
     assert "builtin:tiny/preferences.jsonl" in (out / "config.yaml").read_text()
     printed = capsys.readouterr().out  # the progress lines (stderr is no terminal under pytest)
     assert "step 2/2 loss=" in printed and "acc=" in printed and "margin=" in printed
+    assert "held-out accuracy: 0% before -> " in printed and "(n=4, exact match, greedy)" in printed
 
 
 @pytest.mark.parametrize("kind,cls", [("qwen3", "Qwen3ForCausalLM"), ("gemma3", "Gemma3ForCausalLM"),

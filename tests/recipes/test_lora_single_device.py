@@ -44,7 +44,7 @@ def test_end_to_end_adapter_and_merged_match_transformers(tmp_path, make_hf_chec
     assert (step_dir / COMPLETE).is_file() and (out / "config.yaml").is_file()
     assert sorted(p.name for p in step_dir.iterdir()) == ["COMPLETE", "adapter", "merged", "state"]
     stdout = capsys.readouterr().out
-    assert str(step_dir / "adapter") in stdout and "sample completion" in stdout
+    assert str(step_dir / "adapter") in stdout and "(expected " in stdout  # held-out answers
     cfg = json.loads((step_dir / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 16 and cfg["task_type"] == "CAUSAL_LM"
 
@@ -90,7 +90,9 @@ def test_grad_accumulation_normalises_by_tokens(tmp_path, make_hf_checkpoint, rt
     norms and adapter (fp32; 1e-5 covers the different summation order)."""
     ckpt = make_hf_checkpoint("llama3")
     data = rt.write_jsonl(tmp_path / "train.jsonl", rt.alpaca_rows(16, seed=3))
-    common = ("max_steps=3", "save_merged=never", "optimizer.lr=1.0e-2")
+    # eps 1e-6: Adam divides by sqrt(v) + eps, so at eps 1e-8 a weight whose gradient is ~1e-8
+    # turns summation-order noise into a visible update difference
+    common = ("max_steps=3", "save_merged=never", "optimizer.lr=1.0e-2", "optimizer.eps=1.0e-6")
     one = rt.run_lora(rt.lora_argv(ckpt, tmp_path / "one", data, *common, "batch_size=4"))
     two = rt.run_lora(rt.lora_argv(ckpt, tmp_path / "two", data, *common, "batch_size=2",
                                    "gradient_accumulation_steps=2"))
