@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from tunelab.modules.transformer import TransformerDecoder
@@ -43,8 +46,29 @@ def sample_next_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass
+class Generated:
+    """What :func:`generate_until` produced and why it stopped.
+
+    Attributes:
+        ids: the generated ids (prompt and stop id excluded).
+        reason: ``"stop_token"`` (``stop_id`` was drawn), ``"stop_when"`` (the caller's test
+            held: a stop string, say) or ``"max_new_tokens"``.
+        stop_id: the stop token drawn, for ``"stop_token"``.
+    """
+
+    ids: list[int]
+    reason: str
+    stop_id: int | None = None
+
+
+def generate(model: TransformerDecoder, prompt_ids: list[int], **kwargs) -> list[int]:
+    """The generated ids of :func:`generate_until` (same arguments), without the stop reason."""
+    return generate_until(model, prompt_ids, **kwargs).ids
+
+
 @torch.no_grad()
-def generate(
+def generate_until(
     model: TransformerDecoder,
     prompt_ids: list[int],
     *,
@@ -53,8 +77,9 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     stop_tokens=(),
+    stop_when: Callable[[list[int]], bool] | None = None,
     generator: torch.Generator | None = None,
-) -> list[int]:
+) -> Generated:
     """Generate up to ``max_new_tokens`` ids after ``prompt_ids`` (batch of one).
 
     The prompt is prefilled in one forward, then one token per step through the KV cache.
@@ -69,15 +94,14 @@ def generate(
         top_k: top-k filter when sampling.
         top_p: nucleus filter when sampling.
         stop_tokens: ids that end generation; the stop id is not returned.
+        stop_when: called with the ids so far after each new id; True ends generation there
+            (the id that made it true is kept).
         generator: RNG for sampling (reproducible outputs).
-
-    Returns:
-        The generated ids only (prompt excluded).
     """
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: generation needs at least one token (e.g. BOS)")
     if max_new_tokens <= 0:
-        return []
+        return Generated([], "max_new_tokens")
     stop = set(int(t) for t in stop_tokens)
     device = model.tok_embeddings.weight.device
     total = len(prompt_ids) + max_new_tokens
@@ -90,6 +114,7 @@ def generate(
     was_training = model.training
     model.eval()
     out: list[int] = []
+    result = Generated(out, "max_new_tokens")
     try:
         tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, p)
         input_pos = torch.arange(len(prompt_ids), device=device)
@@ -101,12 +126,16 @@ def generate(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
             )
             if next_id in stop:
+                result = Generated(out, "stop_token", next_id)
                 break
             out.append(next_id)
+            if stop_when is not None and stop_when(out):
+                result = Generated(out, "stop_when")
+                break
             tokens = torch.tensor([[next_id]], dtype=torch.long, device=device)  # (1, 1)
             input_pos = input_pos[-1:] + 1
     finally:
         model.train(was_training)
         if own_caches:
             model.teardown_caches()
-    return out
+    return result

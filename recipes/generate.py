@@ -3,8 +3,11 @@
     tune run generate --config generate checkpoint_dir=D prompt="Tell me a joke" max_new_tokens=64
     tune run generate --config generate checkpoint_dir=builtin:tiny adapter_dir=OUT/step_N/adapter
 
-Prints the completion; with ``output_file`` also writes JSON ``{"prompt", "completion",
-"prompt_token_ids", "token_ids"}`` (``token_ids`` = the generated ids only). ``temperature: 0``
+Prints the completion on stdout and, on stderr, the prompt as the model sees it (special tokens
+shown, dimmed on a terminal), why generation stopped (a stop token, ``max_new_tokens`` or one
+of ``stop_strings``) and, when the completion is empty, what the model generated instead. With
+``output_file`` it also writes JSON ``{"prompt", "completion", "prompt_token_ids",
+"token_ids", "stop_reason"}`` (``token_ids`` = the generated ids only). ``temperature: 0``
 is greedy decoding; ``chat: true`` wraps the prompt as one user turn in the tokenizer's chat
 format (with the header that opens the assistant's answer), otherwise the prompt is encoded
 as plain text after BOS.
@@ -13,7 +16,8 @@ as plain text after BOS.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +28,7 @@ from tunelab.errors import ConfigError
 from tunelab.models import from_pretrained
 from tunelab.models.checkpoint import check_checkpoint_dir
 from tunelab.models.adapters import load_adapter
-from tunelab.modules.generation import generate
+from tunelab.modules.generation import Generated, generate_until
 from tunelab.training.builtin import resolve_builtin
 from tunelab.training.config import parse_recipe_args, recipe_entry
 from tunelab.training.utils import resolve_device, resolve_dtype, seed_everything
@@ -45,6 +49,7 @@ class RecipeConfig:
     device: str  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "bf16", "fp32"]  # auto = bf16 on cuda, fp32 on cpu
     output_file: str | None
+    stop_strings: list[str] = field(default_factory=list)  # the completion ends at the first of these (cut before it)
 
 
 def main(argv: list[str]) -> dict:
@@ -70,20 +75,73 @@ def main(argv: list[str]) -> dict:
                                                     add_generation_prompt=True)
     else:
         prompt_ids = tokenizer.encode(cfg.prompt, add_bos=True, add_eos=False)
+    print(f"prompt, as the model sees it ({len(prompt_ids)} tokens): {show_tokens(tokenizer, prompt_ids)}",
+          file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    with torch.no_grad():
-        token_ids = generate(model, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                             top_k=cfg.top_k, top_p=cfg.top_p, stop_tokens=tokenizer.stop_tokens,
-                             generator=generator)
     # a model vocab padded past the tokenizer's can emit ids the tokenizer cannot decode
-    completion = tokenizer.decode([t for t in token_ids if t < tokenizer.vocab_size])
+    text_of = lambda ids: tokenizer.decode([t for t in ids if t < tokenizer.vocab_size])  # noqa: E731
+    stop_when = (lambda ids: any(s in text_of(ids) for s in cfg.stop_strings)) if cfg.stop_strings else None
+    out = generate_until(model, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p, stop_tokens=tokenizer.stop_tokens, stop_when=stop_when,
+                         generator=generator)
+    completion = text_of(out.ids)
+    if out.reason == "stop_when":  # cut before the stop string, as the hub's generate does not but users expect
+        completion = completion[: min(completion.find(s) for s in cfg.stop_strings if s in completion)]
     print(completion)
-    result = {"prompt": cfg.prompt, "completion": completion, "prompt_token_ids": prompt_ids, "token_ids": token_ids}
+    reason = stop_reason(tokenizer, out, cfg)
+    print(f"[{reason}]", file=sys.stderr)
+    if not completion.strip():
+        print(f"[{empty_cause(tokenizer, out)}]", file=sys.stderr)
+    token_ids = out.ids
+    result = {"prompt": cfg.prompt, "completion": completion, "prompt_token_ids": prompt_ids, "token_ids": token_ids,
+              "stop_reason": reason}
     if cfg.output_file is not None:
         out = Path(cfg.output_file).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
+
+
+def show_tokens(tokenizer, ids: list[int]) -> str:
+    """The text of ``ids`` with every special token written out (dimmed on a terminal), so the
+    chat headers and BOS the model was given are visible."""
+    special = tokenizer.special_token_ids()
+    dim, undim = ("\x1b[2m", "\x1b[22m") if sys.stderr.isatty() else ("", "")
+    parts, run = [], []
+    for t in ids:
+        if t in special:
+            parts.append(tokenizer.decode(run))
+            parts.append(dim + tokenizer.decode([t], skip_special_tokens=False) + undim)
+            run = []
+        else:
+            run.append(t)
+    parts.append(tokenizer.decode(run))
+    return "".join(parts)
+
+
+def stop_reason(tokenizer, out: Generated, cfg: RecipeConfig) -> str:
+    """Why generation ended, in words."""
+    n = f"after {len(out.ids)} token{'s' if len(out.ids) != 1 else ''}"
+    if out.reason == "stop_token":
+        name = tokenizer.decode([out.stop_id], skip_special_tokens=False)
+        return f"stopped: stop token {name!r} (id {out.stop_id}) {n}"
+    if out.reason == "stop_when":
+        return f"stopped: a stop string ({', '.join(map(repr, cfg.stop_strings))}) {n}"
+    return f"stopped: max_new_tokens={cfg.max_new_tokens} reached"
+
+
+def empty_cause(tokenizer, out: Generated) -> str:
+    """Why the printed completion is empty: what the model generated instead."""
+    if not out.ids:
+        return ("nothing generated: the first token drawn was the stop token. Base models often end at once after "
+                "a chat prompt (try chat=false), and chat models without their template (try chat=true); "
+                "temperature>0 samples past it")
+    shown = tokenizer.decode([t for t in out.ids if t < tokenizer.vocab_size], skip_special_tokens=False)
+    past = sum(t >= tokenizer.vocab_size for t in out.ids)
+    what = f"{len(out.ids)} tokens that decode to no visible text: {shown!r}"
+    if past:
+        what += f" ({past} ids past the tokenizer's {tokenizer.vocab_size}: the model's padded vocabulary)"
+    return "empty completion: the model generated " + what
 
 
 if __name__ == "__main__":

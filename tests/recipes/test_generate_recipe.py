@@ -17,7 +17,7 @@ def test_greedy_matches_transformers_and_writes_json(tmp_path, make_hf_checkpoin
     out_file = tmp_path / "gen" / "out.json"
     result = recipe.main(_argv(ckpt, rt, "prompt=The river and the stone", f"output_file={out_file}"))
     saved = json.loads(out_file.read_text())
-    assert saved == result and set(saved) == {"prompt", "completion", "prompt_token_ids", "token_ids"}
+    assert saved == result and set(saved) == {"prompt", "completion", "prompt_token_ids", "token_ids", "stop_reason"}
     assert saved["prompt"] == "The river and the stone"
     assert saved["completion"] in capsys.readouterr().out
 
@@ -56,3 +56,31 @@ def test_chat_prompt_and_adapter(tmp_path, make_hf_checkpoint, rt):
     plain = recipe.main(_argv(ckpt, rt, "prompt=hi"))
     adapted = recipe.main(_argv(ckpt, rt, "prompt=hi", f"adapter_dir={tmp_path / 'adapter'}"))
     assert plain["token_ids"] != adapted["token_ids"]
+
+
+def test_says_why_it_stopped_and_shows_the_prompt_as_seen(tmp_path, make_hf_checkpoint, rt, capsys):
+    """The prompt is echoed with its special tokens; the stop reason names max_new_tokens, a stop
+    string (the completion cut before it) or the stop token; an empty completion names its cause."""
+    from tunelab.data.tokenizers import load_tokenizer
+    from tunelab.modules.generation import Generated
+
+    ckpt = make_hf_checkpoint("llama3_1")
+    full = recipe.main(_argv(ckpt, rt, "prompt=The river and the stone"))
+    err = capsys.readouterr().err
+    assert "prompt, as the model sees it (" in err and "<|begin_of_text|>The river and the stone" in err
+    assert full["stop_reason"] == "stopped: max_new_tokens=12 reached" and len(full["token_ids"]) == 12
+
+    cut = full["completion"][3:6]  # a piece of the greedy completion: generation ends there
+    stopped = recipe.main(_argv(ckpt, rt, "prompt=The river and the stone", f"stop_strings=[{cut!r}]"))
+    assert stopped["stop_reason"].startswith(f"stopped: a stop string ({cut!r}) after ")
+    assert stopped["completion"] == full["completion"][: full["completion"].find(cut)]
+
+    tok = load_tokenizer(rt.TINY_TOKENIZER)
+    eot = tok.special_id("<|eot_id|>")
+    cfg = recipe.parse_recipe_args(_argv(ckpt, rt, "prompt=x"), recipe.RecipeConfig)
+    assert recipe.stop_reason(tok, Generated([5, 6], "stop_token", eot), cfg) == (
+        f"stopped: stop token '<|eot_id|>' (id {eot}) after 2 tokens")
+    assert recipe.empty_cause(tok, Generated([], "stop_token", eot)).startswith(
+        "nothing generated: the first token drawn was the stop token")
+    header = tok.special_id("<|start_header_id|>")
+    assert "decode to no visible text: '<|start_header_id|>'" in recipe.empty_cause(tok, Generated([header], "x"))
