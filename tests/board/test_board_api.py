@@ -340,3 +340,75 @@ def test_junk_requests_get_4xx_never_a_crash(manager, bt):
         assert 400 <= status < 500
     # only the one well-formed launch made a folder (junk in a field the launch ignores)
     assert {p.name for p in manager.runs_dir.iterdir()} <= {"fz"}
+
+
+def test_taken_port_is_one_line_and_no_url(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["board", "--runs", str(tmp_path), "--port", str(port)]) == 1
+    out, err = capsys.readouterr()
+    assert "open http" not in out
+    assert err.count("\n") == 1 and err.startswith(f"error: tune board: cannot listen on 127.0.0.1:{port} (")
+    assert "pick another --port" in err
+
+
+@pytest.mark.timeout(120)
+def test_runs_stop_with_the_board_unless_detached(tmp_path, bt, tiny_ready):
+    """`tune board` in its own process: a run launched from it is stopped (Ctrl-C, then its
+    folder says so) when the board gets Ctrl-C; with --detach a run keeps training, and a board
+    started later on the same folder shows it running and can stop it."""
+    import signal
+
+    def board(*extra):
+        port = bt.free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli.main", "board", "--runs", str(tmp_path),
+                                 "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ, PYTHONSAFEPATH="1"))
+        assert "tune board: runs under" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        bt.wait_for(lambda: _up(url), timeout=30, what="the board to answer")
+        return proc, url
+
+    def _up(url):
+        try:
+            return bt.request(f"{url}/api/runs", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def launch(url, name):
+        status, data, _ = bt.request(f"{url}/api/runs", {"name": name, "recipe": RECIPE, "config": "tiny/lora",
+                                                          "overrides": ["max_steps=2000", "log_every_n_steps=1",
+                                                                        "eval_every_n_steps=null",
+                                                                        "heldout_accuracy=null"]})
+        assert status == 200, data
+        bt.wait_for(lambda: (tmp_path / name / "metrics.jsonl").exists(), timeout=60, what=f"{name}'s first step")
+        return json.loads((tmp_path / name / META_FILE).read_text())["pid"]
+
+    proc, url = board()
+    pid = launch(url, "attached")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopped 1 run(s) this board launched (attached)" in err, err
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert RunManager(tmp_path).info("attached")["status"] == "stopped"
+
+    proc, url = board("--detach")
+    pid = launch(url, "detached")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "still training (detached), detached" in err
+    os.kill(pid, 0)  # still alive
+    proc, url = board()  # a new board finds it and can stop it
+    _, runs, _ = bt.request(f"{url}/api/runs")
+    by_name = {r["name"]: r["status"] for r in runs["runs"]}
+    assert by_name == {"attached": "stopped", "detached": "running"}
+    status, info, _ = bt.request(f"{url}/api/runs/detached/stop", {})
+    assert status == 200 and info["status"] == "stopped"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopped" not in err  # it launched nothing itself

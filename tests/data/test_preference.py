@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ import torch
 from tunelab.data import load_tokenizer, preference_dataset, shift_labels
 from tunelab.data.preference import preference_collate
 from tunelab.errors import DataError
+
+from .tiny_tasks import solve
 
 TINY = Path(__file__).resolve().parents[2] / "data" / "tiny"
 
@@ -180,23 +181,12 @@ def _text(x):
     return x if isinstance(x, str) else x[0]["content"]
 
 
-def _solve(prompt: str) -> str:
-    """Independent solver for the generated word tasks."""
-    instruction, _, text = prompt.partition(": ")
-    words = text.split()
-    answers = {"Say the first word": words[0], "Say the last word": words[-1], "Repeat the words": text,
-               "Reverse the order of the words": " ".join(reversed(words)), "Uppercase the words": text.upper()}
-    if instruction not in answers:
-        raise AssertionError(prompt)
-    return answers[instruction]
-
-
 def test_tiny_preferences_are_checkable_and_load(tok):
     train, val = _records("preferences.jsonl"), _records("preferences_validation.jsonl")
     assert (len(train), len(val)) == (1000, 100)
     for r in train + val:
         prompt = _text(r["prompt"])
-        assert _text(r["chosen"]) == _solve(prompt) != _text(r["rejected"])
+        assert _text(r["chosen"]) == solve(prompt) != _text(r["rejected"])
     assert not {_text(r["prompt"]) for r in train} & {_text(r["prompt"]) for r in val}
     assert sum(isinstance(r["prompt"], list) for r in train) == 250
     ds = preference_dataset(tok, source=TINY / "preferences.jsonl", max_seq_len=128)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from tunelab.data import PackedDataset, instruct_dataset, load_tokenizer
+
+from .tiny_tasks import solve
 
 TINY = Path(__file__).resolve().parents[2] / "data" / "tiny"
 ASSETS = ("train.jsonl", "validation.jsonl", "tokenizer.model")
@@ -20,37 +21,14 @@ def records(name):
     return [json.loads(line) for line in (TINY / name).read_text().splitlines()]
 
 
-def answer(instruction: str, inp: str) -> str:
-    """Independent solver for the generated tasks (checks the answers are right)."""
-    nums = [int(x) for x in re.findall(r"\d+", instruction + " " + inp)]
-    if instruction.startswith("Add"):
-        return str(nums[0] + nums[1])
-    if instruction.startswith("Subtract"):
-        return str(nums[1] - nums[0])
-    if instruction.startswith("Reverse"):
-        word = inp or re.search(r"'(\w+)'", instruction).group(1)
-        return word[::-1]
-    if instruction.startswith("Uppercase:"):
-        return instruction[len("Uppercase: "):].upper()
-    if instruction.startswith("Convert"):
-        return inp.upper()
-    if instruction.startswith("Sort"):
-        return " ".join(map(str, sorted(nums)))
-    if instruction.startswith("What is the largest"):
-        return str(max(nums))
-    if instruction.startswith("How many letters"):
-        return str(len(re.search(r"'(\w+)'", instruction).group(1)))
-    raise AssertionError(f"unknown task: {instruction}")
-
-
 def test_sizes_and_answers():
     assert (TINY / "tokenizer.model").stat().st_size < 20_000
-    assert sum((TINY / n).stat().st_size for n in ASSETS[:2]) < 300_000
+    assert sum((TINY / n).stat().st_size for n in ASSETS[:2]) < 1_000_000
     train, val = records("train.jsonl"), records("validation.jsonl")
-    assert len(train) == 2000 and len(val) == 100
+    assert len(train) == 8000 and len(val) == 100
     for r in train + val:
-        assert set(r) == {"instruction", "input", "output"}
-        assert r["output"] == answer(r["instruction"], r["input"]), r
+        assert set(r) == {"instruction", "input", "output"} and r["input"] == ""
+        assert r["output"] == solve(r["instruction"]), r
     seen = {(r["instruction"], r["input"]) for r in train}
     assert not any((r["instruction"], r["input"]) in seen for r in val)
 
@@ -61,7 +39,7 @@ def test_tokenizer_and_dataset_load():
     assert tok.special_id("<|eot_id|>") in tok.stop_tokens
     train = instruct_dataset(tok, source=TINY / "train.jsonl", max_seq_len=64)
     val = instruct_dataset(tok, source=str(TINY / "validation.jsonl"), max_seq_len=64)
-    assert (len(train), train.num_skipped) == (2000, 0)
+    assert (len(train), train.num_skipped) == (8000, 0)
     assert (len(val), val.num_skipped) == (100, 0)
     lens = train.seq_lens()
     assert max(lens) < 64  # nothing was truncated
