@@ -18,12 +18,13 @@ from __future__ import annotations
 import ctypes
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
 from tunelab.models.gguf import quants as Q
+
+from .oracle import llama_cpp_or_skip
 
 # ----------------------------------------------------------------------------------------------
 # inputs
@@ -270,6 +271,7 @@ def _fake_llama(rng, *, n_layers, dim, ffn, n_head, n_kv, vocab, tied, small_row
 
 def _llama_cpp_q4_k_m(tmp_path, tensors, *, n_layers, dim, ffn, n_head, n_kv, vocab):
     """Write the tensors as an F32 GGUF, run llama.cpp's Q4_K_M quantizer, read it back."""
+    llama_cpp = llama_cpp_or_skip()
     src, dst = tmp_path / "f32.gguf", tmp_path / "q4_k_m.gguf"
     writer = gguf.GGUFWriter(str(src), "llama")
     writer.add_block_count(n_layers)

@@ -12,18 +12,15 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
 
-if os.environ.get("CI"):  # CI installs .[dev]: a missing llama.cpp there is a failure, not a skip
-    import gguf
-    import llama_cpp
-else:
-    gguf = pytest.importorskip("gguf")
-    llama_cpp = pytest.importorskip("llama_cpp")
+from .oracle import llama_cpp_or_skip
+
+llama_cpp = llama_cpp_or_skip()
+import gguf  # noqa: E402 (after the skip: the gguf package comes with the dev extra)
 
 from tunelab.data.tokenizers import load_tokenizer  # noqa: E402
 from tunelab.models import from_pretrained  # noqa: E402
