@@ -1,0 +1,46 @@
+"""Held-out questions: prompt/answer split of SFT and preference rows, exact-match scoring."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab.errors import ConfigError
+from tunelab.training.heldout import check_heldout, heldout_rows, score_heldout
+
+IGNORE = -100
+EOS = 9
+
+
+def test_rows_split_at_the_first_trained_label_and_drop_stop_ids():
+    # labels are shifted: labels[i] is the target after tokens[i], so the answer is tokens[3:]
+    sft = {"tokens": [1, 2, 3, 4, 5, EOS], "labels": [IGNORE, IGNORE, 4, 5, EOS, IGNORE]}
+    pair = {"chosen_tokens": [1, 7, 8], "chosen_labels": [7, 8, IGNORE], "rejected_tokens": [1, 6],
+            "rejected_labels": [6, IGNORE]}
+    untrained = {"tokens": [1, 2], "labels": [IGNORE, IGNORE]}
+    rows = heldout_rows([untrained, sft, pair, sft], 2, stop_tokens=[EOS])
+    assert [(r.prompt, r.answer) for r in rows] == [([1, 2, 3], [4, 5]), ([1], [7, 8])]
+
+
+def test_score_counts_exact_text_matches(monkeypatch):
+    from tunelab.training import heldout
+
+    class Tok:
+        stop_tokens, vocab_size = [EOS], 100
+
+        def decode(self, ids):
+            return " ".join(map(str, ids)) + " "  # surrounding whitespace is not part of the answer
+
+    answers = iter([[4, 5], [7]])
+    monkeypatch.setattr(heldout, "generate", lambda model, prompt, **kw: next(answers))
+    rows = heldout_rows([{"tokens": [1, 2, 4, 5], "labels": [IGNORE, 4, 5, IGNORE]},
+                         {"tokens": [1, 7, 8], "labels": [7, 8, IGNORE]}], 5, [EOS])
+    score = score_heldout(object(), rows, Tok())
+    assert (score.correct, score.accuracy, score.generated) == (1, 0.5, [[4, 5], [7]])
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "100"])
+def test_bad_counts_are_one_line_errors(bad):
+    with pytest.raises(ConfigError, match="heldout_accuracy: .* is not a positive row count"):
+        check_heldout(bad)
+    check_heldout(None)
+    check_heldout(7)
