@@ -25,7 +25,7 @@ import torch
 from tunelab.errors import ConfigError
 
 PREFIX = "builtin:"
-TINY_NAME = "tiny-llama-v2"  # v2: weights drawn at std dim**-0.5 (v1: 0.02) and the word-task tokenizer
+TINY_NAME = "tiny-llama-v2"  # v2: weights drawn at std dim**-0.5 (v1: 0.02)
 TINY_SEED = 0
 
 

@@ -11,8 +11,8 @@ Writes, deterministically (fixed seeds, pure standard library, byte-identical on
   not what was memorised. The tasks are copy-and-map tasks on purpose: a 4-layer random model
   trained only through LoRA learns them within a CPU minute (arithmetic it does not).
 - ``tokenizer.model``: a tiktoken-format BPE file (``base64(token) rank`` per line), the 256
-  single bytes first, then 250 merges learned by the small BPE trainer below on the training
-  text, pre-split with the Llama 3 regex. The Llama 3 loader appends its 256 special tokens,
+  single bytes first, then 250 merges learned by the small BPE trainer below on a frozen corpus
+  (``_corpus_records``), pre-split with the Llama 3 regex. The Llama 3 loader appends its 256 special tokens,
   so the full vocab is 762.
 """
 
@@ -107,6 +107,60 @@ def make_records(n: int, seed: int, exclude: set | None = None) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The tokenizer's corpus: the first demo's tasks (numbers and single words), frozen. The
+# tokenizer was trained on them before the demo moved to the word tasks above; training it on
+# the same text keeps tokenizer.model byte-identical, and with it every test that pins numbers
+# (losses, tolerances, GGUF agreement) to its ids. The word tasks tokenize well with it: the 60
+# words are in this text too.
+
+
+def _corpus_records() -> list[dict]:
+    """The first demo's 2000 training records (same generators, same RNG calls, same seed)."""
+    rng = random.Random(TRAIN_SEED)
+    num = lambda k: [rng.randint(0, 99) for _ in range(k)]  # noqa: E731
+
+    def add():
+        a, b = num(2)
+        return f"Add {a} and {b}.", "", str(a + b)
+
+    def subtract():
+        a, b = sorted(num(2), reverse=True)
+        return f"Subtract {b} from {a}.", "", str(a - b)
+
+    def reverse():
+        w = rng.choice(WORDS)
+        return (f"Reverse the word '{w}'.", "", w[::-1]) if rng.random() < 0.5 else ("Reverse the word.", w, w[::-1])
+
+    def uppercase():
+        text = " ".join(rng.sample(WORDS, rng.randint(1, 3)))
+        if rng.random() < 0.5:
+            return f"Uppercase: {text}", "", text.upper()
+        return "Convert the text to uppercase.", text, text.upper()
+
+    def sort():
+        nums = num(rng.randint(3, 5))
+        listed, answer = " ".join(map(str, nums)), " ".join(map(str, sorted(nums)))
+        if rng.random() < 0.5:
+            return f"Sort these numbers: {listed}", "", answer
+        return "Sort the numbers from smallest to largest.", listed, answer
+
+    def largest():
+        nums = num(rng.randint(3, 4))
+        return f"What is the largest of {', '.join(map(str, nums))}?", "", str(max(nums))
+
+    def count():
+        w = rng.choice(WORDS)
+        return f"How many letters are in '{w}'?", "", str(len(w))
+
+    tasks = (add, subtract, reverse, uppercase, sort, largest, count)
+    records = []
+    for _ in range(2000):
+        instruction, inp, output = rng.choice(tasks)()
+        records.append({"instruction": instruction, "input": inp, "output": output})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
 # Byte-level BPE trainer (pure Python; fine for a corpus of a few thousand distinct words)
 
 
@@ -167,10 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(train, args.out / "train.jsonl")
     write_jsonl(validation, args.out / "validation.jsonl")
 
-    # Train on every field plus the Llama 3 header text of each record (roles and the blank
-    # line after the header), so headers cost a few tokens, not one per byte.
-    texts = [r[k] for r in train for k in ("instruction", "input", "output") if r[k]]
-    texts += ["user", "\n\n", "assistant", "\n\n"] * len(train) + ["system"] * 100
+    # Train on every field of the (frozen) corpus plus the Llama 3 header text of each record
+    # (roles and the blank line after the header), so headers cost a few tokens, not one per byte.
+    corpus = _corpus_records()
+    texts = [r[k] for r in corpus for k in ("instruction", "input", "output") if r[k]]
+    texts += ["user", "\n\n", "assistant", "\n\n"] * len(corpus) + ["system"] * 100
     assert all(t.isascii() for t in texts), "PRE_SPLIT is only exact for ASCII"
     vocab = train_bpe(texts, N_MERGES)
     write_tiktoken(vocab, args.out / "tokenizer.model")
