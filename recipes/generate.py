@@ -85,20 +85,19 @@ def main(argv: list[str]) -> dict:
                          top_k=cfg.top_k, top_p=cfg.top_p, stop_tokens=tokenizer.stop_tokens, stop_when=stop_when,
                          generator=generator)
     completion = text_of(out.ids)
-    if out.reason == "stop_when":  # cut before the stop string, as the hub's generate does not but users expect
+    if out.reason == "stop_when":  # the completion ends before the stop string (not part of the answer)
         completion = completion[: min(completion.find(s) for s in cfg.stop_strings if s in completion)]
     print(completion)
     reason = stop_reason(tokenizer, out, cfg)
     print(f"[{reason}]", file=sys.stderr)
     if not completion.strip():
         print(f"[{empty_cause(tokenizer, out)}]", file=sys.stderr)
-    token_ids = out.ids
-    result = {"prompt": cfg.prompt, "completion": completion, "prompt_token_ids": prompt_ids, "token_ids": token_ids,
+    result = {"prompt": cfg.prompt, "completion": completion, "prompt_token_ids": prompt_ids, "token_ids": out.ids,
               "stop_reason": reason}
     if cfg.output_file is not None:
-        out = Path(cfg.output_file).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, ensure_ascii=False) + "\n", encoding="utf-8")
+        path = Path(cfg.output_file).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
 
 

@@ -68,7 +68,7 @@ class RecipeConfig(TrainConfig, DPOFields):
     """The shared keys (``TrainConfig``) and the DPO ones (``loss``, ``precompute_ref_log_probs``).
     ``batch_size`` counts preference PAIRS (each is two sequences); ``max_seq_len`` is per side."""
 
-    heldout_accuracy: int | None = None  # score this many validation prompts (greedy = chosen?) before and after
+    heldout_accuracy: int | None = None  # validation prompts whose greedy answer is checked against chosen, before and after
 
 
 # ------------------------------------------------------------------------------------ main

@@ -1,7 +1,7 @@
 """LoRA fine-tuning of a Llama-family model on one device (cuda or cpu).
 
     tune run lora_finetune_single_device --config llama3_1/8B_lora_single_device
-    tune run lora_finetune_single_device --config tiny/lora          # ~20 s on 2 CPU cores
+    tune run lora_finetune_single_device --config tiny/lora          # ~2 min on 2 CPU cores
     python lora_finetune_single_device.py --config my.yaml lora.rank=8 max_steps=100
 
 Read top to bottom: settings, setup, the training loop, the final save. The base weights stay
