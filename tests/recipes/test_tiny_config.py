@@ -67,7 +67,7 @@ def test_capped_max_steps_and_finished_resume_say_so(tmp_path, capsys):
 
     out = tmp_path / "out"
     argv = ["--config", "tiny/lora", f"output_dir={out}", "dataset.source=builtin:tiny/validation.jsonl",
-            "epochs=1", "max_steps=100", "eval_every_n_steps=null", "save_merged=never"]
+            "epochs=1", "max_steps=100", "eval_every_n_steps=null", "save_merged=never", "heldout_accuracy=null"]
     recipe.main(argv)
     printed = capsys.readouterr().out
     assert "max_steps 100 is more than epochs 1 x 6 steps per epoch allow: training 6 steps" in printed
