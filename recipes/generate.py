@@ -78,13 +78,12 @@ def main(argv: list[str]) -> dict:
     print(f"prompt, as the model sees it ({len(prompt_ids)} tokens): {show_tokens(tokenizer, prompt_ids)}",
           file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    # a model vocab padded past the tokenizer's can emit ids the tokenizer cannot decode
-    text_of = lambda ids: tokenizer.decode([t for t in ids if t < tokenizer.vocab_size])  # noqa: E731
-    stop_when = (lambda ids: any(s in text_of(ids) for s in cfg.stop_strings)) if cfg.stop_strings else None
+    stop_when = (lambda ids: any(s in tokenizer.decode_generated(ids) for s in cfg.stop_strings)
+                 if cfg.stop_strings else None)
     out = generate_until(model, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                          top_k=cfg.top_k, top_p=cfg.top_p, stop_tokens=tokenizer.stop_tokens, stop_when=stop_when,
                          generator=generator)
-    completion = text_of(out.ids)
+    completion = tokenizer.decode_generated(out.ids)
     if out.reason == "stop_when":  # the completion ends before the stop string (not part of the answer)
         completion = completion[: min(completion.find(s) for s in cfg.stop_strings if s in completion)]
     print(completion)
@@ -104,18 +103,10 @@ def main(argv: list[str]) -> dict:
 def show_tokens(tokenizer, ids: list[int]) -> str:
     """The text of ``ids`` with every special token written out (dimmed on a terminal), so the
     chat headers and BOS the model was given are visible."""
-    special = tokenizer.special_token_ids()
     dim, undim = ("\x1b[2m", "\x1b[22m") if sys.stderr.isatty() else ("", "")
-    parts, run = [], []
-    for t in ids:
-        if t in special:
-            parts.append(tokenizer.decode(run))
-            parts.append(dim + tokenizer.decode([t], skip_special_tokens=False) + undim)
-            run = []
-        else:
-            run.append(t)
-    parts.append(tokenizer.decode(run))
-    return "".join(parts)
+    runs, specials = tokenizer.split_at_special(ids)
+    shown = [dim + tokenizer.decode([t], skip_special_tokens=False) + undim for t in specials] + [""]
+    return "".join(tokenizer.decode(run) + s for run, s in zip(runs, shown))
 
 
 def stop_reason(tokenizer, out: Generated, cfg: RecipeConfig) -> str:
@@ -135,7 +126,7 @@ def empty_cause(tokenizer, out: Generated) -> str:
         return ("nothing generated: the first token drawn was the stop token. Base models often end at once after "
                 "a chat prompt (try chat=false), and chat models without their template (try chat=true); "
                 "temperature>0 samples past it")
-    shown = tokenizer.decode([t for t in out.ids if t < tokenizer.vocab_size], skip_special_tokens=False)
+    shown = tokenizer.decode_generated(out.ids, skip_special_tokens=False)
     past = sum(t >= tokenizer.vocab_size for t in out.ids)
     what = f"{len(out.ids)} tokens that decode to no visible text: {shown!r}"
     if past:

@@ -43,11 +43,16 @@ class HeldOutRow:
 
 @dataclass
 class HeldOutScore:
-    """Scores of one pass: how many answers matched, and each row's generated ids (in order)."""
+    """One pass over the rows: each row's generated ids and whether its decoded text matched
+    the reference (both in row order)."""
 
-    correct: int
     rows: list[HeldOutRow]
     generated: list[list[int]] = field(repr=False)
+    right: list[bool] = field(repr=False)
+
+    @property
+    def correct(self) -> int:
+        return sum(self.right)
 
     @property
     def accuracy(self) -> float:
@@ -134,14 +139,13 @@ def score_heldout(model: nn.Module, rows: list[HeldOutRow], tokenizer, *, adapte
         adapters: False scores the base model (LoRA adapters switched off for the call).
     """
     max_new = min(max(len(r.answer) for r in rows) + SLACK_TOKENS, MAX_NEW_TOKENS)
-    generated, correct = [], 0
+    generated, right = [], []
     with disable_adapters(model) if not adapters else contextlib.nullcontext():
         for row in rows:
             out = generate(model, row.prompt, max_new_tokens=max_new, stop_tokens=tokenizer.stop_tokens)
-            out = [t for t in out if t < tokenizer.vocab_size]  # a padded model vocab can emit undecodable ids
             generated.append(out)
-            correct += tokenizer.decode(out).strip() == tokenizer.decode(row.answer).strip()
-    return HeldOutScore(correct, rows, generated)
+            right.append(tokenizer.decode_generated(out).strip() == tokenizer.decode(row.answer).strip())
+    return HeldOutScore(rows, generated, right)
 
 
 def report_heldout(before: HeldOutScore | None, after: HeldOutScore, tokenizer, examples: int = 3) -> None:
@@ -150,9 +154,9 @@ def report_heldout(before: HeldOutScore | None, after: HeldOutScore, tokenizer, 
     if before is not None:
         print(f"held-out accuracy: {before.accuracy:.0%} before -> {after.accuracy:.0%} after "
               f"(n={len(after.rows)}, exact match, greedy)")
-    for row, out in list(zip(after.rows, after.generated))[:examples]:
-        got, want = tokenizer.decode(out).strip(), tokenizer.decode(row.answer).strip()
-        mark = "right" if got == want else "wrong"
+    for row, out, right in list(zip(after.rows, after.generated, after.right))[:examples]:
+        got, want = tokenizer.decode_generated(out).strip(), tokenizer.decode(row.answer).strip()
+        mark = "right" if right else "wrong"
         print(f"  {_clip(_question(row.prompt, tokenizer))!r} -> {_clip(got)!r} (expected {_clip(want)!r}: {mark})")
 
 
@@ -163,13 +167,5 @@ def _clip(text: str, limit: int = 120) -> str:
 def _question(prompt: list[int], tokenizer) -> str:
     # the longest stretch of the prompt between special tokens: the user's text, without the
     # chat format's headers and role names around it
-    special = tokenizer.special_token_ids()
-    runs, run = [], []
-    for t in prompt:
-        if t in special:
-            runs.append(run)
-            run = []
-        else:
-            run.append(t)
-    runs.append(run)
+    runs, _ = tokenizer.split_at_special(prompt)
     return tokenizer.decode(max(runs, key=len)).strip()

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from tunelab.run_layout import write_atomic
+from tunelab.training.process_group import is_rank0
 
 SMOOTHING = 0.5  # weight of the previous console loss in the moving average (per logged step)
-from tunelab.training.process_group import is_rank0
 
 
 class Throughput:

@@ -19,7 +19,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from tunelab.errors import ConfigError, RunFinished
+from tunelab.errors import ConfigError
 
 __all__ = [
     "all_gather_stack",
@@ -155,8 +155,6 @@ def name_failing_rank() -> Iterator[None]:
     to stderr: torchrun interleaves the ranks' output, so the line says which rank it was."""
     try:
         yield
-    except RunFinished:
-        raise
     except BaseException as e:
         if world_size() > 1:
             print(f"error: rank {rank()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -287,11 +287,11 @@ def start_run(cfg, recipe: str, *, distributed: bool = False, **cuda_only: bool)
         with name_failing_rank():
             try:
                 yield _setup(cfg, device, cuda_only)
+            except RunFinished:
+                pass  # resume=true on a finished run: restore_progress said so and named its outputs
             finally:
                 if is_rank0():
                     release_lock(Path(cfg.output_dir).expanduser())
-    except RunFinished:
-        pass  # resume=true on a finished run: restore_progress said so and named its outputs
     finally:
         if distributed:
             destroy_distributed()

@@ -55,6 +55,26 @@ class BaseTokenizer:
         """
         raise NotImplementedError
 
+    def decode_generated(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """``decode`` of model output: ids past ``vocab_size`` (a model vocabulary padded beyond
+        the tokenizer's, which the model can still emit) are dropped instead of failing."""
+        return self.decode([t for t in ids if t < self.vocab_size], skip_special_tokens=skip_special_tokens)
+
+    def split_at_special(self, ids: Iterable[int]) -> tuple[list[list[int]], list[int]]:
+        """``ids`` as runs of ordinary ids and the special ids between them: ``runs[i]`` comes
+        before ``specials[i]``, so there is one more run than special (runs may be empty)."""
+        special = self.special_token_ids()
+        runs, specials, run = [], [], []
+        for t in ids:
+            if t in special:
+                runs.append(run)
+                specials.append(t)
+                run = []
+            else:
+                run.append(t)
+        runs.append(run)
+        return runs, specials
+
     def special_id(self, name: str) -> int:
         """Id of the special token spelled ``name`` (e.g. ``"<|eot_id|>"``)."""
         raise NotImplementedError

@@ -30,6 +30,8 @@ def test_score_counts_exact_text_matches(monkeypatch):
         def decode(self, ids):
             return " ".join(map(str, ids)) + " "  # surrounding whitespace is not part of the answer
 
+        decode_generated = decode
+
     answers = iter([[4, 5], [7]])
     monkeypatch.setattr(heldout, "generate", lambda model, prompt, **kw: next(answers))
     rows = heldout_rows([{"tokens": [1, 2, 4, 5], "labels": [IGNORE, 4, 5, IGNORE]},
