@@ -31,6 +31,7 @@ from tunelab.errors import CheckpointError
 from tunelab.models.hf_config import ARCHITECTURES, args_from_hf_config, hf_config_from_args
 from tunelab.models.llama.args import ModelArgs
 from tunelab.models.llama.builders import build_model
+from tunelab.models.mxfp4 import expert_tensor_from_mxfp4, is_mxfp4, mxfp4_part
 from tunelab.modules.transformer import TransformerDecoder
 from tunelab.run_layout import merged_models
 
@@ -365,7 +366,31 @@ def _tensor_names(file: Path) -> list[str]:
 
 
 def iter_hf_tensors(checkpoint_dir):
-    """Yield (hf_name, tensor) file by file, one tensor in memory at a time."""
+    """Yield (hf_name, tensor) file by file, one tensor in memory at a time.
+
+    MXFP4 expert weights (gpt-oss on the Hub: ``X_blocks`` + ``X_scales``) come out as the one
+    dense tensor ``X`` a bf16 checkpoint holds, once both halves have been read
+    (``models.mxfp4``), so every reader sees the dense layout.
+    """
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # MXFP4 halves until the pair is whole
+    for name, tensor in _iter_stored_tensors(checkpoint_dir):
+        part = mxfp4_part(name)
+        if part is None:
+            yield name, tensor
+            continue
+        base, which = part
+        pair = pending.setdefault(base, {})
+        pair[which] = tensor
+        if len(pair) == 2:
+            yield base, expert_tensor_from_mxfp4(pending.pop(base), base, torch.bfloat16, checkpoint_dir)
+    if pending:
+        base, pair = next(iter(pending.items()))
+        missing = "scales" if "blocks" in pair else "blocks"
+        raise CheckpointError(f"{checkpoint_dir}: {base}_{next(iter(pair))} has no {base}_{missing}; "
+                              "re-download the checkpoint")
+
+
+def _iter_stored_tensors(checkpoint_dir):
     for file, names in tensors_by_file(checkpoint_dir).items():
         with open_safetensors(file) as f:
             available = set(f.keys())
@@ -451,7 +476,8 @@ def from_pretrained(
         device: parameter device.
         quantize: ``"nf4"`` stores the decoder-block projections in 4-bit NF4 (QLoRA),
             quantized tensor by tensor while loading (``tunelab.models.quantize``). A
-            pre-quantized bitsandbytes nf4 checkpoint loads either way (dequantized when None).
+            pre-quantized bitsandbytes nf4 checkpoint loads either way (dequantized when None);
+            so does gpt-oss's MXFP4 (dequantized, then NF4 with ``"nf4"``).
 
     Raises:
         CheckpointError: the folder, config or weights are missing, corrupt, unsupported or do
@@ -459,7 +485,7 @@ def from_pretrained(
     """
     path = checkpoint_folder(checkpoint_dir)
     config = read_hf_config(path)
-    if quantize is not None or "quantization_config" in config:
+    if quantize is not None or ("quantization_config" in config and not is_mxfp4(config)):
         from tunelab.models.quantize import from_pretrained_quantized  # imports modules.nf4
 
         return from_pretrained_quantized(path, dtype=dtype, device=device, quantize=quantize)

@@ -40,6 +40,7 @@ from tunelab.models.checkpoint import (
 )
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.models.llama.builders import build_model
+from tunelab.models.mxfp4 import BLOCK, is_mxfp4, mxfp4_part
 from tunelab.modules.nf4 import (
     NF4ExpertWeights,
     NF4Linear,
@@ -55,6 +56,7 @@ __all__ = ["QUANTIZE_METHODS", "from_pretrained_quantized", "bnb_4bit_settings",
 
 QUANTIZE_METHODS = ("nf4",)
 _DECODER_LINEAR = re.compile(r"^layers\.\d+\.(attn\.(qkv|[qkvo])_proj|mlp\.(gate_up|gate|up|down)_proj)\.weight$")
+_STACKED_EXPERTS = re.compile(r"^layers\.\d+\.mlp\.experts\.(gate_up|down)_proj$")  # stored stacked (gpt-oss)
 _BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 _BNB_SUFFIX = re.compile(r"^(?P<weight>.+\.weight)\.(?P<part>absmax|quant_map|nested_absmax|nested_quant_map|"
                          r"quant_state\.bitsandbytes__\w+)$")
@@ -79,7 +81,7 @@ def bnb_4bit_settings(config: dict, where) -> dict | None:
             non-uint8 storage, another method such as GPTQ/AWQ).
     """
     q = config.get("quantization_config")
-    if q is None:
+    if q is None or is_mxfp4(config):  # gpt-oss's MXFP4 experts: dequantized as they are read
         return None
     if not isinstance(q, dict):
         raise CheckpointError(f"{where}: config.json quantization_config is not a dict; re-download the checkpoint")
@@ -180,7 +182,12 @@ def _hf_shapes(path: Path, bnb: dict | None) -> dict[str, tuple[int, ...]]:
         with open_safetensors(file) as f:
             for name in names:
                 m = _BNB_SUFFIX.match(name) if bnb is not None else None
-                if m is None:
+                mxfp4 = mxfp4_part(name)
+                if mxfp4 is not None:  # blocks [E, out, G, 16] -> the dense stack [E, G * 32, out]
+                    if mxfp4[1] == "blocks":
+                        shape = f.get_slice(name).get_shape()
+                        shapes[mxfp4[0]] = (shape[0], shape[2] * BLOCK, shape[1]) if len(shape) == 4 else tuple(shape)
+                elif m is None:
                     shapes.setdefault(name, tuple(f.get_slice(name).get_shape()))
                 elif m.group("part").startswith("quant_state."):
                     if not m.group("part").endswith("__nf4"):
@@ -248,8 +255,8 @@ def from_pretrained_quantized(
     config = read_hf_config(path)
     bnb = bnb_4bit_settings(config, path)
     args = args_from_hf_config(config)
-    if args.n_experts and (bnb is not None or args.swiglu_limit is not None):
-        refuse_moe(args, "4-bit loading" if bnb is None else "loading a bitsandbytes-quantized checkpoint", path)
+    if args.n_experts and bnb is not None:
+        refuse_moe(args, "loading a bitsandbytes-quantized checkpoint", path)
     device = torch.device(device)
     model = build_model(args, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -290,6 +297,11 @@ def from_pretrained_quantized(
                 _set_param(model, name, weight.dequantize(dtype))
         elif quantize == "nf4" and is_decoder_linear(name):
             _quantized_module(model, name, to_nf4(tensor.to(device=device, dtype=dtype)))
+        elif quantize == "nf4" and _STACKED_EXPERTS.match(name):  # gpt-oss: [E, in, out], one expert at a time
+            weights = [to_nf4(w.t().to(device=device, dtype=dtype)) for w in tensor.unbind(0)]
+            parent, _, leaf = name.rpartition(".")
+            delattr(model.get_submodule(parent), leaf)  # the meta Parameter gives way to the quantized stack
+            _set_module(model, name, NF4ExpertWeights(weights, transposed=True))
         else:
             _set_param(model, name, tensor.to(device=device, dtype=dtype))
         del tensor

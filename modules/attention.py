@@ -170,9 +170,14 @@ def _gqa_kernels(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _capability_at_least_8(q.device.index)
 
 
-@torch.compiler.assume_constant_result  # a property of the device: a constant in compiled layers
 def _capability_at_least_8(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 8
+
+
+# A property of the device: a constant in compiled layers. This is all that
+# torch.compiler.assume_constant_result does; the decorator itself would import torch._dynamo
+# (~1 s of every process's start). tests/modules/test_attention_backends.py checks the attribute.
+_capability_at_least_8._dynamo_marked_constant = True
 
 
 def causal_attention(

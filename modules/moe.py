@@ -217,13 +217,19 @@ class BiasedExperts(nn.Module):
         """As :meth:`Experts.forward` (the per-expert loop, :func:`per_expert`)."""
 
         def expert(e: int, h: torch.Tensor) -> torch.Tensor:
-            gate_up = _with_lora(h @ self.gate_up_proj[e] + self.gate_up_proj_bias[e], e, h, self.gate_up_lora)
+            gate_up = _with_lora(_times(h, self.gate_up_proj, e) + self.gate_up_proj_bias[e], e, h, self.gate_up_lora)
             gate = gate_up[..., ::2].clamp(max=self.limit)  # (n_e, hidden), interleaved columns
             up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
             act = (up + 1) * gate * torch.sigmoid(gate * self.alpha)
-            return _with_lora(act @ self.down_proj[e] + self.down_proj_bias[e], e, act, self.down_lora)
+            return _with_lora(_times(act, self.down_proj, e) + self.down_proj_bias[e], e, act, self.down_lora)
 
         return per_expert(x, experts, weights, expert)
+
+
+def _times(h: torch.Tensor, weight, e: int) -> torch.Tensor:
+    """h [n, in] times expert e of an input-major stack [E, in, out] -> [n, out]; a quantized
+    stack (QLoRA's NF4ExpertWeights, transposed) multiplies one expert itself."""
+    return weight.linear(h, e) if hasattr(weight, "linear") else h @ weight[e]
 
 
 class BiasedMoE(nn.Module):

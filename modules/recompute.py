@@ -41,7 +41,9 @@ class Keeper(Protocol):
 
 @contextlib.contextmanager
 def _set(active: bool, keeper: Keeper | None) -> Iterator[None]:
-    global _active, _keeper, _keeping
+    global _active, _keeper, _keeping, _kept_eagerly
+    if keeper is not None and _kept_eagerly is _kept:
+        _kept_eagerly = torch.compiler.disable(_kept)
     previous = _active, _keeper
     _active, _keeper, _keeping = active, keeper, keeper is not None
     try:
@@ -71,7 +73,6 @@ def keeps_regions() -> bool:
     return _keeping
 
 
-@torch.compiler.disable  # runs eagerly: its saved tensors must reach the keeper's hooks
 def kept(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """``fn(*args)``, kept for checkpointing's recompute where :func:`keeps_regions` holds.
 
@@ -80,8 +81,19 @@ def kept(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
             ``args`` (the recompute uses the forward's output instead of calling it).
         args: its inputs.
     """
+    return _kept_eagerly(fn, *args)
+
+
+def _kept(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     if _keeper is None:
         return fn(*args)
     if _active:
         return _keeper.replay()
     return _keeper.run(fn, *args)
+
+
+# What kept calls: _kept, wrapped by torch.compiler.disable (it must run eagerly: its saved
+# tensors must reach the keeper's hooks) the first time a keeper is set. The wrap is not done at
+# import because it imports torch._dynamo (~1 s of every process's start); kept only runs under a
+# keeper, so it always sees the wrapped function.
+_kept_eagerly: Callable[..., torch.Tensor] = _kept

@@ -178,13 +178,19 @@ def make_hf_checkpoint(tmp_path_factory):
     norms, head_dim 24, tied), gemma3 (Gemma3ForCausalLM: sliding and global layers), gemma3_mm
     (Gemma3ForConditionalGeneration: the same text model beside a vision tower), phi3 (fused
     projections, window 24), phi3_longrope (partial rotary, longrope past 32 positions), qwen3_moe
-    (4 experts, top 2, a dense first layer). Written in fp32 by transformers' save_pretrained. Results are
+    (4 experts, top 2, a dense first layer), gpt_oss (sinks, YaRN, 4 biased experts),
+    gpt_oss_mxfp4 (the same with inner width 64 and random MXFP4 experts, as the Hub stores
+    gpt-oss). Written in fp32 by transformers' save_pretrained. Results are
     cached per argument set for the session; treat the folder as read-only (copy it to modify).
     """
     cache: dict = {}
 
     def make(kind: str = "llama3", seed: int = 0, **overrides) -> Path:
         key = (kind, seed, json.dumps(overrides, sort_keys=True))
+        if key not in cache and kind == "gpt_oss_mxfp4":
+            # experts' inner width 64: an MXFP4 block is 32 values of a row
+            dense = make("gpt_oss", seed, **{"intermediate_size": 64, **overrides})
+            cache[key] = _mxfp4_copy(dense, tmp_path_factory.mktemp(f"hf_{kind}") / "m", seed)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"hf_{kind}")
             model = _build_hf_model(kind, seed, **overrides)
@@ -193,6 +199,37 @@ def make_hf_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+MXFP4_QUANTIZATION = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def random_mxfp4(e: int, out: int, inp: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 codes [e, out, inp / 32, 16] (any byte) and scales [e, out, inp / 32] near 2^0."""
+    blocks = torch.randint(0, 256, (e, out, inp // 32, 16), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = torch.randint(122, 130, (e, out, inp // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+    return blocks, scales
+
+
+def _mxfp4_copy(dense: Path, out: Path, seed: int) -> Path:
+    """The dense gpt-oss folder with its experts replaced by random MXFP4 pairs, stored as the
+    Hub stores gpt-oss (``*_blocks`` / ``*_scales``, quantization_config mxfp4)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(dense, out)
+    tensors = load_file(out / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, inp, outp = tensors.pop(name).shape  # dense: [E, in, out]
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = random_mxfp4(e, outp, inp, g)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = MXFP4_QUANTIZATION
+    (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 @pytest.fixture(scope="session")

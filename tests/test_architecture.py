@@ -130,3 +130,14 @@ def test_every_module_imports(path):
     rel = path.relative_to(ROOT).with_suffix("")
     parts = [p for p in rel.parts if p != "__init__"]
     importlib.import_module(".".join(("tunelab", *parts)))
+
+
+def test_importing_a_recipe_does_not_import_the_compiler():
+    """torch._dynamo costs ~1 s of every process's start (each torchrun rank, every `tune`
+    command): a recipe imports it only when it compiles or offloads."""
+    import subprocess
+
+    code = ("import sys, tunelab.recipes.lora_finetune_single_device, tunelab.recipes.lora_dpo_distributed, "
+            "tunelab.cli.main; print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -10,7 +10,9 @@ starts from, so a resumed run reports the same "before") and after training — 
 An answer counts when its decoded text, stripped of surrounding whitespace, equals the row's
 reference answer (SFT: the trained target; preference rows: ``chosen``). Generation is greedy
 through the KV cache, one row at a time, and stops at the tokenizer's stop ids or after the
-longest reference plus ``SLACK_TOKENS`` (at most ``MAX_NEW_TOKENS``). With
+longest reference plus ``SLACK_TOKENS`` (at most ``MAX_NEW_TOKENS``); a row whose answer can no
+longer match stops there (same verdict, less work: an untrained model rarely says its stop
+token), except the first few, which are printed whole. With
 ``heldout_accuracy: null`` the recipes still print three held-out answers at the end.
 """
 
@@ -30,6 +32,7 @@ __all__ = ["HeldOut", "HeldOutRow", "HeldOutScore", "heldout_rows", "score_heldo
 
 SLACK_TOKENS = 8  # generated past the longest reference: a wrong answer may run longer
 MAX_NEW_TOKENS = 256  # cap per answer (a longer reference cannot match)
+EXAMPLES = 3  # held-out answers printed after training
 
 
 @dataclass
@@ -129,7 +132,8 @@ def heldout_rows(dataset, n: int, stop_tokens) -> list[HeldOutRow]:
     return rows
 
 
-def score_heldout(model: nn.Module, rows: list[HeldOutRow], tokenizer, *, adapters: bool = True) -> HeldOutScore:
+def score_heldout(model: nn.Module, rows: list[HeldOutRow], tokenizer, *, adapters: bool = True,
+                  whole: int = EXAMPLES) -> HeldOutScore:
     """Greedy answers to ``rows`` and how many match their reference exactly.
 
     Args:
@@ -137,18 +141,41 @@ def score_heldout(model: nn.Module, rows: list[HeldOutRow], tokenizer, *, adapte
         rows: from :func:`heldout_rows`.
         tokenizer: decodes the answers and gives the stop ids.
         adapters: False scores the base model (LoRA adapters switched off for the call).
+        whole: the first rows are generated to the end even when wrong (they are printed);
+            the others stop once they cannot match (:func:`_cannot_match`).
     """
     max_new = min(max(len(r.answer) for r in rows) + SLACK_TOKENS, MAX_NEW_TOKENS)
     generated, right = [], []
     with disable_adapters(model) if not adapters else contextlib.nullcontext():
-        for row in rows:
-            out = generate(model, row.prompt, max_new_tokens=max_new, stop_tokens=tokenizer.stop_tokens)
+        for i, row in enumerate(rows):
+            want = tokenizer.decode(row.answer).strip()
+            stop_when = None if i < whole else _cannot_match(row.answer, want, tokenizer)
+            out = generate(model, row.prompt, max_new_tokens=max_new, stop_tokens=tokenizer.stop_tokens,
+                           stop_when=stop_when)
             generated.append(out)
-            right.append(tokenizer.decode_generated(out).strip() == tokenizer.decode(row.answer).strip())
+            right.append(tokenizer.decode_generated(out).strip() == want)
     return HeldOutScore(rows, generated, right)
 
 
-def report_heldout(before: HeldOutScore | None, after: HeldOutScore, tokenizer, examples: int = 3) -> None:
+def _cannot_match(answer: list[int], want: str, tokenizer):
+    """``stop_when`` for one row: true once the ids so far can no longer decode to ``want``.
+
+    The ids leaving the reference's ids is not enough (another tokenization of the same text
+    still matches), so the text is checked then: it must have left ``want`` too, with no
+    partial character at its end (a multi-byte character split across ids decodes to U+FFFD
+    until its last byte arrives).
+    """
+
+    def stop(out: list[int]) -> bool:
+        if out == answer[: len(out)]:
+            return False
+        text = tokenizer.decode_generated(out).strip()
+        return "\ufffd" not in text and not want.startswith(text)
+
+    return stop
+
+
+def report_heldout(before: HeldOutScore | None, after: HeldOutScore, tokenizer, examples: int = EXAMPLES) -> None:
     """Print the before/after accuracy line (when ``before`` was scored) and the first few
     held-out answers beside their references."""
     if before is not None:

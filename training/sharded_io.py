@@ -32,6 +32,7 @@ from tunelab.models.checkpoint import (
     open_safetensors,
     tensors_by_file,
 )
+from tunelab.models.mxfp4 import expert_tensor_from_mxfp4, mxfp4_part
 from tunelab.training.checkpointing import TrainingProgress, load_state
 from tunelab.training.process_group import is_rank0, rank, world_size
 from tunelab.training.sharding import NF4_STORAGE
@@ -84,6 +85,31 @@ def _copy_expert(params: dict, slot: tuple[str, int, int], piece, where, hf_name
         local[expert - start, half * rows:(half + 1) * rows].copy_(piece[:].to(dtype=local.dtype))
 
 
+def _read_mxfp4_part(params: dict, pending: dict, part: tuple[str, str], piece, args, where) -> str | None:
+    """Keep this rank's experts (dim 0) of one half of an MXFP4 pair; once both halves are in,
+    dequantize them into the rank's shard of the dense [E, in, out] parameter and return its
+    name (None while the pair is incomplete)."""
+    base, which = part
+    name = native_weight_name(base, args, where)
+    if name not in params:
+        raise CheckpointError(f"{where}: unexpected tensor {base + '_' + which!r}; the weights do not match config.json")
+    p = params[name]
+    local = p.to_local() if isinstance(p, DTensor) else p
+    start, stop = _row_range(p.shape[0], local.shape[0]) if isinstance(p, DTensor) else (0, p.shape[0])
+    pair = pending.setdefault(base, {})
+    pair[which] = piece[start:stop]
+    if len(pair) < 2:
+        return None
+    blocks = pending.pop(base)["blocks"]  # [local E, out, G, 16]
+    in_out = [blocks.shape[2] * blocks.shape[3] * 2, blocks.shape[1]] if blocks.dim() == 4 else list(blocks.shape)
+    if in_out != list(p.shape[1:]):
+        raise CheckpointError(f"{where}: {base}_blocks holds experts of shape {in_out}, config.json expects "
+                              f"{list(p.shape[1:])}; the weights do not match config.json")
+    if local.numel():
+        local.copy_(expert_tensor_from_mxfp4(pair, base, local.dtype, where))
+    return name
+
+
 @torch.no_grad()
 def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> None:
     """Fill the (sharded, materialised) base weights of ``model`` from an HF checkpoint.
@@ -105,9 +131,15 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
             params.pop(f"{name}.{part}")
     loaded: set[str] = set()
     expert_pieces: dict[str, int] = {}  # stacked expert tensor -> per-expert tensors read
+    mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # gpt-oss hub experts: this rank's blocks / scales
     for file, names in tensors_by_file(checkpoint_dir).items():
         with open_safetensors(file) as f:
             for hf_name in names:
+                if (part := mxfp4_part(hf_name)) is not None:
+                    name = _read_mxfp4_part(params, mxfp4, part, f.get_slice(hf_name), model.args, checkpoint_dir)
+                    if name is not None:
+                        loaded.add(name)
+                    continue
                 slot = expert_slot(hf_name) if model.args.n_experts else None
                 if slot is not None:
                     _copy_expert(params, slot, f.get_slice(hf_name), checkpoint_dir, hf_name)

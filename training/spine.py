@@ -39,6 +39,7 @@ from tunelab.errors import CheckpointError, ConfigError, DataError, RunFinished
 from tunelab.models import from_pretrained
 from tunelab.models.checkpoint import check_checkpoint_dir, read_hf_config
 from tunelab.models.hf_config import args_from_hf_config
+from tunelab.models.mxfp4 import is_mxfp4
 from tunelab.modules.peft import apply_lora, check_lora_args, set_trainable_params
 from tunelab.run_layout import COMPLETE, MERGED, release_lock, step_dir, take_lock
 from tunelab.training.builtin import resolve_builtin
@@ -388,7 +389,7 @@ def build_model(run: Run, tokenizer) -> nn.Module:
     compile_layers, offload = run.flags.get("compile", False), run.flags.get("offload_activations", False)
     if run.distributed:
         hf_config = read_hf_config(cfg.checkpoint_dir)
-        if "quantization_config" in hf_config:
+        if "quantization_config" in hf_config and not is_mxfp4(hf_config):  # MXFP4: dequantized as read
             raise ConfigError(f"{cfg.checkpoint_dir} is pre-quantized, which the FSDP recipes do not load; "
                               "use the dense checkpoint (with quantize=nf4 for QLoRA)")
         args = args_from_hf_config(hf_config)

@@ -25,14 +25,19 @@ class NF4ExpertWeights(nn.Module):
 
     Args:
         weights: the experts' ``NF4Weight`` [out, in] each, in expert order.
+        transposed: the stack it stands for is input-major, [E, in, out] (gpt-oss's layout,
+            ``modules.moe.BiasedExperts``): each expert is still quantized as [out, in], and
+            ``shape`` and the dense view (state dict, :meth:`dequantize`) are [E, in, out].
     """
 
-    def __init__(self, weights: list[NF4Weight]) -> None:
+    def __init__(self, weights: list[NF4Weight], transposed: bool = False) -> None:
         super().__init__()
         if not weights or len({tuple(w.shape) for w in weights}) != 1:
             raise ValueError("NF4ExpertWeights needs one or more NF4 weights of one shape")
         self.experts = nn.ModuleList(weights)
-        self.shape = torch.Size((len(weights), *weights[0].shape))
+        self.transposed = transposed
+        out_dim, in_dim = weights[0].shape
+        self.shape = torch.Size((len(weights), in_dim, out_dim) if transposed else (len(weights), out_dim, in_dim))
         self.register_state_dict_post_hook(_dense_view)
 
     @property
@@ -52,11 +57,13 @@ class NF4ExpertWeights(nn.Module):
         return nf4_linear(h, self.experts[e])
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense [E, out, in] stack (for exports; never in the training path)."""
-        return torch.stack([w.dequantize(dtype) for w in self.experts])
+        """The dense stack, [E, out, in] (``transposed``: [E, in, out]); for exports, never in
+        the training path."""
+        dense = torch.stack([w.dequantize(dtype) for w in self.experts])
+        return dense.transpose(1, 2).contiguous() if self.transposed else dense
 
     def extra_repr(self) -> str:
-        return f"experts={self.shape[0]}, shape={list(self.shape[1:])}, nf4"
+        return f"experts={self.shape[0]}, shape={list(self.shape[1:])}, nf4" + (", transposed" if self.transposed else "")
 
 
 def _dense_view(module: NF4ExpertWeights, state_dict: dict, prefix: str, local_metadata) -> None:

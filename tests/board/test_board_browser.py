@@ -68,7 +68,8 @@ def test_board_in_chromium_launches_and_draws_live_curve(manager, bt, tiny_ready
             assert "did you mean 'max_steps'" in page.inner_text("#errors")
             assert not (manager.runs_dir / "typo").exists()
 
-            page.fill("#extra", "")
+            # smaller steps, and no held-out scoring (~10 s a run on 2 cores): the curves are the point here
+            page.fill("#extra", "batch_size=4\nheldout_accuracy=null")
             page.fill("#run-name", "tiny-lora")
             page.fill("#fields [data-key=max_steps]", "80")
             page.fill("#fields [data-key=log_every_n_steps]", "2")

@@ -249,20 +249,21 @@ def test_non_finite_weights_on_one_rank_stop_every_rank_before_the_save(tmp_path
     assert sorted(p.name for p in out.glob("step_*")) == ["step_1"] and (out / "step_1" / COMPLETE).is_file()
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "gemma3", "phi3_longrope", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "gemma3", "phi3_longrope", "qwen3_moe", "gpt_oss_mxfp4"])
 def test_other_families_two_ranks_match_one_device(tmp_path, make_hf_checkpoint, dt, kind):
     """Qwen3 (q/k norms, explicit head_dim, tied embeddings), Qwen2 (q/k/v biases) and Gemma 3
     (four 1+w norms per layer, sliding layers), Phi-3 (fused projections, partial rotary) and
-    Qwen3-MoE (each rank reads the experts it holds; expert LoRA; the load-balancing loss)
-    sharded over 2 ranks: each rank reads its rows of every tensor, norms and biases included;
-    the losses are one device's."""
+    Qwen3-MoE (each rank reads the experts it holds; expert LoRA; the load-balancing loss) and
+    gpt-oss as the Hub stores it (each rank dequantizes the MXFP4 experts it holds) sharded
+    over 2 ranks: each rank reads its rows of every tensor, norms and biases included; the
+    losses are one device's."""
     from tunelab.recipes import lora_finetune_single_device as single_recipe
 
     ckpt = make_hf_checkpoint(kind)
     data = dt.alpaca_jsonl(tmp_path / "train.jsonl", 16)
     targets = {"phi3_longrope": "[qkv_proj,o_proj,gate_up_proj,down_proj]",
                "qwen3_moe": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,experts]",
-               "gpt_oss": "[q_proj,k_proj,v_proj,o_proj,experts]"}
+               "gpt_oss_mxfp4": "[q_proj,k_proj,v_proj,o_proj,experts]"}
     extra = ("max_steps=2", "gradient_accumulation_steps=1", "save_merged=never",
              *([f"lora.targets={targets[kind]}", "lora.dropout=0.0"] if kind in targets else []))
     run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",

@@ -331,6 +331,17 @@ def test_policy_traces_into_a_compiled_layer():
     assert counter.frame_count == 1
 
 
+def test_capability_is_marked_constant_as_the_decorator_would():
+    """_capability_at_least_8 carries what torch.compiler.assume_constant_result sets (set by hand
+    so that importing tunelab does not import torch._dynamo)."""
+    def probe(index):
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    names = {k for k in vars(marked) if k.startswith("_dynamo")}
+    assert names and all(getattr(A._capability_at_least_8, k) == getattr(marked, k) for k in names)
+
+
 def test_attention_bench_smoke():
     """bench/attention_bench.py --smoke runs every variant on CPU and prints one result line each."""
     root = Path(__file__).resolve().parents[2]

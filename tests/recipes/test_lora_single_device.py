@@ -335,6 +335,7 @@ def test_resume_applies_changed_hyperparameters_and_refuses_fixed_ones(tmp_path,
     ("qwen3_moe", "Qwen3MoeForCausalLM", ()),  # LoRA on attention, the dense layer's MLP and the experts
     ("qwen3_moe", "Qwen3MoeForCausalLM", ("quantize=nf4",)),  # NF4 experts, one expert dequantized at a time
     ("gpt_oss", "GptOssForCausalLM", ()),  # LoRA on the biased attention (o_proj too) and the [E, in, out] experts
+    ("gpt_oss", "GptOssForCausalLM", ("quantize=nf4",)),  # NF4 experts, each quantized as [out, in]
 ])
 def test_other_families_train_and_export_for_peft_and_transformers(tmp_path, make_hf_checkpoint, load_hf_model,
                                                                    rt, kind, cls, extra):

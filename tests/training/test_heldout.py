@@ -46,3 +46,38 @@ def test_bad_counts_are_one_line_errors(bad):
         check_heldout(bad)
     check_heldout(None)
     check_heldout(7)
+
+
+def test_rows_that_cannot_match_stop_early_with_the_same_verdict(monkeypatch):
+    """Generation of a row stops once its text has left the reference (not merely its ids: a
+    different tokenization of the right text still counts), and the first rows, which are
+    printed, run to the end; every verdict equals the one generating in full gives."""
+    from tunelab.training import heldout
+
+    pieces = {4: "mir", 5: "ror", 6: "mirror", 7: "x", 8: " "}
+
+    class Tok:
+        stop_tokens, vocab_size = [EOS], 100
+
+        def decode(self, ids):
+            return "".join(pieces[i] for i in ids)
+
+        decode_generated = decode
+
+    scripts = {(1,): [6, 8], (2,): [4, 5], (3,): [7, 7, 7, 7], (9,): [7, 7, 7, 7]}  # what the "model" says
+    lengths = []
+
+    def fake_generate(model, prompt, *, max_new_tokens, stop_tokens, stop_when=None):
+        out = []
+        for token in scripts[tuple(prompt)][:max_new_tokens]:
+            out.append(token)
+            if stop_when is not None and stop_when(out):
+                break
+        lengths.append(len(out))
+        return out
+
+    monkeypatch.setattr(heldout, "generate", fake_generate)
+    rows = [heldout.HeldOutRow([p], [4, 5]) for p in (9, 1, 2, 3)]  # reference "mirror" as mir + ror
+    score = score_heldout(object(), rows, Tok(), whole=1)
+    assert score.right == [False, True, True, False]
+    assert lengths == [4, 2, 2, 1]  # the printed row whole; " " after the answer kept going; "x" stopped at once

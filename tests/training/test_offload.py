@@ -9,6 +9,8 @@ forward and backward drops by the offloaded inputs.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -131,9 +133,12 @@ def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypat
     equal plain checkpointing's. The LoRA functions take their fused path on CPU here (they are
     torch-level code); the other kernels run their references. fp32, 1e-5: the kept attention
     hands SDPA grouped-query k/v (enable_gqa) where the plain path expands them, a different
-    summation order; compiled (inductor), each rerun graph must also save exactly what its
-    forward graph saved (checkpointing raises otherwise), also with NF4 bases (QLoRA: the LoRA
-    functions then get dequantizing functions, rebuilt in every pass)."""
+    summation order; compiled, each rerun graph must also save exactly what its forward graph
+    saved (checkpointing raises otherwise), also with NF4 bases (QLoRA: the LoRA functions then
+    get dequantizing functions, rebuilt in every pass). Compiled means inductor's graph
+    capture, decompositions and forward/backward partitioner (which decide what is saved),
+    run without its code generation (backend aot_eager_decomp_partition): generating and
+    building the C++ kernels would take over a minute on 2 cores and check nothing more here."""
     import tunelab.kernels.lora as lora_kernels
     import tunelab.modules.attention as attention
     import tunelab.modules.peft.lora as peft_lora
@@ -156,6 +161,7 @@ def test_kept_attention_is_not_recomputed_and_gives_the_same_gradients(monkeypat
 
     monkeypatch.setattr(lora_kernels, "_mm_plus_low_rank_eager", spy_mm)
     monkeypatch.setattr(attention, "rope_attention", spy_attention)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager_decomp_partition"))
     torch._dynamo.reset()
     tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     plain = _all_linear_model(False, compiled, nf4=nf4, qk_norm=qk_norm)
