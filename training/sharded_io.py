@@ -35,7 +35,7 @@ from tunelab.models.checkpoint import (
 from tunelab.models.mxfp4 import expert_tensor_from_mxfp4, mxfp4_part
 from tunelab.training.checkpointing import TrainingProgress, load_state
 from tunelab.training.process_group import is_rank0, rank, world_size
-from tunelab.training.sharding import NF4_STORAGE
+from tunelab.training.sharding import NF4_STORAGE, local_tensor
 
 __all__ = [
     "full_tensor_on_rank0",
@@ -68,9 +68,10 @@ def _copy_rows(param: torch.Tensor, read_rows) -> None:
         param.copy_(read_rows(0, param.shape[0]))
 
 
-def _copy_expert(params: dict, slot: tuple[str, int, int], piece, where, hf_name: str) -> None:
+def _copy_expert(params: dict, slot: tuple[str, int, int], piece, where, hf_name: str, halves: dict) -> None:
     """One expert's tensor into the rank's rows of the stacked expert parameter (experts are
-    dim 0, so a rank reads only the experts it holds)."""
+    dim 0, so a rank reads only the experts it holds). NF4 experts (QLoRA): the expert is
+    quantized once its halves (gate, up) are all read (``halves`` keeps them until then)."""
     name, expert, half = slot
     if name not in params:
         raise CheckpointError(f"{where}: unexpected tensor {hf_name!r}; the weights do not match config.json")
@@ -79,10 +80,32 @@ def _copy_expert(params: dict, slot: tuple[str, int, int], piece, where, hf_name
     if tuple(piece.get_shape()) != (rows, p.shape[2]) or expert >= p.shape[0]:
         raise CheckpointError(f"{where}: tensor {hf_name!r} has shape {list(piece.get_shape())}, config.json "
                               f"expects {[rows, p.shape[2]]}; the weights do not match config.json")
+    if not isinstance(p, torch.Tensor):  # NF4ExpertWeights: every rank holds a part of every expert
+        parts = halves.setdefault((name, expert), {})
+        parts[half] = piece[:]
+        if len(parts) == expert_halves(name):
+            _quantize_expert_into(p, expert, torch.cat([parts[h] for h in sorted(halves.pop((name, expert)))]))
+        return
     local = p.to_local() if isinstance(p, DTensor) else p
     start, _ = _row_range(p.shape[0], local.shape[0]) if isinstance(p, DTensor) else (0, p.shape[0])
     if start <= expert < start + local.shape[0]:
         local[expert - start, half * rows:(half + 1) * rows].copy_(piece[:].to(dtype=local.dtype))
+
+
+def _fill_nf4(target, dense: torch.Tensor) -> None:
+    """An (FSDP-sharded) ``NF4Weight`` from the whole dense weight: quantized whole (NF4's
+    scales depend on all of it), then each rank copies its rows of every storage tensor."""
+    from tunelab.modules.nf4 import to_nf4
+
+    q = to_nf4(dense.to(device=local_tensor(target.codes).device, dtype=target.dtype))
+    for part in NF4_STORAGE:
+        _copy_rows(getattr(target, part), lambda a, b, full=getattr(q, part): full[a:b])
+
+
+def _quantize_expert_into(stack, expert: int, weight: torch.Tensor) -> None:
+    """Expert ``expert`` of an ``NF4ExpertWeights`` from its dense weight in the stack's layout
+    ([in, out] when ``transposed``; each expert is quantized as [out, in])."""
+    _fill_nf4(stack.experts[expert], weight.t() if stack.transposed else weight)
 
 
 def _read_mxfp4_part(params: dict, pending: dict, part: tuple[str, str], piece, args, where) -> str | None:
@@ -94,7 +117,8 @@ def _read_mxfp4_part(params: dict, pending: dict, part: tuple[str, str], piece, 
     if name not in params:
         raise CheckpointError(f"{where}: unexpected tensor {base + '_' + which!r}; the weights do not match config.json")
     p = params[name]
-    local = p.to_local() if isinstance(p, DTensor) else p
+    dense = isinstance(p, torch.Tensor)  # else NF4ExpertWeights: every rank quantizes every expert
+    local = local_tensor(p) if dense else None
     start, stop = _row_range(p.shape[0], local.shape[0]) if isinstance(p, DTensor) else (0, p.shape[0])
     pair = pending.setdefault(base, {})
     pair[which] = piece[start:stop]
@@ -105,7 +129,11 @@ def _read_mxfp4_part(params: dict, pending: dict, part: tuple[str, str], piece, 
     if in_out != list(p.shape[1:]):
         raise CheckpointError(f"{where}: {base}_blocks holds experts of shape {in_out}, config.json expects "
                               f"{list(p.shape[1:])}; the weights do not match config.json")
-    if local.numel():
+    if not dense:
+        for e in range(p.shape[0]):  # one expert's dense copy at a time
+            one = {k: v[e : e + 1] for k, v in pair.items()}
+            _quantize_expert_into(p, e, expert_tensor_from_mxfp4(one, base, p.dtype, where)[0])
+    elif local.numel():
         local.copy_(expert_tensor_from_mxfp4(pair, base, local.dtype, where))
     return name
 
@@ -121,14 +149,18 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
     Raises:
         CheckpointError: missing/unexpected tensors or shapes that do not match.
     """
-    from tunelab.modules.nf4 import NF4Weight, to_nf4
+    from tunelab.modules.nf4 import NF4ExpertWeights, NF4Weight
 
     params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
     nf4 = {n: m for n, m in model.named_modules() if isinstance(m, NF4Weight)}  # named like the dense weight
+    stacks = {n: m for n, m in model.named_modules() if isinstance(m, NF4ExpertWeights)}  # QLoRA MoE experts
     for name, w in nf4.items():
-        params[name] = w  # found by its dense name; its storage parameters are filled together
+        if name.rpartition(".experts.")[0] not in stacks:  # (an expert's weight is filled through its stack)
+            params[name] = w  # found by its dense name; its storage parameters are filled together
         for part in NF4_STORAGE:
             params.pop(f"{name}.{part}")
+    params.update(stacks)
+    halves: dict[tuple[str, int], dict[int, torch.Tensor]] = {}  # NF4 experts: gate / up until both are read
     loaded: set[str] = set()
     expert_pieces: dict[str, int] = {}  # stacked expert tensor -> per-expert tensors read
     mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # gpt-oss hub experts: this rank's blocks / scales
@@ -142,7 +174,7 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
                     continue
                 slot = expert_slot(hf_name) if model.args.n_experts else None
                 if slot is not None:
-                    _copy_expert(params, slot, f.get_slice(hf_name), checkpoint_dir, hf_name)
+                    _copy_expert(params, slot, f.get_slice(hf_name), checkpoint_dir, hf_name, halves)
                     expert_pieces[slot[0]] = expert_pieces.get(slot[0], 0) + 1
                     continue
                 name = native_weight_name(hf_name, model.args, checkpoint_dir)
@@ -156,11 +188,11 @@ def load_hf_weights_sharded(model: nn.Module, checkpoint_dir: str | Path) -> Non
                 if tuple(piece.get_shape()) != tuple(p.shape):
                     raise CheckpointError(f"{checkpoint_dir}: tensor {hf_name!r} has shape {list(piece.get_shape())}, "
                                           f"config.json expects {list(p.shape)}; the weights do not match config.json")
-                if name in nf4:  # the whole tensor: NF4's scales depend on all of it
-                    q = to_nf4(piece[:].to(device=p.codes.device, dtype=p.dtype))
-                    for part in NF4_STORAGE:
-                        _copy_rows(getattr(p, part), lambda a, b, full=getattr(q, part): full[a:b])
-                    del q
+                if name in stacks:  # a stored stack of experts (gpt-oss), NF4 one expert at a time
+                    for e in range(p.shape[0]):
+                        _quantize_expert_into(p, e, piece[e : e + 1][0])
+                elif name in nf4:
+                    _fill_nf4(p, piece[:])
                 else:
                     _copy_rows(p, lambda a, b: piece[a:b].to(dtype=p.dtype))
                 loaded.add(name)

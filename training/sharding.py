@@ -73,25 +73,35 @@ def check_nf4_sharding_supported() -> None:
 def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -> nn.Module:
     """The LoRA (or QLoRA) model on the meta device, adapters fp32, only adapters trainable.
 
-    With ``quantize="nf4"`` every decoder-block projection becomes an ``NF4Linear`` whose
-    storage is held as frozen integer parameters (what FSDP shards), then ``apply_lora`` puts the
-    adapters on (NF4LoRALinear there), in the same order as one device does.
+    With ``quantize="nf4"`` every decoder-block projection becomes an ``NF4Linear`` (an MoE
+    layer's experts an ``NF4ExpertWeights``, one NF4 weight per expert) whose storage is held as
+    frozen integer parameters (what FSDP shards: every expert's storage is split over the ranks),
+    then ``apply_lora`` puts the adapters on (NF4LoRALinear there), in the same order as one
+    device does.
     """
     from tunelab.models import build_model
     from tunelab.modules.peft import apply_lora, set_trainable_params
 
     model = build_model(args, device="meta", dtype=dtype)
     if quantize == "nf4":
-        from tunelab.modules.nf4 import NF4Linear, NF4Weight
+        from tunelab.models.quantize import is_decoder_linear
+        from tunelab.modules.moe import BiasedExperts, Experts
+        from tunelab.modules.nf4 import NF4ExpertWeights, NF4Linear, NF4Weight
 
-        if args.n_experts:
-            raise ConfigError("quantize: nf4 with the FSDP recipes does not quantize MoE experts yet; use the "
-                              "single-device recipe for QLoRA of an MoE model, or quantize: null with FSDP")
-        for layer in model.layers:
+        for i, layer in enumerate(model.layers):
             for name, m in list(layer.named_modules()):
-                if type(m) is nn.Linear:
-                    parent, _, leaf = name.rpartition(".")
-                    setattr(layer.get_submodule(parent), leaf, NF4Linear(_meta_nf4(tuple(m.weight.shape), dtype)))
+                parent, _, leaf = name.rpartition(".")
+                # the projections one device quantizes (an MoE router stays dense, as there)
+                if type(m) is nn.Linear and is_decoder_linear(f"layers.{i}.{name}.weight"):
+                    nf4 = NF4Linear(_meta_nf4(tuple(m.weight.shape), dtype), m.bias)
+                    setattr(layer.get_submodule(parent), leaf, nf4)
+                elif isinstance(m, (Experts, BiasedExperts)):  # one NF4 weight [out, in] per expert
+                    transposed = isinstance(m, BiasedExperts)  # its stacks are [E, in, out]
+                    for stack in ("gate_up_proj", "down_proj"):
+                        e, rows, cols = getattr(m, stack).shape
+                        delattr(m, stack)
+                        per_expert = [_meta_nf4((cols, rows) if transposed else (rows, cols), dtype) for _ in range(e)]
+                        setattr(m, stack, NF4ExpertWeights(per_expert, transposed=transposed))
         for w in [m for m in model.modules() if isinstance(m, NF4Weight)]:
             for name in NF4_STORAGE:
                 w.register_parameter(name, nn.Parameter(w._buffers.pop(name), requires_grad=False))

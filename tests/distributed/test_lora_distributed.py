@@ -249,14 +249,20 @@ def test_non_finite_weights_on_one_rank_stop_every_rank_before_the_save(tmp_path
     assert sorted(p.name for p in out.glob("step_*")) == ["step_1"] and (out / "step_1" / COMPLETE).is_file()
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "gemma3", "phi3_longrope", "qwen3_moe", "gpt_oss_mxfp4"])
-def test_other_families_two_ranks_match_one_device(tmp_path, make_hf_checkpoint, dt, kind):
-    """Qwen3 (q/k norms, explicit head_dim, tied embeddings), Qwen2 (q/k/v biases) and Gemma 3
-    (four 1+w norms per layer, sliding layers), Phi-3 (fused projections, partial rotary) and
-    Qwen3-MoE (each rank reads the experts it holds; expert LoRA; the load-balancing loss) and
-    gpt-oss as the Hub stores it (each rank dequantizes the MXFP4 experts it holds) sharded
-    over 2 ranks: each rank reads its rows of every tensor, norms and biases included; the
-    losses are one device's."""
+@pytest.mark.parametrize("kind,quantize", [("qwen3", None), ("qwen2", "nf4"), ("gemma3", None),
+                                           ("phi3_longrope", None), ("qwen3_moe", None), ("qwen3_moe", "nf4"),
+                                           ("gpt_oss_mxfp4", None), ("gpt_oss_mxfp4", "nf4")])
+def test_other_families_two_ranks_match_one_device(tmp_path, make_hf_checkpoint, dt, kind, quantize):
+    """Qwen3 (q/k norms, explicit head_dim, tied embeddings), Qwen2 (q/k/v biases, beside NF4
+    weights) and Gemma 3 (four 1+w norms per layer, sliding layers), Phi-3 (fused projections,
+    partial rotary) and Qwen3-MoE (each rank reads the experts it holds; expert LoRA; the
+    load-balancing loss) and gpt-oss as the Hub stores it (each rank dequantizes the MXFP4
+    experts it holds) sharded over 2 ranks: each rank reads its rows of every tensor, norms and
+    biases included; the losses are one device's. QLoRA of the MoE models: every expert is
+    quantized whole and each rank keeps its rows of every expert's NF4 storage. The
+    load-balancing loss is each rank's own (of its micro-batch, as transformers computes it
+    under DDP), not one device's over the global batch: on in the bf16 MoE runs (1e-4), off
+    where the numbers must be one device's (1e-5)."""
     from tunelab.recipes import lora_finetune_single_device as single_recipe
 
     ckpt = make_hf_checkpoint(kind)
@@ -264,11 +270,13 @@ def test_other_families_two_ranks_match_one_device(tmp_path, make_hf_checkpoint,
     targets = {"phi3_longrope": "[qkv_proj,o_proj,gate_up_proj,down_proj]",
                "qwen3_moe": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,experts]",
                "gpt_oss_mxfp4": "[q_proj,k_proj,v_proj,o_proj,experts]"}
-    extra = ("max_steps=2", "gradient_accumulation_steps=1", "save_merged=never",
+    moe_aux = kind in ("qwen3_moe", "gpt_oss_mxfp4") and quantize is None
+    extra = ("max_steps=2", "gradient_accumulation_steps=1", "save_merged=never", f"quantize={quantize or 'null'}",
+             f"router_aux_loss={str(moe_aux).lower()}",
              *([f"lora.targets={targets[kind]}", "lora.dropout=0.0"] if kind in targets else []))
     run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",
                       *common(ckpt, tmp_path / "dist", data, dt.TINY_TOKENIZER), *extra, "batch_size=2")
     assert run.returncode == 0, run.stderr[-3000:]
     single_recipe.main(["--config", "tiny/lora", *common(ckpt, tmp_path / "single", data, dt.TINY_TOKENIZER),
                         *extra, "batch_size=4"])
-    assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), rel=1e-4 if moe_aux else 1e-5)

@@ -166,6 +166,8 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, make_hf_checkpoint, rt, caps
         ("qwen2_5/7B_lora_single_device", "qwen2"),
         ("qwen3/8B_qlora_single_device", "qwen3"),
         ("qwen3_moe/30B_A3B_qlora_single_device", "qwen3_moe"),
+        ("gpt_oss/20B_lora_single_device", "gpt_oss_mxfp4"),
+        ("gpt_oss/20B_qlora_single_device", "gpt_oss_mxfp4"),
     ],
 )
 def test_shipped_configs_run_on_cpu(config, kind, tmp_path, make_hf_checkpoint, rt, capsys):
