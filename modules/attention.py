@@ -57,6 +57,7 @@ from tunelab.modules.rms_norm import RMSNorm
 from tunelab.modules.rope import apply_rope
 
 SDPA_BACKEND_ENV = "TUNELAB_SDPA_BACKEND"
+_SINK_COLUMNS = 8  # the sink's column in the head dim, padded so hd stays a multiple of 8
 PACKED_ATTENTION_ENV = "TUNELAB_PACKED_ATTENTION"
 
 # Fallback order after the preferred backend: torch's own default order (math always last, so
@@ -334,29 +335,44 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
                    mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
     """Attention with a learned sink logit per head (gpt-oss): each query's softmax runs over
     its keys plus one extra logit ``sinks[h]`` whose probability is dropped, so a head can
-    attend to nothing. The scores are materialised (the exact reference; SDPA has no sinks).
+    attend to nothing.
+
+    SDPA has no sinks, so the sink becomes one more key that every query sees, with a zero
+    value: the head dim grows by one column (padded to 8 for the fused kernels), 1 / scale in
+    the sink key and 0 in the others, ``sinks[h]`` in every query of head h, so the sink key
+    scores exactly ``sinks[h]`` and the real keys score as before. The scores are never
+    materialised by this code (O(s) extra memory: the padded q/k/v copies), and the causal
+    case needs no mask tensor: the sink key goes first and SDPA's lower-right causal bias lets
+    query i see it and keys 0..i.
 
     Args:
         q: [b, nh, s, hd]; k, v: [b, nkv, s_kv, hd].
         sinks: [nh].
-        mask: bool, True = may attend, broadcastable to [b, nh, s, s_kv]; None = causal.
+        mask: bool, True = may attend, broadcastable to [b, nh, s, s_kv]; None = causal
+            (aligned to the last key when s < s_kv).
         scale: the query scaling (None: ``head_dim ** -0.5``).
 
     Returns:
         [b, nh, s, hd].
     """
-    k, v = _expand_kv(k, v, q.shape[1] // k.shape[1])  # (b, nh, s_kv, hd)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (b, nh, s, s_kv)
+    b, nh, s, hd = q.shape
+    nkv, s_kv = k.shape[1], k.shape[2]
+    scale = hd ** -0.5 if scale is None else scale
+    extra = _SINK_COLUMNS
+    sink_column = sinks.to(q.dtype).view(1, nh, 1, 1).expand(b, nh, s, 1)
+    q = torch.cat([q, sink_column, q.new_zeros(b, nh, s, extra - 1)], dim=-1)  # (b, nh, s, hd + extra)
+    sink_key = torch.zeros(hd + extra, dtype=k.dtype, device=k.device)
+    sink_key[hd] = 1 / scale
+    k = torch.cat([sink_key.expand(b, nkv, 1, hd + extra), F.pad(k, (0, extra))], dim=2)  # (b, nkv, 1 + s_kv, .)
+    v = torch.cat([v.new_zeros(b, nkv, 1, hd + extra), F.pad(v, (0, extra))], dim=2)
+    k, v = _expand_kv(k, v, nh // nkv)
     if mask is None:
-        s, s_kv = q.shape[2], k.shape[2]
-        mask = torch.ones(s, s_kv, dtype=torch.bool, device=q.device).tril(s_kv - s)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
-    logits = torch.cat([scores, sink], dim=-1)
-    logits = logits - logits.amax(dim=-1, keepdim=True)  # as transformers: no overflow in bf16
-    probs = torch.softmax(logits, dim=-1)[..., :-1]  # the sink's share dropped
-    return torch.matmul(probs.to(v.dtype), v)
+        from torch.nn.attention.bias import causal_lower_right  # (imports torch._dynamo: only when used)
+
+        mask = causal_lower_right(s, 1 + s_kv)
+    else:
+        mask = torch.cat([mask.new_ones(*mask.shape[:-1], 1), mask], dim=-1)  # the sink key: always seen
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :hd]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None,

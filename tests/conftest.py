@@ -8,10 +8,27 @@ exercises the real format, not our idea of it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Under pytest-xdist (pyproject's addopts: `-n logical`, one worker per core, at most
+# MAX_WORKERS), each of the N workers gets its share of the cores as torch threads, and its
+# subprocesses too (OMP_NUM_THREADS): N workers each using every core would only contend, and
+# tiny CPU matmuls gain little from a second thread. `-n 0` runs in one process.
+MAX_WORKERS = 8  # each worker holds torch, transformers and the tiny models; torchrun tests start two more
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n logical`` / ``-n auto``: one worker per core, capped (see MAX_WORKERS)."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 # Small but not degenerate: GQA needs n_heads > n_kv_heads, rope needs an even head_dim.
 BASE = dict(
