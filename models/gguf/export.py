@@ -299,7 +299,7 @@ def _choose_types(tensors: list[_Tensor], dtype: str, n_layers: int) -> None:
     T = gguf.GGMLQuantizationType
     tied = not any(t.name == "output.weight" for t in tensors)
     for t in tensors:
-        if len(t.shape) < 2:
+        if len(t.shape) < 2 or "ffn_gate_inp" in t.name:  # (an MoE router: F32 as llama.cpp's converter keeps it)
             t.qtype = T.F32
         elif dtype == "f16":
             t.qtype = T.F16
@@ -367,8 +367,9 @@ def _check_llama_cpp_can_run(args: ModelArgs, path, dtype: str) -> None:
         if any(not args.is_moe(i) for i in range(args.n_layers)) or not args.norm_topk_prob:
             raise CheckpointError(f"{path}: llama.cpp's qwen3moe runs every layer as an MoE layer with renormalised "
                                   "top-k weights; this checkpoint has dense layers or norm_topk_prob false")
-        if dtype == "q4_k_m":
-            raise CheckpointError(f"{path}: q4_k_m export of an MoE model is not supported yet; use f16, bf16 or q8_0")
+        if dtype == "q4_k_m" and args.n_experts == 8:
+            raise CheckpointError(f"{path}: q4_k_m export of an 8-expert model is not supported (llama.cpp's mix "
+                                  "gives those extra bits tunelab does not follow); use q8_0, f16 or bf16")
     if args.model_type != "gemma3_text":
         return
     pattern = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(args.n_layers)]

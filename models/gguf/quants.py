@@ -49,6 +49,11 @@ Q4_K_M mix (:func:`q4_k_m_type`), read from llama.cpp ``src/llama-quant.cpp``
   ``ffn_gate``, ``ffn_up``): Q4_K.
 - Fallback when ``cols`` is not a multiple of the chosen type's block (256 for k-quants):
   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; if ``cols % 32 != 0`` as well: F16.
+- Mixture-of-experts files (qwen3moe): the router ``ffn_gate_inp`` is never quantized (F32, as
+  llama.cpp's converter writes it); the stacked experts follow the names above, ``ffn_down_exps``
+  as ``ffn_down`` (llama.cpp matches by substring and reads the layer from the name) and
+  ``ffn_gate_exps`` / ``ffn_up_exps`` Q4_K. Not covered: llama.cpp's extra bits for models
+  with exactly 8 experts (``attn_v``/``attn_k`` Q8_0); such a file is refused.
 """
 
 from __future__ import annotations
@@ -764,7 +769,7 @@ def q4_k_m_type(
     Returns:
         The GGMLQuantizationType to pass to :func:`quantize`.
     """
-    if len(shape) < 2 or not name.endswith("weight") or name.endswith("_norm.weight"):
+    if len(shape) < 2 or not name.endswith("weight") or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
         return T.F32
     cols = int(shape[-1])
     if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):

@@ -239,11 +239,13 @@ def test_q4_k_m_rule_fallbacks_and_70b():
 # ----------------------------------------------------------------------------------------------
 
 
-def _fake_llama(rng, *, n_layers, dim, ffn, n_head, n_kv, vocab, tied, small_rows=False):
+def _fake_llama(rng, *, n_layers, dim, ffn, n_head, n_kv, vocab, tied, small_rows=False, experts=0):
     """F32 tensors of a llama-shaped model under llama.cpp's tensor names.
 
     With small_rows the per-layer matrices other than attn_v get 8 rows (llama_model_quantize
-    reads only hparams and names, so this keeps an 80-layer model small).
+    reads only hparams and names, so this keeps an 80-layer model small). With ``experts`` the
+    MLP is qwen3moe's: a router (ffn_gate_inp) and stacked experts (ffn_*_exps [E, rows, cols])
+    of inner width ``ffn``, plus per-head q/k norms.
     """
     hd = dim // n_head
     tensors = {"token_embd.weight": _rows(rng, (vocab, dim), "t")}
@@ -260,6 +262,14 @@ def _fake_llama(rng, *, n_layers, dim, ffn, n_head, n_kv, vocab, tied, small_row
         tensors[p + "attn_v.weight"] = _rows(rng, (n_kv * hd, dim), "t")
         tensors[p + "attn_output.weight"] = _rows(rng, (r(dim), dim), "normal")
         tensors[p + "ffn_norm.weight"] = np.ones(dim, np.float32)
+        if experts:
+            tensors[p + "attn_q_norm.weight"] = np.ones(hd, np.float32)
+            tensors[p + "attn_k_norm.weight"] = np.ones(hd, np.float32)
+            tensors[p + "ffn_gate_inp.weight"] = _rows(rng, (experts, dim), "normal")
+            for leaf, shape in (("gate", (ffn, dim)), ("up", (ffn, dim)), ("down", (dim, ffn))):
+                stacked = _rows(rng, (experts * shape[0], shape[1]), "t" if leaf != "gate" else "normal")
+                tensors[p + f"ffn_{leaf}_exps.weight"] = stacked.reshape(experts, *shape)
+            continue
         tensors[p + "ffn_gate.weight"] = _rows(rng, (r(ffn), dim), "normal")
         tensors[p + "ffn_up.weight"] = _rows(rng, (r(ffn), dim), "t")
         tensors[p + "ffn_down.weight"] = _rows(rng, (r(dim), ffn), "t")
@@ -269,11 +279,15 @@ def _fake_llama(rng, *, n_layers, dim, ffn, n_head, n_kv, vocab, tied, small_row
     return tensors
 
 
-def _llama_cpp_q4_k_m(tmp_path, tensors, *, n_layers, dim, ffn, n_head, n_kv, vocab):
+def _llama_cpp_q4_k_m(tmp_path, tensors, *, n_layers, dim, ffn, n_head, n_kv, vocab, experts=0):
     """Write the tensors as an F32 GGUF, run llama.cpp's Q4_K_M quantizer, read it back."""
     llama_cpp = llama_cpp_or_skip()
     src, dst = tmp_path / "f32.gguf", tmp_path / "q4_k_m.gguf"
-    writer = gguf.GGUFWriter(str(src), "llama")
+    writer = gguf.GGUFWriter(str(src), "qwen3moe" if experts else "llama")
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(2)
+        writer.add_expert_feed_forward_length(ffn)
     writer.add_block_count(n_layers)
     writer.add_context_length(256)
     writer.add_embedding_length(dim)
@@ -311,6 +325,8 @@ MODELS = {
     "70b": dict(n_layers=80, dim=256, ffn=256, n_head=4, n_kv=1, vocab=64, tied=False),
     # 80 layers without GQA is "65B": no Q5_K.
     "65b": dict(n_layers=80, dim=256, ffn=256, n_head=4, n_kv=4, vocab=64, tied=False),
+    # qwen3moe, 4 experts over 8 layers: the router unquantized, ffn_down_exps as ffn_down
+    "moe": dict(n_layers=8, dim=256, ffn=256, n_head=4, n_kv=2, vocab=320, tied=False, experts=4),
 }
 
 
@@ -352,6 +368,7 @@ def test_matches_llama_cpp_q4_k_m(tmp_path, model):
         "f16": {T.F32, T.Q5_0, T.Q8_0, T.F16},
         "70b": {T.F32, T.Q4_K, T.Q6_K, T.Q5_K},
         "65b": {T.F32, T.Q4_K, T.Q6_K},
+        "moe": {T.F32, T.Q4_K, T.Q6_K},
     }[model]
     assert seen == expected
 

@@ -148,7 +148,8 @@ def _greedy_llama(llm, prompt: list[int], n: int) -> list[int]:
 
 def _dequantized_model(ckpt, gguf_path):
     """tunelab's model carrying the GGUF file's own (dequantized) weights, q/k rows put back in
-    HF order: the oracle for what llama.cpp computes from a quantized file."""
+    HF order (llama files), experts stacked again: the oracle for what llama.cpp computes from
+    a quantized file."""
     from tunelab.models.gguf import export as export_mod
 
     model = from_pretrained(ckpt)
@@ -158,15 +159,27 @@ def _dequantized_model(ckpt, gguf_path):
     for i in range(a.n_layers):  # (ffn_up is up_proj or, in phi3, gate_up_proj: the model's own)
         to_native.update({f"blk.{i}.{v}": f"layers.{i}.{k}" for k, v in export_mod._LAYER_GGUF.items()
                           if f"layers.{i}.{k}" in names})
-    state = {}
+    state, halves = {}, {}  # halves: an MoE layer's gate / up experts, stacked again as gate_up_proj
     for t in gguf.GGUFReader(gguf_path).tensors:
         if t.name == "rope_freqs.weight":
             continue
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
         for leaf, n in (("attn_q.weight", a.n_heads), ("attn_k.weight", a.n_kv_heads)):
-            if t.name.endswith(leaf):  # undo permute_for_llama_cpp: (n, half, 2, in) -> (n, 2, half, in)
+            if t.name.endswith(leaf) and export_mod.GGUF_ARCH[a.model_type] == "llama":
+                # undo permute_for_llama_cpp: (n, half, 2, in) -> (n, 2, half, in)
                 w = w.reshape(n, w.shape[0] // n // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        block, _, leaf = t.name.partition(".")[2].partition(".")
+        if leaf in export_mod._EXPERTS_GGUF:
+            native, half = export_mod._EXPERTS_GGUF[leaf]
+            native = f"layers.{block}.{native}"
+            if half is None:
+                state[native] = w
+            else:
+                halves.setdefault(native, {})[half] = w
+            continue
         state[to_native[t.name]] = w
+    for native, parts in halves.items():
+        state[native] = torch.cat([parts[0], parts[1]], dim=1)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -180,21 +193,28 @@ QUANT_REL_TOL = 5e-2
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_k_m"])
-@pytest.mark.parametrize("kind,tokenizer", [("llama3_1", "tiktoken"), ("llama2", "sentencepiece")])
+@pytest.mark.parametrize("kind,tokenizer", [("llama3_1", "tiktoken"), ("llama2", "sentencepiece"),
+                                            ("qwen3_moe", "tiktoken")])
 def test_quantized_logits_match_the_files_weights(export_checkpoint, tmp_path, open_llama, kind, tokenizer, dtype):
     """llama.cpp on a quantized file == tunelab running that file's dequantized weights, within
     the 8-bit activation rounding llama.cpp adds: llama.cpp reads the quantized blocks, names
     and types as the gguf package does (greedy agreement alone cannot show it: see below). The
-    row order itself is checked by the f16 test."""
-    ckpt = export_checkpoint(kind, tokenizer, **WIDE)
+    row order itself is checked by the f16 test. Qwen3-MoE: experts 256 wide, so the stacked
+    ffn_*_exps hold real K-quants too; its router's top-k picks are discontinuous, and the
+    activation rounding flips a near-tied pick at a few tokens (which then differ by a good
+    part of the logit scale), so there the bound must hold at >= 90% of the 80 tokens (a
+    misread tensor is off everywhere)."""
+    moe = dict(moe_intermediate_size=256) if kind == "qwen3_moe" else {}
+    ckpt = export_checkpoint(kind, tokenizer, **WIDE, **LLAMA_CPP_LAYOUT.get(kind, {}), **moe)
     path = export_gguf(ckpt, tmp_path / "m.gguf", dtype=dtype)
     ids = _prompt(load_tokenizer(ckpt), 80)
     ref = _tunelab_logits(_dequantized_model(ckpt, path), ids)
     got = _llama_logits(open_llama(path, logits_all=True), ids)
-    scale, diff = float(np.abs(ref).max()), float(np.abs(got - ref).max())
-    print(f"\n[llama.cpp {dtype} {kind}/{tokenizer}] max |logit diff| vs its own weights {diff:.2e} "
-          f"(max |logit| {scale:.2f})")
-    assert diff <= QUANT_REL_TOL * scale, (diff, scale)
+    scale, per_token = float(np.abs(ref).max()), np.abs(got - ref).max(axis=-1)
+    within = float((per_token <= QUANT_REL_TOL * scale).mean())
+    print(f"\n[llama.cpp {dtype} {kind}/{tokenizer}] max |logit diff| vs its own weights {per_token.max():.2e} "
+          f"(max |logit| {scale:.2f}; tokens within the bound {within:.0%})")
+    assert within >= (0.9 if kind == "qwen3_moe" else 1.0), (per_token.max(), scale, within)
 
 
 @pytest.mark.parametrize("dtype,floor", [("q8_0", 0.85), ("q4_k_m", 0.6)])
