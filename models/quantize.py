@@ -124,8 +124,12 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name``; a Parameter there (a stacked expert tensor) gives way to it."""
     parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
+    owner = model.get_submodule(parent)
+    if leaf in owner._parameters:
+        delattr(owner, leaf)
+    setattr(owner, leaf, module)
 
 
 def _quantized_module(model: nn.Module, weight_name: str, weight) -> None:
@@ -160,8 +164,6 @@ class _ExpertLoader:
                 raise CheckpointError(f"{where}: {name} lacks expert tensors; the weights do not match config.json")
             weights = [experts[e] for e in range(self.n)]
             if self.quantize == "nf4":  # the meta Parameter gives way to the quantized stack
-                parent, _, leaf = name.rpartition(".")
-                delattr(self.model.get_submodule(parent), leaf)
                 _set_module(self.model, name, NF4ExpertWeights(weights))
             else:
                 _set_param(self.model, name, torch.stack(weights))
@@ -299,8 +301,6 @@ def from_pretrained_quantized(
             _quantized_module(model, name, to_nf4(tensor.to(device=device, dtype=dtype)))
         elif quantize == "nf4" and _STACKED_EXPERTS.match(name):  # gpt-oss: [E, in, out], one expert at a time
             weights = [to_nf4(w.t().to(device=device, dtype=dtype)) for w in tensor.unbind(0)]
-            parent, _, leaf = name.rpartition(".")
-            delattr(model.get_submodule(parent), leaf)  # the meta Parameter gives way to the quantized stack
             _set_module(model, name, NF4ExpertWeights(weights, transposed=True))
         else:
             _set_param(model, name, tensor.to(device=device, dtype=dtype))

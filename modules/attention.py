@@ -57,8 +57,8 @@ from tunelab.modules.rms_norm import RMSNorm
 from tunelab.modules.rope import apply_rope
 
 SDPA_BACKEND_ENV = "TUNELAB_SDPA_BACKEND"
-_SINK_COLUMNS = 8  # the sink's column in the head dim, padded so hd stays a multiple of 8
 PACKED_ATTENTION_ENV = "TUNELAB_PACKED_ATTENTION"
+_SINK_COLUMNS = 8  # sink_attention's column in the head dim, padded so hd stays a multiple of 8
 
 # Fallback order after the preferred backend: torch's own default order (math always last, so
 # any input still runs).
