@@ -223,9 +223,10 @@ MXFP4_QUANTIZATION = {"quant_method": "mxfp4", "modules_to_not_convert": [
 
 
 def random_mxfp4(e: int, out: int, inp: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random MXFP4 codes [e, out, inp / 32, 16] (any byte) and scales [e, out, inp / 32] near 2^0."""
+    """Random MXFP4 codes [e, out, inp / 32, 16] (any byte) and scales [e, out, inp / 32] of
+    2^-11 to 2^-4: weights of the size trained models have (|w| <= 6 x 2^-4)."""
     blocks = torch.randint(0, 256, (e, out, inp // 32, 16), generator=g, dtype=torch.int32).to(torch.uint8)
-    scales = torch.randint(122, 130, (e, out, inp // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = torch.randint(116, 124, (e, out, inp // 32), generator=g, dtype=torch.int32).to(torch.uint8)
     return blocks, scales
 
 

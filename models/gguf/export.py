@@ -54,7 +54,7 @@ __all__ = ["DTYPES", "write_gguf", "gguf_tensor_name", "permute_for_llama_cpp", 
 # norms), gemma3 and phi3 (fused qkv / gate_up, kept fused) are their own, with rotate-half RoPE
 # as in HF, so their q/k rows are not interleaved.
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",
-             "phi3": "phi3", "qwen3_moe": "qwen3moe"}
+             "phi3": "phi3", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss"}
 
 #: Output types of ``export_gguf`` (llama.cpp's file-type names, lower case).
 DTYPES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -80,11 +80,24 @@ _LAYER_GGUF = {
     "mlp.down_proj.weight": "ffn_down.weight",
     "mlp.gate_up_proj.weight": "ffn_up.weight",  # phi3: [gate; up] in one, split by llama.cpp
     "mlp.gate.weight": "ffn_gate_inp.weight",  # an MoE layer's router
+    # gpt-oss: biased output projection, sinks, a router with a bias
+    "attn.o_proj.bias": "attn_output.bias",
+    "attn.sinks": "attn_sinks.weight",
+    "mlp.router.weight": "ffn_gate_inp.weight",
+    "mlp.router.bias": "ffn_gate_inp.bias",
 }
+# gpt-oss's llama.cpp names its pre-MLP norm (HF post_attention_layernorm) as HF does
+_GPT_OSS_LAYER_GGUF = {**_LAYER_GGUF, "mlp_norm.weight": "post_attention_norm.weight"}
 # an MoE layer's stacked experts as llama.cpp's [E, rows, cols] tensors: (native, half of dim 1)
 _EXPERTS_GGUF = {"ffn_gate_exps.weight": ("mlp.experts.gate_up_proj", 0),
                  "ffn_up_exps.weight": ("mlp.experts.gate_up_proj", 1),
                  "ffn_down_exps.weight": ("mlp.experts.down_proj", None)}
+# gpt-oss stores its experts input-major with gate and up interleaved (even / odd columns of
+# gate_up_proj [E, dim, 2I]) and biased: (native, which interleaved half) per GGUF tensor
+_GPT_OSS_EXPERTS_GGUF = {**_EXPERTS_GGUF,
+                         "ffn_gate_exps.bias": ("mlp.experts.gate_up_proj_bias", 0),
+                         "ffn_up_exps.bias": ("mlp.experts.gate_up_proj_bias", 1),
+                         "ffn_down_exps.bias": ("mlp.experts.down_proj_bias", None)}
 _TOP_GGUF = {
     "tok_embeddings.weight": "token_embd.weight",
     "norm.weight": "output_norm.weight",
@@ -92,13 +105,14 @@ _TOP_GGUF = {
 }
 
 
-def gguf_tensor_name(native_name: str) -> str:
+def gguf_tensor_name(native_name: str, model_type: str = "llama") -> str:
     """``layers.3.attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (llama.cpp's names).
 
     Raises:
         KeyError: not a native Llama weight name.
     """
-    return rename_weight(native_name, _TOP_GGUF, NATIVE_LAYER, _LAYER_GGUF, "blk.", "a native Llama weight name")
+    layer = _GPT_OSS_LAYER_GGUF if model_type == "gpt_oss" else _LAYER_GGUF
+    return rename_weight(native_name, _TOP_GGUF, NATIVE_LAYER, layer, "blk.", "a native Llama weight name")
 
 
 def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -165,7 +179,8 @@ class _Source:
     """Reads native tensors from the checkpoint's safetensors files, one at a time, in fp32.
 
     Dense tensors are read by name; weights of a bitsandbytes nf4 checkpoint (QLoRA bases
-    saved by transformers) are gathered from their parts and dequantized.
+    saved by transformers) are gathered from their parts and dequantized, as are gpt-oss's
+    MXFP4 experts.
     """
 
     def __init__(self, path: Path, config: dict, args: ModelArgs) -> None:
@@ -211,6 +226,11 @@ class _Source:
         if native not in self.hf_names:  # stacked experts
             return stack_experts(native, self.n_experts, lambda e, h: self._get(self.experts[(native, e, h)])).float()
         hf_name = self.hf_names[native]
+        if hf_name not in self.files and f"{hf_name}_blocks" in self.files:  # gpt-oss's MXFP4 experts
+            from tunelab.models.mxfp4 import expert_tensor_from_mxfp4
+
+            pair = {part: self._get(f"{hf_name}_{part}") for part in ("blocks", "scales")}
+            return expert_tensor_from_mxfp4(pair, hf_name, torch.float32, self.path)
         tensor = self._get(hf_name)
         if self.bnb is not None and tensor.dtype == torch.uint8:
             from tunelab.models.quantize import _BNB_PARTS, _nf4_from_bnb
@@ -272,18 +292,22 @@ def _plan(args: ModelArgs, source: _Source) -> list[_Tensor]:
     tensors = [_Tensor("token_embd.weight", source.shapes["tok_embeddings.weight"], "tok_embeddings.weight")]
     for name, values in _computed_tensors(args).items():
         tensors.append(_Tensor(name, tuple(values.shape)))
+    gpt_oss = args.model_type == "gpt_oss"
     for i in range(args.n_layers):
         for native_leaf in _LAYER_GGUF:
             native = f"layers.{i}.{native_leaf}"
             if native not in source.shapes:
                 continue  # a tensor of another family (checked against config.json before)
-            tensors.append(_Tensor(gguf_tensor_name(native), source.shapes[native], native))
+            tensors.append(_Tensor(gguf_tensor_name(native, args.model_type), source.shapes[native], native))
         if args.is_moe(i):
-            for gguf_leaf, (native_leaf, half) in _EXPERTS_GGUF.items():
+            for gguf_leaf, (native_leaf, half) in (_GPT_OSS_EXPERTS_GGUF if gpt_oss else _EXPERTS_GGUF).items():
                 native = f"layers.{i}.{native_leaf}"
-                e, rows, cols = source.shapes[native]
-                tensors.append(_Tensor(f"blk.{i}.{gguf_leaf}", (e, rows // 2 if half is not None else rows, cols),
-                                       native, half))
+                shape = source.shapes[native]
+                if gpt_oss and len(shape) == 3:  # [E, in, out] -> llama.cpp's [E, out, in]
+                    shape = (shape[0], shape[2], shape[1])
+                if half is not None:  # gate or up: half of the rows (of the bias's columns)
+                    shape = (shape[0], shape[1] // 2, *shape[2:])
+                tensors.append(_Tensor(f"blk.{i}.{gguf_leaf}", shape, native, half))
     tensors.append(_Tensor("output_norm.weight", source.shapes["norm.weight"], "norm.weight"))
     # tied embeddings: no output.weight, llama.cpp reuses token_embd (a tied model has no
     # separate head module, so no adapter can target it either)
@@ -299,7 +323,8 @@ def _choose_types(tensors: list[_Tensor], dtype: str, n_layers: int) -> None:
     T = gguf.GGMLQuantizationType
     tied = not any(t.name == "output.weight" for t in tensors)
     for t in tensors:
-        if len(t.shape) < 2 or "ffn_gate_inp" in t.name:  # (an MoE router: F32 as llama.cpp's converter keeps it)
+        # (an MoE router and gpt-oss's stacked expert biases: F32 as llama.cpp's converter keeps them)
+        if len(t.shape) < 2 or "ffn_gate_inp" in t.name or t.name.endswith(".bias"):
             t.qtype = T.F32
         elif dtype == "f16":
             t.qtype = T.F16
@@ -347,6 +372,12 @@ def _write_metadata(writer, args: ModelArgs, dtype: str, name: str) -> None:
         writer.add_value_length(args.head_dim)
     if args.sliding_window is not None and any(args.is_sliding(i) for i in range(args.n_layers)):
         writer.add_sliding_window(args.sliding_window)
+    if args.rope_scaling is not None and args.rope_scaling["rope_type"] == "yarn":  # gpt-oss
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(args.rope_scaling["original_max_position_embeddings"]))
+        writer.add_rope_scaling_yarn_beta_fast(float(args.rope_scaling["beta_fast"]))
+        writer.add_rope_scaling_yarn_beta_slow(float(args.rope_scaling["beta_slow"]))
     if args.rope_scaling is not None and args.rope_scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
@@ -362,8 +393,12 @@ def _check_llama_cpp_can_run(args: ModelArgs, path, dtype: str) -> None:
     its qwen3moe has every layer an MoE layer and renormalises the top-k weights. Refuse a file
     it would run differently."""
     if args.model_type == "gpt_oss":
-        raise CheckpointError(f"{path}: GGUF export of gpt-oss is not supported yet")
-    if args.n_experts:
+        if args.swiglu_limit != 7.0 or args.swiglu_alpha != 1.702:
+            raise CheckpointError(f"{path}: llama.cpp's gpt-oss fixes the experts' activation (limit 7.0, alpha 1.702); "
+                                  f"this checkpoint has {args.swiglu_limit}, {args.swiglu_alpha}")
+        if dtype == "q4_k_m":
+            raise CheckpointError(f"{path}: q4_k_m export of gpt-oss is not supported yet; use q8_0, f16 or bf16")
+    elif args.n_experts:
         if any(not args.is_moe(i) for i in range(args.n_layers)) or not args.norm_topk_prob:
             raise CheckpointError(f"{path}: llama.cpp's qwen3moe runs every layer as an MoE layer with renormalised "
                                   "top-k weights; this checkpoint has dense layers or norm_topk_prob false")
@@ -389,7 +424,12 @@ def _tensor_data(t: _Tensor, args: ModelArgs, source: _Source, lora: dict) -> to
     merge = lora.get(t.native)
     if merge is not None:
         weight = merge(weight)
-    if t.half is not None:  # gate or up rows of stacked [E, 2I, dim] experts
+    if args.model_type == "gpt_oss" and ".experts." in t.native:
+        if t.half is not None:  # gate / up: the even / odd columns (of the bias: its entries)
+            weight = weight[..., t.half :: 2]
+        if weight.dim() == 3:  # [E, in, out] -> [E, out, in]
+            weight = weight.transpose(1, 2)
+    elif t.half is not None:  # gate or up rows of stacked [E, 2I, dim] experts
         weight = weight.chunk(2, dim=1)[t.half]
     if GGUF_ARCH[args.model_type] == "llama":  # llama.cpp rotates interleaved pairs there
         if t.native.endswith("attn.q_proj.weight"):

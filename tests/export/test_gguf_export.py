@@ -474,6 +474,25 @@ def test_sentencepiece_added_tokens_reach_the_gguf_vocabulary(export_checkpoint,
     assert all(int(types.parts[types.data[i]][0]) == gguf.TokenType.CONTROL for i in range(400, 405))
 
 
+def test_gpt_oss_from_the_hub_layout_with_an_adapter_equals_its_merged_folder(export_checkpoint, tmp_path):
+    """gpt-oss as the Hub stores it (MXFP4 experts) + an adapter on attention and experts:
+    base + --adapter exports the same bytes as the merged (bf16-dense) folder, interleaved
+    gate/up experts and their biases split as llama.cpp's gpt-oss reads them (biases and sinks
+    F32); q4_k_m is refused in one line."""
+    ckpt = export_checkpoint("gpt_oss_mxfp4")
+    adapter, merged = _make_adapter(ckpt, tmp_path, targets=("q_proj", "o_proj", "experts"))
+    a = _tensors(gguf.GGUFReader(export_gguf(ckpt, tmp_path / "a.gguf", adapter_dir=adapter)))
+    b = _tensors(gguf.GGUFReader(export_gguf(merged, tmp_path / "b.gguf")))
+    assert set(a) == set(b)
+    assert {"blk.0.attn_sinks.weight", "blk.0.ffn_gate_exps.bias", "blk.1.post_attention_norm.weight"} <= set(a)
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name].data), np.asarray(b[name].data), err_msg=name)
+    assert a["blk.0.ffn_up_exps.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+    with pytest.raises(CheckpointError, match="q4_k_m export of gpt-oss") as info:
+        export_gguf(ckpt, tmp_path / "q.gguf", dtype="q4_k_m")
+    assert "\n" not in str(info.value)
+
+
 def test_moe_expert_adapter_merge_equals_merged_folder(export_checkpoint, tmp_path):
     """Qwen3-MoE with expert LoRA: base + --adapter exports the same bytes as the merged folder
     (the per-expert updates merged into the stacked experts, then split into ffn_gate_exps /

@@ -92,6 +92,10 @@ def _prompt(tok, n_tokens: int, seed: int = 0) -> list[int]:
     # context (256) too, so both run the long factors
     ("phi3_longrope", "tiktoken", 40, "f16"),
     ("qwen3_moe", "tiktoken", 24, "f16"),  # stacked experts as ffn_*_exps, the router as ffn_gate_inp
+    # sinks, biases, YaRN, a window of 8 < 24 tokens, interleaved gate/up experts with biases;
+    # and the same from the Hub's MXFP4 layout
+    ("gpt_oss", "tiktoken", 24, "f16"),
+    ("gpt_oss_mxfp4", "tiktoken", 24, "f16"),
 ])
 def test_logits_match_tunelab(export_checkpoint, tmp_path, open_llama, kind, tokenizer, n_tokens, dtype):
     ckpt = export_checkpoint(kind, tokenizer, **WIDE, **LLAMA_CPP_LAYOUT.get(kind, {}))
