@@ -74,9 +74,9 @@ def test_merged_export_is_dense_and_loads_in_transformers(hub_gpt_oss, tmp_path,
 def test_nf4_from_mxfp4_and_from_dense(hub_gpt_oss, make_hf_checkpoint):
     """quantize: nf4 stores gpt-oss's experts as one NF4 weight per expert (input-major view
     kept), from the Hub's MXFP4 folder and from a dense one; the dense view dequantizes to
-    within NF4's error of the source weights (max |error| <= 0.6 x the block's absmax: half the
-    widest gap of the NF4 code, ~0.28, doubled for the absmax's own 8-bit error)."""
-    dense = from_pretrained(hub_gpt_oss)
+    within NF4's error of the source weights (each element within half the widest gap of the
+    NF4 levels, 0.152, of its block's absmax, plus that absmax's 8-bit rounding: bounded here
+    by 0.2 x the tensor's largest |w|) and the model runs."""
     for source in (hub_gpt_oss, make_hf_checkpoint("gpt_oss", intermediate_size=64)):
         reference = from_pretrained(source)
         model = from_pretrained(source, quantize="nf4")
@@ -88,11 +88,10 @@ def test_nf4_from_mxfp4_and_from_dense(hub_gpt_oss, make_hf_checkpoint):
             assert state[name].shape == want.shape, name
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 error = (state[name] - want).abs().max()
-                assert error <= 0.6 * want.abs().max(), name
+                assert error <= 0.2 * want.abs().max(), name
         tokens = torch.randint(0, 1024, (1, 10), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             assert torch.isfinite(model(tokens)).all()
-    assert dense.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
 
 
 def test_unpaired_or_malformed_mxfp4_says_so(hub_gpt_oss, tmp_path):
