@@ -21,7 +21,7 @@ import torch
 
 from tunelab.errors import CheckpointError
 
-__all__ = ["FP4_E2M1", "BLOCK", "is_mxfp4", "mxfp4_part", "dequantize_mxfp4", "expert_tensor_from_mxfp4"]
+__all__ = ["FP4_E2M1", "BLOCK", "is_mxfp4", "mxfp4_part", "dense_shape", "dequantize_mxfp4", "expert_tensor_from_mxfp4"]
 
 # The 16 values of an e2m1 code: sign bit 3, then exponent (2 bits) and mantissa (1 bit).
 FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -42,6 +42,13 @@ def mxfp4_part(hf_name: str) -> tuple[str, str] | None:
         if hf_name.endswith(suffix):
             return hf_name.removesuffix(suffix), suffix[1:]
     return None
+
+
+def dense_shape(blocks_shape) -> tuple[int, ...]:
+    """The dense [E, in, out] shape an MXFP4 blocks tensor [E, out, in / 32, 16] stands for (a
+    malformed one as it is, so a shape check against the model reports it)."""
+    shape = tuple(blocks_shape)
+    return (shape[0], shape[2] * shape[3] * 2, shape[1]) if len(shape) == 4 else shape
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

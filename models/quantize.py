@@ -40,7 +40,7 @@ from tunelab.models.checkpoint import (
 )
 from tunelab.models.hf_config import args_from_hf_config
 from tunelab.models.llama.builders import build_model
-from tunelab.models.mxfp4 import BLOCK, is_mxfp4, mxfp4_part
+from tunelab.models.mxfp4 import dense_shape, is_mxfp4, mxfp4_part
 from tunelab.modules.nf4 import (
     NF4ExpertWeights,
     NF4Linear,
@@ -185,10 +185,9 @@ def _hf_shapes(path: Path, bnb: dict | None) -> dict[str, tuple[int, ...]]:
             for name in names:
                 m = _BNB_SUFFIX.match(name) if bnb is not None else None
                 mxfp4 = mxfp4_part(name)
-                if mxfp4 is not None:  # blocks [E, out, G, 16] -> the dense stack [E, G * 32, out]
+                if mxfp4 is not None:  # the blocks give the dense stack's shape
                     if mxfp4[1] == "blocks":
-                        shape = f.get_slice(name).get_shape()
-                        shapes[mxfp4[0]] = (shape[0], shape[2] * BLOCK, shape[1]) if len(shape) == 4 else tuple(shape)
+                        shapes[mxfp4[0]] = dense_shape(f.get_slice(name).get_shape())
                 elif m is None:
                     shapes.setdefault(name, tuple(f.get_slice(name).get_shape()))
                 elif m.group("part").startswith("quant_state."):

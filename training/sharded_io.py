@@ -32,7 +32,7 @@ from tunelab.models.checkpoint import (
     open_safetensors,
     tensors_by_file,
 )
-from tunelab.models.mxfp4 import expert_tensor_from_mxfp4, mxfp4_part
+from tunelab.models.mxfp4 import dense_shape, expert_tensor_from_mxfp4, mxfp4_part
 from tunelab.training.checkpointing import TrainingProgress, load_state
 from tunelab.training.process_group import is_rank0, rank, world_size
 from tunelab.training.sharding import NF4_STORAGE, local_tensor
@@ -124,8 +124,8 @@ def _read_mxfp4_part(params: dict, pending: dict, part: tuple[str, str], piece, 
     pair[which] = piece[start:stop]
     if len(pair) < 2:
         return None
-    blocks = pending.pop(base)["blocks"]  # [local E, out, G, 16]
-    in_out = [blocks.shape[2] * blocks.shape[3] * 2, blocks.shape[1]] if blocks.dim() == 4 else list(blocks.shape)
+    pending.pop(base)
+    in_out = list(dense_shape(pair["blocks"].shape)[1:])
     if in_out != list(p.shape[1:]):
         raise CheckpointError(f"{where}: {base}_blocks holds experts of shape {in_out}, config.json expects "
                               f"{list(p.shape[1:])}; the weights do not match config.json")
