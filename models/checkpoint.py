@@ -136,13 +136,6 @@ def stack_experts(stacked_name: str, n_experts: int, piece) -> torch.Tensor:
     return torch.stack([torch.cat([piece(e, h) for h in range(halves)]) for e in range(n_experts)])
 
 
-def refuse_moe(args: ModelArgs, what: str, where) -> None:
-    """A one-line CheckpointError for the paths that do not take mixture-of-experts models yet."""
-    if args.n_experts:
-        raise CheckpointError(f"{where}: {what} of a mixture-of-experts model ({args.model_type}) is not supported "
-                              "yet; use the bf16 LoRA recipe on one device")
-
-
 def per_expert_tensors(native_name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
     """A stacked native expert tensor as the checkpoint's per-expert tensors (views), or None
     for other names."""

@@ -34,7 +34,6 @@ from tunelab.models.checkpoint import (
     native_weight_name,
     open_safetensors,
     read_hf_config,
-    refuse_moe,
     stacked_expert_shape,
     tensors_by_file,
 )
@@ -257,7 +256,9 @@ def from_pretrained_quantized(
     bnb = bnb_4bit_settings(config, path)
     args = args_from_hf_config(config)
     if args.n_experts and bnb is not None:
-        refuse_moe(args, "loading a bitsandbytes-quantized checkpoint", path)
+        raise CheckpointError(f"{path}: bitsandbytes-quantized checkpoints of mixture-of-experts models "
+                              f"({args.model_type}) are not supported; use the unquantized checkpoint (with "
+                              "quantize: nf4 for QLoRA)")
     device = torch.device(device)
     model = build_model(args, device="meta", dtype=dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

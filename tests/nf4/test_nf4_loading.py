@@ -155,6 +155,20 @@ def test_unsupported_quantization_is_one_line(bnb_checkpoint, tmp_path, changes,
     assert "\n" not in str(info.value)
 
 
+def test_prequantized_moe_is_refused_with_the_way_out(make_hf_checkpoint, tmp_path):
+    """A bitsandbytes 4-bit config on an MoE checkpoint: one line naming the unquantized
+    checkpoint with quantize: nf4 as the way to QLoRA (checked before any tensor is read)."""
+    folder = tmp_path / "moe"
+    shutil.copytree(make_hf_checkpoint("qwen3_moe"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                  "bnb_4bit_use_double_quant": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="mixture-of-experts.*quantize: nf4") as info:
+        from_pretrained(folder, quantize="nf4")
+    assert "\n" not in str(info.value)
+
+
 def test_loading_keeps_one_dense_weight_at_a_time(make_hf_checkpoint, monkeypatch):
     """Each dense projection is gone by the time the next one is quantized, so peak memory is
     the NF4 model plus one dense weight (never the dense model)."""
