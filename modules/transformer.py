@@ -15,8 +15,10 @@ from tunelab.errors import ConfigError
 from tunelab.modules.attention import Attention, BlockMask, KVCache, document_mask, window_mask
 from tunelab.modules.feed_forward import FeedForward
 from tunelab.modules.moe import BiasedMoE, MoE
+from tunelab.modules.recompute import is_recomputing
 from tunelab.modules.rms_norm import RMSNorm
 from tunelab.modules.rope import RotaryEmbedding
+from tunelab.modules.tiling import tiled
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -43,6 +45,11 @@ class TransformerDecoderLayer(nn.Module):
             MLP (Qwen3-MoE) in place of the dense one; None = dense.
         biased_moe: ``(alpha, limit)``: the MoE MLP is gpt-oss's (``BiasedMoE``) instead.
         o_bias, sinks: gpt-oss's attention output bias and per-head sinks.
+
+    ``mlp_tile`` (attribute, default None): tokens per tile of a sequence-tiled MLP block
+    (``modules.tiling``: norm, MLP and residual add a tile at a time in forward and backward,
+    so the MLP's wide intermediates exist for one tile); dense MLPs only, set by the caller
+    (``training.steps.wrap_layers``). ``mlp_block`` is what is tiled.
     """
 
     def __init__(
@@ -69,6 +76,14 @@ class TransformerDecoderLayer(nn.Module):
         else:
             self.mlp = FeedForward(dim, hidden_dim, act=act, fused_gate_up=fused)
         self.mlp_post_norm = RMSNorm(dim, **norm) if sandwich else None
+        self.mlp_tile: int | None = None
+
+    def mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., dim] -> the layer's output [..., dim]: ``h + mlp(mlp_norm(h))`` (sandwich:
+        the MLP's output normed before the add); every token on its own."""
+        if self.mlp_post_norm is not None:
+            return h + self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
+        return self.mlp(self.mlp_norm(h), residual=h)  # the add inside the down projection (project_onto)
 
     def forward(
         self,
@@ -80,10 +95,12 @@ class TransformerDecoderLayer(nn.Module):
     ) -> torch.Tensor:
         if self.attn_post_norm is not None:  # Gemma: the sublayer outputs are normed before the adds
             h = x + self.attn_post_norm(self.attn(self.attn_norm(x), cos, sin, mask=mask, input_pos=input_pos))
-            return h + self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
-        # the residual adds happen inside the output projections (see project_onto)
-        h = self.attn(self.attn_norm(x), cos, sin, mask=mask, input_pos=input_pos, residual=x)
-        return self.mlp(self.mlp_norm(h), residual=h)
+        else:  # the residual add happens inside the output projection (see project_onto)
+            h = self.attn(self.attn_norm(x), cos, sin, mask=mask, input_pos=input_pos, residual=x)
+        if self.mlp_tile is None:
+            return self.mlp_block(h)
+        params = [p for m in (self.mlp_norm, self.mlp, self.mlp_post_norm) if m is not None for p in m.parameters()]
+        return tiled(self.mlp_block, h, self.mlp_tile, params, unread=is_recomputing())
 
 
 class TransformerDecoder(nn.Module):

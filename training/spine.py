@@ -80,7 +80,7 @@ from tunelab.training.sharded_io import (
     load_sharded_state,
 )
 from tunelab.training.sharding import FSDPConfig, build_meta_model, check_prefetch_layers, local_tensor, shard_model
-from tunelab.training.steps import NonFiniteLossError, checkpoint_every, wrap_layers
+from tunelab.training.steps import NonFiniteLossError, check_mlp_tile_tokens, checkpoint_every, wrap_layers
 from tunelab.training.utils import cuda_only_settings_notice, resolve_device, resolve_dtype, seed_everything
 
 __all__ = [
@@ -170,6 +170,10 @@ class TrainConfig:
     # mixture-of-experts models: add the load-balancing loss in training (coefficient: config.json's
     # router_aux_loss_coef) and log it; no effect on dense models, so a config may leave it out
     router_aux_loss: bool = True
+    # tokens per tile of the sequence-tiled MLP (each dense layer's norm + MLP + residual add run a
+    # tile at a time in forward and backward, so the MLP's wide intermediates exist for one tile:
+    # long context); null = the whole sequence at once. A key a config may leave out
+    mlp_tile_tokens: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -209,6 +213,7 @@ def check_settings(cfg) -> None:
         raise ConfigError(f"device: {cfg.device!r} is not supported here; use auto, cpu or cuda (torchrun gives "
                           "each rank cuda:LOCAL_RANK)")
     checkpoint_every(cfg.activation_checkpointing, cfg.offload_activations)
+    check_mlp_tile_tokens(cfg.mlp_tile_tokens)
     check_heldout(getattr(cfg, "heldout_accuracy", None))
     if getattr(cfg, "cuda_graph", False) and cfg.lora.dropout > 0:
         raise ConfigError(f"cuda_graph: true replays a recorded step, so it cannot draw new dropout masks: "
@@ -402,7 +407,7 @@ def build_model(run: Run, tokenizer) -> nn.Module:
                    adapter_dtype=torch.float32)
         set_trainable_params(model)
         wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
-                    offload_activations=offload)
+                    offload_activations=offload, mlp_tile_tokens=cfg.mlp_tile_tokens)
         check_vocab(tokenizer, model.args.vocab_size)
     n_params, n_trainable = count_parameters(model)
     where = f", FSDP over {run.world} rank(s) on {run.device.type}" if run.distributed else f" on {run.device}"
@@ -423,7 +428,8 @@ def build_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
     on one device (call at the same point of the seeded RNG stream on every rank).
 
     Args:
-        cfg: the recipe config (lora, quantize, activation_checkpointing, fsdp, checkpoint_dir).
+        cfg: the recipe config (lora, quantize, activation_checkpointing, mlp_tile_tokens, fsdp,
+            checkpoint_dir).
         args: the model's ``ModelArgs``.
         device: this rank's device.
         dtype: base weight dtype (bf16 also turns on bf16 mixed precision).
@@ -433,7 +439,7 @@ def build_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
     """
     model = build_meta_model(args, dtype, cfg.lora, cfg.quantize)
     wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
-                offload_activations=offload_activations)
+                offload_activations=offload_activations, mlp_tile_tokens=cfg.mlp_tile_tokens)
     shard_model(model, param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
                 reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload,
                 prefetch_layers=cfg.fsdp.prefetch_layers, shard_frozen=cfg.fsdp.shard_frozen)

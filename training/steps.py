@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from tunelab.data.collate import packed_collate, padded_collate
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.modules.feed_forward import FeedForward
 from tunelab.modules.loss import IGNORE_INDEX, cross_entropy_sum
 from tunelab.modules.recompute import keeping, recomputing
 from tunelab.training.offload import ActivationOffloader
@@ -27,8 +28,9 @@ __all__ = ["IGNORE_INDEX", "NonFiniteLossError", "RouterAuxLoss", "wrap_layers",
 
 
 def wrap_layers(model: nn.Module, *, activation_checkpointing: bool | int, compile_layers: bool,
-                offload_activations: bool = False) -> nn.Module:
-    """Activation checkpointing and/or ``torch.compile`` per decoder layer, in place.
+                offload_activations: bool = False, mlp_tile_tokens: int | None = None) -> nn.Module:
+    """Activation checkpointing, ``torch.compile`` and the sequence-tiled MLP per decoder layer,
+    in place.
 
     Swapping each layer's ``forward`` (not wrapping the module) keeps parameter names, so
     checkpoints do not change, and leaves FSDP2's module hooks outside the checkpoint (the
@@ -49,14 +51,22 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool | int, compi
             forward and backward (:class:`~tunelab.training.offload.ActivationOffloader`), and
             attention's saved tensors too, so the rerun skips the q/k/v projections and the
             attention kernel (``modules.recompute.kept``); needs ``activation_checkpointing``.
+        mlp_tile_tokens: run each dense layer's MLP block (norm, MLP, residual add) this many
+            tokens at a time in forward and backward (``modules.tiling``), None: whole. Under
+            compile the block is compiled on its own (the tiled region is a graph break).
 
     Raises:
-        ConfigError: a negative ``activation_checkpointing``, or ``offload_activations``
-            without checkpointing.
+        ConfigError: a negative ``activation_checkpointing``, ``offload_activations``
+            without checkpointing, or ``mlp_tile_tokens`` < 1.
     """
     every = checkpoint_every(activation_checkpointing, offload_activations)
+    check_mlp_tile_tokens(mlp_tile_tokens)
     offloader = ActivationOffloader() if offload_activations else None
     for i, layer in enumerate(model.layers):
+        if mlp_tile_tokens is not None and isinstance(layer.mlp, FeedForward):
+            layer.mlp_tile = mlp_tile_tokens
+            if compile_layers:
+                layer.mlp_block = torch.compile(layer.mlp_block)
         forward = layer.forward
         if compile_layers:
             forward = torch.compile(forward)
@@ -84,6 +94,13 @@ def checkpoint_every(activation_checkpointing: bool | int, offload_activations: 
         raise ConfigError("offload_activations: true needs activation_checkpointing: true (it offloads the "
                           "checkpointed layer inputs); enable it or set offload_activations: false")
     return every
+
+
+def check_mlp_tile_tokens(mlp_tile_tokens: int | None) -> None:
+    """Raises ConfigError unless ``mlp_tile_tokens`` is None or >= 1."""
+    if mlp_tile_tokens is not None and mlp_tile_tokens < 1:
+        raise ConfigError(f"mlp_tile_tokens: {mlp_tile_tokens} must be >= 1 (tokens per MLP tile, e.g. 8192) "
+                          "or null (MLP not tiled)")
 
 
 def _recompute_contexts():
