@@ -15,10 +15,13 @@ Profiles (``--profile``):
   fast     compile, no activation checkpointing
   qlora    the 8B QLoRA config (NF4 base)
   packed   lean with packing on alpaca-like lengths (log-normal, median ~200 tokens, 40-2048)
+  long     the long-context QLoRA config as shipped (llama3_1/8B_qlora_long_context), batch 1:
+           give the row length with --seq (rows of exactly that many tokens, one per step)
   graph, offload_graph, qlora_graph, qlora_offload_graph, packed_graph: the same with
            cuda_graph=true (QLoRA ones also compiled)
 
     python bench/finetune.py --profile lean                 # GPU
+    python bench/finetune.py --profile long --seq 131072 --batch 1 --workload qlora_1x131k --run-id R
     python bench/finetune.py --shape tiny --steps 2 --warmup 1 --profile packed   # CPU smoke
     Env: TUNELAB_BENCH_CACHE (default /tmp/tunelab-bench), BENCH_OUT (append the line there too).
 """
@@ -57,7 +60,12 @@ PROFILES = {
     "qlora_offload_graph": ("llama3_1/8B_qlora_single_device", ["compile=true", "offload_activations=true",
                                                                 "cuda_graph=true"]),
     "packed_graph": ("llama3_1/8B_lora_single_device", ["packing=true", "cuda_graph=true"]),
+    # the bench's rows are all max_seq_len long already: one per step, nothing to pack
+    "long": ("llama3_1/8B_qlora_long_context", ["packing=false"]),
 }
+# overrides that only fit the config to the bench's data and shape: a profile with none besides
+# these runs the config "as shipped" (result lines say shipped: true)
+SHAPE_ONLY = {"long": ["packing=false"]}
 WORDS = [f"w{i}" for i in range(300)]
 
 
@@ -99,12 +107,20 @@ def main() -> None:
     ap.add_argument("--shape", choices=["8b", "tiny"], default="8b")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--seq", type=int, help="tokens per row (default 2048 for 8b, 64 for tiny)")
+    ap.add_argument("--batch", type=int, help="rows per step (default 2; the long profile 1)")
+    ap.add_argument("--workload", help="the result line's workload name (e.g. qlora_1x32k)")
+    ap.add_argument("--run-id", default=os.environ.get("BENCH_RUN_ID", ""),
+                    help="one id shared by every line of one device call (default $BENCH_RUN_ID)")
+    ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides (the line is then not 'shipped')")
     args = ap.parse_args()
 
     cache = Path(os.environ.get("TUNELAB_BENCH_CACHE", "/tmp/tunelab-bench"))
     cache.mkdir(parents=True, exist_ok=True)
     config, overrides = PROFILES[args.profile]
-    seq, batch = (2048, 2) if args.shape == "8b" else (64, 2)
+    overrides = [*overrides, *args.extra]
+    seq = args.seq or (2048 if args.shape == "8b" else 64)
+    batch = args.batch or (1 if args.profile == "long" else 2)
     packed = args.profile.startswith("packed")
     total_steps = args.warmup + args.steps
     data = cache / f"data-{'packed' if packed else 'dense'}-{seq}.jsonl"
@@ -124,15 +140,25 @@ def main() -> None:
 
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     timed = [r for r in rows if r["step"] > args.warmup]
+    quantized = "qlora" in config
+    host = torch.cuda.host_memory_stats() if torch.cuda.is_available() else {}
+    host_peak = host.get("reserved_bytes.peak") or host.get("allocated_bytes.peak")
     emit({
         "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "torch": torch.__version__,
         "system": "tunelab",
+        "workload": args.workload or f"{'qlora' if quantized else 'lora'}_{batch}x{seq}",
+        "run_id": args.run_id,
+        "shipped": overrides == SHAPE_ONLY.get(args.profile, []),
+        "max_seq_len": seq,
         "bench": "finetune",
         "profile": f"recipe_{args.profile}",
         "config": f"{args.shape} {config} bs{batch} seq{seq} {' '.join(overrides) or 'defaults'} (recipe main)",
         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
         "peak_gib": round(max(r.get("peak_mem_gib") or 0.0 for r in rows), 2) or None,
+        "host_gib": round(host_peak / 2**30, 2) if host_peak else None,  # pinned host memory (offload)
+        "cap_gib": (round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+                    if torch.cuda.is_available() else None),
         "loss": round(timed[-1]["loss"], 4),
         "steps": args.steps,
     })

@@ -80,6 +80,7 @@ RECIPES: dict[str, RecipeSpec] = {
                 "llama3/8B_lora_single_device",
                 "llama3_1/8B_lora_single_device",
                 "llama3_1/8B_qlora_single_device",
+                "llama3_1/8B_qlora_long_context",
                 "llama3_1/70B_qlora_single_device",
                 "llama3_2/1B_lora_single_device",
                 "llama3_2/3B_lora_single_device",

@@ -16,6 +16,15 @@ when the recompute starts (needed only after the MLP's backward); the previous l
 attention output start when this layer's attention backward begins (past its memory peak). At
 ~50 GB/s each way (H200 host link) a layer's 112 MiB move in ~2.3 ms.
 
+At long context the kept regions no longer pay: q, k, v and the attention output are ~2.5x a
+layer's input, and host memory is the other budget (an 8B model's bf16 layer inputs alone are
+256 KiB per token, ~122 GiB at 500k tokens). ``keep_regions=False`` offloads the layer inputs
+only (attention is recomputed as under plain checkpointing), and ``max_host_bytes`` caps the
+pinned copies of one forward: once the next tensor would pass it, the remaining layers keep
+their inputs on the device. The first layers go to the host, the last ones stay, which is
+also the order backward wants them back in (the kept ones are used first and freed while the
+host copies of the earlier layers come back).
+
 Only floating tensors that require grad and are at least ``min_bytes`` are moved (the
 activations); position ids, masks, the RoPE tables and other shared inputs stay where they
 are, and so does layer 0's input under LoRA (the frozen embedding's output is not in the
@@ -67,10 +76,16 @@ class ActivationOffloader:
 
     Args:
         min_bytes: tensors smaller than this stay on the device (copy overhead not worth it).
+        keep_regions: also keep the layers' kept regions (attention) in host memory, so the
+            rerun skips them; False: offload the layer inputs only.
+        max_host_bytes: at most this many bytes of pinned copies per forward (None: no cap);
+            tensors past it stay on the device.
     """
 
-    def __init__(self, min_bytes: int = 1 << 20):
+    def __init__(self, min_bytes: int = 1 << 20, keep_regions: bool = True, max_host_bytes: int | None = None):
         self.min_bytes = min_bytes
+        self.keep_regions = keep_regions
+        self.max_host_bytes = max_host_bytes
         self._stream: torch.cuda.Stream | None = None
         self._groups: list[list[_Handle]] = []  # this forward's handles, one list per layer call
         self._seen: dict[tuple, tuple[weakref.ref, _Handle]] = {}  # the current layer call's, by _key
@@ -95,7 +110,8 @@ class ActivationOffloader:
     def _moves(self, t: torch.Tensor) -> bool:
         # (not empty: torch 2.11's checkpoint saves an empty tensor that requires grad)
         nbytes = t.numel() * t.element_size()
-        return t.is_floating_point() and t.requires_grad and nbytes > 0 and nbytes >= self.min_bytes
+        fits = self.max_host_bytes is None or self.offloaded_bytes + nbytes <= self.max_host_bytes
+        return t.is_floating_point() and t.requires_grad and nbytes > 0 and nbytes >= self.min_bytes and fits
 
     def _offload(self, t: torch.Tensor, *, kept: bool, early: bool) -> _Handle:
         host = self._host_buffer(t)

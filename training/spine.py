@@ -152,7 +152,9 @@ class TrainConfig:
     device: str  # auto | cpu | cuda | cuda:N (distributed: auto | cpu | cuda, each rank cuda:LOCAL_RANK)
     dtype: Literal["bf16", "fp32"]
     activation_checkpointing: bool | int  # true: every layer; k: every k-th layer (selective); false: none
-    offload_activations: bool  # layer inputs + attention in pinned CPU memory; attention not recomputed (CUDA)
+    # true: layer inputs + attention in pinned CPU memory, attention not recomputed; inputs: the
+    # layer inputs only (long context); false: none (CUDA only)
+    offload_activations: bool | Literal["inputs"]
     compile: bool
     max_grad_norm: float | None  # null = no clipping (the norm is still logged)
     log_every_n_steps: int
@@ -174,6 +176,9 @@ class TrainConfig:
     # tile at a time in forward and backward, so the MLP's wide intermediates exist for one tile:
     # long context); null = the whole sequence at once. A key a config may leave out
     mlp_tile_tokens: int | None = None
+    # cap on the pinned host memory offload_activations uses per forward, in GiB; the layers past
+    # it keep their inputs on the GPU. null = no cap. A key a config may leave out
+    offload_host_gib: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -197,6 +202,8 @@ def check_settings(cfg) -> None:
     for key, value in positive.items():
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be >= 1 (or null where allowed), got {value}")
+    if cfg.offload_host_gib is not None and not cfg.offload_host_gib > 0:
+        raise ConfigError(f"offload_host_gib must be > 0 or null (no cap), got {cfg.offload_host_gib}")
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise ConfigError(f"max_grad_norm must be > 0 or null, got {cfg.max_grad_norm}")
     for key, value in cfg.optimizer.items():  # torch takes lr=inf and then trains nan
@@ -236,7 +243,7 @@ class Run:
         cfg: the recipe's config (paths resolved).
         device: this rank's device.
         dtype: the base weights' dtype.
-        flags: the CUDA-only switches in effect (off on cpu), by config key.
+        flags: the CUDA-only switches in effect (False on cpu), by config key.
         manager: the output folder's checkpoint manager.
         resume_dir: the step folder to resume from, None to start fresh.
         distributed: an FSDP run (``fully_shard``, sharded save and load), on any world size.
@@ -247,7 +254,7 @@ class Run:
     cfg: Any
     device: torch.device
     dtype: torch.dtype
-    flags: dict[str, bool]
+    flags: dict[str, bool | str]
     manager: CheckpointManager
     resume_dir: Path | None
     distributed: bool
@@ -313,7 +320,7 @@ def _setup(cfg, device: torch.device | None, cuda_only: dict[str, bool]) -> Run:
     if is_rank0():
         flags = cuda_only_settings_notice(device, **cuda_only)
     else:
-        flags = {name: bool(on) and device.type == "cuda" for name, on in cuda_only.items()}
+        flags = {name: on if device.type == "cuda" else False for name, on in cuda_only.items()}
     if "cpu_offload" in flags:  # FSDP's parameter offload: the fsdp section is what shard_model reads
         cfg.fsdp.cpu_offload = flags["cpu_offload"]
     if device.type == "cuda":
@@ -407,7 +414,8 @@ def build_model(run: Run, tokenizer) -> nn.Module:
                    adapter_dtype=torch.float32)
         set_trainable_params(model)
         wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
-                    offload_activations=offload, mlp_tile_tokens=cfg.mlp_tile_tokens)
+                    offload_activations=offload, offload_host_gib=cfg.offload_host_gib,
+                    mlp_tile_tokens=cfg.mlp_tile_tokens)
         check_vocab(tokenizer, model.args.vocab_size)
     n_params, n_trainable = count_parameters(model)
     where = f", FSDP over {run.world} rank(s) on {run.device.type}" if run.distributed else f" on {run.device}"
@@ -422,7 +430,7 @@ def build_model(run: Run, tokenizer) -> nn.Module:
 
 
 def build_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, compile_layers: bool,
-                        offload_activations: bool = False) -> nn.Module:
+                        offload_activations: bool | str = False) -> nn.Module:
     """Meta build (NF4 decoder projections with quantize=nf4) -> LoRA -> fully_shard per layer
     and root -> allocate the shards -> base weights read shard by shard -> LoRA initialised as
     on one device (call at the same point of the seeded RNG stream on every rank).
@@ -434,12 +442,13 @@ def build_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
         device: this rank's device.
         dtype: base weight dtype (bf16 also turns on bf16 mixed precision).
         compile_layers: compile each decoder layer.
-        offload_activations: keep the checkpointed layer inputs and attention in pinned CPU
-            memory (``wrap_layers``).
+        offload_activations: keep the checkpointed layer inputs (and attention, unless
+            ``"inputs"``) in pinned CPU memory (``wrap_layers``).
     """
     model = build_meta_model(args, dtype, cfg.lora, cfg.quantize)
     wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
-                offload_activations=offload_activations, mlp_tile_tokens=cfg.mlp_tile_tokens)
+                offload_activations=offload_activations, offload_host_gib=cfg.offload_host_gib,
+                mlp_tile_tokens=cfg.mlp_tile_tokens)
     shard_model(model, param_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None,
                 reshard_after_forward=cfg.fsdp.reshard_after_forward, cpu_offload=cfg.fsdp.cpu_offload,
                 prefetch_layers=cfg.fsdp.prefetch_layers, shard_frozen=cfg.fsdp.shard_frozen)

@@ -28,7 +28,8 @@ __all__ = ["IGNORE_INDEX", "NonFiniteLossError", "RouterAuxLoss", "wrap_layers",
 
 
 def wrap_layers(model: nn.Module, *, activation_checkpointing: bool | int, compile_layers: bool,
-                offload_activations: bool = False, mlp_tile_tokens: int | None = None) -> nn.Module:
+                offload_activations: bool | str = False, offload_host_gib: float | None = None,
+                mlp_tile_tokens: int | None = None) -> nn.Module:
     """Activation checkpointing, ``torch.compile`` and the sequence-tiled MLP per decoder layer,
     in place.
 
@@ -51,6 +52,10 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool | int, compi
             forward and backward (:class:`~tunelab.training.offload.ActivationOffloader`), and
             attention's saved tensors too, so the rerun skips the q/k/v projections and the
             attention kernel (``modules.recompute.kept``); needs ``activation_checkpointing``.
+            ``"inputs"``: the layer inputs only, attention recomputed (long context, where q/k/v
+            would not fit in host memory).
+        offload_host_gib: cap on the pinned host copies of one forward; the layers past it
+            keep their inputs on the device (None: no cap).
         mlp_tile_tokens: run each dense layer's MLP block (norm, MLP, residual add) this many
             tokens at a time in forward and backward (``modules.tiling``), None: whole. Under
             compile the block is compiled on its own (the tiled region is a graph break).
@@ -61,7 +66,10 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool | int, compi
     """
     every = checkpoint_every(activation_checkpointing, offload_activations)
     check_mlp_tile_tokens(mlp_tile_tokens)
-    offloader = ActivationOffloader() if offload_activations else None
+    offloader = None
+    if offload_activations:
+        cap = None if offload_host_gib is None else int(offload_host_gib * 2**30)
+        offloader = ActivationOffloader(keep_regions=offload_activations != "inputs", max_host_bytes=cap)
     for i, layer in enumerate(model.layers):
         if mlp_tile_tokens is not None and isinstance(layer.mlp, FeedForward):
             layer.mlp_tile = mlp_tile_tokens
@@ -71,7 +79,8 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool | int, compi
         if compile_layers:
             forward = torch.compile(forward)
         if every and i % every == 0:
-            contexts = _recompute_contexts if offloader is None else functools.partial(_keep_contexts, offloader)
+            contexts = (functools.partial(_keep_contexts, offloader) if offloader is not None and offloader.keep_regions
+                        else _recompute_contexts)
             forward = functools.partial(checkpoint, forward, use_reentrant=False, context_fn=contexts)
             if offloader is not None:
                 forward = functools.partial(_with_hooks, offloader, forward)
@@ -79,7 +88,7 @@ def wrap_layers(model: nn.Module, *, activation_checkpointing: bool | int, compi
     return model
 
 
-def checkpoint_every(activation_checkpointing: bool | int, offload_activations: bool = False) -> int:
+def checkpoint_every(activation_checkpointing: bool | int, offload_activations: bool | str = False) -> int:
     """The ``activation_checkpointing`` setting as "checkpoint every k-th layer" (0: none),
     checked together with ``offload_activations`` (which offloads checkpointed layers' inputs).
 
@@ -91,8 +100,9 @@ def checkpoint_every(activation_checkpointing: bool | int, offload_activations: 
         raise ConfigError(f"activation_checkpointing: {activation_checkpointing} is negative; use true (every "
                           "layer), false, or an integer k >= 1 (every k-th layer)")
     if offload_activations and not every:
-        raise ConfigError("offload_activations: true needs activation_checkpointing: true (it offloads the "
-                          "checkpointed layer inputs); enable it or set offload_activations: false")
+        raise ConfigError(f"offload_activations: {str(offload_activations).lower()} needs activation_checkpointing: "
+                          "true (it offloads the checkpointed layer inputs); enable it or set offload_activations: "
+                          "false")
     return every
 
 

@@ -58,25 +58,39 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def cuda_only_settings_notice(device: torch.device, **settings: bool) -> dict[str, bool]:
-    """Switch off settings that need CUDA when running on cpu, with a one-line notice.
+def cuda_only_settings_notice(device: torch.device, **settings):
+    """Switch off settings that need CUDA when running on cpu, with a one-line notice (and
+    ``offload_activations`` where pinned host memory cannot be allocated).
 
     Example: ``flags = cuda_only_settings_notice(device, compile=cfg.compile)`` returns
     ``{"compile": False}`` on cpu and prints ``notice: compile switched off on cpu (needs CUDA)``.
 
     Args:
         device: the resolved device.
-        **settings: name -> requested on/off.
+        **settings: name -> requested value (on/off, or a mode such as ``"inputs"``).
 
     Returns:
-        name -> effective on/off.
+        name -> effective value (False where switched off).
     """
     if device.type == "cuda":
-        return dict(settings)
+        flags = dict(settings)
+        if flags.get("offload_activations") and not _pinned_memory_works():
+            print("notice: offload_activations switched off: pinned host memory cannot be allocated here "
+                  "(raise the locked-memory limit, ulimit -l, to use it)", flush=True)
+            flags["offload_activations"] = False
+        return flags
     switched = [name for name, on in settings.items() if on]
     if switched:
         print(f"notice: {', '.join(switched)} switched off on cpu (needs CUDA)", flush=True)
     return {name: False for name in settings}
+
+
+def _pinned_memory_works() -> bool:
+    try:
+        torch.empty(1, pin_memory=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 def num_params(module: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -155,6 +155,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, make_hf_checkpoint, rt, caps
         ("llama2/7B_lora_single_device", "llama2"),
         ("llama3/8B_lora_single_device", "llama3"),
         ("llama3_1/8B_lora_single_device", "llama3_1"),
+        ("llama3_1/8B_qlora_long_context", "llama3_1"),
         ("llama3_2/1B_lora_single_device", "llama3_2"),
         ("llama3_2/3B_lora_single_device", "llama3_2"),
         ("gemma3/4B_lora_single_device", "gemma3_mm"),
@@ -183,8 +184,10 @@ def test_shipped_configs_run_on_cpu(config, kind, tmp_path, make_hf_checkpoint, 
                  f"output_dir={out}"])
     assert (out / "step_1" / COMPLETE).is_file()
     stdout = capsys.readouterr().out
-    if load_config(config).compile:
-        assert "notice: compile switched off on cpu (needs CUDA)" in stdout.splitlines()
+    cfg = load_config(config)
+    switched = [key for key in ("compile", "offload_activations", "cuda_graph") if cfg.get(key)]
+    if switched:
+        assert f"notice: {', '.join(switched)} switched off on cpu (needs CUDA)" in stdout.splitlines()
 
 
 POISON_OPTIMIZER = '''

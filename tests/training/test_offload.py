@@ -224,3 +224,57 @@ def test_fetch_order_follows_the_backward():
         first_take = next(i for i, e in enumerate(events) if e[0] in ("take", "replay") and e[1] == g)
         assert min(early_fetches) < first_take < min(late_fetches)
     assert off._live == 0  # all consumed
+
+
+def _offload_model(offload, host_gib=None):
+    torch.manual_seed(0)
+    model = build_model(tiny(vocab_size=96, n_layers=4), device="cpu", dtype=torch.float32)
+    apply_lora(model, "all-linear", rank=4, alpha=8)
+    for p in get_adapter_params(model).values():
+        torch.nn.init.normal_(p, std=0.05)
+    set_trainable_params(model)
+    wrap_layers(model, activation_checkpointing=True, compile_layers=False, offload_activations=offload,
+                offload_host_gib=host_gib)
+    if offload:
+        model.layers[0].forward.args[0].min_bytes = 0
+    return model
+
+
+def test_inputs_only_offload_recomputes_attention_and_caps_host_memory(monkeypatch):
+    """``offload_activations: inputs`` moves the layer inputs only (attention is recomputed, as
+    plain checkpointing does) and ``offload_host_gib`` caps the copies of one forward: past it
+    the remaining layers keep their inputs where they are. Gradients are bit-identical to plain
+    checkpointing either way (the same kernels on the same values)."""
+    import tunelab.modules.attention as attention
+
+    calls = []
+    rope_attention = attention.rope_attention
+    monkeypatch.setattr(attention, "rope_attention", lambda *a: calls.append(1) or rope_attention(*a))
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    plain_loss, plain = _grads(_offload_model(False), tokens)
+    d = tiny(vocab_size=96, n_layers=4)
+    layer_input = tokens.numel() * d.dim * 4  # fp32 [2, 24, dim]; layer 0's input needs no grad
+    for host_gib, offloaded_layers in ((None, 3), (2.5 * layer_input / 2**30, 2)):
+        model = _offload_model("inputs", host_gib)
+        offloader = model.layers[0].forward.args[0]
+        assert not offloader.keep_regions
+        loss, grads = _grads(model, tokens)
+        assert calls == [] and torch.equal(loss, plain_loss)  # the kept-region path never ran
+        for k in plain:
+            assert torch.equal(grads[k], plain[k]), k
+        assert offloader.offloaded_bytes == offloaded_layers * layer_input
+        assert offloader._live == 0
+
+
+def test_offload_falls_back_without_pinned_memory(monkeypatch, capsys):
+    """On a CUDA device whose pinned allocations fail (a low locked-memory limit), the switch is
+    turned off with a one-line notice instead of failing mid-step."""
+    from tunelab.training import utils
+
+    monkeypatch.setattr(utils, "_pinned_memory_works", lambda: False)
+    flags = utils.cuda_only_settings_notice(torch.device("cuda"), compile=True, offload_activations="inputs")
+    assert flags == {"compile": True, "offload_activations": False}
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "offload_activations switched off: pinned host memory" in out[0]
+    assert utils.cuda_only_settings_notice(torch.device("cpu"), offload_activations="inputs") == {
+        "offload_activations": False}
