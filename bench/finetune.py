@@ -9,11 +9,12 @@ tail) comes from metrics.jsonl; the result is the median over the timed steps, t
 recipe's own ``peak_mem_gib`` (torch.cuda.max_memory_allocated since the start of the run).
 
 Profiles (``--profile``):
-  lean     the default 8B config (activation checkpointing + compile), 2 x 2048 tokens
+  lean     the 8B LoRA config as shipped (checkpointing + compile + offload_activations), 2 x 2048 tokens
   eager    lean without compile
-  offload  lean + offload_activations (checkpointed inputs in pinned CPU memory)
+  offload  lean + offload_activations (the shipped default since the 8B configs turned it on)
+  no_offload  lean without offload_activations
   fast     compile, no activation checkpointing
-  qlora    the 8B QLoRA config (NF4 base)
+  qlora    the 8B QLoRA config as shipped (NF4 base, compile + offload_activations)
   packed   lean with packing on alpaca-like lengths (log-normal, median ~200 tokens, 40-2048)
   long     the long-context QLoRA config as shipped (llama3_1/8B_qlora_long_context), batch 1:
            give the row length with --seq (rows of exactly that many tokens, one per step)
@@ -51,6 +52,7 @@ PROFILES = {
     "lean": ("llama3_1/8B_lora_single_device", []),
     "eager": ("llama3_1/8B_lora_single_device", ["compile=false"]),
     "offload": ("llama3_1/8B_lora_single_device", ["offload_activations=true"]),
+    "no_offload": ("llama3_1/8B_lora_single_device", ["offload_activations=false"]),
     "fast": ("llama3_1/8B_lora_single_device", ["activation_checkpointing=false"]),
     "qlora": ("llama3_1/8B_qlora_single_device", []),
     "packed": ("llama3_1/8B_lora_single_device", ["packing=true"]),
