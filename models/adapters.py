@@ -48,6 +48,9 @@ _PREFIX = "base_model.model."
 # base_model.model.<hf path>.lora_A[.<adapter name>].weight; PEFT writes no adapter name, but
 # some versions/tools keep it (".default.").
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# DoRA's magnitude vector: PEFT writes <module>.lora_magnitude_vector (older files may keep the
+# adapter name, newer in-memory names end in .weight)
+_MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 # PEFT's LoRA on an MoE layer's expert parameters (target_parameters): one ParamWrapper per
 # targeted parameter around the experts module, the first listed innermost (".base_layer" once
 # per wrapper outside it)
@@ -58,7 +61,6 @@ _EXPERT_KEY_RE = re.compile(r"^(?P<module>.+\.mlp\.experts)(?P<depth>(?:\.base_l
 # adapter_config.json settings that change the math or the set of trained tensors; tunelab
 # loads plain LoRA only, so any of these being set is refused rather than silently ignored.
 _UNSUPPORTED = {
-    "use_dora": "DoRA adds a magnitude vector",
     "use_rslora": "rsLoRA scales by alpha/sqrt(r)",
     "fan_in_fan_out": "transposed (Conv1D) weights",
     "lora_bias": "LoRA-B bias terms",
@@ -173,11 +175,13 @@ def save_adapter(
     ranks = {m.rank for _, m in modules + experts}
     alphas = {float(m.alpha) for _, m in modules + experts}
     dropouts = {m.dropout_p for _, m in modules}
-    if len(ranks) > 1 or len(alphas) > 1 or len(dropouts) > 1:
+    doras = {m.use_dora for _, m in modules}
+    if len(ranks) > 1 or len(alphas) > 1 or len(dropouts) > 1 or len(doras) > 1:
         raise ValueError(
             f"save_adapter: mixed LoRA settings (ranks {sorted(ranks)}, alphas {sorted(alphas)}, "
-            f"dropouts {sorted(dropouts)}); the PEFT config holds one r/alpha/dropout"
+            f"dropouts {sorted(dropouts)}, DoRA {sorted(doras)}); the PEFT config holds one of each"
         )
+    use_dora = doras.pop() if doras else False
     r, a, p = ranks.pop(), alphas.pop(), dropouts.pop()
     native_leaves = {name.rpartition(".")[2] for name, _ in modules} | ({EXPERT_TARGET} if experts else set())
 
@@ -209,6 +213,8 @@ def save_adapter(
         hf_paths.append(hf)
         tensors[f"{_PREFIX}{hf}.lora_A.weight"] = m.lora_a.weight.detach().cpu().contiguous()
         tensors[f"{_PREFIX}{hf}.lora_B.weight"] = m.lora_b.weight.detach().cpu().contiguous()
+        if use_dora:
+            tensors[f"{_PREFIX}{hf}.lora_magnitude_vector"] = m.lora_magnitude.detach().cpu().contiguous()
 
     expert_tensors, target_parameters = _expert_tensors(model)
     tensors.update(expert_tensors)
@@ -239,7 +245,7 @@ def save_adapter(
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -414,17 +420,17 @@ def load_adapter(
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path} cannot be read ({e})") from None
 
+    use_dora = bool(cfg.get("use_dora"))
     tensors = _load_expert_lora(model, tensors, cfg, weights_path, adapter_dtype)
-    # group the file's tensors by native module: {module: {"A": (key, tensor), "B": ...}}
+    # group the file's tensors by native module: {module: {"A": (key, tensor), "B": ..., "M": ...}}
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     adapter_names = set()
     for key, tensor in tensors.items():
-        m = _KEY_RE.match(key.removeprefix(_PREFIX)) if key.startswith(_PREFIX) else None
-        if m is None:
-            raise CheckpointError(
-                f"{weights_path}: unexpected key {key!r} "
-                "(want base_model.model.<module>.lora_A/B.weight)"
-            )
+        short = key.removeprefix(_PREFIX)
+        m = (_KEY_RE.match(short) or _MAGNITUDE_RE.match(short)) if key.startswith(_PREFIX) else None
+        if m is None or ("which" not in m.groupdict() and not use_dora):
+            want = "lora_A/B.weight" + (" or .lora_magnitude_vector" if use_dora else "")
+            raise CheckpointError(f"{weights_path}: unexpected key {key!r} (want base_model.model.<module>.{want})")
         adapter_names.add(m["adapter"])
         try:
             native = _native_module(m["module"], model.args)
@@ -432,7 +438,7 @@ def load_adapter(
             raise CheckpointError(
                 f"{weights_path}: key {key!r} names no layer of this model (different base model?)"
             ) from None
-        found.setdefault(native, {})[m["which"]] = (key, tensor)
+        found.setdefault(native, {})[m.groupdict().get("which", "M")] = (key, tensor)
     if len(adapter_names) > 1:
         names = sorted(map(str, adapter_names))
         raise CheckpointError(f"{weights_path}: holds several adapters {names}; keep one")
@@ -445,9 +451,11 @@ def load_adapter(
                 f"{weights_path}: key {key!r} is for a layer the model does not have or "
                 f"target_modules {cfg['target_modules']!r} does not name (different base model?)"
             )
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise CheckpointError(f"{weights_path}: key {key!r} has no matching {missing} tensor")
+        missing = [f"lora_{w}" if w != "M" else "lora_magnitude_vector"
+                   for w in ("A", "B", "M") if w not in pair and (w != "M" or use_dora)]
+        if missing:
+            raise CheckpointError(f"{weights_path}: key {key!r} has no matching {missing[0]} tensor"
+                                  + (" (use_dora is true in adapter_config.json)" if missing[0].endswith("vector") else ""))
     missing = sorted(targeted - set(found))
     if missing:
         raise CheckpointError(
@@ -459,14 +467,16 @@ def load_adapter(
         layer = model.get_submodule(native)
         if isinstance(layer, LoRALinear):
             in_dim, out_dim = layer.in_dim, layer.out_dim
-            if layer.rank != r or float(layer.alpha) != float(alpha):
+            if layer.rank != r or float(layer.alpha) != float(alpha) or layer.use_dora != use_dora:
                 raise CheckpointError(
-                    f"{cfg_path}: r={r}, lora_alpha={alpha} but {native} already has LoRA with "
-                    f"rank={layer.rank}, alpha={layer.alpha}"
+                    f"{cfg_path}: r={r}, lora_alpha={alpha}, use_dora={use_dora} but {native} already has LoRA "
+                    f"with rank={layer.rank}, alpha={layer.alpha}, use_dora={layer.use_dora}"
                 )
         else:
             in_dim, out_dim = layer.in_features, layer.out_features
-        for which, want in (("A", (r, in_dim)), ("B", (out_dim, r))):
+        for which, want in (("A", (r, in_dim)), ("B", (out_dim, r)), ("M", (out_dim,))):
+            if which not in pair:
+                continue
             key, tensor = pair[which]
             if tuple(tensor.shape) != want:
                 raise CheckpointError(
@@ -475,16 +485,17 @@ def load_adapter(
                 )
 
     to_wrap = [n for n in found if not isinstance(model.get_submodule(n), LoRALinear)]
-    apply_lora_to_modules(model, to_wrap, r, alpha, dropout, adapter_dtype=adapter_dtype)
+    apply_lora_to_modules(model, to_wrap, r, alpha, dropout, adapter_dtype=adapter_dtype, use_dora=use_dora)
     with torch.no_grad():
         for native, pair in found.items():
             layer = model.get_submodule(native)
-            for which, lin in (("A", layer.lora_a), ("B", layer.lora_b)):
-                tensor = pair[which][1]
-                if lin.weight.is_meta:  # copy_ into meta is a no-op: put a real tensor there
-                    lin.weight = nn.Parameter(
-                        tensor.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad
-                    )
+            for which, owner, attr in (("A", layer.lora_a, "weight"), ("B", layer.lora_b, "weight"),
+                                       ("M", layer, "lora_magnitude")):
+                if which not in pair:
+                    continue
+                tensor, param = pair[which][1], getattr(owner, attr)
+                if param.is_meta:  # copy_ into meta is a no-op: put a real tensor there
+                    setattr(owner, attr, nn.Parameter(tensor.to(param.dtype), requires_grad=param.requires_grad))
                 else:
-                    lin.weight.copy_(tensor)
+                    param.copy_(tensor)
     return model

@@ -292,7 +292,7 @@ def load_state(
 # its order, and how samples group into steps (the saved data position counts micro-batches).
 # batch_size is checked against the saved position itself (it may change with the world size).
 FIXED_ON_RESUME = ("checkpoint_dir", "tokenizer", "quantize", "dtype", "lora.rank", "lora.alpha", "lora.targets",
-                   "dataset", "seed", "max_seq_len", "packing", "gradient_accumulation_steps",
+                   "lora.use_dora", "dataset", "seed", "max_seq_len", "packing", "gradient_accumulation_steps",
                    "optimizer._component_")
 
 

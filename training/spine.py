@@ -127,6 +127,9 @@ class LoRAConfig:
     alpha: float
     dropout: float
     targets: list[str]
+    # DoRA: a trained magnitude per output row of each adapted layer (modules.peft.LoRALinear);
+    # single-device recipes. A key a config may leave out
+    use_dora: bool = False
 
 
 @dataclass(kw_only=True)
@@ -229,6 +232,9 @@ def check_settings(cfg) -> None:
         raise ConfigError("export_gguf needs the gguf package: pip install 'tunelab[gguf]' (or set export_gguf: null)")
     check_metric_loggers(cfg.metric_loggers, cfg.allowed_components)
     if isinstance(cfg, DistributedConfig):
+        if cfg.lora.use_dora:
+            raise ConfigError("lora.use_dora: DoRA runs in the single-device recipes only for now (its magnitude "
+                              "vectors are not set up on FSDP shards); set lora.use_dora: false here")
         if cfg.dist_timeout_s < 1:
             raise ConfigError(f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
         check_prefetch_layers(cfg.fsdp.prefetch_layers)
@@ -411,7 +417,7 @@ def build_model(run: Run, tokenizer) -> nn.Module:
         model = from_pretrained(cfg.checkpoint_dir, dtype=run.dtype, device=run.device, quantize=cfg.quantize)
         # QLoRA: the decoder projections are NF4Linear, which apply_lora turns into NF4LoRALinear
         apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                   adapter_dtype=torch.float32)
+                   adapter_dtype=torch.float32, use_dora=cfg.lora.use_dora)
         set_trainable_params(model)
         wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
                     offload_activations=offload, offload_host_gib=cfg.offload_host_gib,
@@ -420,7 +426,7 @@ def build_model(run: Run, tokenizer) -> nn.Module:
     n_params, n_trainable = count_parameters(model)
     where = f", FSDP over {run.world} rank(s) on {run.device.type}" if run.distributed else f" on {run.device}"
     say(f"model: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
-        f"(LoRA rank {cfg.lora.rank}){where} in {cfg.dtype}")
+        f"({'DoRA' if cfg.lora.use_dora else 'LoRA'} rank {cfg.lora.rank}){where} in {cfg.dtype}")
     if run.distributed:
         mib = [sum(t.numel() * t.element_size() for t in ts) / 2**20
                for ts in ([local_tensor(p) for p in model.parameters()], list(model.parameters()))]

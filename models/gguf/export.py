@@ -250,7 +250,8 @@ class _Source:
 
 def _lora_pairs(args: ModelArgs, adapter_dir) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """``{native weight name: merge}`` from a PEFT adapter folder, ``merge(W0)`` being the
-    fp32 merged weight ``W0 + (alpha / r) B A`` (per expert for an MoE layer's stacked experts),
+    fp32 merged weight ``W0 + (alpha / r) B A`` (DoRA: rows rescaled to the magnitudes; per
+    expert for an MoE layer's stacked experts),
     the update ``LoRALinear.merged_weight`` / ``ExpertLoRA.merged`` compute.
 
     The adapter is loaded onto a meta-device model, so ``load_adapter`` checks it against the
@@ -259,16 +260,15 @@ def _lora_pairs(args: ModelArgs, adapter_dir) -> dict[str, Callable[[torch.Tenso
     """
     from tunelab.models.adapters import load_adapter
     from tunelab.models.llama.builders import build_model
-    from tunelab.modules.peft.lora import expert_lora_modules, lora_modules
+    from tunelab.modules.peft.lora import expert_lora_modules, lora_modules, merged_lora_weight
 
     model = build_model(args, device="meta", dtype=torch.float32)
     load_adapter(model, adapter_dir, adapter_dtype=torch.float32)
 
-    def linear(a, b, scaling):
-        return lambda w: w + scaling * (b @ a)  # [out, r] @ [r, in] -> [out, in]
+    def linear(m):  # DoRA adapters carry their magnitude vector
+        return lambda w: merged_lora_weight(w, m.lora_a.weight, m.lora_b.weight, float(m.scaling), m.lora_magnitude)
 
-    merges = {f"{name}.weight": linear(m.lora_a.weight.detach().float(), m.lora_b.weight.detach().float(),
-                                       float(m.scaling)) for name, m in lora_modules(model)}
+    merges = {f"{name}.weight": linear(m) for name, m in lora_modules(model)}
     for name, m in expert_lora_modules(model):  # layers.1.mlp.experts.gate_up_lora -> ...gate_up_proj
         merges[name.removesuffix("_lora") + "_proj"] = torch.no_grad()(m.merged)
     return merges

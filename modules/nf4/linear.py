@@ -173,16 +173,19 @@ class NF4LoRALinear(LoRALinear):
         *,
         adapter_dtype: torch.dtype | None = None,
         bias: torch.Tensor | None = None,
+        use_dora: bool = False,
     ) -> None:
         out_dim, in_dim = weight.shape
         # LoRALinear's constructor wants a dense [out, in] base: give it a zero-stride stand-in
         # (one element of memory) that fixes device and dtype, then swap the NF4 weight in.
         stand_in = torch.empty((), device=weight.device, dtype=weight.dtype).expand(out_dim, in_dim)
         super().__init__(in_dim, out_dim, rank, alpha, dropout, weight=stand_in, adapter_dtype=adapter_dtype,
-                         bias=bias)
+                         bias=bias, use_dora=use_dora)
         del self.weight  # the stand-in Parameter
         self.weight = weight
         _register_dense_view(self)
+        if use_dora and not self.lora_magnitude.is_meta:  # the stand-in gave it nothing real
+            self.init_magnitude()
 
     @classmethod
     def from_lora(cls, lora: LoRALinear, block_size: int = 64, scaler_block_size: int = 256) -> "NF4LoRALinear":
@@ -194,13 +197,17 @@ class NF4LoRALinear(LoRALinear):
             lora.dropout_p,
             adapter_dtype=lora.lora_a.weight.dtype,
             bias=lora.bias,
+            use_dora=lora.use_dora,
         )
-        layer.lora_a, layer.lora_b = lora.lora_a, lora.lora_b
+        layer.lora_a, layer.lora_b, layer.lora_magnitude = lora.lora_a, lora.lora_b, lora.lora_magnitude
         layer.disabled = lora.disabled
         return layer.train(lora.training)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return add_bias(nf4_linear(x, self.weight), self)
+
+    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_linear(x, self.weight)
 
     def fused_base(self, x: torch.Tensor):
         # the fused LoRA function dequantizes the base (into the shared buffer) in its forward
@@ -243,8 +250,9 @@ def quantize_linears_(module: nn.Module, skip: Iterable[str] = ("output",)) -> n
 
 
 def _nf4_lora(base: NF4Linear, rank: int, alpha: float, dropout: float = 0.0, *,
-              adapter_dtype: torch.dtype | None = None) -> NF4LoRALinear:
-    return NF4LoRALinear(base.weight, rank, alpha, dropout, adapter_dtype=adapter_dtype, bias=base.bias)
+              adapter_dtype: torch.dtype | None = None, use_dora: bool = False) -> NF4LoRALinear:
+    return NF4LoRALinear(base.weight, rank, alpha, dropout, adapter_dtype=adapter_dtype, bias=base.bias,
+                         use_dora=use_dora)
 
 
 # apply_lora turns targeted NF4Linear layers into NF4LoRALinear (the 4-bit base kept), so a

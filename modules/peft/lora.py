@@ -6,8 +6,9 @@ parameters, switch the adapters off (the DPO reference model is the same model w
 disabled) and merge them into plain weights for export.
 
 Parameter names follow the native layout: the base stays ``<module>.weight`` and the adapter adds
-``<module>.lora_a.weight`` ([r, in]) and ``<module>.lora_b.weight`` ([out, r]), so a LoRA model's
-state dict loads base checkpoints by name with ``strict=False``.
+``<module>.lora_a.weight`` ([r, in]) and ``<module>.lora_b.weight`` ([out, r]) (DoRA also
+``<module>.lora_magnitude`` [out]), so a LoRA model's state dict loads base checkpoints by name
+with ``strict=False``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "disable_adapters",
     "merge_lora_state_dict",
     "merge_lora_",
+    "merged_lora_weight",
 ]
 
 # The "all-linear" shorthand (as in PEFT) targets every linear layer except the output head:
@@ -78,6 +80,13 @@ class LoRALinear(nn.Module):
             are cast to it on the adapter path and the update is cast back, so fp32 adapters
             work on a bf16 base.
         bias: optional existing base bias [out_dim] (Qwen2's q/k/v), frozen like the weight.
+        use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024, as PEFT computes it): a
+            trainable magnitude per output feature ``m = lora_magnitude`` ([out], starting at the
+            row norms of ``W0 + (alpha/r) B A``) rescales each output row,
+            ``y = m / ||W0 + (alpha/r) B A||_row * (x W0^T + (alpha/r) B A x) + b0``; the norm is
+            a constant in backward (detached, as the paper and PEFT do). With dropout the base
+            term of the update uses the dropped-out input, as PEFT's:
+            ``y = x W0^T + b0 + (m/n - 1) * x_d W0^T + (m/n) (alpha/r) B A x_d``.
 
     Shapes: ``x`` [..., in_dim] -> [..., out_dim].
 
@@ -96,6 +105,7 @@ class LoRALinear(nn.Module):
         weight: torch.Tensor | None = None,
         adapter_dtype: torch.dtype | None = None,
         bias: torch.Tensor | None = None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         check_lora_args(rank, alpha, dropout)
@@ -120,6 +130,7 @@ class LoRALinear(nn.Module):
         factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
         self.lora_a = nn.Linear(in_dim, rank, bias=False, **factory)
         self.lora_b = nn.Linear(rank, out_dim, bias=False, **factory)
+        self.lora_magnitude = nn.Parameter(torch.empty(out_dim, **factory)) if use_dora else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
         self.reset_lora_parameters()
@@ -133,6 +144,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         *,
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> "LoRALinear":
         """Wrap an existing ``nn.Linear``, reusing its weight (and bias) Parameter (no copy).
 
@@ -148,22 +160,58 @@ class LoRALinear(nn.Module):
             weight=linear.weight,
             adapter_dtype=adapter_dtype,
             bias=linear.bias,
+            use_dora=use_dora,
         )
 
     @property
     def dropout_p(self) -> float:
         return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
 
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude is not None
+
     def reset_lora_parameters(self) -> None:
-        """(Re)initialise the adapter: A kaiming-uniform(a=sqrt(5)) like nn.Linear, B zeros."""
+        """(Re)initialise the adapter: A kaiming-uniform(a=sqrt(5)) like nn.Linear, B zeros
+        (DoRA: the magnitude to the base's row norms, unless it is still on the meta device)."""
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
+        if self.use_dora and not self.lora_magnitude.is_meta:
+            self.init_magnitude()
+
+    @torch.no_grad()
+    def init_magnitude(self) -> None:
+        """DoRA: set the magnitude to the row norms of the current ``W0 + (alpha/r) B A``, so the
+        layer computes what plain LoRA does with these A and B (PEFT's initialisation)."""
+        self.lora_magnitude.copy_(self.weight_norm())
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ``||W0 + (alpha/r) B A||`` per output row ([out], fp32, no gradient).
+
+        Computed without the [out, in] update ``B A``: with ``s = alpha / r``,
+        ``||W0_i + s (BA)_i||^2 = ||W0_i||^2 + 2 s (W0 A^T)_i . B_i + s^2 B_i (A A^T) B_i^T``,
+        so besides reading the base weight once it costs one [out, in] x [in, r] product and
+        [out, r] / [r, r] temporaries. The base is read as :meth:`dense_base_weight` gives it:
+        the Parameter itself for a dense base, a dequantized temporary for NF4.
+        """
+        w = self.dense_base_weight()  # [out, in]
+        a, b = self.lora_a.weight.float(), self.lora_b.weight.float()  # [r, in], [out, r]
+        s = self.scaling
+        w_a = (w @ self.lora_a.weight.to(w.dtype).T).float()  # [out, r]
+        square = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+        square = square + 2 * s * (w_a * b).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
+        return square.clamp_min(0).sqrt()
 
     # The two paths are separate methods so that a quantized base weight (NF4) or a fused
     # autograd function can replace one without touching the other.
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen path ``x W0^T + b0``."""
         return F.linear(x, self.weight, self.bias)
+
+    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W0^T`` without the bias (DoRA rescales this part only)."""
+        return F.linear(x, self.weight)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Adapter path ``scaling * B A dropout(x)``, computed in x's dtype.
@@ -180,11 +228,28 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.base_forward(x)
+        if self.use_dora:
+            return self._dora_forward(x)
         base = self.fused_base(x)
         if base is not None:
             # One autograd node that reuses x for both paths and skips W0's gradient.
             return add_bias(lora_linear(x, base, self.lora_a.weight, self.lora_b.weight, self.scaling), self)
         return self.base_forward(x) + self.adapter_forward(x)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # m / ||W0 + s B A|| per output row; the norm is a constant for autograd
+        scale = (self.lora_magnitude / self.weight_norm()).to(x.dtype)  # [out]
+        if self.training and self.dropout_p > 0:  # PEFT's form: the update's base term sees x_d
+            dropped = self.dropout(x)
+            a, b = self.lora_a.weight.to(x.dtype), self.lora_b.weight.to(x.dtype)
+            update = F.linear(F.linear(dropped, a), b) * self.scaling
+            return self.base_forward(x) + (scale - 1) * self.base_matmul(dropped) + scale * update
+        base = self.fused_base(x)  # x W0^T + s B A x in one node where the kernels apply
+        if base is not None:
+            combined = lora_linear(x, base, self.lora_a.weight, self.lora_b.weight, self.scaling)
+        else:
+            combined = self.base_matmul(x) + self.adapter_forward(x)
+        return add_bias(combined * scale, self)
 
     def fused_base(self, x: torch.Tensor):
         """The base weight for the fused LoRA function (``tunelab.kernels.lora_linear``), or
@@ -203,10 +268,10 @@ class LoRALinear(nn.Module):
         return self.weight
 
     def merged_weight(self) -> torch.Tensor:
-        """``W0 + scaling * B @ A`` computed in fp32, returned in the base weight's dtype."""
+        """``W0 + scaling * B @ A`` computed in fp32, returned in the base weight's dtype (DoRA:
+        each row then rescaled to its magnitude, ``m / ||W0 + s B A||_row``)."""
         base = self.dense_base_weight()
-        delta = self.lora_b.weight.float() @ self.lora_a.weight.float()  # [out, r] @ [r, in]
-        merged = base.float() + self.scaling * delta.to(base.device)
+        merged = merged_lora_weight(base, self.lora_a.weight, self.lora_b.weight, self.scaling, self.lora_magnitude)
         return merged.to(base.dtype)
 
     # Fused paths for a decoder layer's groups of projections, found on the layer type by
@@ -228,6 +293,7 @@ class LoRALinear(nn.Module):
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, "
             f"alpha={self.alpha}, dropout={self.dropout_p}, disabled={self.disabled}"
+            + (", dora=True" if self.use_dora else "")
         )
 
 
@@ -327,6 +393,24 @@ def frozen_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
     return nn.Parameter(bias, requires_grad=False)
 
 
+def merged_lora_weight(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                       magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """``W0 + scaling * B @ A`` in fp32 on ``base``'s device; with a DoRA ``magnitude`` [out]
+    each row is then rescaled to it: ``m_i * row_i / ||row_i||``.
+
+    Args:
+        base: the dense base weight ``W0`` [out, in].
+        a, b: ``lora_a`` [r, in] and ``lora_b`` [out, r].
+        scaling: ``alpha / r``.
+        magnitude: DoRA's magnitude vector, or None for plain LoRA.
+    """
+    delta = b.detach().float() @ a.detach().float()  # [out, r] @ [r, in]
+    merged = base.detach().float() + scaling * delta.to(base.device)
+    if magnitude is not None:
+        merged = merged * (magnitude.detach().float().to(base.device) / torch.linalg.vector_norm(merged, dim=1))[:, None]
+    return merged
+
+
 def add_bias(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``y + layer.bias`` in y's dtype where the layer has a bias (the fused LoRA functions
     compute the bias-free part), else ``y``."""
@@ -336,8 +420,9 @@ def add_bias(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 def _frozen_fused_base(layer: nn.Module, x: torch.Tensor):
     """The base ``layer`` hands the fused LoRA functions for ``x`` if it is an active LoRA layer
-    on the fused path with a frozen base (what the grouped and output-skipping calls need), else None."""
-    if not isinstance(layer, LoRALinear) or layer.disabled:
+    on the fused path with a frozen base (what the grouped and output-skipping calls need), else None.
+    DoRA layers run on their own (their rows are rescaled after the fused product)."""
+    if not isinstance(layer, LoRALinear) or layer.disabled or layer.use_dora:
         return None
     base = layer.fused_base(x)
     return None if isinstance(base, torch.Tensor) and base.requires_grad else base
@@ -438,8 +523,8 @@ def register_lora_base(layer_type: type[nn.Module], make_lora: Callable[..., LoR
 
     Args:
         layer_type: a linear-like module class (with ``in_features`` / ``out_features``).
-        make_lora: ``make_lora(layer, rank, alpha, dropout, adapter_dtype=None)`` returns the
-            ``LoRALinear`` (subclass) that replaces ``layer``, keeping its frozen base.
+        make_lora: ``make_lora(layer, rank, alpha, dropout, adapter_dtype=None, use_dora=False)``
+            returns the ``LoRALinear`` (subclass) that replaces ``layer``, keeping its frozen base.
     """
     _LORA_BASES[layer_type] = make_lora
 
@@ -510,17 +595,18 @@ def apply_lora_to_modules(
     dropout: float = 0.0,
     *,
     adapter_dtype: torch.dtype | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace the named linear modules (full dotted names; ``nn.Linear`` or a type registered
-    with :func:`register_lora_base`) by ``LoRALinear`` in place."""
+    with :func:`register_lora_base`) by ``LoRALinear`` (DoRA with ``use_dora``) in place."""
     check_lora_args(rank, alpha, dropout)
     for name in module_names:
         layer = model.get_submodule(name)
         make = next((f for kind, f in _LORA_BASES.items() if isinstance(layer, kind)), None)
         if make is not None:
-            lora = make(layer, rank, alpha, dropout, adapter_dtype=adapter_dtype)
+            lora = make(layer, rank, alpha, dropout, adapter_dtype=adapter_dtype, use_dora=use_dora)
         elif isinstance(layer, nn.Linear):
-            lora = LoRALinear.from_linear(layer, rank, alpha, dropout, adapter_dtype=adapter_dtype)
+            lora = LoRALinear.from_linear(layer, rank, alpha, dropout, adapter_dtype=adapter_dtype, use_dora=use_dora)
         else:
             raise ValueError(f"{name} is {type(layer).__name__}, not a linear layer LoRA can wrap")
         lora.train(layer.training)
@@ -536,6 +622,7 @@ def apply_lora(
     dropout: float = 0.0,
     *,
     adapter_dtype: torch.dtype | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Put LoRA on every linear layer whose attribute name is in ``targets`` (in place).
 
@@ -553,15 +640,21 @@ def apply_lora(
         alpha: the update is scaled by ``alpha / rank``.
         dropout: dropout on the adapter input.
         adapter_dtype: dtype of the adapter weights (default: the base weight's dtype).
+        use_dora: DoRA instead of plain LoRA (a magnitude vector per adapted layer; see
+            :class:`LoRALinear`).
 
     Returns:
         The same model.
 
     Raises:
-        ConfigError: a target matches no linear layer, or rank/alpha/dropout is out of range.
+        ConfigError: a target matches no linear layer, rank/alpha/dropout is out of range, or
+            DoRA is asked for on expert weights.
     """
     check_lora_args(rank, alpha, dropout)
     if not isinstance(targets, str) and EXPERT_TARGET in targets:
+        if use_dora:
+            raise ConfigError(f"lora.use_dora: DoRA is not available for '{EXPERT_TARGET}' (stacked expert "
+                              f"weights); drop '{EXPERT_TARGET}' from lora.targets or set lora.use_dora: false")
         if dropout:
             raise ConfigError(f"lora.dropout={dropout} with '{EXPERT_TARGET}' in lora.targets: expert LoRA has no "
                               "dropout (as PEFT's on parameters); set lora.dropout: 0.0")
@@ -572,7 +665,7 @@ def apply_lora(
         if not targets:
             return model
     names = resolve_lora_targets(model, targets)
-    return apply_lora_to_modules(model, names, rank, alpha, dropout, adapter_dtype=adapter_dtype)
+    return apply_lora_to_modules(model, names, rank, alpha, dropout, adapter_dtype=adapter_dtype, use_dora=use_dora)
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -589,6 +682,8 @@ def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
         prefix = f"{name}." if name else ""
         params[f"{prefix}lora_a.weight"] = m.lora_a.weight
         params[f"{prefix}lora_b.weight"] = m.lora_b.weight
+        if m.use_dora:
+            params[f"{prefix}lora_magnitude"] = m.lora_magnitude
     for name, m in expert_lora_modules(model):
         params[f"{name}.lora_a"], params[f"{name}.lora_b"] = m.lora_a, m.lora_b
     return params
@@ -631,14 +726,14 @@ def merge_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every adapter merged into its base weight.
 
     Keys are the native names without any ``lora_*`` entries; each merged weight is
-    ``W0 + (alpha/r) B @ A`` computed in fp32 and cast to the base weight's dtype. Adapters that
+    ``W0 + (alpha/r) B @ A`` (DoRA: rescaled per row, see ``LoRALinear.merged_weight``) computed in fp32 and cast to the base weight's dtype. Adapters that
     are ``disabled`` are merged as well (the flag is a runtime switch, not part of the weights).
     The model is not modified.
     """
     state = model.state_dict()
     for name, m in lora_modules(model):
         prefix = f"{name}." if name else ""
-        for key in ("lora_a.weight", "lora_b.weight"):
+        for key in ("lora_a.weight", "lora_b.weight", "lora_magnitude"):
             state.pop(prefix + key, None)
         state[prefix + "weight"] = m.merged_weight()
     for name, m in expert_lora_modules(model):  # layers.1.mlp.experts.gate_up_lora -> ....gate_up_proj

@@ -292,29 +292,34 @@ def test_chat_template_from_tokenizer_config_wins(export_checkpoint, tmp_path):
 
 
 # ------------------------------------------------------------------ adapters and QLoRA bases
-def _make_adapter(ckpt, out_dir, seed=0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")):
-    """A tunelab LoRA adapter with random (non-zero) A and B, plus its merged HF folder."""
+def _make_adapter(ckpt, out_dir, seed=0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"),
+                  dora=False):
+    """A tunelab LoRA (or DoRA) adapter with random (non-zero) A and B (and magnitudes off the
+    row norms), plus its merged HF folder."""
     from tunelab.models.adapters import save_adapter
     from tunelab.modules.peft import apply_lora, merge_lora_state_dict
 
     model = from_pretrained(ckpt)
-    apply_lora(model, list(targets), rank=4, alpha=8.0)
+    apply_lora(model, list(targets), rank=4, alpha=8.0, use_dora=dora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if name.endswith("lora_magnitude"):
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     save_adapter(model, out_dir / "adapter", base_model_name_or_path=str(ckpt))
     save_pretrained(merge_lora_state_dict(model), out_dir / "merged", source_dir=ckpt, args=model.args)
     return out_dir / "adapter", out_dir / "merged"
 
 
-@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
-def test_adapter_merge_equals_merged_folder(export_checkpoint, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,dora", [("f16", False), ("q8_0", False), ("f16", True)])
+def test_adapter_merge_equals_merged_folder(export_checkpoint, tmp_path, dtype, dora):
     """base + --adapter exports the same bytes as the merged folder tunelab writes (both merge
-    W0 + (alpha/r) B A in fp32 once, then encode); and the adapter really changed the weights."""
+    W0 + (alpha/r) B A in fp32 once, DoRA rows rescaled to their magnitudes, then encode); and
+    the adapter really changed the weights."""
     ckpt = export_checkpoint("llama3", **WIDE)
-    adapter, merged = _make_adapter(ckpt, tmp_path)
+    adapter, merged = _make_adapter(ckpt, tmp_path, dora=dora)
     a = _tensors(gguf.GGUFReader(export_gguf(ckpt, tmp_path / "a.gguf", dtype=dtype, adapter_dir=adapter)))
     b = _tensors(gguf.GGUFReader(export_gguf(merged, tmp_path / "b.gguf", dtype=dtype)))
     base = _tensors(gguf.GGUFReader(export_gguf(ckpt, tmp_path / "c.gguf", dtype=dtype)))
