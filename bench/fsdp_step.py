@@ -86,7 +86,7 @@ def build_sharded(args, *, device: torch.device, dtype: torch.dtype, ac: bool, r
     weights are random too; compute and memory equal a real checkpoint's). A frozen base left
     out of FSDP (``shard_frozen=False``) is filled the same on every rank, as a checkpoint would."""
     cuda = device.type == "cuda"
-    lora = SimpleNamespace(targets=TARGETS, rank=16, alpha=32, dropout=0.0)
+    lora = SimpleNamespace(targets=TARGETS, rank=16, alpha=32, dropout=0.0, use_dora=False)
     model = sharding.build_meta_model(args, dtype, lora, quantize)
     wrap_layers(model, activation_checkpointing=ac, compile_layers=compile_layers)
     sharding.shard_model(model, param_dtype=dtype if cuda else None, reshard_after_forward=reshard,

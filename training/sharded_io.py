@@ -223,12 +223,34 @@ def init_lora_sharded(model: nn.Module) -> None:
         ghost = ExpertLoRA(e, in_dim, m.lora_b.shape[1], r, m.alpha, dtype=m.lora_a.dtype)
         for mine, full in ((m.lora_a, ghost.lora_a), (m.lora_b, ghost.lora_b)):
             _copy_rows(mine, lambda a, b: full[a:b])
-    for _, m in lora_modules(model):
+    for _, m in lora_modules(model):  # (DoRA magnitudes: init_dora_sharded, once the base is loaded)
         ghost_base = torch.zeros((), dtype=m.lora_a.weight.dtype).expand(m.out_dim, m.in_dim)
         ghost = LoRALinear(m.in_dim, m.out_dim, m.rank, m.alpha, weight=ghost_base,
                            adapter_dtype=m.lora_a.weight.dtype)
         for mine, full in ((m.lora_a.weight, ghost.lora_a.weight), (m.lora_b.weight, ghost.lora_b.weight)):
             _copy_rows(mine, lambda a, b: full[a:b])
+
+
+@torch.no_grad()
+def init_dora_sharded(model: nn.Module) -> None:
+    """DoRA magnitudes start at the row norms of ``W0 + (alpha/r) B A`` (B is 0 then: the base
+    rows' norms), as on one device. The norm needs whole rows of whole weights, whichever way
+    the base is held (sharded, replicated, NF4): each FSDP module owning DoRA layers is gathered
+    once (``unshard``), the norms computed on the full weights, and each rank keeps its rows of
+    every magnitude after ``reshard``."""
+    from tunelab.modules.peft import LoRALinear
+
+    done: set[int] = set()
+    for owner in reversed([m for m in model.modules() if isinstance(m, FSDPModule)]):  # layers before the root
+        doras = [m for m in owner.modules() if isinstance(m, LoRALinear) and m.use_dora and id(m) not in done]
+        if not doras:
+            continue
+        owner.unshard()
+        norms = [m.weight_norm() for m in doras]  # [out] fp32 each, full rows
+        owner.reshard()
+        for m, norm in zip(doras, norms):
+            _copy_rows(m.lora_magnitude, lambda a, b, norm=norm: norm[a:b].to(m.lora_magnitude.dtype))
+            done.add(id(m))
 
 
 @torch.no_grad()

@@ -107,7 +107,8 @@ def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -
                 w.register_parameter(name, nn.Parameter(w._buffers.pop(name), requires_grad=False))
     elif quantize is not None:
         raise ConfigError(f"quantize: {quantize!r} is not supported; use nf4 (QLoRA) or null")
-    apply_lora(model, lora_cfg.targets, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, adapter_dtype=torch.float32)
+    apply_lora(model, lora_cfg.targets, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, adapter_dtype=torch.float32,
+               use_dora=lora_cfg.use_dora)
     set_trainable_params(model)
     return model
 

@@ -75,6 +75,7 @@ from tunelab.training.schedules import build_lr_scheduler
 from tunelab.training.sharded_io import (
     gather_full_state,
     gathered_optimizer_state,
+    init_dora_sharded,
     init_lora_sharded,
     load_hf_weights_sharded,
     load_sharded_state,
@@ -127,8 +128,8 @@ class LoRAConfig:
     alpha: float
     dropout: float
     targets: list[str]
-    # DoRA: a trained magnitude per output row of each adapted layer (modules.peft.LoRALinear);
-    # single-device recipes. A key a config may leave out
+    # DoRA: a trained magnitude per output row of each adapted layer (modules.peft.LoRALinear).
+    # A key a config may leave out
     use_dora: bool = False
 
 
@@ -232,9 +233,6 @@ def check_settings(cfg) -> None:
         raise ConfigError("export_gguf needs the gguf package: pip install 'tunelab[gguf]' (or set export_gguf: null)")
     check_metric_loggers(cfg.metric_loggers, cfg.allowed_components)
     if isinstance(cfg, DistributedConfig):
-        if cfg.lora.use_dora:
-            raise ConfigError("lora.use_dora: DoRA runs in the single-device recipes only for now (its magnitude "
-                              "vectors are not set up on FSDP shards); set lora.use_dora: false here")
         if cfg.dist_timeout_s < 1:
             raise ConfigError(f"dist_timeout_s must be >= 1, got {cfg.dist_timeout_s}")
         check_prefetch_layers(cfg.fsdp.prefetch_layers)
@@ -461,6 +459,7 @@ def build_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
     model.to_empty(device="cpu" if cfg.fsdp.cpu_offload else device)
     load_hf_weights_sharded(model, cfg.checkpoint_dir)
     init_lora_sharded(model)
+    init_dora_sharded(model)
     model.reset_rope(device)
     return model.train()
 

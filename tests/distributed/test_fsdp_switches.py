@@ -42,7 +42,7 @@ def _run_setting(ckpt: str, args, device, reshard: bool, prefetch: int, shard_fr
     from tunelab.training import process_group, sharded_io, spine
 
     cfg = SimpleNamespace(
-        lora=SimpleNamespace(rank=8, alpha=16, dropout=0.0, targets=TARGETS), quantize=None,
+        lora=SimpleNamespace(rank=8, alpha=16, dropout=0.0, targets=TARGETS, use_dora=False), quantize=None,
         activation_checkpointing=True, checkpoint_dir=ckpt, mlp_tile_tokens=None, offload_host_gib=None,
         fsdp=SimpleNamespace(reshard_after_forward=reshard, cpu_offload=False, prefetch_layers=prefetch,
                              shard_frozen=shard_frozen))
@@ -110,7 +110,7 @@ def _saved_dtypes_after_no_grad_forward(ckpt: str, args, device) -> dict | None:
     from tunelab.training import sharded_io, spine
 
     cfg = SimpleNamespace(
-        lora=SimpleNamespace(rank=4, alpha=8, dropout=0.0, targets=TARGETS), quantize=None,
+        lora=SimpleNamespace(rank=4, alpha=8, dropout=0.0, targets=TARGETS, use_dora=False), quantize=None,
         activation_checkpointing=False, checkpoint_dir=ckpt, mlp_tile_tokens=None, offload_host_gib=None,
         fsdp=SimpleNamespace(reshard_after_forward=False, cpu_offload=False, prefetch_layers=0, shard_frozen=True))
     model = spine.build_sharded_model(cfg, args, device, torch.bfloat16, compile_layers=False)

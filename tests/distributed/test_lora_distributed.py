@@ -185,7 +185,7 @@ def test_nf4_sharding_on_old_torch_fails_with_the_fix(monkeypatch):
     from tunelab.training import sharding
 
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
-    lora = SimpleNamespace(targets=["q_proj"], rank=2, alpha=4, dropout=0.0)
+    lora = SimpleNamespace(targets=["q_proj"], rank=2, alpha=4, dropout=0.0, use_dora=False)
     model = sharding.build_meta_model(tiny(vocab_size=64), torch.float32, lora, "nf4")
     assert any(p.dtype == torch.uint8 for p in model.parameters())
     with pytest.raises(ConfigError, match=r"needs torch >= 2\.13.*fsdp\.shard_frozen: false") as err:
@@ -280,3 +280,28 @@ def test_other_families_two_ranks_match_one_device(tmp_path, make_hf_checkpoint,
     single_recipe.main(["--config", "tiny/lora", *common(ckpt, tmp_path / "single", data, dt.TINY_TOKENIZER),
                         *extra, "batch_size=4"])
     assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), rel=1e-4 if moe_aux else 1e-5)
+
+
+@pytest.mark.parametrize("quantize,shard_frozen", [(None, True), ("nf4", False)])
+def test_dora_two_ranks_match_one_device(tmp_path, make_hf_checkpoint, dt, quantize, shard_frozen):
+    """DoRA with FSDP: the magnitudes start at the full rows' norms on every rank (each layer
+    gathered once for it), whether the base is sharded or replicated, dense or NF4; the losses
+    and the saved adapter (magnitudes included) are one device's (fp32: losses 1e-5; the adapter
+    after two AdamW steps 1e-4, as Adam divides by each element's own gradient scale, so an
+    element whose gradient is ~0 moves by a fraction of lr on rounding alone)."""
+    from tunelab.recipes import lora_finetune_single_device as single_recipe
+
+    ckpt = make_hf_checkpoint("llama3")
+    data = dt.alpaca_jsonl(tmp_path / "train.jsonl", 16)
+    extra = ("max_steps=2", "gradient_accumulation_steps=1", "save_merged=never", f"quantize={quantize or 'null'}",
+             "lora.use_dora=true")
+    run = dt.torchrun(2, dt.DIST_RECIPE, "--config", "tiny/lora_distributed",
+                      *common(ckpt, tmp_path / "dist", data, dt.TINY_TOKENIZER), *extra, "batch_size=2",
+                      f"fsdp.shard_frozen={str(shard_frozen).lower()}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    single_recipe.main(["--config", "tiny/lora", *common(ckpt, tmp_path / "single", data, dt.TINY_TOKENIZER),
+                        *extra, "batch_size=4"])
+    assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    adapter = "step_2/adapter/adapter_model.safetensors"
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(str(tmp_path / "dist" / adapter)))
+    assert_same_tensors(tmp_path / "dist", tmp_path / "single", adapter, atol=1e-4)

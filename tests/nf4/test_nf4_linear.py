@@ -188,7 +188,7 @@ def test_count_parameters_counts_an_nf4_base_by_its_weights():
     from tunelab.training.spine import count_parameters
 
     args = tiny(vocab_size=64)
-    lora = SimpleNamespace(targets=["q_proj", "v_proj"], rank=2, alpha=4, dropout=0.0)
+    lora = SimpleNamespace(targets=["q_proj", "v_proj"], rank=2, alpha=4, dropout=0.0, use_dora=False)
     dense = build_model(args, device="meta", dtype=torch.float32)  # the same model, dense
     apply_lora(dense, lora.targets, lora.rank, lora.alpha)
     adapters = sum(p.numel() for n, p in dense.named_parameters() if ".lora_" in n)

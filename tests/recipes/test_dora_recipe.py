@@ -55,19 +55,6 @@ def test_recipe_trains_dora_and_exports_it(tmp_path, make_hf_checkpoint, load_hf
                      "resume=true", "epochs=5"])
 
 
-def test_dora_in_a_distributed_recipe_is_refused_in_one_line():
-    """The FSDP recipes do not set up DoRA's magnitudes on shards yet: the config check says
-    so before anything starts."""
-    from tunelab.errors import ConfigError
-    from tunelab.recipes.lora_finetune_distributed import RecipeConfig
-    from tunelab.training.config import parse_recipe_args
-    from tunelab.training.spine import check_settings
-
-    cfg = parse_recipe_args(["--config", "tiny/lora_distributed", "lora.use_dora=true"], RecipeConfig)
-    with pytest.raises(ConfigError, match="lora.use_dora: DoRA runs in the single-device recipes only"):
-        check_settings(cfg)
-
-
 def test_dpo_runs_with_dora(tmp_path, make_hf_checkpoint, rt):
     """The DPO recipe with DoRA adapters (the reference is the adapters switched off)."""
     from tunelab.recipes import lora_dpo_single_device as dpo
