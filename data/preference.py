@@ -201,11 +201,13 @@ def preference_collate(
 
     Returns:
         ``tokens`` and ``labels`` LongTensors [2b, s_max] (rows ``:b`` chosen, ``b:`` rejected),
-        plus ``ref_log_probs`` fp32 [2b] when the items carry reference log-probs.
+        ``lengths`` [2b] (each row's tokens before the padding), plus ``ref_log_probs`` fp32
+        [2b] when the items carry reference log-probs.
     """
     rows = [{"tokens": s[f"{side}_tokens"], "labels": s[f"{side}_labels"]}
             for side in ("chosen", "rejected") for s in batch]
     out = padded_collate(rows, pad_id, ignore_index)  # [2b, s_max]
+    out["lengths"] = torch.tensor([len(r["tokens"]) for r in rows], dtype=torch.long)
     if batch and "ref_chosen_log_probs" in batch[0]:
         ref = [s[f"ref_{side}_log_probs"] for side in ("chosen", "rejected") for s in batch]
         out["ref_log_probs"] = torch.tensor(ref, dtype=torch.float32)  # [2b]

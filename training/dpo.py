@@ -1,4 +1,4 @@
-"""The pieces of a preference-tuning (DPO, IPO, hinge, SimPO) step that the single-device and
+"""The pieces of a preference-tuning (DPO, IPO, hinge, SimPO, ORPO) step that the single-device and
 the FSDP recipe share: log-probs of the policy and of the reference, the precomputed
 reference, per-pair losses, and metrics reduced over every rank.
 
@@ -19,7 +19,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from tunelab.data.preference import preference_collate
 from tunelab.errors import ConfigError
-from tunelab.modules.loss import preference_loss, sequence_log_probs_from_hidden
+from tunelab.modules.loss import (
+    REFERENCE_FREE,
+    preference_loss,
+    sequence_log_probs_from_hidden,
+    whole_sequence_labels,
+)
 from tunelab.modules.peft import disable_adapters
 from tunelab.training.checkpointing import ResumableSampler
 from tunelab.training.process_group import all_gather_stack, all_reduce_sum
@@ -47,10 +52,11 @@ REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "reward
 # ------------------------------------------------------------------------------ settings
 @dataclass(kw_only=True)
 class LossConfig:
-    """``type``: sigmoid (DPO) | ipo | hinge | simpo (see ``tunelab.modules.loss.dpo``).
-    ``label_smoothing`` is used by sigmoid and simpo, ``gamma`` (target margin) by simpo only."""
+    """``type``: sigmoid (DPO) | ipo | hinge | simpo | orpo (see ``tunelab.modules.loss.dpo``).
+    ``label_smoothing`` is used by sigmoid and simpo, ``gamma`` (target margin) by simpo only;
+    simpo and orpo use no reference model."""
 
-    type: Literal["sigmoid", "ipo", "hinge", "simpo"]
+    type: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"]
     beta: float
     label_smoothing: float
     gamma: float
@@ -78,31 +84,40 @@ def check_loss_settings(cfg) -> None:
         raise ConfigError(f"loss.beta must be > 0, got {loss.beta}")
     if not 0.0 <= loss.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
-    if loss.label_smoothing and loss.type in ("ipo", "hinge"):
+    if loss.label_smoothing and loss.type in ("ipo", "hinge", "orpo"):
         raise ConfigError(f"loss.label_smoothing is not used by loss.type={loss.type}; set it to 0.0")
     if loss.gamma and loss.type != "simpo":
         raise ConfigError("loss.gamma (target margin) is only used by loss.type=simpo; set it to 0.0")
-    if cfg.precompute_ref_log_probs and loss.type == "simpo":
-        raise ConfigError("precompute_ref_log_probs: simpo uses no reference model; set it to false")
+    if cfg.precompute_ref_log_probs and loss.type in REFERENCE_FREE:
+        raise ConfigError(f"precompute_ref_log_probs: {loss.type} uses no reference model; set it to false")
 
 
 # ------------------------------------------------------------------------------ log-probs
-def policy_log_probs(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_log_probs(model, batch: dict, device: torch.device, *, whole_chosen: bool = False):
     """Summed response log-probs and response token counts of one micro-batch.
 
     Args:
         model: the LoRA model (plain or FSDP-sharded).
-        batch: ``preference_collate`` output (tokens, labels [2b, s]).
+        batch: ``preference_collate`` output (tokens, labels [2b, s], lengths [2b]).
         device: where the model runs.
+        whole_chosen: also score the chosen rows' whole sequences (ORPO's SFT term), from the
+            same forward.
 
     Returns:
-        ``(log_probs fp32 [2b], num_tokens int64 [2b])``, the b chosen rows first.
+        ``(log_probs fp32 [2b], num_tokens int64 [2b])``, the b chosen rows first; with
+        ``whole_chosen`` a third item ``(log_probs [b], num_tokens [b])`` of the chosen rows'
+        whole sequences (every token after the first).
     """
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     hidden = model(tokens, return_hidden=True)  # (2b, s, dim)
     # a plain (frozen) head lets the fused per-token loss skip the fp32 logits; a LoRA'd one is called
-    return sequence_log_probs_from_hidden(hidden, labels, model.logits_from_hidden,
-                                          output_weight=plain_output_weight(model))
+    head = dict(lm_head=model.logits_from_hidden, output_weight=plain_output_weight(model))
+    response = sequence_log_probs_from_hidden(hidden, labels, **head)
+    if not whole_chosen:
+        return response
+    b = tokens.shape[0] // 2
+    whole = whole_sequence_labels(tokens[:b], batch["lengths"][:b].to(device))
+    return (*response, sequence_log_probs_from_hidden(hidden[:b], whole, **head))
 
 
 @torch.no_grad()
@@ -196,7 +211,7 @@ def pair_losses(model, batch: dict, cfg, device: torch.device):
     """Per-pair losses [b] and (detached) chosen / rejected rewards [b] of one micro-batch.
 
     The reference comes from the batch (``ref_log_probs``, precomputed) or is computed here
-    with the adapters off; SimPO uses none.
+    with the adapters off; SimPO and ORPO use none.
 
     Args:
         model: the LoRA model.
@@ -205,12 +220,14 @@ def pair_losses(model, batch: dict, cfg, device: torch.device):
         device: where the model runs.
     """
     ref = None
-    if cfg.loss.type != "simpo":
+    if cfg.loss.type not in REFERENCE_FREE:
         precomputed = batch.get("ref_log_probs")
         ref = precomputed.to(device) if precomputed is not None else reference_log_probs(model, batch, device)
-    logps, n_tokens = policy_log_probs(model, batch, device)
+    orpo = cfg.loss.type == "orpo"
+    logps, n_tokens, *whole = policy_log_probs(model, batch, device, whole_chosen=orpo)
     return preference_loss(cfg.loss.type, logps, ref, n_tokens, beta=cfg.loss.beta,
-                           label_smoothing=cfg.loss.label_smoothing, gamma=cfg.loss.gamma)
+                           label_smoothing=cfg.loss.label_smoothing, gamma=cfg.loss.gamma,
+                           chosen_sequences=whole[0] if orpo else None)
 
 
 class PairStats:

@@ -9,24 +9,30 @@
 from tunelab.modules.loss.cross_entropy import IGNORE_INDEX, cross_entropy_sum
 from tunelab.modules.loss.dpo import (
     LOSS_TYPES,
+    REFERENCE_FREE,
     dpo_loss,
     hinge_loss,
     ipo_loss,
+    orpo_loss,
     preference_loss,
     sequence_log_probs,
     sequence_log_probs_from_hidden,
     simpo_loss,
+    whole_sequence_labels,
 )
 
 __all__ = [
     "IGNORE_INDEX",
     "LOSS_TYPES",
+    "REFERENCE_FREE",
     "cross_entropy_sum",
     "dpo_loss",
     "hinge_loss",
     "ipo_loss",
+    "orpo_loss",
     "preference_loss",
     "sequence_log_probs",
     "sequence_log_probs_from_hidden",
     "simpo_loss",
+    "whole_sequence_labels",
 ]

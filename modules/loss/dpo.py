@@ -1,4 +1,4 @@
-"""Preference-optimisation losses (DPO, IPO, hinge, SimPO) and per-sequence log-probabilities.
+"""Preference-optimisation losses (DPO, IPO, hinge, SimPO, ORPO) and per-sequence log-probabilities.
 
 Every loss takes per-sequence log-probabilities ``log pi(y | x)`` summed over the response
 tokens (from :func:`sequence_log_probs`), shape [b] each, and returns
@@ -20,6 +20,14 @@ and ``ref_logratio`` the same under the reference model:
   ``-(1 - eps) log sigma(beta (a_w - a_l) - gamma) - eps log sigma(-(beta (a_w - a_l) - gamma))``;
   ``gamma`` is the target reward margin (TRL's ``CPOConfig.simpo_gamma``).
 
+* ``orpo`` (Hong et al. 2024, reference-free; TRL's ``ORPOTrainer``): with length-averaged
+  response log-probs ``a_w``, ``a_l``, the log odds ratio
+  ``o = (a_w - a_l) - (log(1 - e^a_w) - log(1 - e^a_l))`` and the SFT term on the chosen rows:
+  ``NLL(chosen) - beta log sigma(o)``. As in TRL the NLL is the token mean of the chosen rows'
+  cross-entropy over prompt AND response (every token after the first) of the micro-batch; per
+  pair it is written as that row's summed NLL times ``b / tokens``, so the pairs' mean is TRL's
+  batch loss. Rewards ``beta * a`` (TRL's).
+
 Rewards: ``beta * (log pi(y) - log pi_ref(y))`` for the reference-based losses (TRL's
 ``rewards/chosen`` / ``rewards/rejected``; summed, not averaged, also for IPO as in TRL), and
 ``beta * log pi(y) / |y|`` for SimPO (TRL's CPO trainer).
@@ -37,7 +45,8 @@ from tunelab.kernels import use_triton
 from tunelab.kernels.fused_ce import fused_linear_cross_entropy
 from tunelab.modules.loss.cross_entropy import IGNORE_INDEX
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 
 Rewards = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -108,6 +117,23 @@ def sequence_log_probs_from_hidden(
         token_lp = _chunked_token_log_probs(h, targets, lm_head, chunk_size)
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_lp)
     return sums, mask.sum(-1)
+
+
+def whole_sequence_labels(tokens: torch.Tensor, lengths: torch.Tensor, *,
+                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Pre-shifted labels scoring every token of each row after the first (prompt included).
+
+    Args:
+        tokens: [b, s] right-padded rows.
+        lengths: [b] each row's length before the padding.
+        ignore_index: label value of unscored positions.
+
+    Returns:
+        [b, s]: ``tokens[:, i + 1]`` at positions ``i < length - 1``, ``ignore_index`` elsewhere.
+    """
+    shifted = torch.cat([tokens[:, 1:], tokens.new_full((tokens.shape[0], 1), ignore_index)], dim=1)
+    position = torch.arange(tokens.shape[1], device=tokens.device)
+    return shifted.masked_fill(position[None] >= lengths[:, None] - 1, ignore_index)
 
 
 def _chunked_token_log_probs(h: torch.Tensor, targets: torch.Tensor, lm_head, chunk_size: int) -> torch.Tensor:
@@ -225,6 +251,43 @@ def simpo_loss(
     return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for x < 0, stable on both sides of -ln 2 (Maechler's two branches)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    chosen_sequence_log_probs: torch.Tensor,
+    chosen_sequence_tokens: torch.Tensor,
+    *,
+    beta: float,
+) -> Rewards:
+    """ORPO: SFT on the chosen rows plus the odds-ratio term (module docstring).
+
+    Args:
+        policy_chosen, policy_rejected: [b] summed response log-probs.
+        chosen_lengths, rejected_lengths: [b] response token counts (clamped to >= 1).
+        chosen_sequence_log_probs: [b] summed log-probs of the chosen rows' whole sequences
+            (prompt and response, every token after the first).
+        chosen_sequence_tokens: [b] how many tokens those sums cover.
+        beta: weight of the odds-ratio term (TRL's ``beta``, the paper's lambda).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each [b]; ``losses.mean()`` is TRL's
+        ORPO loss of the micro-batch.
+    """
+    chosen_avg = policy_chosen.float() / chosen_lengths.clamp(min=1)
+    rejected_avg = policy_rejected.float() / rejected_lengths.clamp(min=1)
+    log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
+    nll = -chosen_sequence_log_probs * (len(chosen_sequence_log_probs) / chosen_sequence_tokens.sum().clamp(min=1))
+    losses = nll - beta * F.logsigmoid(log_odds)
+    return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
 def preference_loss(
     loss_type: str,
     policy_log_probs: torch.Tensor,
@@ -234,6 +297,7 @@ def preference_loss(
     beta: float,
     label_smoothing: float = 0.0,
     gamma: float = 0.0,
+    chosen_sequences: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Rewards:
     """Dispatch on ``loss_type`` for a batch laid out as ``[chosen rows; rejected rows]``.
 
@@ -244,6 +308,8 @@ def preference_loss(
         num_tokens: [2b] response token counts.
         beta, label_smoothing, gamma: see the individual losses (``label_smoothing`` for
             sigmoid and simpo, ``gamma`` for simpo).
+        chosen_sequences: orpo only: ([b] summed log-probs of the chosen rows' whole
+            sequences, [b] their token counts).
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each [b].
@@ -254,6 +320,10 @@ def preference_loss(
     nc, nr = num_tokens.chunk(2)
     if loss_type == "simpo":
         return simpo_loss(pc, pr, nc, nr, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+    if loss_type == "orpo":
+        if chosen_sequences is None:
+            raise ValueError("the orpo loss needs the chosen rows' whole-sequence log-probs (chosen_sequences)")
+        return orpo_loss(pc, pr, nc, nr, *chosen_sequences, beta=beta)
     if ref_log_probs is None:
         raise ValueError(f"the {loss_type} loss needs reference log-probs")
     rc, rr = ref_log_probs.chunk(2)

@@ -156,13 +156,13 @@ def test_qlora_dpo_trains_and_saves(tmp_path, make_hf_checkpoint):
     assert (out / "step_2" / COMPLETE).is_file() and (out / "step_2" / "adapter" / "adapter_config.json").is_file()
 
 
-@pytest.mark.parametrize("loss", ["ipo", "hinge", "simpo"])
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "simpo", "orpo"])
 def test_other_losses_train(tmp_path, make_hf_checkpoint, loss):
     gamma = "loss.gamma=0.5" if loss == "simpo" else "loss.gamma=0.0"
     rows = run(dpo_argv(make_hf_checkpoint("llama3"), tmp_path / "out", pairs_file(tmp_path, 8),
                         f"loss.type={loss}", gamma, "max_steps=2", "optimizer.lr=1.0e-2"))
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
-    if loss == "simpo":  # reference-free: rewards are beta x mean log-prob, negative, not 0
+    if loss in ("simpo", "orpo"):  # reference-free: rewards are beta x mean log-prob, negative, not 0
         assert rows[0]["rewards/chosen"] < 0
     else:
         assert rows[0]["rewards/margins"] == 0.0
