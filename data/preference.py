@@ -108,6 +108,29 @@ def _split_implicit_prompt(chosen: list[Message], rejected: list[Message]):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def response_tokens(tokenizer, prompt: list[Message], prompt_ids: list[int], response: list[Message],
+                    max_seq_len: int) -> tuple[list[int], list[int]]:
+    """``prompt + response`` in the chat format, cut to ``max_seq_len``, with pre-shifted labels
+    scoring the response only.
+
+    Args:
+        tokenizer: the tunelab tokenizer.
+        prompt: the prompt messages; ``prompt_ids`` their tokens with the generation header.
+        response: the response messages.
+        max_seq_len: the longest sequence kept.
+
+    Raises:
+        _Skip: the chat format renders the prompt differently inside the whole conversation.
+    """
+    n_prompt = len(prompt_ids)
+    ids, mask = tokenizer.tokenize_messages(prompt + response)
+    if ids[:n_prompt] != prompt_ids:  # the chat format must render the prompt the same way
+        raise _Skip("malformed", "the chat format does not keep the prompt as a shared prefix")
+    mask[:n_prompt] = [True] * n_prompt  # the generation header is prompt, not response
+    ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+    return ids, shift_labels(ids, mask)
+
+
 def preference_dataset(
     tokenizer,
     *,
@@ -166,12 +189,7 @@ def preference_dataset(
             raise _Skip("fully_masked", f"the prompt alone is {n_prompt} tokens, no room for a response")
         sides = []
         for msgs in (chosen, rejected):
-            ids, mask = tokenizer.tokenize_messages(prompt + msgs)
-            if ids[:n_prompt] != prompt_ids:  # the chat format must render the prompt the same way
-                raise _Skip("malformed", "the chat format does not keep the prompt as a shared prefix")
-            mask[:n_prompt] = [True] * n_prompt  # the generation header is prompt on both sides
-            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
-            sides += [ids, shift_labels(ids, mask)]
+            sides += response_tokens(tokenizer, prompt, prompt_ids, msgs, max_seq_len)
         if sides[0] == sides[2]:
             raise _Skip("empty", "chosen and rejected are identical" + (" after truncation" if
                         len(sides[0]) == max_seq_len else ""))

@@ -105,14 +105,14 @@ def train(cfg: RecipeConfig, run) -> None:
     if cfg.validation is not None:
         val_data = build_dataset(run, cfg.validation, tokenizer, "validation")
         val_loader = make_preference_loader(val_data, cfg.batch_size, eval_sampler(run, len(val_data)),
-                                            tokenizer.pad_id, drop_last=False)
+                                            tokenizer.pad_id, drop_last=False, loss_type=cfg.loss.type)
     if cfg.precompute_ref_log_probs:  # every rank a slice, then one all-gather: the whole table everywhere
         started = time.perf_counter()
         dataset = precompute_reference(model, dataset, cfg.batch_size, tokenizer.pad_id, device,
                                        rank=rank, world_size=world)
         say(f"reference log-probs of {len(dataset)} pairs precomputed in {time.perf_counter() - started:.1f}s")
     sampler = train_sampler(run, len(dataset))  # every N-th pair of the shared order
-    loader = make_preference_loader(dataset, cfg.batch_size, sampler, tokenizer.pad_id)
+    loader = make_preference_loader(dataset, cfg.batch_size, sampler, tokenizer.pad_id, loss_type=cfg.loss.type)
 
     optimizer, scheduler = build_optimizer(run, params, total_steps)
     # the data position counts GLOBAL micro-batches: a checkpoint resumes on any world size
@@ -133,12 +133,12 @@ def train(cfg: RecipeConfig, run) -> None:
             stats = PairStats(device)
             for i, batch in enumerate(micro_batches):
                 model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once per step
-                losses, chosen, rejected = pair_losses(model, batch, cfg, device)
-                total = losses.sum()  # MoE: plus the policy forward's load-balancing loss, per pair
+                out = pair_losses(model, batch, cfg, device)  # per pair (KTO: per row) losses, rewards
+                total = out.losses.sum()  # MoE: plus the policy forward's load-balancing loss, per pair
                 if router_aux:
-                    total = total + router_aux.loss() * len(losses)
+                    total = total + router_aux.loss() * len(out.losses)
                 (total * (world / n_pairs)).backward()  # x world: FSDP averages over ranks
-                stats.add(losses, chosen, rejected, batch["num_tokens"])
+                stats.add(out, batch["num_tokens"])
             step_row, n_tokens = stats.reduce()  # all ranks: loss + rewards/* over the global step
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm)  # over all ranks' shards
             lr = optimizer_step(optimizer, scheduler, step=progress.step + 1, loss=step_row["loss"],

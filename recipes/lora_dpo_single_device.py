@@ -95,7 +95,7 @@ def train(cfg: RecipeConfig, run) -> None:
     if cfg.validation is not None:
         val_data = build_dataset(run, cfg.validation, tokenizer, "validation")
         val_loader = make_preference_loader(val_data, cfg.batch_size, eval_sampler(run, len(val_data)),
-                                            tokenizer.pad_id, drop_last=False)
+                                            tokenizer.pad_id, drop_last=False, loss_type=cfg.loss.type)
     # held-out prompts, answered before training (adapters off: the base model) and after it;
     # the chosen answer is the reference
     heldout = HeldOut(model, tokenizer, cfg.heldout_accuracy, val_data, dataset)
@@ -104,7 +104,7 @@ def train(cfg: RecipeConfig, run) -> None:
         dataset = precompute_reference(model, dataset, cfg.batch_size, tokenizer.pad_id, device)
         print(f"reference log-probs of {len(dataset)} pairs precomputed in {time.perf_counter() - started:.1f}s")
     sampler = train_sampler(run, len(dataset))
-    loader = make_preference_loader(dataset, cfg.batch_size, sampler, tokenizer.pad_id)
+    loader = make_preference_loader(dataset, cfg.batch_size, sampler, tokenizer.pad_id, loss_type=cfg.loss.type)
 
     optimizer, scheduler = build_optimizer(run, params, total_steps)
     progress = restore_progress(run, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
@@ -121,12 +121,12 @@ def train(cfg: RecipeConfig, run) -> None:
                                              steps_per_epoch=steps_per_epoch, total_steps=total_steps):
             stats = PairStats(device)
             for batch in micro_batches:
-                losses, chosen, rejected = pair_losses(model, batch, cfg, device)
-                total = losses.sum()  # MoE: plus the policy forward's load-balancing loss, per pair
+                out = pair_losses(model, batch, cfg, device)  # per pair (KTO: per row) losses, rewards
+                total = out.losses.sum()  # MoE: plus the policy forward's load-balancing loss, per pair
                 if router_aux:
-                    total = total + router_aux.loss() * len(losses)
+                    total = total + router_aux.loss() * len(out.losses)
                 (total / n_pairs).backward()
-                stats.add(losses, chosen, rejected, batch["num_tokens"])
+                stats.add(out, batch["num_tokens"])
             step_row, n_tokens = stats.reduce()  # loss + rewards/*: means over the step's pairs
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
             lr = optimizer_step(optimizer, scheduler, step=progress.step + 1, loss=step_row["loss"],

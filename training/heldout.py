@@ -114,8 +114,8 @@ def heldout_rows(dataset, n: int, stop_tokens) -> list[HeldOutRow]:
     """The first ``n`` usable rows of a tokenised SFT or preference dataset as questions.
 
     Args:
-        dataset: items with ``tokens``/``labels`` (SFT) or ``chosen_tokens``/``chosen_labels``
-            (preference pairs: the chosen answer is the reference).
+        dataset: items with ``tokens``/``labels`` (SFT; KTO rows, the desirable ones only) or
+            ``chosen_tokens``/``chosen_labels`` (preference pairs: the chosen answer is the reference).
         n: rows wanted (fewer when the dataset is smaller).
         stop_tokens: the tokenizer's stop ids, dropped from the reference.
     """
@@ -125,6 +125,8 @@ def heldout_rows(dataset, n: int, stop_tokens) -> list[HeldOutRow]:
         if len(rows) == n:
             break
         item = dataset[i]
+        if item.get("desirable") is False:  # KTO: an undesirable completion is no reference answer
+            continue
         key = "chosen_" if "chosen_tokens" in item else ""
         row = _split(item[key + "tokens"], item[key + "labels"], stop)
         if row is not None:

@@ -28,6 +28,11 @@ and ``ref_logratio`` the same under the reference model:
   pair it is written as that row's summed NLL times ``b / tokens``, so the pairs' mean is TRL's
   batch loss. Rewards ``beta * a`` (TRL's).
 
+* ``kto`` (Ethayarajh et al. 2024; TRL's ``KTOTrainer``, ``loss_type="kto"``) on UNPAIRED rows,
+  each desirable or not: with ``r = log pi(y) - log pi_ref(y)`` (summed) and the KL estimate
+  ``z`` (see :func:`kto_loss`), ``w_d (1 - sigma(beta (r - z)))`` for a desirable row and
+  ``w_u (1 - sigma(beta (z - r)))`` for an undesirable one; rewards ``beta * r``.
+
 Rewards: ``beta * (log pi(y) - log pi_ref(y))`` for the reference-based losses (TRL's
 ``rewards/chosen`` / ``rewards/rejected``; summed, not averaged, also for IPO as in TRL), and
 ``beta * log pi(y) / |y|`` for SimPO (TRL's CPO trainer).
@@ -45,7 +50,7 @@ from tunelab.kernels import use_triton
 from tunelab.kernels.fused_ce import fused_linear_cross_entropy
 from tunelab.modules.loss.cross_entropy import IGNORE_INDEX
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")  # paired; kto (unpaired rows) has its own call
 REFERENCE_FREE = ("simpo", "orpo")
 
 Rewards = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -286,6 +291,39 @@ def orpo_loss(
     nll = -chosen_sequence_log_probs * (len(chosen_sequence_log_probs) / chosen_sequence_tokens.sum().clamp(min=1))
     losses = nll - beta * F.logsigmoid(log_odds)
     return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+def kto_loss(
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    kl: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Rewards:
+    """KTO's loss per row (module docstring).
+
+    Args:
+        policy, reference: [b] summed completion log-probs under the policy and the reference.
+        kl: the KL estimate, a scalar: the mean over mismatched (prompt, completion) rows of
+            ``log pi - log pi_ref`` (TRL: of the micro-batch, averaged over the ranks); it is
+            detached and clamped at 0 here, as TRL does.
+        desirable: bool [b], True for the desirable rows.
+        beta: the inverse temperature.
+        desirable_weight, undesirable_weight: TRL's ``desirable_weight`` / ``undesirable_weight``.
+
+    Returns:
+        ``(losses [b], desirable rows' rewards, undesirable rows' rewards)``; ``losses.mean()``
+        is TRL's loss of the micro-batch.
+    """
+    z = kl.detach().clamp(min=0)
+    ratio = policy - reference
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))))
+    rewards = beta * ratio.detach()
+    return losses, rewards[desirable], rewards[~desirable]
 
 
 def preference_loss(

@@ -82,7 +82,7 @@ def test_orpo_equals_trl_orpo_trainer(tmp_path, make_hf_checkpoint, load_hf_mode
     ds = preference_dataset(tok, source=_pairs(tmp_path), max_seq_len=64)
     batch = preference_collate([ds[i] for i in range(len(ds))], tok.pad_id)
     cfg = types.SimpleNamespace(loss=dpo.LossConfig(type="orpo", beta=beta, label_smoothing=0.0, gamma=0.0))
-    losses, chosen, rejected = dpo.pair_losses(model, batch, cfg, CPU)
+    losses, chosen, rejected, _ = dpo.pair_losses(model, batch, cfg, CPU)
     losses.mean().backward()
 
     b = len(ds)
@@ -118,3 +118,89 @@ def test_orpo_config_checks():
         dpo.check_loss_settings(cfg(label_smoothing=0.1))
     with pytest.raises(ConfigError, match="precompute_ref_log_probs: orpo uses no reference"):
         dpo.check_loss_settings(types.SimpleNamespace(loss=cfg().loss, precompute_ref_log_probs=True))
+
+
+# ------------------------------------------------------------------------------ KTO
+def _kto_rows(tmp_path: Path) -> Path:
+    rows = [{"prompt": "Name a colour.", "completion": "Blue.", "label": True},
+            {"prompt": "Say hello twice.", "completion": "goodbye, and a longer wrong answer", "label": False},
+            {"prompt": "Reverse: a b c", "chosen": "c b a", "rejected": "a b c"}]  # a pair: unpaired into two rows
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _completion_mask(labels: torch.Tensor) -> torch.Tensor:
+    """TRL's completion mask (1 on completion tokens) from our pre-shifted labels."""
+    return torch.cat([torch.zeros_like(labels[:, :1]), (labels[:, :-1] != -100).long()], dim=1)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.33, 0.7)])
+def test_kto_equals_trl_kto_trainer(tmp_path, make_hf_checkpoint, load_hf_model, weights):
+    """``loss.type: kto`` on 4 unpaired rows (2 desirable, 2 not; one pair unpaired): the KL
+    estimate from the rows' mismatched completions (prompt i + completion i - 1, policy and
+    reference, batch mean, clamped at 0, detached), the loss, the rewards and the LoRA
+    gradients equal TRL's KTOTrainer._compute_loss on the same model and token ids."""
+    from collections import defaultdict
+
+    from trl import KTOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tunelab.data import kto_collate, kto_dataset
+
+    ckpt = make_hf_checkpoint("llama3")
+    model, peft_model = _models(ckpt, load_hf_model, tmp_path)
+    add_fused_lm_head(peft_model.get_base_model(), outputs=("log_probs", "entropy", "mean_logits"))
+    tok = load_tokenizer(TINY_TOKENIZER)
+    ds = kto_dataset(tok, source=_kto_rows(tmp_path), max_seq_len=64)
+    assert [ds[i]["desirable"] for i in range(len(ds))] == [True, False, True, False]
+    batch = kto_collate([ds[i] for i in range(len(ds))], tok.pad_id, 64)
+    desirable_weight, undesirable_weight = weights
+    cfg = types.SimpleNamespace(loss=dpo.LossConfig(type="kto", beta=0.1, label_smoothing=0.0, gamma=0.0,
+                                                    desirable_weight=desirable_weight,
+                                                    undesirable_weight=undesirable_weight))
+    out = dpo.pair_losses(model, batch, cfg, CPU)
+    out.losses.mean().backward()
+    assert out.kl > 0  # the clamp does not hide the estimate here
+
+    b = len(ds)
+    mask = (torch.arange(batch["tokens"].shape[1])[None] < batch["lengths"][:, None]).long()
+    inputs = {"input_ids": batch["tokens"][:b], "attention_mask": mask[:b],
+              "completion_mask": _completion_mask(batch["labels"][:b]),
+              "KL_input_ids": batch["tokens"][b:], "KL_attention_mask": mask[b:],
+              "KL_completion_mask": _completion_mask(batch["labels"][b:]), "label": batch["desirable"]}
+    trainer = types.SimpleNamespace(
+        model=peft_model, ref_model=None, precompute_ref_logps=False, calculate_KL=True, loss_type="kto", beta=0.1,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
+        accelerator=types.SimpleNamespace(device=CPU, gather_for_metrics=lambda x: x, unwrap_model=lambda m: m))
+    trainer._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, trainer)
+    loss = KTOTrainer._compute_loss(trainer, peft_model, inputs, return_outputs=False)
+    loss.backward()
+
+    metrics = trainer._metrics["eval"]  # both models are in eval mode (no dropout)
+    torch.testing.assert_close(out.losses.mean(), loss, **TOL)
+    torch.testing.assert_close(out.kl.item(), metrics["kl"][0], **TOL)
+    torch.testing.assert_close(out.chosen.mean().item(), metrics["rewards/chosen"][0], **TOL)
+    torch.testing.assert_close(out.rejected.mean().item(), metrics["rewards/rejected"][0], **TOL)
+    _grads_equal(model, peft_model)
+
+
+def test_kto_rows_and_their_kl_rows(tmp_path):
+    """kto_collate: the b rows, then prompt i + the completion of row i - 1 (cyclic), scored on
+    that completion only; a too long KL row is cut to max_seq_len."""
+    from tunelab.data import kto_collate, kto_dataset
+
+    tok = load_tokenizer(TINY_TOKENIZER)
+    ds = kto_dataset(tok, source=_kto_rows(tmp_path), max_seq_len=64)
+    items = [ds[i] for i in range(len(ds))]
+    batch = kto_collate(items, tok.pad_id, 64)
+    for i, item in enumerate(items):
+        other = items[i - 1]
+        kl = batch["tokens"][len(items) + i, : batch["lengths"][len(items) + i]].tolist()
+        assert kl == item["tokens"][: item["prompt_len"]] + other["tokens"][other["prompt_len"]:]
+        scored = [t for t, y in zip(kl[1:], batch["labels"][len(items) + i].tolist()) if y != -100]
+        assert scored == [t for t, y in zip(other["tokens"][1:], other["labels"]) if y != -100]
+    short = kto_collate(items, tok.pad_id, 12)
+    assert int(short["lengths"][len(items):].max()) <= 12

@@ -173,7 +173,9 @@ def test_other_losses_train(tmp_path, make_hf_checkpoint, loss):
     (("loss.gamma=0.5",), "only used by loss.type=simpo"),
     (("loss.type=simpo", "precompute_ref_log_probs=true"), "no reference"),
     (("loss.beta=0",), "loss.beta must be > 0"),
-    (("loss.type=kto",), "kto"),
+    (("loss.type=rrhf",), "rrhf"),
+    (("loss.type=kto", "precompute_ref_log_probs=true"), "kto.s KL rows"),
+    (("loss.desirable_weight=2.0",), "only used by loss.type=kto"),
 ])
 def test_bad_loss_settings_fail_before_work(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match) as info:
@@ -218,3 +220,26 @@ def test_other_families_dpo(tmp_path, make_hf_checkpoint, load_hf_model, kind, c
     with torch.no_grad():
         expected = load_adapter(from_pretrained(make_hf_checkpoint(kind)), out / "step_2" / "adapter").eval()(tokens)
         torch.testing.assert_close(merged(tokens).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_kto_trains_on_unpaired_rows(tmp_path, make_hf_checkpoint):
+    """loss.type=kto with tunelab.data.kto_dataset rows: the loss falls, the log has the
+    desirable/undesirable rewards, their margin and the KL estimate; a paired dataset for kto
+    (and a KTO dataset for a paired loss) is one line naming the builder to use."""
+    rows = [{"prompt": f"Say {w}.", "completion": w if i % 2 == 0 else w[::-1], "label": i % 2 == 0}
+            for i, w in enumerate(["apple", "river", "stone", "cloud", "tiger", "candle", "garden", "window"] * 2)]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kto = ("loss.type=kto", "dataset._component_=tunelab.data.kto_dataset", "heldout_accuracy=null")
+    out = tmp_path / "out"
+    logged = run(dpo_argv(make_hf_checkpoint("llama3"), out, data, *kto, "epochs=3", "optimizer.lr=1.0e-2"))
+    train = [r for r in logged if "loss" in r]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"} <= set(train[0])
+    assert "rewards/accuracy" not in train[0]
+    assert sum(r["loss"] for r in train[-3:]) / 3 < train[0]["loss"]
+    assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
+    with pytest.raises(ConfigError, match="loss.type=kto trains on unpaired rows"):
+        run(dpo_argv(make_hf_checkpoint("llama3"), tmp_path / "o2", pairs_file(tmp_path, 8), "loss.type=kto",
+                     "heldout_accuracy=null"))
+    with pytest.raises(ConfigError, match="loss.type=sigmoid trains on preference pairs"):
+        run(dpo_argv(make_hf_checkpoint("llama3"), tmp_path / "o3", data, "dataset._component_=tunelab.data.kto_dataset"))
