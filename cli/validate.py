@@ -127,9 +127,9 @@ def run_checks(cfg) -> None:
 
     from tunelab.training.config import instantiate
     from tunelab.training.dpo import DPOFields, check_loss_settings
-    from tunelab.training.spine import TrainConfig, check_settings
+    from tunelab.training.spine import BaseTrainConfig, check_settings
 
-    if not isinstance(cfg, TrainConfig):
+    if not isinstance(cfg, BaseTrainConfig):
         return
     check_settings(cfg)
     if isinstance(cfg, DPOFields):

@@ -118,6 +118,10 @@ RECIPES: dict[str, RecipeSpec] = {
             distributed=True,
         ),
         RecipeSpec(
+            name="full_finetune_single_device",
+            configs=("llama3_1/8B_full_single_device", "qwen3/8B_full_single_device", "tiny/full"),
+        ),
+        RecipeSpec(
             name="lora_dpo_single_device",
             configs=("llama3_1/8B_lora_dpo", "llama3_1/8B_qlora_dpo", "qwen3/8B_lora_dpo", "tiny/dpo"),
         ),

@@ -71,7 +71,8 @@ def check_nf4_sharding_supported() -> None:
 
 
 def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -> nn.Module:
-    """The LoRA (or QLoRA) model on the meta device, adapters fp32, only adapters trainable.
+    """The LoRA (or QLoRA) model on the meta device, adapters fp32, only adapters trainable
+    (``lora_cfg=None``: the plain model, every weight trainable: full fine-tuning).
 
     With ``quantize="nf4"`` every decoder-block projection becomes an ``NF4Linear`` (an MoE
     layer's experts an ``NF4ExpertWeights``, one NF4 weight per expert) whose storage is held as
@@ -107,6 +108,8 @@ def build_meta_model(args, dtype: torch.dtype, lora_cfg, quantize: str | None) -
                 w.register_parameter(name, nn.Parameter(w._buffers.pop(name), requires_grad=False))
     elif quantize is not None:
         raise ConfigError(f"quantize: {quantize!r} is not supported; use nf4 (QLoRA) or null")
+    if lora_cfg is None:  # full fine-tuning: every weight trains
+        return model.requires_grad_(True)
     apply_lora(model, lora_cfg.targets, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout, adapter_dtype=torch.float32,
                use_dora=lora_cfg.use_dora)
     set_trainable_params(model)

@@ -92,6 +92,8 @@ __all__ = [
     "Run",
     "RunLog",
     "TrainConfig",
+    "BaseTrainConfig",
+    "lora_settings",
     "build_dataset",
     "build_model",
     "build_optimizer",
@@ -134,9 +136,10 @@ class LoRAConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
-    """The keys every training recipe has; a recipe's ``RecipeConfig`` extends it with its own.
-    Every key is required in the YAML (the configs are the one source of defaults).
+class BaseTrainConfig:
+    """The keys every training recipe has (full fine-tuning's config is this plus its own);
+    :class:`TrainConfig` adds ``lora`` for the LoRA recipes. Every key is required in the YAML
+    (the configs are the one source of defaults) unless it says otherwise.
     ``batch_size`` is per rank: global = batch_size x gradient_accumulation_steps x world size."""
 
     checkpoint_dir: str  # HF folder (architecture from its config.json) or builtin:tiny
@@ -151,7 +154,6 @@ class TrainConfig:
     max_seq_len: int
     optimizer: dict = component_field(provided=("params",))
     lr_scheduler: LRSchedulerConfig
-    lora: LoRAConfig
     quantize: Literal["nf4"] | None
     device: str  # auto | cpu | cuda | cuda:N (distributed: auto | cpu | cuda, each rank cuda:LOCAL_RANK)
     dtype: Literal["bf16", "fp32"]
@@ -186,6 +188,19 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class TrainConfig(BaseTrainConfig):
+    """The keys every LoRA recipe has: the shared ones and ``lora``; a recipe's ``RecipeConfig``
+    extends it with its own."""
+
+    lora: LoRAConfig
+
+
+def lora_settings(cfg) -> LoRAConfig | None:
+    """The run's LoRA settings, None for full fine-tuning (every weight trains)."""
+    return cfg.lora if isinstance(cfg, TrainConfig) else None
+
+
+@dataclass(kw_only=True)
 class DistributedConfig:
     """The keys only the FSDP recipes have (mixed into their ``RecipeConfig``)."""
 
@@ -213,9 +228,14 @@ def check_settings(cfg) -> None:
     for key, value in cfg.optimizer.items():  # torch takes lr=inf and then trains nan
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"optimizer.{key} = {value} is not a finite number")
-    check_lora_args(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
-    if not cfg.lora.targets:
-        raise ConfigError("lora.targets is empty; name at least one layer, e.g. [q_proj, v_proj]")
+    lora = lora_settings(cfg)
+    if lora is not None:
+        check_lora_args(lora.rank, lora.alpha, lora.dropout)
+        if not lora.targets:
+            raise ConfigError("lora.targets is empty; name at least one layer, e.g. [q_proj, v_proj]")
+    elif cfg.quantize is not None:
+        raise ConfigError(f"quantize: {cfg.quantize} freezes the weights in 4 bits, but full fine-tuning trains "
+                          "them; set quantize: null (or use the LoRA recipe for QLoRA)")
     if cfg.lr_scheduler.warmup_steps < 0:
         raise ConfigError(f"lr_scheduler.warmup_steps must be >= 0, got {cfg.lr_scheduler.warmup_steps}")
     if not isinstance(cfg, DistributedConfig) and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
@@ -226,9 +246,9 @@ def check_settings(cfg) -> None:
     checkpoint_every(cfg.activation_checkpointing, cfg.offload_activations)
     check_mlp_tile_tokens(cfg.mlp_tile_tokens)
     check_heldout(getattr(cfg, "heldout_accuracy", None))
-    if getattr(cfg, "cuda_graph", False) and cfg.lora.dropout > 0:
+    if getattr(cfg, "cuda_graph", False) and lora is not None and lora.dropout > 0:
         raise ConfigError(f"cuda_graph: true replays a recorded step, so it cannot draw new dropout masks: "
-                          f"set lora.dropout: 0 (it is {cfg.lora.dropout}) or cuda_graph: false")
+                          f"set lora.dropout: 0 (it is {lora.dropout}) or cuda_graph: false")
     if cfg.export_gguf is not None and importlib.util.find_spec("gguf") is None:  # fail now, not after training
         raise ConfigError("export_gguf needs the gguf package: pip install 'tunelab[gguf]' (or set export_gguf: null)")
     check_metric_loggers(cfg.metric_loggers, cfg.allowed_components)
@@ -401,7 +421,7 @@ def build_model(run: Run, tokenizer) -> nn.Module:
         ConfigError: a tokenizer with more ids than the model's vocab, or (distributed) a
             pre-quantized checkpoint.
     """
-    cfg = run.cfg
+    cfg, lora = run.cfg, lora_settings(run.cfg)
     compile_layers, offload = run.flags.get("compile", False), run.flags.get("offload_activations", False)
     if run.distributed:
         hf_config = read_hf_config(cfg.checkpoint_dir)
@@ -413,18 +433,21 @@ def build_model(run: Run, tokenizer) -> nn.Module:
         model = build_sharded_model(cfg, args, run.device, run.dtype, compile_layers, offload)
     else:
         model = from_pretrained(cfg.checkpoint_dir, dtype=run.dtype, device=run.device, quantize=cfg.quantize)
-        # QLoRA: the decoder projections are NF4Linear, which apply_lora turns into NF4LoRALinear
-        apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
-                   adapter_dtype=torch.float32, use_dora=cfg.lora.use_dora)
-        set_trainable_params(model)
+        if lora is not None:  # QLoRA: the decoder projections are NF4Linear, which become NF4LoRALinear
+            apply_lora(model, lora.targets, lora.rank, lora.alpha, lora.dropout, adapter_dtype=torch.float32,
+                       use_dora=lora.use_dora)
+            set_trainable_params(model)
+        else:  # full fine-tuning: every weight trains (the non-persistent RoPE tables are buffers)
+            model.requires_grad_(True)
         wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
                     offload_activations=offload, offload_host_gib=cfg.offload_host_gib,
                     mlp_tile_tokens=cfg.mlp_tile_tokens)
         check_vocab(tokenizer, model.args.vocab_size)
     n_params, n_trainable = count_parameters(model)
     where = f", FSDP over {run.world} rank(s) on {run.device.type}" if run.distributed else f" on {run.device}"
-    say(f"model: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable "
-        f"({'DoRA' if cfg.lora.use_dora else 'LoRA'} rank {cfg.lora.rank}){where} in {cfg.dtype}")
+    method = "full fine-tuning" if lora is None else f"{'DoRA' if lora.use_dora else 'LoRA'} rank {lora.rank}"
+    say(f"model: {n_params / 1e6:.1f}M parameters, {n_trainable / 1e6:.2f}M trainable ({method}){where} "
+        f"in {cfg.dtype}")
     if run.distributed:
         mib = [sum(t.numel() * t.element_size() for t in ts) / 2**20
                for ts in ([local_tensor(p) for p in model.parameters()], list(model.parameters()))]
@@ -449,7 +472,7 @@ def build_sharded_model(cfg, args, device: torch.device, dtype: torch.dtype, com
         offload_activations: keep the checkpointed layer inputs (and attention, unless
             ``"inputs"``) in pinned CPU memory (``wrap_layers``).
     """
-    model = build_meta_model(args, dtype, cfg.lora, cfg.quantize)
+    model = build_meta_model(args, dtype, lora_settings(cfg), cfg.quantize)
     wrap_layers(model, activation_checkpointing=cfg.activation_checkpointing, compile_layers=compile_layers,
                 offload_activations=offload_activations, offload_host_gib=cfg.offload_host_gib,
                 mlp_tile_tokens=cfg.mlp_tile_tokens)
@@ -624,12 +647,14 @@ def save_checkpoint(run: Run, progress: TrainingProgress, *, model, optimizer, s
         full_optimizer = gathered_optimizer_state(optimizer)
         if is_rank0():
             # parameters missing from full_state (adapter-only saves) stay on meta: no memory
-            model = build_meta_model(model.args, run.dtype, cfg.lora, cfg.quantize)
+            model = build_meta_model(model.args, run.dtype, lora_settings(cfg), cfg.quantize)
             model.load_state_dict(full_state, strict=False, assign=True)
             optimizer = types.SimpleNamespace(state_dict=lambda: full_optimizer)
     if is_rank0():
-        writers = {"adapter": adapter_writer(model, base_model_name_or_path=cfg.checkpoint_dir, lora_cfg=cfg.lora)}
-        if merged:
+        lora = lora_settings(cfg)
+        writers = {} if lora is None else {
+            "adapter": adapter_writer(model, base_model_name_or_path=cfg.checkpoint_dir, lora_cfg=lora)}
+        if merged:  # full fine-tuning: the model itself (nothing to merge)
             writers[MERGED] = merged_writer(model, source_dir=cfg.checkpoint_dir, tokenizer_dir=cfg.tokenizer)
         writers["state"] = state_writer(progress, model=model, optimizer=optimizer, scheduler=scheduler)
         run.manager.save(progress.step, writers)
@@ -664,8 +689,9 @@ def save_final(run: Run, progress: TrainingProgress, *, model, optimizer, schedu
 def report_outputs(run: Run, final_dir: Path) -> None:
     """Print where the adapter and merged model are, then run the ``export_gguf`` step (rank 0
     alone: no collective waits on an export of minutes; a GGUF already there is kept)."""
-    say(f"adapter: {final_dir / 'adapter'}")
+    if (final_dir / "adapter").is_dir():
+        say(f"adapter: {final_dir / 'adapter'}")
     if (final_dir / MERGED).is_dir():
-        say(f"merged model: {final_dir / MERGED}")
+        say(f"{'merged ' if lora_settings(run.cfg) is not None else ''}model: {final_dir / MERGED}")
     if is_rank0() and (gguf := export_gguf_step(run.cfg, final_dir)) is not None:
         say(f"gguf: {gguf}")

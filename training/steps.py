@@ -224,15 +224,20 @@ class RouterAuxLoss:
 
 
 def micro_batch_backward(model, params: list, device: torch.device, *, cuda_graph: bool = False,
-                         router_aux: RouterAuxLoss | None = None):
+                         router_aux: RouterAuxLoss | None = None, check_loss: bool = False):
     """``(batch, n_labels) -> summed loss`` (detached): the forward and backward of one
     micro-batch, accumulating the gradients of ``loss_sum / n_labels`` (``n_labels`` = label
     tokens of the whole optimizer step) plus, for an MoE model, ``router_aux``'s loss weighted by
     the micro-batch's share of those labels. With ``cuda_graph`` it is captured once and replayed
-    (:class:`~tunelab.training.cuda_graph.MicroBatchGraph`; clear gradients in place then)."""
+    (:class:`~tunelab.training.cuda_graph.MicroBatchGraph`; clear gradients in place then).
+    ``check_loss``: a non-finite loss raises ``NonFiniteLossError`` before backward (one sync;
+    for an optimizer stepping inside backward, which would otherwise apply it)."""
 
     def eager(batch: dict, n_labels: int) -> torch.Tensor:
         loss = loss_sum(model, batch, device)
+        if check_loss and not torch.isfinite(loss):
+            raise NonFiniteLossError(f"the loss is {loss.item()}; stopped before backward, nothing of this step "
+                                     "was applied or saved; lower optimizer.lr or use dtype=fp32")
         total = loss  # MoE: plus the load-balancing loss, weighted by the micro-batch's labels
         if router_aux:
             total = loss + router_aux.loss() * int((batch["labels"] != IGNORE_INDEX).sum())
