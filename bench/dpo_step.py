@@ -71,7 +71,7 @@ def main() -> None:
     batches = [random_pairs(model.args.vocab_size, prompt_len, response_len, gen) for _ in range(steps + warmup)]
 
     def step(batch: dict) -> float:
-        losses, _, _ = dpo.pair_losses(model, batch, cfg, device)
+        losses = dpo.pair_losses(model, batch, cfg, device).losses
         loss = losses.mean()
         loss.backward()
         optimizer.step()

@@ -122,6 +122,11 @@ RECIPES: dict[str, RecipeSpec] = {
             configs=("llama3_1/8B_full_single_device", "qwen3/8B_full_single_device", "tiny/full"),
         ),
         RecipeSpec(
+            name="full_finetune_distributed",
+            configs=("llama3_1/8B_full_distributed", "tiny/full_distributed"),
+            distributed=True,
+        ),
+        RecipeSpec(
             name="lora_dpo_single_device",
             configs=("llama3_1/8B_lora_dpo", "llama3_1/8B_qlora_dpo", "qwen3/8B_lora_dpo", "tiny/dpo"),
         ),

@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from tunelab.errors import ConfigError, TunelabError
 
@@ -103,21 +104,27 @@ class AdamWBF16(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
         step = int(state["step"])
+        # every operation is elementwise: an FSDP shard (DTensor) is updated through its local part
+        param, m, v, grad = (_local(t) for t in (p, state["exp_avg"], state["exp_avg_sq"], p.grad))
         # torch.optim.AdamW's single-tensor update, operation for operation, in fp32 (for an fp32
         # parameter .float() is the tensor itself: updated in place, as AdamW does)
-        grad = p.grad.float()
-        weight = p.float().mul_(1 - lr * wd)
-        exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)  # beta1 m + (1 - beta1) g
-        exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        grad = grad.float()
+        weight = param.float().mul_(1 - lr * wd)
+        exp_avg = m.float().lerp_(grad, 1 - beta1)  # beta1 m + (1 - beta1) g
+        exp_avg_sq = v.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
         weight.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
         gen = None
         if p.dtype == torch.bfloat16:
-            gen = torch.Generator(device=p.device)
+            gen = torch.Generator(device=param.device)
             gen.manual_seed((self.seed * 1_000_003 + step) * 1_000_033 + self._index[id(p)])
-        for target, value in ((p, weight), (state["exp_avg"], exp_avg), (state["exp_avg_sq"], exp_avg_sq)):
+        for target, value in ((param, weight), (m, exp_avg), (v, exp_avg_sq)):
             target.copy_(stochastic_round(value, target.dtype, gen))
         self._opt_called = True  # what torch's lr schedulers look for: a step was taken
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class NonFiniteGradientError(TunelabError):

@@ -196,8 +196,9 @@ class TrainConfig(BaseTrainConfig):
 
 
 def lora_settings(cfg) -> LoRAConfig | None:
-    """The run's LoRA settings, None for full fine-tuning (every weight trains)."""
-    return cfg.lora if isinstance(cfg, TrainConfig) else None
+    """The run's LoRA settings (any config with a ``lora`` group), None for full fine-tuning
+    (every weight trains)."""
+    return getattr(cfg, "lora", None)
 
 
 @dataclass(kw_only=True)
