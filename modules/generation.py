@@ -1,4 +1,5 @@
-"""Autoregressive decoding with the KV cache (greedy, temperature, top-k, top-p)."""
+"""Autoregressive decoding with the KV cache (greedy, temperature, top-k, top-p): one sequence
+(:func:`generate_until`) or a group of completions of one prompt (:func:`generate_group`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ from dataclasses import dataclass
 import torch
 
 from tunelab.modules.transformer import TransformerDecoder
+
+
+def filtered_probs(
+    logits: torch.Tensor, *, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Sampling probabilities [..., vocab] from ``logits`` [..., vocab]: divided by
+    ``temperature`` (> 0), softmaxed, then restricted to the ``top_k`` most likely tokens and to
+    the smallest most-likely set reaching ``top_p`` (renormalised)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token if the tokens ranked above it already reach top_p (the top one stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
 
 
 def sample_next_token(
@@ -29,18 +51,7 @@ def sample_next_token(
     """
     if temperature <= 0.0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Drop a token if the tokens ranked above it already reach top_p (the top one stays).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum()
+    probs = filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     if generator is not None:
         probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -139,3 +150,76 @@ def generate_until(
         if own_caches:
             model.teardown_caches()
     return result
+
+
+@torch.no_grad()
+def generate_group(
+    model: TransformerDecoder,
+    prompt_ids: list[int],
+    num_generations: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens=(),
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_generations`` completions of one prompt, decoded together (GRPO's group).
+
+    The rows share the prompt, so they need no padding: the prompt is prefilled once for the
+    whole group (a batch of identical rows) and then every row decodes one token per step
+    through a KV cache sized for the group (``num_generations`` x prompt + ``max_new_tokens``).
+    A row that draws a stop id keeps it as its last token (it is part of what is trained: the
+    model learns to stop) and is padded after it; decoding ends when every row has stopped.
+
+    Args:
+        model: a ``TransformerDecoder`` (LoRA adapters live: no second copy of the weights).
+        prompt_ids: the prompt's token ids (non-empty).
+        num_generations: completions (rows) to draw.
+        max_new_tokens: the longest completion (``max_completion_len``).
+        temperature, top_k, top_p: as :func:`sample_next_token` (0 = greedy).
+        stop_tokens: ids that end a completion.
+        generator: RNG for sampling (reproducible rollouts).
+
+    Returns:
+        ``(completions [G, L] int64, lengths [G])``: L <= ``max_new_tokens``, each row's ids up
+        to and including its stop id, then padding (the row's last id repeated; use ``lengths``).
+    """
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: generation needs at least one token (e.g. BOS)")
+    g, device = num_generations, model.tok_embeddings.weight.device
+    stop = torch.tensor(sorted(set(int(t) for t in stop_tokens)) or [-1], device=device)
+    model.setup_caches(g, len(prompt_ids) + max_new_tokens, device=device)
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(g, max_new_tokens, dtype=torch.long, device=device)
+    lengths = torch.full((g,), max_new_tokens, dtype=torch.long, device=device)
+    done = torch.zeros(g, dtype=torch.bool, device=device)
+    try:
+        tokens = torch.tensor([prompt_ids] * g, dtype=torch.long, device=device)  # (G, p)
+        input_pos = torch.arange(len(prompt_ids), device=device)
+        for t in range(max_new_tokens):
+            hidden = model(tokens, input_pos=input_pos, return_hidden=True)[:, -1]  # (G, dim)
+            logits = model.logits_from_hidden(hidden)  # (G, vocab)
+            if temperature <= 0.0:
+                next_ids = logits.argmax(-1)
+            else:
+                probs = filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+                if generator is not None:
+                    probs = probs.to(generator.device)
+                next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)
+            next_ids = torch.where(done, out[:, max(t - 1, 0)], next_ids)  # finished rows repeat their last id
+            out[:, t] = next_ids
+            stopped = ~done & torch.isin(next_ids, stop)
+            lengths = torch.where(stopped, t + 1, lengths)
+            done |= stopped
+            if bool(done.all()):
+                out = out[:, : t + 1]
+                break
+            tokens = next_ids[:, None]  # (G, 1)
+            input_pos = input_pos[-1:] + 1
+    finally:
+        model.train(was_training)
+        model.teardown_caches()
+    return out, lengths
