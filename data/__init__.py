@@ -19,6 +19,7 @@ from tunelab.data.datasets import (
 from tunelab.data.packing import PackedDataset
 from tunelab.data.kto import KTODataset, kto_collate, kto_dataset
 from tunelab.data.preference import PreferenceDataset, preference_collate, preference_dataset
+from tunelab.data.prompts import PromptDataset, prompt_dataset
 from tunelab.data.sources import iter_rows, resolve_data_files
 
 __all__ = [

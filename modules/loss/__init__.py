@@ -19,6 +19,7 @@ from tunelab.modules.loss.dpo import (
     sequence_log_probs,
     sequence_log_probs_from_hidden,
     simpo_loss,
+    token_log_probs_from_hidden,
     whole_sequence_labels,
 )
 
@@ -36,5 +37,6 @@ __all__ = [
     "sequence_log_probs",
     "sequence_log_probs_from_hidden",
     "simpo_loss",
+    "token_log_probs_from_hidden",
     "whole_sequence_labels",
 ]

@@ -112,16 +112,38 @@ def sequence_log_probs_from_hidden(
     Returns:
         ``(log_probs, num_tokens)`` as in :func:`sequence_log_probs`.
     """
-    mask = labels != ignore_index  # [b, s]
+    mask, token_lp = _scored_log_probs(hidden, labels, lm_head, output_weight, chunk_size, ignore_index)
     rows = mask.nonzero()[:, 0]  # [n]: which sequence each scored position belongs to
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_lp)
+    return sums, mask.sum(-1)
+
+
+def token_log_probs_from_hidden(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    output_weight: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per-position log-probabilities of the labelled tokens, [b, s] fp32 (0 where unscored):
+    what :func:`sequence_log_probs_from_hidden` sums, kept per token (GRPO's ratios are per
+    token). Arguments as there."""
+    mask, token_lp = _scored_log_probs(hidden, labels, lm_head, output_weight, chunk_size, ignore_index)
+    return torch.zeros(labels.shape, dtype=torch.float32, device=labels.device).masked_scatter(mask, token_lp)
+
+
+def _scored_log_probs(hidden, labels, lm_head, output_weight, chunk_size: int, ignore_index: int):
+    """``(mask [b, s], log-probs [n] of the n labelled positions in row-major order)``."""
+    mask = labels != ignore_index  # [b, s]
     h = hidden[mask]  # [n, dim]
     targets = labels[mask]  # [n]
     if output_weight is not None and not output_weight.requires_grad and use_triton(h):
         token_lp = -fused_linear_cross_entropy(h, output_weight, targets, ignore_index=ignore_index, reduction="none")
     else:
         token_lp = _chunked_token_log_probs(h, targets, lm_head, chunk_size)
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_lp)
-    return sums, mask.sum(-1)
+    return mask, token_lp
 
 
 def whole_sequence_labels(tokens: torch.Tensor, lengths: torch.Tensor, *,

@@ -40,6 +40,7 @@ def _models(ckpt, load_hf_model, tmp_path):
     """Our LoRA model (random non-zero B) and PEFT's model of the same adapter, both trainable."""
     from peft import PeftModel
 
+    torch.manual_seed(0)  # the A matrices' kaiming init
     model = apply_lora(from_pretrained(ckpt, dtype=torch.float32), TARGETS, 4, 8.0, adapter_dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
