@@ -127,6 +127,10 @@ RECIPES: dict[str, RecipeSpec] = {
             distributed=True,
         ),
         RecipeSpec(
+            name="lora_grpo_single_device",
+            configs=("tiny/grpo",),
+        ),
+        RecipeSpec(
             name="lora_dpo_single_device",
             configs=("llama3_1/8B_lora_dpo", "llama3_1/8B_qlora_dpo", "qwen3/8B_lora_dpo", "tiny/dpo"),
         ),

@@ -13,7 +13,7 @@ arguments::
 
 Built-ins: :func:`exact_answer` (the completion's final answer, as ``\\boxed{...}``, ``#### x``
 or its last number, equals the row's ``answer``), :func:`format_reward` (a regular expression
-is found) and :func:`length_penalty`. :class:`RewardSet` combines several with their weights
+is found), :func:`length_penalty` and the tiny demo's graded :func:`answer_letters`. :class:`RewardSet` combines several with their weights
 and contains failures: a reward that raises scores the rows it fails on 0, says so in one line
 naming the reward and the row, and counts them; the step goes on.
 """
@@ -31,8 +31,8 @@ import torch
 from tunelab.errors import ConfigError
 from tunelab.training.components import COMPONENT_KEY, _import_target, _plain
 
-__all__ = ["Reward", "RewardSet", "build_rewards", "exact_answer", "extract_answer", "format_reward",
-           "length_penalty"]
+__all__ = ["Reward", "RewardSet", "answer_letters", "build_rewards", "exact_answer", "extract_answer",
+           "format_reward", "length_penalty"]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -96,6 +96,18 @@ def format_reward(prompts: Sequence[str], completions: Sequence[str], pattern: s
     occurs in the completion, else 0.0."""
     regex = re.compile(pattern, re.DOTALL)
     return [float(regex.search(c) is not None) for c in completions]
+
+
+def answer_letters(prompts: Sequence[str], completions: Sequence[str], answer: Sequence, **_) -> list[float]:
+    """Partial credit on the way to a one-word answer: the share of the completion's letters
+    that occur in the row's ``answer`` (0 for a completion without letters). A toy graded
+    reward: a random model already scores above 0 with it and can climb it (the tiny demo)."""
+    out = []
+    for completion, ref in zip(completions, answer):
+        letters = [ch for ch in completion.lower() if ch.isalpha()]
+        target = set(str(ref).lower())
+        out.append(sum(ch in target for ch in letters) / len(letters) if letters else 0.0)
+    return out
 
 
 def length_penalty(prompts: Sequence[str], completions: Sequence[str], max_chars: int = 1000, **_) -> list[float]:
