@@ -128,7 +128,7 @@ RECIPES: dict[str, RecipeSpec] = {
         ),
         RecipeSpec(
             name="lora_grpo_single_device",
-            configs=("tiny/grpo",),
+            configs=("llama3_1/8B_lora_grpo", "qwen3/8B_qlora_grpo", "tiny/grpo"),
         ),
         RecipeSpec(
             name="lora_dpo_single_device",

@@ -81,12 +81,16 @@ def exact_answer(prompts: Sequence[str], completions: Sequence[str], answer: Seq
     Args:
         prompts: unused (the signature every reward has).
         completions: the completions' texts.
-        answer: the reference answers (a dataset column; numbers or strings).
+        answer: the reference answers (a dataset column; numbers or strings; a worked solution
+            ending in ``#### x`` or holding ``\\boxed{x}`` counts as its final answer x).
     """
     out = []
     for completion, ref in zip(completions, answer):
+        ref = str(ref)
+        if "####" in ref or "\\boxed{" in ref:  # a worked solution (GSM8K's answer column): its final answer
+            ref = extract_answer(ref) or ref
         got = extract_answer(completion)
-        out.append(float(got is not None and _canonical(got) == _canonical(str(ref))))
+        out.append(float(got is not None and _canonical(got) == _canonical(ref)))
     return out
 
 

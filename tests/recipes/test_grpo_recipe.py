@@ -70,3 +70,22 @@ def test_a_raising_reward_is_contained(tmp_path, monkeypatch, capsys):
 def test_bad_settings_are_one_line(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         _run(tmp_path / "out", *override)
+
+
+@pytest.mark.parametrize("config,kind", [("qwen3/8B_qlora_grpo", "qwen3"), ("llama3_1/8B_lora_grpo", "llama3_1")])
+def test_shipped_grpo_configs_run_on_cpu(config, kind, tmp_path, make_hf_checkpoint, rt):
+    """The 8B GRPO configs run unchanged on a tiny checkpoint and GSM8K-shaped rows (question,
+    a worked answer ending in #### n), one step, short completions."""
+    import json
+
+    from tunelab.recipes import lora_grpo_single_device as recipe
+
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {a} + {a}?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a}"})
+                            + "\n" for a in range(8)))
+    out = tmp_path / "out"
+    recipe.main(["--config", config, "device=cpu", f"checkpoint_dir={make_hf_checkpoint(kind)}",
+                 f"tokenizer={rt.TINY_TOKENIZER}", f"dataset.source={data}", "~dataset.data_files", "max_steps=1",
+                 "grpo.max_completion_len=4", f"output_dir={out}", "save_merged=never"])
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "reward/mean" in r]
+    assert len(rows) == 1 and "reward/exact_answer" in rows[0]

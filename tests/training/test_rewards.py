@@ -23,9 +23,9 @@ def test_extract_answer_forms(text, want):
 
 
 def test_exact_answer_compares_numbers_as_numbers():
-    completions = ["#### 1,000", "\\boxed{1000.0}", "the answer is 999", "\\boxed{Paris}", "42."]
-    answers = [1000, "1000", 1000, "paris", "42"]
-    assert exact_answer([""] * 5, completions, answer=answers) == [1.0, 1.0, 0.0, 1.0, 1.0]
+    completions = ["#### 1,000", "\\boxed{1000.0}", "the answer is 999", "\\boxed{Paris}", "42.", "so 72"]
+    answers = [1000, "1000", 1000, "paris", "42", "48 + 24 = <<48+24=72>>72 clips.\n#### 72"]
+    assert exact_answer([""] * 6, completions, answer=answers) == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
 
 
 def test_format_and_length():
