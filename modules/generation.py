@@ -164,6 +164,7 @@ def generate_group(
     top_p: float | None = None,
     stop_tokens=(),
     generator: torch.Generator | None = None,
+    all_finished: Callable[[bool], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_generations`` completions of one prompt, decoded together (GRPO's group).
 
@@ -181,6 +182,9 @@ def generate_group(
         temperature, top_k, top_p: as :func:`sample_next_token` (0 = greedy).
         stop_tokens: ids that end a completion.
         generator: RNG for sampling (reproducible rollouts).
+        all_finished: given whether this group has finished, whether decoding may stop; a
+            sharded model (FSDP) passes one that asks every rank, since each decode step is a
+            collective all ranks must take together. Default: stop when this group is done.
 
     Returns:
         ``(completions [G, L] int64, lengths [G])``: L <= ``max_new_tokens``, each row's ids up
@@ -214,7 +218,8 @@ def generate_group(
             stopped = ~done & torch.isin(next_ids, stop)
             lengths = torch.where(stopped, t + 1, lengths)
             done |= stopped
-            if bool(done.all()):
+            finished = bool(done.all())
+            if all_finished(finished) if all_finished is not None else finished:
                 out = out[:, : t + 1]
                 break
             tokens = next_ids[:, None]  # (G, 1)

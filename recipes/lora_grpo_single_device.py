@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -35,11 +34,16 @@ from torch.utils.data import DataLoader
 from tunelab.data.prompts import PromptDataset
 from tunelab.data.tokenizers import load_tokenizer
 from tunelab.errors import ConfigError
-from tunelab.modules.loss import token_log_probs_from_hidden
-from tunelab.modules.loss.grpo import GRPO_LOSS_TYPES, clip_fractions, grpo_loss, grpo_per_token_loss
-from tunelab.modules.peft import disable_adapters, get_adapter_params
+from tunelab.modules.peft import get_adapter_params
 from tunelab.training.config import parse_recipe_args, recipe_entry
-from tunelab.training.grpo import Rollout, roll_out
+from tunelab.training.grpo import (
+    GRPOFields,
+    check_grpo_settings,
+    reference_log_probs,
+    roll_out,
+    rollout_backward,
+    step_metrics,
+)
 from tunelab.training.rewards import build_rewards
 from tunelab.training.spine import (
     RunLog,
@@ -54,57 +58,14 @@ from tunelab.training.spine import (
     start_run,
     train_sampler,
 )
-from tunelab.training.steps import clip_grad_norm, optimizer_step, optimizer_steps, plain_output_weight
+from tunelab.training.steps import clip_grad_norm, optimizer_step, optimizer_steps
 
 
 # ------------------------------------------------------------------------------------ settings
 @dataclass(kw_only=True)
-class GRPOSettings:
-    """The ``grpo:`` section (TRL's names)."""
-
-    num_generations: int  # completions per prompt (the group); >= 2
-    max_completion_len: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    epsilon: float  # ratio clip: [1 - epsilon, 1 + epsilon_high]
-    epsilon_high: float | None  # null = epsilon
-    beta: float  # KL to the reference (adapters off); 0 = none
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"]
-    scale_rewards: Literal["group", "batch", "none"]
-    num_iterations: int  # optimizer steps per rollout batch
-
-
-@dataclass(kw_only=True)
-class RecipeConfig(TrainConfig):
+class RecipeConfig(TrainConfig, GRPOFields):
     """The shared keys (``TrainConfig``; ``batch_size`` counts prompts, ``max_seq_len`` bounds
-    the prompt) and GRPO's: ``grpo`` and the ``rewards`` list."""
-
-    grpo: GRPOSettings
-    rewards: list[dict]
-
-
-def check_grpo_settings(cfg: RecipeConfig) -> None:
-    """GRPO's value ranges, one line each.
-
-    Raises:
-        ConfigError: naming the key and the fix.
-    """
-    g = cfg.grpo
-    if g.num_generations < 2:
-        raise ConfigError(f"grpo.num_generations must be >= 2 (a group of {g.num_generations} has nothing to "
-                          "compare with)")
-    for key, value in (("max_completion_len", g.max_completion_len), ("num_iterations", g.num_iterations)):
-        if value < 1:
-            raise ConfigError(f"grpo.{key} must be >= 1, got {value}")
-    if not (g.epsilon > 0 and (g.epsilon_high is None or g.epsilon_high > 0)):
-        raise ConfigError(f"grpo.epsilon and grpo.epsilon_high must be > 0, got {g.epsilon} / {g.epsilon_high}")
-    if g.beta < 0 or g.temperature < 0:
-        raise ConfigError(f"grpo.beta and grpo.temperature must be >= 0, got {g.beta} / {g.temperature}")
-    if cfg.validation is not None:
-        raise ConfigError("validation: the GRPO recipe does not score a validation set yet; set validation: null")
-    if g.loss_type not in GRPO_LOSS_TYPES:  # the Literal type already refuses it; kept for direct callers
-        raise ConfigError(f"grpo.loss_type must be one of {GRPO_LOSS_TYPES}")
+    the prompt) and GRPO's (``GRPOFields``: ``grpo`` and the ``rewards`` list)."""
 
 
 # ------------------------------------------------------------------------------------ main
@@ -115,13 +76,6 @@ def main(argv: list[str]) -> None:
     with start_run(cfg, "lora_grpo_single_device", compile=cfg.compile,
                    offload_activations=cfg.offload_activations) as run:
         train(cfg, run, rewards)
-
-
-def policy_log_probs(model, rollout: Rollout, device: torch.device) -> torch.Tensor:
-    """[B, s] log-probs of the sampled tokens under ``model`` (0 off the completions)."""
-    hidden = model(rollout.tokens.to(device), return_hidden=True)
-    return token_log_probs_from_hidden(hidden, rollout.labels.to(device), model.logits_from_hidden,
-                                       output_weight=plain_output_weight(model))
 
 
 def train(cfg: RecipeConfig, run, rewards) -> None:
@@ -161,53 +115,27 @@ def train(cfg: RecipeConfig, run, rewards) -> None:
                         for items in micro_batches]
             rollout_seconds = time.perf_counter() - started
             active = sum(int(r.mask.sum()) for r in rollouts)  # dapo's normaliser: the whole step's tokens
-            with torch.no_grad():  # the sampling policy's log-probs (needed apart only when reused)
-                old = [policy_log_probs(model, r, device) for r in rollouts] if g.num_iterations > 1 else None
-                with disable_adapters(model):
-                    ref = [policy_log_probs(model, r, device) for r in rollouts] if g.beta else None
-            clipped, kl_sum, loss_sum = torch.zeros(3, dtype=torch.float64), 0.0, 0.0
-            for _ in range(g.num_iterations):
-                iteration_loss = 0.0
-                for i, r in enumerate(rollouts):
-                    logps = policy_log_probs(model, r, device)
-                    mask, adv = r.mask.to(device), r.advantages.to(device)
-                    per_token, ratio, kl = grpo_per_token_loss(
-                        logps, logps.detach() if old is None else old[i], adv, epsilon=g.epsilon,
-                        epsilon_high=g.epsilon_high, ref_logps=None if ref is None else ref[i], beta=g.beta)
-                    loss = grpo_loss(per_token, mask, g.loss_type, max_completion_len=g.max_completion_len,
-                                     num_active_tokens=active)
-                    loss = loss if g.loss_type == "dapo" else loss / accum  # the step is the sum of these
-                    loss.backward()
-                    iteration_loss += float(loss.detach())
-                    clipped += clip_fractions(ratio, adv, mask, epsilon=g.epsilon, epsilon_high=g.epsilon_high).cpu()
-                    if kl is not None:
-                        kl_sum += float((kl.detach() * mask).sum())
+            old, ref = reference_log_probs(model, rollouts, g, device)
+            updates = []
+            for _ in range(g.num_iterations):  # optimizer steps on this batch
+                updates.append(rollout_backward(model, rollouts, g, old, ref, device, accum=accum,
+                                                active_tokens=active))
                 grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-                lr = optimizer_step(optimizer, scheduler, step=progress.step + 1, loss=iteration_loss,
+                lr = optimizer_step(optimizer, scheduler, step=progress.step + 1, loss=updates[-1].loss,
                                     grad_norm=grad_norm, last_saved=last_saved)
-                loss_sum += iteration_loss
             progress.step += 1
             progress.batches_consumed += accum  # the data position resume continues from
             train_seconds = time.perf_counter() - started - rollout_seconds
 
             step = progress.step
-            reward = torch.cat([r.rewards for r in rollouts])
-            step_rewards.append(float(reward.mean()))
+            metrics = step_metrics(rollouts, updates, active, device)
+            step_rewards.append(metrics["reward/mean"])
             if step % cfg.log_every_n_steps == 0 or step in (1, total_steps):  # first + last always
-                lengths = torch.cat([r.completion_lengths for r in rollouts]).float()
                 tokens = sum(r.num_tokens for r in rollouts)
-                per_reward = {f"reward/{name}": float(torch.cat([r.per_reward[name] for r in rollouts]).mean())
-                              for name in rollouts[0].per_reward}
-                row = {"step": step, "epoch": progress.epoch, "loss": loss_sum / g.num_iterations, "reward/mean": step_rewards[-1],
-                       "reward/std": float(reward.std()) if reward.numel() > 1 else 0.0, **per_reward,
-                       "completion_len/mean": float(lengths.mean()), "completion_len/max": float(lengths.max()),
-                       "clip_ratio/region": float(clipped[2]) / max(active * g.num_iterations, 1),
-                       "reward_failures": rewards.failures - failures_before, "lr": lr, "grad_norm": grad_norm,
-                       "rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
-                       "tokens_per_s": tokens * g.num_iterations / max(train_seconds, 1e-9)}
-                if g.beta:
-                    row["kl"] = kl_sum / max(active * g.num_iterations, 1)
-                log.step(row)
+                log.step({"step": step, "epoch": progress.epoch, **metrics,
+                          "reward_failures": rewards.failures - failures_before, "lr": lr, "grad_norm": grad_norm,
+                          "rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
+                          "tokens_per_s": tokens * g.num_iterations / max(train_seconds, 1e-9)})
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step != total_steps:
                 last_saved = save_checkpoint(run, progress, model=model, optimizer=optimizer, scheduler=scheduler,
                                              final=False)

@@ -131,6 +131,11 @@ RECIPES: dict[str, RecipeSpec] = {
             configs=("llama3_1/8B_lora_grpo", "qwen3/8B_qlora_grpo", "tiny/grpo"),
         ),
         RecipeSpec(
+            name="lora_grpo_distributed",
+            configs=("tiny/grpo_distributed",),
+            distributed=True,
+        ),
+        RecipeSpec(
             name="lora_dpo_single_device",
             configs=("llama3_1/8B_lora_dpo", "llama3_1/8B_qlora_dpo", "qwen3/8B_lora_dpo", "tiny/dpo"),
         ),

@@ -13,18 +13,76 @@ log-probs), and keep this module's layout of the results.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from tunelab.errors import ConfigError
 from tunelab.modules.generation import generate_group
-from tunelab.modules.loss import IGNORE_INDEX
-from tunelab.modules.loss.grpo import group_advantages
+from tunelab.modules.loss import IGNORE_INDEX, token_log_probs_from_hidden
+from tunelab.modules.loss.grpo import GRPO_LOSS_TYPES, clip_fractions, group_advantages, grpo_loss, grpo_per_token_loss
+from tunelab.modules.peft import disable_adapters
+from tunelab.training.process_group import all_gather_stack, all_reduce_sum
 from tunelab.training.rewards import RewardSet
+from tunelab.training.steps import plain_output_weight
 
-__all__ = ["Rollout", "roll_out"]
+__all__ = ["GRPOFields", "GRPOSettings", "Rollout", "check_grpo_settings", "UpdateStats", "policy_log_probs", "reference_log_probs", "roll_out", "rollout_backward",
+           "step_metrics"]
 
 
+# ------------------------------------------------------------------------------ settings
+@dataclass(kw_only=True)
+class GRPOSettings:
+    """The ``grpo:`` section (TRL's names)."""
+
+    num_generations: int  # completions per prompt (the group); >= 2
+    max_completion_len: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    epsilon: float  # ratio clip: [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None  # null = epsilon
+    beta: float  # KL to the reference (adapters off); 0 = none
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+    scale_rewards: Literal["group", "batch", "none"]
+    num_iterations: int  # optimizer steps per rollout batch
+
+
+@dataclass(kw_only=True)
+class GRPOFields:
+    """The keys the GRPO recipes add to the shared ones: ``grpo`` and the ``rewards`` list
+    (``_component_`` nodes, see ``tunelab.training.rewards``)."""
+
+    grpo: GRPOSettings
+    rewards: list[dict]
+
+
+def check_grpo_settings(cfg) -> None:
+    """GRPO's value ranges, one line each.
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    g = cfg.grpo
+    if g.num_generations < 2:
+        raise ConfigError(f"grpo.num_generations must be >= 2 (a group of {g.num_generations} has nothing to "
+                          "compare with)")
+    for key, value in (("max_completion_len", g.max_completion_len), ("num_iterations", g.num_iterations)):
+        if value < 1:
+            raise ConfigError(f"grpo.{key} must be >= 1, got {value}")
+    if not (g.epsilon > 0 and (g.epsilon_high is None or g.epsilon_high > 0)):
+        raise ConfigError(f"grpo.epsilon and grpo.epsilon_high must be > 0, got {g.epsilon} / {g.epsilon_high}")
+    if g.beta < 0 or g.temperature < 0:
+        raise ConfigError(f"grpo.beta and grpo.temperature must be >= 0, got {g.beta} / {g.temperature}")
+    if cfg.validation is not None:
+        raise ConfigError("validation: the GRPO recipe does not score a validation set yet; set validation: null")
+    if g.loss_type not in GRPO_LOSS_TYPES:  # the Literal type already refuses it; kept for direct callers
+        raise ConfigError(f"grpo.loss_type must be one of {GRPO_LOSS_TYPES}")
+
+
+
+# ------------------------------------------------------------------------------ rollouts
 @dataclass
 class Rollout:
     """One batch of sampled completions, laid out for training (B = prompts x G rows, each
@@ -63,7 +121,7 @@ class Rollout:
 
 def roll_out(model, items: Sequence[dict], tokenizer, rewards: RewardSet, *, num_generations: int,
              max_completion_len: int, temperature: float, top_k: int | None, top_p: float | None,
-             scale_rewards: str, generator: torch.Generator | None) -> Rollout:
+             scale_rewards: str, generator: torch.Generator | None, all_finished=None) -> Rollout:
     """Sample ``num_generations`` completions for each prompt item, score and lay them out.
 
     Args:
@@ -76,6 +134,7 @@ def roll_out(model, items: Sequence[dict], tokenizer, rewards: RewardSet, *, num
         temperature, top_k, top_p: sampling.
         scale_rewards: ``group`` | ``batch`` | ``none`` (see ``group_advantages``).
         generator: the sampling RNG (seeded per step by the recipe: exact resume).
+        all_finished: see ``generate_group`` (FSDP: decode until every rank's group is done).
     """
     rows, prompts, completions, lengths = [], [], [], []
     fields: dict[str, list] = {k: [] for k in (items[0]["fields"] if items else {})}
@@ -83,7 +142,7 @@ def roll_out(model, items: Sequence[dict], tokenizer, rewards: RewardSet, *, num
     for item in items:
         ids, n = generate_group(model, item["prompt_ids"], num_generations, max_new_tokens=max_completion_len,
                                 temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop,
-                                generator=generator)
+                                generator=generator, all_finished=all_finished)
         for row, length in zip(ids.tolist(), n.tolist()):
             completion = row[:length]
             rows.append((item["prompt_ids"], completion))
@@ -102,3 +161,97 @@ def roll_out(model, items: Sequence[dict], tokenizer, rewards: RewardSet, *, num
         labels[i, p - 1 : p + c - 1] = torch.tensor(completion)  # position t predicts token t + 1
     return Rollout(tokens, labels, total, per_reward, group_advantages(total, num_generations, scale_rewards),
                    torch.tensor(lengths), torch.tensor([len(p) + len(c) for p, c in rows]), completions)
+
+
+def policy_log_probs(model, rollout: Rollout, device: torch.device) -> torch.Tensor:
+    """[B, s] log-probs of the sampled tokens under ``model`` (0 off the completions)."""
+    hidden = model(rollout.tokens.to(device), return_hidden=True)
+    return token_log_probs_from_hidden(hidden, rollout.labels.to(device), model.logits_from_hidden,
+                                       output_weight=plain_output_weight(model))
+
+
+@torch.no_grad()
+def reference_log_probs(model, rollouts: list[Rollout], g, device: torch.device):
+    """``(old, ref)``: the sampling policy's log-probs (only kept when a batch gets several
+    updates; with one, the loss's own detached log-probs are the same numbers) and the
+    adapters-off reference's (only with ``beta`` > 0); each a list of [B, s] or None."""
+    old = [policy_log_probs(model, r, device) for r in rollouts] if g.num_iterations > 1 else None
+    ref = None
+    if g.beta:
+        with disable_adapters(model):
+            ref = [policy_log_probs(model, r, device) for r in rollouts]
+    return old, ref
+
+
+@dataclass
+class UpdateStats:
+    """One update's loss (the step's, summed over micro-batches) and its clip / KL sums over the
+    active tokens."""
+
+    loss: float = 0.0
+    clipped: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    kl_sum: float = 0.0
+
+
+def rollout_backward(model, rollouts: list[Rollout], g, old, ref, device: torch.device, *, accum: int,
+                     active_tokens: float, world: int = 1) -> UpdateStats:
+    """Forward and backward of one update over the step's rollouts (gradients accumulate).
+
+    Args:
+        model, rollouts, old, ref: as :func:`reference_log_probs` gives them.
+        g: the ``grpo`` settings.
+        device: where the model runs.
+        accum: micro-batches in the step (``grpo``/``bnpo``/``dr_grpo`` average over them).
+        active_tokens: completion tokens of the whole step, all ranks (``dapo``'s normaliser).
+        world: ranks (FSDP averages gradients over them: ``dapo``'s global sum is scaled back).
+
+    Returns:
+        the update's stats; ``loss`` is this rank's part of the step loss (summed over the
+        ranks it is the step's: a token mean for ``dapo``, a mean over ranks for the others).
+    """
+    stats = UpdateStats()
+    for i, r in enumerate(rollouts):
+        logps = policy_log_probs(model, r, device)
+        mask, adv = r.mask.to(device), r.advantages.to(device)
+        per_token, ratio, kl = grpo_per_token_loss(
+            logps, logps.detach() if old is None else old[i], adv, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
+            ref_logps=None if ref is None else ref[i], beta=g.beta)
+        dapo = g.loss_type == "dapo"
+        # this micro-batch's share of the rank's step loss: dapo's is already normalised by the
+        # whole step's tokens (all ranks); the others average over the micro-batches
+        share = grpo_loss(per_token, mask, g.loss_type, max_completion_len=g.max_completion_len,
+                          num_active_tokens=active_tokens)
+        share = share if dapo else share / accum
+        (share * world if dapo else share).backward()  # FSDP averages over ranks: dapo's global sum x world
+        stats.loss += float(share.detach()) / (1 if dapo else world)  # summed over ranks: the step's loss
+        stats.clipped += clip_fractions(ratio, adv, mask, epsilon=g.epsilon, epsilon_high=g.epsilon_high).cpu()
+        if kl is not None:
+            stats.kl_sum += float((kl.detach() * mask).sum())
+    return stats
+
+
+def step_metrics(rollouts: list[Rollout], updates: list[UpdateStats], active_tokens: float,
+                 device: torch.device) -> dict[str, float]:
+    """The step's GRPO metrics over every rank's rollouts (sums all-reduced; on one device as
+    they are): reward mean and std, each reward's mean, completion length mean and max, the
+    clipped fraction, the KL (when computed) and the loss."""
+    reward = torch.cat([r.rewards for r in rollouts]).double()
+    lengths = torch.cat([r.completion_lengths for r in rollouts]).double()
+    names = list(rollouts[0].per_reward)
+    per_reward = [float(torch.cat([r.per_reward[n] for r in rollouts]).double().sum()) for n in names]
+    clipped = sum(u.clipped[2] for u in updates)
+    sums = all_reduce_sum([float(reward.sum()), float((reward ** 2).sum()), float(reward.numel()),
+                           float(lengths.sum()), float(clipped), sum(u.kl_sum for u in updates),
+                           sum(u.loss for u in updates), *per_reward], device)
+    total, square, n, length, clipped, kl, loss, *per_reward = sums
+    mean = total / n
+    variance = max(square - n * mean * mean, 0.0) / max(n - 1, 1)
+    longest = float(all_gather_stack(lengths.max().float().reshape(1).to(device)).max())
+    world_updates = active_tokens * len(updates)
+    row = {"reward/mean": mean, "reward/std": variance ** 0.5,
+           **{f"reward/{k}": v / n for k, v in zip(names, per_reward)},
+           "completion_len/mean": length / n, "completion_len/max": longest,
+           "clip_ratio/region": clipped / max(world_updates, 1.0), "loss": loss / max(len(updates), 1)}
+    if any(u.kl_sum for u in updates):
+        row["kl"] = kl / max(world_updates, 1.0)
+    return row

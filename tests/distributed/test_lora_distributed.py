@@ -338,3 +338,22 @@ def test_full_finetune_two_ranks_match_one_device_and_resume(tmp_path, make_hf_c
     shutil.rmtree(resumed / "step_3")
     single_recipe.main([*single, *argv(resumed), "resume=true"])
     assert losses(resumed) == pytest.approx(losses(tmp_path / "dist"), rel=1e-5)
+
+
+def test_grpo_on_two_ranks_trains_and_resumes_exactly(tmp_path, dt):
+    """lora_grpo_distributed on 2 gloo ranks: each rank samples its own prompts' groups (decoding
+    until both ranks' groups stop), dapo over both ranks' tokens; it trains, logs the metrics
+    reduced over the ranks, and 2 steps + resume give the 4-step run's numbers exactly."""
+    recipe = dt.REPO / "recipes" / "lora_grpo_distributed.py"
+    common = ("--config", "tiny/grpo_distributed", "log_every_n_steps=1", "max_steps=4", "save_every_n_steps=2",
+              "keep_last_n_checkpoints=3", "save_merged=never", "grpo.max_completion_len=6")
+    straight = dt.torchrun(2, recipe, *common, f"output_dir={tmp_path / 'a'}")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = dt.torchrun(2, recipe, *common, "max_steps=2", f"output_dir={tmp_path / 'b'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = dt.torchrun(2, recipe, *common, "resume=true", f"output_dir={tmp_path / 'b'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "reward/mean" in r] for name in "ab"}
+    assert len(rows["a"]) == 4 and {"reward/mean", "clip_ratio/region", "completion_len/max"} <= set(rows["a"][0])
+    for key in ("reward/mean", "loss", "grad_norm"):
+        assert [r[key] for r in rows["b"]] == [r[key] for r in rows["a"]], key
