@@ -29,7 +29,7 @@ from tunelab.modules.loss import (
 )
 from tunelab.modules.peft import disable_adapters
 from tunelab.training.checkpointing import ResumableSampler
-from tunelab.training.process_group import all_gather_stack, all_reduce_sum, say
+from tunelab.training.process_group import all_gather_stack, all_reduce_sum
 from tunelab.training.steps import plain_output_weight
 
 __all__ = [

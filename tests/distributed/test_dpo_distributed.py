@@ -139,23 +139,22 @@ def test_qlora_with_precomputed_reference_two_ranks_match_one_device(tmp_path, m
     assert_same_adapter(dist_out / "step_3", single_out / "step_3")
 
 
-def test_kto_and_orpo_train_on_two_ranks(tmp_path, make_hf_checkpoint, dt):
-    """KTO (unpaired rows; the KL estimate averaged over the ranks, as TRL gathers it) and ORPO
-    in the FSDP recipe: both train and log their metrics. (Neither equals one device's numbers
-    for the same global batch by design, as with TRL on several GPUs: KTO pairs each prompt with
-    a completion of its own rank's micro-batch, ORPO normalises its NLL per micro-batch.)"""
+def test_kto_trains_on_two_ranks(tmp_path, make_hf_checkpoint, dt):
+    """KTO (unpaired rows; the KL estimate averaged over the ranks, as TRL gathers it) in the
+    FSDP recipe: it trains and logs its metrics. (It does not equal one device's numbers for the
+    same global batch by design, as with TRL on several GPUs: each prompt is paired with a
+    completion of its own rank's micro-batch. ORPO takes the pairs' path the DPO tests cover.)"""
     ckpt = make_hf_checkpoint("llama3")
     words = ["apple", "river", "stone", "cloud", "tiger", "candle", "garden", "window"]
     kto_rows = [{"prompt": f"Say {w}.", "completion": w if i % 2 == 0 else w[::-1], "label": i % 2 == 0}
                 for i, w in enumerate(words)]
     kto_data = tmp_path / "kto.jsonl"
     kto_data.write_text("".join(json.dumps(r) + "\n" for r in kto_rows))
-    for name, data, extra in (("kto", kto_data, ("loss.type=kto", "dataset._component_=tunelab.data.kto_dataset")),
-                              ("orpo", dt.pairs_jsonl(tmp_path / "pairs.jsonl", 8), ("loss.type=orpo",))):
-        out = tmp_path / name
-        run = dt.torchrun(2, dt.DPO_RECIPE, "--config", "tiny/dpo_distributed",
-                          *common(ckpt, out, data, dt.TINY_TOKENIZER, "batch_size=2", "max_steps=2", *extra))
-        assert run.returncode == 0, run.stderr[-3000:]
-        rows = train_rows(out)
-        assert sorted(rows) == [1, 2] and all(math.isfinite(r["loss"]) for r in rows.values())
-        assert ("kl" in rows[1]) == (name == "kto") and rows[2]["rewards/chosen"] != 0.0  # trained at step 2
+    out = tmp_path / "kto"
+    run = dt.torchrun(2, dt.DPO_RECIPE, "--config", "tiny/dpo_distributed",
+                      *common(ckpt, out, kto_data, dt.TINY_TOKENIZER, "batch_size=2", "max_steps=2", "loss.type=kto",
+                              "dataset._component_=tunelab.data.kto_dataset"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = train_rows(out)
+    assert sorted(rows) == [1, 2] and all(math.isfinite(r["loss"]) for r in rows.values())
+    assert "kl" in rows[1] and rows[2]["rewards/chosen"] != 0.0  # trained at step 2

@@ -283,10 +283,11 @@ def test_other_families_two_ranks_match_one_device(tmp_path, make_hf_checkpoint,
     assert losses(tmp_path / "dist") == pytest.approx(losses(tmp_path / "single"), rel=1e-4 if moe_aux else 1e-5)
 
 
-@pytest.mark.parametrize("quantize,shard_frozen", [(None, True), ("nf4", False)])
+@pytest.mark.parametrize("quantize,shard_frozen", [("nf4", False)])
 def test_dora_two_ranks_match_one_device(tmp_path, make_hf_checkpoint, dt, quantize, shard_frozen):
     """DoRA with FSDP: the magnitudes start at the full rows' norms on every rank (each layer
-    gathered once for it), whether the base is sharded or replicated, dense or NF4; the losses
+    gathered once for it; here an NF4 base replicated on every rank beside sharded magnitudes,
+    the path with the most to get wrong; a dense sharded base takes the same calls); the losses
     and the saved adapter (magnitudes included) are one device's (fp32: losses 1e-5; the adapter
     after two AdamW steps 1e-4, as Adam divides by each element's own gradient scale, so an
     element whose gradient is ~0 moves by a fraction of lr on rounding alone)."""
@@ -343,17 +344,17 @@ def test_full_finetune_two_ranks_match_one_device_and_resume(tmp_path, make_hf_c
 def test_grpo_on_two_ranks_trains_and_resumes_exactly(tmp_path, dt):
     """lora_grpo_distributed on 2 gloo ranks: each rank samples its own prompts' groups (decoding
     until both ranks' groups stop), dapo over both ranks' tokens; it trains, logs the metrics
-    reduced over the ranks, and 2 steps + resume give the 4-step run's numbers exactly."""
+    reduced over the ranks, and resuming from its step-1 checkpoint gives step 2 exactly."""
     recipe = dt.REPO / "recipes" / "lora_grpo_distributed.py"
-    common = ("--config", "tiny/grpo_distributed", "log_every_n_steps=1", "max_steps=4", "save_every_n_steps=2",
-              "keep_last_n_checkpoints=3", "save_merged=never", "grpo.max_completion_len=6")
+    common = ("--config", "tiny/grpo_distributed", "log_every_n_steps=1", "max_steps=2", "save_every_n_steps=1",
+              "keep_last_n_checkpoints=3", "save_merged=never", "grpo.max_completion_len=4")
     straight = dt.torchrun(2, recipe, *common, f"output_dir={tmp_path / 'a'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = dt.torchrun(2, recipe, *common, "max_steps=2", f"output_dir={tmp_path / 'b'}")
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "step_2")
     resumed = dt.torchrun(2, recipe, *common, "resume=true", f"output_dir={tmp_path / 'b'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "reward/mean" in r] for name in "ab"}
-    assert len(rows["a"]) == 4 and {"reward/mean", "clip_ratio/region", "completion_len/max"} <= set(rows["a"][0])
+    assert len(rows["a"]) == 2 and {"reward/mean", "clip_ratio/region", "completion_len/max"} <= set(rows["a"][0])
     for key in ("reward/mean", "loss", "grad_norm"):
         assert [r[key] for r in rows["b"]] == [r[key] for r in rows["a"]], key
