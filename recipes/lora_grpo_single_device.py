@@ -18,7 +18,7 @@ Read top to bottom: settings, setup, the loop, the final save. Each optimizer st
 ``dapo`` (the default ``loss_type``, TRL's) divides by the completion tokens of the whole step,
 so every token weighs the same; ``grpo``/``bnpo``/``dr_grpo`` average per micro-batch and are
 divided by the accumulation. Metrics: ``reward/mean``, ``reward/std``, ``reward/<name>`` per
-reward, ``completion_len/mean`` and ``/max``, ``clip_ratio/region``, ``kl`` (beta > 0),
+reward, ``completion_len/mean`` and ``/max``, ``clip_ratio/low``, ``/high`` and ``/region``, ``kl`` (beta > 0),
 ``reward_failures``, rollout and training tokens/s. The run prints the mean reward of its first
 and last steps (the first and last tenth of the run, up to 10 steps each).
 """

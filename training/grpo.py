@@ -27,8 +27,8 @@ from tunelab.training.process_group import all_gather_stack, all_reduce_sum
 from tunelab.training.rewards import RewardSet
 from tunelab.training.steps import plain_output_weight
 
-__all__ = ["GRPOFields", "GRPOSettings", "Rollout", "check_grpo_settings", "UpdateStats", "policy_log_probs", "reference_log_probs", "roll_out", "rollout_backward",
-           "step_metrics"]
+__all__ = ["GRPOFields", "GRPOSettings", "Rollout", "UpdateStats", "check_grpo_settings", "policy_log_probs",
+           "reference_log_probs", "roll_out", "rollout_backward", "step_metrics"]
 
 
 # ------------------------------------------------------------------------------ settings
@@ -185,12 +185,12 @@ def reference_log_probs(model, rollouts: list[Rollout], g, device: torch.device)
 
 @dataclass
 class UpdateStats:
-    """One update's loss (the step's, summed over micro-batches) and its clip / KL sums over the
-    active tokens."""
+    """One update's loss (the step's, summed over micro-batches) and its sums over the active
+    tokens: clipped low / high / either (``clip_fractions``) and the KL (None without beta)."""
 
     loss: float = 0.0
     clipped: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
-    kl_sum: float = 0.0
+    kl_sum: float | None = None
 
 
 def rollout_backward(model, rollouts: list[Rollout], g, old, ref, device: torch.device, *, accum: int,
@@ -226,7 +226,7 @@ def rollout_backward(model, rollouts: list[Rollout], g, old, ref, device: torch.
         stats.loss += float(share.detach()) / (1 if dapo else world)  # summed over ranks: the step's loss
         stats.clipped += clip_fractions(ratio, adv, mask, epsilon=g.epsilon, epsilon_high=g.epsilon_high).cpu()
         if kl is not None:
-            stats.kl_sum += float((kl.detach() * mask).sum())
+            stats.kl_sum = (stats.kl_sum or 0.0) + float((kl.detach() * mask).sum())
     return stats
 
 
@@ -234,16 +234,18 @@ def step_metrics(rollouts: list[Rollout], updates: list[UpdateStats], active_tok
                  device: torch.device) -> dict[str, float]:
     """The step's GRPO metrics over every rank's rollouts (sums all-reduced; on one device as
     they are): reward mean and std, each reward's mean, completion length mean and max, the
-    clipped fraction, the KL (when computed) and the loss."""
+    clipped fractions (TRL's clip_ratio low / high / region means), the KL (with beta) and the
+    loss."""
     reward = torch.cat([r.rewards for r in rollouts]).double()
     lengths = torch.cat([r.completion_lengths for r in rollouts]).double()
     names = list(rollouts[0].per_reward)
     per_reward = [float(torch.cat([r.per_reward[n] for r in rollouts]).double().sum()) for n in names]
-    clipped = sum(u.clipped[2] for u in updates)
+    clipped = sum(u.clipped for u in updates).tolist()  # low, high, either
+    with_kl = updates[0].kl_sum is not None
     sums = all_reduce_sum([float(reward.sum()), float((reward ** 2).sum()), float(reward.numel()),
-                           float(lengths.sum()), float(clipped), sum(u.kl_sum for u in updates),
+                           float(lengths.sum()), *clipped, sum(u.kl_sum or 0.0 for u in updates),
                            sum(u.loss for u in updates), *per_reward], device)
-    total, square, n, length, clipped, kl, loss, *per_reward = sums
+    total, square, n, length, low, high, region, kl, loss, *per_reward = sums
     mean = total / n
     variance = max(square - n * mean * mean, 0.0) / max(n - 1, 1)
     longest = float(all_gather_stack(lengths.max().float().reshape(1).to(device)).max())
@@ -251,7 +253,9 @@ def step_metrics(rollouts: list[Rollout], updates: list[UpdateStats], active_tok
     row = {"reward/mean": mean, "reward/std": variance ** 0.5,
            **{f"reward/{k}": v / n for k, v in zip(names, per_reward)},
            "completion_len/mean": length / n, "completion_len/max": longest,
-           "clip_ratio/region": clipped / max(world_updates, 1.0), "loss": loss / max(len(updates), 1)}
-    if any(u.kl_sum for u in updates):
+           **{f"clip_ratio/{k}": v / max(world_updates, 1.0) for k, v in
+              (("low", low), ("high", high), ("region", region))},
+           "loss": loss / max(len(updates), 1)}
+    if with_kl:
         row["kl"] = kl / max(world_updates, 1.0)
     return row
