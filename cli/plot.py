@@ -1,7 +1,7 @@
 """`tune plot OUTPUT_DIR [OUTPUT_DIR ...] [--out loss.png]`: a run's curves as a PNG.
 
-The same panels as `tune board` (loss with eval loss, lr, tokens/s, grad norm, and for DPO the
-reward accuracy and margins), read from each OUTPUT_DIR's metrics.jsonl; several runs are
+The same panels as `tune board` (loss with eval loss, lr, tokens/s, grad norm, for DPO the
+reward accuracy and margins, for GRPO the mean reward, and the KL where logged), read from each OUTPUT_DIR's metrics.jsonl; several runs are
 overlaid. Needs the optional ``plot`` extra (matplotlib).
 """
 
@@ -22,6 +22,8 @@ PANELS = [
     ("grad norm", [("grad_norm", "-")]),
     ("reward accuracy", [("rewards/accuracy", "-"), ("eval_rewards/accuracy", "--")]),
     ("reward margins", [("rewards/margins", "-"), ("eval_rewards/margins", "--")]),
+    ("reward (GRPO)", [("reward/mean", "-")]),
+    ("KL estimate", [("kl", "-")]),
 ]
 
 

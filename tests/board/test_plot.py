@@ -18,13 +18,15 @@ def _png_size(path):
     return struct.unpack(">II", data[16:24])
 
 
-def _write_run(d, dpo=False, n=20):
+def _write_run(d, dpo=False, n=20, grpo=False):
     d.mkdir(parents=True)
     rows = []
     for s in range(1, n + 1):
         row = {"step": s, "epoch": 0, "loss": 3.0 / s, "lr": 1e-3 * s / n, "tokens_per_s": 500.0 + s, "grad_norm": 1.0}
         if dpo:
             row.update({"rewards/accuracy": min(1.0, s / n), "rewards/margins": 0.1 * s})
+        if grpo:
+            row.update({"reward/mean": 0.3 + s / (2 * n), "kl": 0.001 * s})
         rows.append(row)
         if s % 10 == 0:
             rows.append({"step": s, "epoch": 0, "eval_loss": 3.5 / s})
@@ -46,6 +48,9 @@ def test_tune_plot_writes_a_sane_png(tmp_path, capsys):
     target = tmp_path / "both.png"
     assert main(["plot", str(run), str(dpo), "--out", str(target), "--dpi", "50"]) == 0
     assert _png_size(target) == (600, 510)  # 3 rows of panels at 50 dpi
+    grpo = _write_run(tmp_path / "grpo", grpo=True)  # the mean reward and KL panels: 6 panels, 3 rows
+    assert main(["plot", str(grpo), "--out", str(tmp_path / "grpo.png"), "--dpi", "50"]) == 0
+    assert _png_size(tmp_path / "grpo.png") == (600, 510)
 
 
 def test_tune_plot_errors_are_one_line(tmp_path, capsys):

@@ -13,7 +13,9 @@ const CHARTS = [
   { id: "tokens", title: "tokens / s", keys: [["tokens_per_s", false]] },
   { id: "grad", title: "grad norm", keys: [["grad_norm", false]] },
   { id: "acc", title: "reward accuracy (DPO)", keys: [["rewards/accuracy", false], ["eval_rewards/accuracy", true]] },
-  { id: "margins", title: "reward margins (DPO)", keys: [["rewards/margins", false], ["eval_rewards/margins", true]] },
+  { id: "margins", title: "reward margins (DPO, KTO)", keys: [["rewards/margins", false], ["eval_rewards/margins", true]] },
+  { id: "reward", title: "mean reward (GRPO)", keys: [["reward/mean", false]] },
+  { id: "kl", title: "KL estimate (KTO, GRPO with beta)", keys: [["kl", false]] },
 ];
 
 const state = {
