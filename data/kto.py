@@ -21,7 +21,7 @@ import torch
 
 from tunelab.data.collate import padded_collate
 from tunelab.data.datasets import IGNORE_INDEX, TokenizedDataset, _column_map, _rows, _Skip, converted_rows, finish_dataset
-from tunelab.data.preference import _messages, response_tokens
+from tunelab.data.preference import _messages, check_prompt, prompt_tokens, response_tokens
 from tunelab.data.sources import source_name
 from tunelab.errors import DataError
 
@@ -89,13 +89,8 @@ def kto_dataset(
             raise _Skip("malformed", f"need {cmap['completion']!r} + {cmap['label']!r} (or {cmap['chosen']!r} + "
                                      f"{cmap['rejected']!r}); columns: {sorted(row)}")
         prompt = _messages(row[cmap["prompt"]], cmap["prompt"], "user")
-        if not any(m.content.strip() for m in prompt):
-            raise _Skip("empty", "empty prompt")
-        if prompt[-1].role == "assistant":
-            raise _Skip("malformed", "the prompt ends with an assistant turn; it must end with the user's turn")
-        prompt_ids, _ = tokenizer.tokenize_messages(prompt, add_generation_prompt=True)
-        if len(prompt_ids) >= max_seq_len:
-            raise _Skip("fully_masked", f"the prompt alone is {len(prompt_ids)} tokens, no room for a completion")
+        check_prompt(prompt)
+        prompt_ids = prompt_tokens(tokenizer, prompt, max_seq_len, "a completion")
         out = []
         for value, col, desirable in completions:
             response = _messages(value, col, "assistant")

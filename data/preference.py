@@ -108,6 +108,30 @@ def _split_implicit_prompt(chosen: list[Message], rejected: list[Message]):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def check_prompt(prompt: list[Message]) -> None:
+    """A prompt must hold text and end with the user's (or system/tool) turn.
+
+    Raises:
+        _Skip: ``empty`` or ``malformed``, with the reason.
+    """
+    if not prompt or not any(m.content.strip() for m in prompt):
+        raise _Skip("empty", "empty prompt")
+    if prompt[-1].role == "assistant":
+        raise _Skip("malformed", "the prompt ends with an assistant turn; it must end with the user's turn")
+
+
+def prompt_tokens(tokenizer, prompt: list[Message], max_seq_len: int, room_for: str) -> list[int]:
+    """The prompt's ids with the assistant's generation header.
+
+    Raises:
+        _Skip: ``fully_masked`` when they leave no room in ``max_seq_len`` for ``room_for``.
+    """
+    ids, _ = tokenizer.tokenize_messages(prompt, add_generation_prompt=True)
+    if len(ids) >= max_seq_len:
+        raise _Skip("fully_masked", f"the prompt alone is {len(ids)} tokens, no room for {room_for}")
+    return ids
+
+
 def response_tokens(tokenizer, prompt: list[Message], prompt_ids: list[int], response: list[Message],
                     max_seq_len: int) -> tuple[list[int], list[int]]:
     """``prompt + response`` in the chat format, cut to ``max_seq_len``, with pre-shifted labels
@@ -175,18 +199,13 @@ def preference_dataset(
             prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
         else:
             raise _Skip("malformed", f"missing column {cmap['prompt']!r} (columns: {sorted(row)})")
-        if not prompt or not any(m.content.strip() for m in prompt):
-            raise _Skip("empty", "empty prompt")
-        if prompt[-1].role == "assistant":
-            raise _Skip("malformed", "the prompt ends with an assistant turn; it must end with the user's turn")
+        check_prompt(prompt)
         for side, msgs in (("chosen", chosen), ("rejected", rejected)):
             if not any(m.role == "assistant" and m.content.strip() for m in msgs):
                 raise _Skip("empty", f"empty {side} response")
 
-        prompt_ids, _ = tokenizer.tokenize_messages(prompt, add_generation_prompt=True)
+        prompt_ids = prompt_tokens(tokenizer, prompt, max_seq_len, "a response")
         n_prompt = len(prompt_ids)
-        if n_prompt >= max_seq_len:
-            raise _Skip("fully_masked", f"the prompt alone is {n_prompt} tokens, no room for a response")
         sides = []
         for msgs in (chosen, rejected):
             sides += response_tokens(tokenizer, prompt, prompt_ids, msgs, max_seq_len)

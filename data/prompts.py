@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.datasets import IGNORE_INDEX, TokenizedDataset, _column_map, _rows, _Skip, converted_rows, finish_dataset
-from tunelab.data.preference import _messages
+from tunelab.data.preference import _messages, check_prompt, prompt_tokens
 from tunelab.data.sources import source_name
 from tunelab.errors import DataError
 
@@ -69,13 +69,8 @@ def prompt_dataset(
         if row.get(col) is None:
             raise _Skip("malformed", f"missing column {col!r} (columns: {sorted(row)})")
         messages = _messages(row[col], col, "user")
-        if not any(m.content.strip() for m in messages):
-            raise _Skip("empty", "empty prompt")
-        if messages[-1].role == "assistant":
-            raise _Skip("malformed", "the prompt ends with an assistant turn; it must end with the user's turn")
-        ids, _ = tokenizer.tokenize_messages(messages, add_generation_prompt=True)
-        if len(ids) >= max_seq_len:
-            raise _Skip("fully_masked", f"the prompt is {len(ids)} tokens, max_seq_len {max_seq_len} leaves no room")
+        check_prompt(messages)
+        ids = prompt_tokens(tokenizer, messages, max_seq_len, "a completion")
         return ids, row[col], {k: v for k, v in row.items() if k != col}
 
     for _, (ids, prompt, fields) in converted_rows(_rows(source, split, data_files), convert, ds):

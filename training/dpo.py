@@ -190,12 +190,9 @@ def make_preference_loader(dataset, batch_size: int, sampler, pad_id: int, drop_
                           f"{'unpaired rows' if unpaired else 'pairs'}")
 
     def collate(items):
-        if unpaired:  # the rows and their mismatched KL rows
-            batch = kto_collate(items, pad_id, dataset.max_seq_len)
-            batch["num_tokens"] = int(batch["lengths"].sum())
-            return batch
-        batch = preference_collate(items, pad_id)
-        batch["num_tokens"] = sum(len(p["chosen_tokens"]) + len(p["rejected_tokens"]) for p in items)
+        # pairs: chosen and rejected rows; KTO: the rows and their mismatched KL rows
+        batch = kto_collate(items, pad_id, dataset.max_seq_len) if unpaired else preference_collate(items, pad_id)
+        batch["num_tokens"] = int(batch["lengths"].sum())
         return batch
 
     # a private generator: iter(DataLoader) otherwise draws a seed from the global RNG
