@@ -342,10 +342,8 @@ def _setup(cfg, device: torch.device | None, cuda_only: dict[str, bool]) -> Run:
     seed_everything(cfg.seed)
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if is_rank0():
-        flags = cuda_only_settings_notice(device, **cuda_only)
-    else:
-        flags = {name: on if device.type == "cuda" else False for name, on in cuda_only.items()}
+    # every rank decides alike (pinned memory checked on each); rank 0 says what was switched off
+    flags = cuda_only_settings_notice(device, announce=is_rank0(), **cuda_only)
     if "cpu_offload" in flags:  # FSDP's parameter offload: the fsdp section is what shard_model reads
         cfg.fsdp.cpu_offload = flags["cpu_offload"]
     if device.type == "cuda":

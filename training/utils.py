@@ -58,7 +58,7 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def cuda_only_settings_notice(device: torch.device, **settings):
+def cuda_only_settings_notice(device: torch.device, *, announce: bool = True, **settings):
     """Switch off settings that need CUDA when running on cpu, with a one-line notice (and
     ``offload_activations`` where pinned host memory cannot be allocated).
 
@@ -67,6 +67,7 @@ def cuda_only_settings_notice(device: torch.device, **settings):
 
     Args:
         device: the resolved device.
+        announce: print the notice (False: decide only; a distributed run's other ranks).
         **settings: name -> requested value (on/off, or a mode such as ``"inputs"``).
 
     Returns:
@@ -75,12 +76,13 @@ def cuda_only_settings_notice(device: torch.device, **settings):
     if device.type == "cuda":
         flags = dict(settings)
         if flags.get("offload_activations") and not _pinned_memory_works():
-            print("notice: offload_activations switched off: pinned host memory cannot be allocated here "
-                  "(raise the locked-memory limit, ulimit -l, to use it)", flush=True)
+            if announce:
+                print("notice: offload_activations switched off: pinned host memory cannot be allocated here "
+                      "(raise the locked-memory limit, ulimit -l, to use it)", flush=True)
             flags["offload_activations"] = False
         return flags
     switched = [name for name, on in settings.items() if on]
-    if switched:
+    if switched and announce:
         print(f"notice: {', '.join(switched)} switched off on cpu (needs CUDA)", flush=True)
     return {name: False for name in settings}
 

@@ -278,3 +278,8 @@ def test_offload_falls_back_without_pinned_memory(monkeypatch, capsys):
     assert len(out) == 1 and "offload_activations switched off: pinned host memory" in out[0]
     assert utils.cuda_only_settings_notice(torch.device("cpu"), offload_activations="inputs") == {
         "offload_activations": False}
+    capsys.readouterr()
+    # the other ranks of a distributed run decide the same, silently
+    assert utils.cuda_only_settings_notice(torch.device("cuda"), announce=False, offload_activations=True) == {
+        "offload_activations": False}
+    assert capsys.readouterr().out == ""
